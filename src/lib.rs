@@ -1,2 +1,19 @@
+//! turnd: every conversation turn answered exactly once, by one long-lived worker process per
+//! conversation across the cluster. See ARCHITECTURE.md for the map.
+
+#![warn(unreachable_pub, missing_debug_implementations)]
+#![warn(clippy::await_holding_lock)]
+
+pub mod broker;
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod deployment;
+pub mod event;
+pub mod intake;
+pub mod lock;
+pub mod relay;
+pub mod store;
+pub mod sweep;
 pub mod turn;
+pub mod worker;

@@ -1,0 +1,330 @@
+//! RabbitMQ: the connection and its reconnection, topology declaration, confirmed publishing,
+//! and the consumers' channels.
+//!
+//! **Architecture invariant**: only this module names lapin's connection and topology calls;
+//! other modules get a [`Session`] and its helpers. A session is one live AMQP connection with
+//! its topology declared; when it fails the supervisor drops it, reconnects with back-off and
+//! declares everything again, and users wait for the next session.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::turn::DeploymentName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ nacked a publish to {0}")]
+    Nacked(String),
+    #[error("RabbitMQ is not connected")]
+    Unavailable,
+}
+
+pub type Result<T> = std::result::Result<T, BrokerError>;
+
+/// Thread queues expire this long after their last use (no consumer, no publish): a few idle
+/// deployments' worth of broker memory, freed on its own. Every daemon must use the same value
+/// or the declarations conflict.
+const THREAD_QUEUE_EXPIRES_MS: i64 = 300_000;
+/// Thread-queue consumers share this many channels (RabbitMQ allows 2,047 per connection; a
+/// channel per deployment would not scale, and one channel serialises all their frames).
+const CONSUME_CHANNELS: usize = 8;
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+/// Every exchange and queue name, from `amqp.prefix` (CONTRACT §3a).
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Names {
+        Names { prefix: prefix.to_owned() }
+    }
+    pub fn turns(&self) -> String {
+        format!("{}.turns", self.prefix)
+    }
+    pub fn inbox(&self) -> String {
+        format!("{}.inbox", self.prefix)
+    }
+    pub fn thread(&self, deployment: &DeploymentName) -> String {
+        format!("{}.thread.{}", self.prefix, deployment.as_str())
+    }
+    pub fn retry(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+    pub fn retry_delay(&self, k: u32) -> String {
+        format!("{}.retry.{k}", self.prefix)
+    }
+    pub fn parked(&self) -> String {
+        format!("{}.parked", self.prefix)
+    }
+    pub fn replies(&self) -> String {
+        format!("{}.replies", self.prefix)
+    }
+}
+
+/// The k-th requeue delay: min(retry_delay × 2^(k−1), retry_max_delay).
+pub fn retry_delay(config: &Config, k: u32) -> Duration {
+    let factor = 1u32.checked_shl(k.saturating_sub(1)).unwrap_or(u32::MAX);
+    config.intake.retry_delay.saturating_mul(factor).min(config.intake.retry_max_delay)
+}
+
+/// One live connection with its topology declared.
+#[derive(Debug)]
+pub struct Session {
+    pub connection: Connection,
+    /// Confirming channel for publishes (doorbells, replies, parked, retries).
+    publisher: Channel,
+    consume: Mutex<Vec<Channel>>,
+    next_consume: AtomicUsize,
+    pub names: Names,
+}
+
+/// A persistent JSON publish (delivery_mode 2).
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+}
+
+impl Session {
+    pub fn publisher(&self) -> &Channel {
+        &self.publisher
+    }
+
+    /// Publishes and returns the confirm to await (publishes pipeline; await the confirms
+    /// together).
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<lapin::PublisherConfirm> {
+        let options = BasicPublishOptions { mandatory, ..Default::default() };
+        Ok(self
+            .publisher
+            .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
+            .await?)
+    }
+
+    /// Awaits a confirm. Ok(false): the publish was mandatory and came back unroutable.
+    pub async fn confirmed(confirm: lapin::PublisherConfirm, what: &str) -> Result<bool> {
+        let confirmation = confirm.await?;
+        if !confirmation.is_ack() {
+            return Err(BrokerError::Nacked(what.to_owned()));
+        }
+        Ok(confirmation.take_message().is_none())
+    }
+
+    /// A consumer with its own channel and prefetch (intake).
+    pub async fn consumer(&self, queue: &str, prefetch: u16, tag: &str) -> Result<(Channel, Consumer)> {
+        let ch = self.connection.create_channel().await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = ch
+            .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        Ok((ch, consumer))
+    }
+
+    /// Declares a deployment's thread queue and consumes it, auto-acked (a doorbell is acked
+    /// once read, never held), on one of the shared consume channels.
+    pub async fn consume_thread(&self, deployment: &DeploymentName) -> Result<(Channel, Consumer)> {
+        let ch = self.consume_channel().await?;
+        let queue = self.names.thread(deployment);
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(THREAD_QUEUE_EXPIRES_MS));
+        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args).await?;
+        let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let consumer = ch.basic_consume(queue.as_str().into(), "".into(), options, FieldTable::default()).await?;
+        Ok((ch, consumer))
+    }
+
+    async fn consume_channel(&self) -> Result<Channel> {
+        let mut channels = self.consume.lock().await;
+        channels.retain(|c| c.status().connected());
+        if channels.len() < CONSUME_CHANNELS {
+            let ch = self.connection.create_channel().await?;
+            channels.push(ch.clone());
+            return Ok(ch);
+        }
+        let i = self.next_consume.fetch_add(1, Ordering::Relaxed) % channels.len();
+        Ok(channels[i].clone())
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+}
+
+/// Declares every durable name of CONTRACT §3a, idempotently.
+pub async fn declare_topology(ch: &Channel, config: &Config) -> Result<()> {
+    let names = Names::new(&config.amqp.prefix);
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    for (name, kind) in [
+        (names.turns(), ExchangeKind::Topic),
+        (names.replies(), ExchangeKind::Topic),
+        (names.retry(), ExchangeKind::Fanout),
+    ] {
+        ch.exchange_declare(name.as_str().into(), kind, durable, FieldTable::default()).await?;
+    }
+    let mut inbox = FieldTable::default();
+    inbox.insert("x-queue-type".into(), long_string("quorum"));
+    inbox.insert("x-dead-letter-exchange".into(), long_string(&names.retry()));
+    // At-least-once dead-lettering needs reject-publish overflow; a refused turn is never lost
+    // between the inbox and the retry queue.
+    inbox.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+    inbox.insert("x-overflow".into(), long_string("reject-publish"));
+    declare_bound(ch, &names.inbox(), inbox, &names.turns(), "#").await?;
+    declare_bound(ch, &names.retry(), FieldTable::default(), &names.retry(), "").await?;
+    for k in 1..config.intake.max_attempts {
+        let mut args = FieldTable::default();
+        let ttl = i64::try_from(retry_delay(config, k).as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        args.insert("x-dead-letter-exchange".into(), long_string(&names.turns()));
+        ch.queue_declare(names.retry_delay(k).as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+    }
+    ch.queue_declare(names.parked().as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .await?;
+    Ok(())
+}
+
+async fn declare_bound(ch: &Channel, queue: &str, args: FieldTable, exchange: &str, key: &str) -> Result<()> {
+    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), args).await?;
+    ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    Ok(())
+}
+
+pub fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Connects once and opens a confirming channel.
+pub async fn connect(config: &Config, name: &str) -> Result<(Connection, Channel)> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = Connection::connect(config.amqp.url.expose(), properties).await?;
+    let publisher = connection.create_channel().await?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((connection, publisher))
+}
+
+/// Keeps a session alive: connect, declare, publish it to watchers; on failure, withdraw it,
+/// back off and start over.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    session: watch::Receiver<Option<Arc<Session>>>,
+}
+
+impl Broker {
+    pub fn start(config: Arc<Config>, cancel: CancellationToken) -> (Broker, impl Future<Output = ()>) {
+        let (tx, rx) = watch::channel(None);
+        (Broker { session: rx }, supervise(config, tx, cancel))
+    }
+
+    /// The current session, if connected.
+    pub fn current(&self) -> Option<Arc<Session>> {
+        self.session.borrow().clone().filter(|s| s.is_connected())
+    }
+
+    /// Waits for a connected session (or None when the daemon stops).
+    pub async fn session(&self) -> Option<Arc<Session>> {
+        let mut rx = self.session.clone();
+        let s = rx.wait_for(|s| s.as_ref().is_some_and(|s| s.is_connected())).await.ok()?;
+        s.clone()
+    }
+
+    /// Waits for a session other than `old` (after `old` failed).
+    pub async fn next_session(&self, old: &Arc<Session>) -> Option<Arc<Session>> {
+        let mut rx = self.session.clone();
+        let s = rx
+            .wait_for(|s| s.as_ref().is_some_and(|s| !Arc::ptr_eq(s, old) && s.is_connected()))
+            .await
+            .ok()?;
+        s.clone()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.current().is_some()
+    }
+}
+
+async fn supervise(config: Arc<Config>, tx: watch::Sender<Option<Arc<Session>>>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let name = format!("turnd {}", config.daemon.id);
+    loop {
+        let attempt = async {
+            let (connection, publisher) = connect(&config, &name).await?;
+            declare_topology(&publisher, &config).await?;
+            Ok::<_, BrokerError>((connection, publisher))
+        };
+        let result = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = attempt => r,
+        };
+        match result {
+            Ok((connection, publisher)) => {
+                backoff = Duration::from_millis(100);
+                let mut events = connection.events_listener();
+                let session = Arc::new(Session {
+                    connection,
+                    publisher,
+                    consume: Mutex::new(Vec::new()),
+                    next_consume: AtomicUsize::new(0),
+                    names: Names::new(&config.amqp.prefix),
+                });
+                tracing::info!("connected to RabbitMQ; topology declared");
+                tx.send_replace(Some(session.clone()));
+                let mut check = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            tx.send_replace(None);
+                            let _ = session.connection.close(200, "turnd stopping".into()).await;
+                            return;
+                        }
+                        event = events.next() => match event {
+                            Some(lapin::Event::Error(e)) => {
+                                tracing::error!(error = %e, "RabbitMQ connection failed; reconnecting");
+                                break;
+                            }
+                            Some(_) => {}
+                            None => break,
+                        },
+                        _ = check.tick() => if !session.is_connected() {
+                            tracing::error!("RabbitMQ connection or publishing channel closed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                tx.send_replace(None);
+                drop(session);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to RabbitMQ");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+    tx.send_replace(None);
+}

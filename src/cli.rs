@@ -1,0 +1,205 @@
+//! The command line (CONTRACT §8): argument parsing and the one-shot commands. `run` hands
+//! over to `daemon`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_lite::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+
+use crate::broker::{self, Names, Session, json_properties};
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(name = "turnd", version, about = "Exactly-once conversation turns over RabbitMQ and PostgreSQL")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Config file (default /etc/turnd/turnd.toml; environment TURND_<SECTION>__<KEY> overrides)
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (systemd's ExecStart)
+    Run(ConfigArg),
+    /// Apply database migrations
+    Migrate(ConfigArg),
+    /// Validate the config and print the effective config with secrets redacted
+    CheckConfig(ConfigArg),
+    /// The cluster as the database sees it
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish one turn with payload {"text": TEXT}
+    Send(SendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// agentId
+    #[arg(long, default_value = "demo")]
+    pub agent: String,
+    /// organizationId
+    #[arg(long)]
+    pub org: Option<String>,
+    /// conversationId (a fresh one when absent)
+    #[arg(long)]
+    pub conversation: Option<String>,
+    /// runId
+    #[arg(long)]
+    pub run_id: Option<u64>,
+    /// Wait for the terminal event and print it (exit 0 reply, 1 error, 124 timeout)
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// The text of the turn's payload
+    pub text: String,
+}
+
+/// Exit code for an invalid config (CONTRACT §8).
+pub const EXIT_BAD_CONFIG: u8 = 2;
+pub const EXIT_TIMEOUT: u8 = 124;
+
+pub fn load_config(arg: &ConfigArg) -> Result<Config, ConfigError> {
+    Config::load(arg.config.as_deref())
+}
+
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database, &config.daemon.id)?;
+    store.migrate().await.context("apply migrations")?;
+    println!("migrations applied");
+    Ok(())
+}
+
+pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database, &config.daemon.id)?;
+    let live_within = (config.sweep.interval * 3).max(Duration::from_secs(15));
+    let status = store.status(live_within).await.context("read cluster status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("DAEMONS ({})", status.daemons.len());
+    println!("  {:<32} {:<16} {:>8} {:>6} {:>8} {:>8}", "ID", "HOST", "PID", "READY", "WORKERS", "OWNS");
+    for d in &status.daemons {
+        println!(
+            "  {:<32} {:<16} {:>8} {:>6} {:>8} {:>8}",
+            d.id, d.hostname, d.pid, d.ready, d.live_workers, d.owned_deployments
+        );
+    }
+    println!("DEPLOYMENTS ({})", status.deployments.len());
+    println!("  {:<36} {:<24} {:>8} {:>9} {:>7} {:>7}", "DEPLOYMENT", "OWNER", "EPOCH", "SINCE", "QUEUED", "RUNNING");
+    for d in &status.deployments {
+        println!(
+            "  {:<36} {:<24} {:>8} {:>8.0}s {:>7} {:>7}",
+            d.deployment, d.owner, d.epoch, d.since_s, d.queued, d.running
+        );
+    }
+    let p = &status.pending;
+    println!(
+        "PENDING  queued {}  running {}  oldest {}",
+        p.queued,
+        p.running,
+        p.oldest_age_s.map_or("-".to_owned(), |s| format!("{s:.1}s"))
+    );
+    println!("UNPUBLISHED EVENTS  {}", status.unpublished_events);
+    Ok(())
+}
+
+/// `turnd send`: returns the process exit code.
+pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> {
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let conversation = args.conversation.clone().unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
+    let mut turn = serde_json::Map::new();
+    turn.insert("messageId".into(), message_id.clone().into());
+    turn.insert("agentId".into(), args.agent.clone().into());
+    if let Some(org) = &args.org {
+        turn.insert("organizationId".into(), org.clone().into());
+    }
+    turn.insert("conversationId".into(), conversation.into());
+    if let Some(run_id) = args.run_id {
+        turn.insert("runId".into(), run_id.into());
+    }
+    turn.insert("payload".into(), serde_json::json!({ "text": args.text }));
+    let body = serde_json::to_vec(&turn)?;
+    let parsed = crate::turn::parse(&body, config.intake.max_turn_bytes)
+        .map_err(|e| anyhow::anyhow!("this turn would be refused: {e}"))?;
+
+    let (connection, publisher) = broker::connect(config, "turnd send").await.context("connect to RabbitMQ")?;
+    broker::declare_topology(&publisher, config).await.context("declare topology")?;
+    let names = Names::new(&config.amqp.prefix);
+    let mut replies = None;
+    if args.wait {
+        let ch = connection.create_channel().await?;
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let queue = ch.queue_declare("".into(), options, FieldTable::default()).await?;
+        let key = crate::event::routing_key(args.org.as_deref(), &parsed.deployment);
+        ch.queue_bind(queue.name().clone(), names.replies().as_str().into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        let options = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
+        replies = Some(ch.basic_consume(queue.name().clone(), "".into(), options, FieldTable::default()).await?);
+    }
+    let key = format!("turn.{}", args.org.as_deref().unwrap_or("_"));
+    let properties = json_properties().with_message_id(ShortString::from(message_id.as_str()));
+    let confirm = publisher
+        .basic_publish(names.turns().as_str().into(), key.as_str().into(), lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() }, &body, properties)
+        .await?;
+    if !Session::confirmed(confirm, &names.turns()).await? {
+        bail!("the turn was not routed: is {} bound to {}?", names.inbox(), names.turns());
+    }
+    let Some(mut replies) = replies else {
+        println!("{{\"messageId\":\"{message_id}\",\"deployment\":\"{}\"}}", parsed.deployment);
+        return Ok(ExitCode::SUCCESS);
+    };
+    let wait = async {
+        while let Some(delivery) = replies.next().await {
+            let delivery = delivery?;
+            if delivery.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(message_id.as_str()) {
+                return Ok::<_, anyhow::Error>(Some(delivery.data));
+            }
+        }
+        Ok(None)
+    };
+    match tokio::time::timeout(args.timeout, wait).await {
+        Ok(Ok(Some(data))) => {
+            println!("{}", String::from_utf8_lossy(&data));
+            let event: serde_json::Value = serde_json::from_slice(&data).unwrap_or_default();
+            Ok(if event["kind"] == "reply" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Ok(Ok(None)) => bail!("the broker closed the reply consumer"),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            eprintln!("no terminal event for {message_id} within {}", humantime::format_duration(args.timeout));
+            Ok(ExitCode::from(EXIT_TIMEOUT))
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! `turnd run`: wires the components together and owns their lifetimes.
+//!
+//! ```text
+//! daemon
+//!  ├─ lock session task        (one PostgreSQL connection, every advisory lock)
+//!  ├─ broker supervisor        (AMQP connection, topology, reconnect)
+//!  ├─ intake                   (inbox → arm/refuse/park → doorbell → ensure owner)
+//!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>)
+//!  ├─ sweep                    (deadlines, adoption, retention, daemon heartbeat)
+//!  ├─ relay                    (outbox → <prefix>.replies)
+//!  └─ deployments ──(many)──► deployment task ──► worker process
+//! ```
+//!
+//! Shutdown (SIGTERM/SIGINT): stop intake and adoption, let running turns finish for
+//! `shutdown.grace` (a second signal cuts it short), stop workers (cut-off turns get
+//! `WORKER_STOPPED`, queued ones stay for another daemon), release locks after workers exit,
+//! flush the relay, exit 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, Names};
+use crate::config::Config;
+use crate::deployment::{Ctx, Deployments};
+use crate::intake::{self, Intake};
+use crate::lock::LockSession;
+use crate::relay::{Relay, RelayHandle};
+use crate::store::{self, Store};
+use crate::sweep::Sweep;
+use crate::worker::{self, Spawner, WorkerSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot start the worker spawner thread: {0}")]
+    Spawner(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or `stop` is cancelled, for tests).
+pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let daemon_id = config.daemon.id.clone();
+    let store = Store::connect(&config.database, &daemon_id)?;
+    let background = CancellationToken::new();
+
+    // The database first: migrations (when enabled) and the daemon record. Wait for it.
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let step = async {
+            if config.database.auto_migrate {
+                store.migrate().await?;
+            }
+            store.register_daemon(&daemon_id, &hostname(), std::process::id()).await
+        };
+        match step.await {
+            Ok(()) => break,
+            Err(e @ store::StoreError::Migrate(_)) => return Err(e.into()),
+            Err(e) => tracing::warn!(error = %e, "waiting for PostgreSQL"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+
+    let mut tasks = JoinSet::new();
+    let lock_options = store::connect_options(config.database.url.expose(), &format!("turnd-lock:{daemon_id}"))?;
+    let (locks, lock_task) = LockSession::start(lock_options, background.clone());
+    tasks.spawn(lock_task);
+    let (broker, broker_task) = Broker::start(config.clone(), background.clone());
+    tasks.spawn(broker_task);
+
+    let (relay, relay_rx) = RelayHandle::channel();
+    let relay_cancel = CancellationToken::new();
+    let relay_task = {
+        let relay = Relay { store: store.clone(), broker: broker.clone(), exchange: Names::new(&config.amqp.prefix).replies() };
+        tokio::spawn(relay.run(relay_rx, relay_cancel.clone()))
+    };
+
+    let spec = WorkerSpec {
+        command: config.worker.command.clone(),
+        base_env: worker::base_env(std::env::vars(), &config.worker.env),
+        state_dir: config.daemon.state_dir.clone(),
+        max_line_bytes: config.worker.max_line_bytes,
+        turn_deadline: config.turn.deadline,
+        sandbox_prefix: Vec::new(),
+    };
+    let drain = CancellationToken::new();
+    let hard = CancellationToken::new();
+    let deployments = Deployments::new(Ctx {
+        config: config.clone(),
+        store: store.clone(),
+        locks: locks.clone(),
+        broker: broker.clone(),
+        spawner: Spawner::start().map_err(DaemonError::Spawner)?,
+        relay: relay.clone(),
+        spec,
+        daemon_id: daemon_id.clone(),
+        drain: drain.clone(),
+        hard: hard.clone(),
+    });
+
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    // Ready once the lock session and the broker are up.
+    tokio::select! {
+        _ = async { locks.wait_healthy().await; broker.session().await; } => {}
+        _ = stop.cancelled() => {}
+        _ = term.recv() => stop.cancel(),
+        _ = int.recv() => stop.cancel(),
+    }
+
+    let intake_cancel = CancellationToken::new();
+    let mut front = JoinSet::new();
+    front.spawn(
+        Intake { config: config.clone(), store: store.clone(), broker: broker.clone(), deployments: deployments.clone() }
+            .run(intake_cancel.clone()),
+    );
+    front.spawn(intake::run_retry(config.clone(), broker.clone(), intake_cancel.clone()));
+    front.spawn(Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }.run(intake_cancel.clone()));
+    if !stop.is_cancelled() {
+        tracing::info!(daemon = %daemon_id, prefix = %config.amqp.prefix, "turnd ready");
+    }
+
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(grace = ?config.shutdown.grace, "shutting down: intake stopped, running turns may finish");
+    intake_cancel.cancel();
+    drain.cancel();
+    while front.join_next().await.is_some() {}
+    {
+        let grace = tokio::time::sleep(config.shutdown.grace);
+        tokio::pin!(grace);
+        let all_done = deployments.wait();
+        tokio::pin!(all_done);
+        tokio::select! {
+            _ = &mut all_done => {}
+            _ = &mut grace => {
+                tracing::warn!("shutdown.grace is over: stopping the remaining workers");
+                hard.cancel();
+                all_done.await;
+            }
+            _ = term.recv() => { hard.cancel(); all_done.await; }
+            _ = int.recv() => { hard.cancel(); all_done.await; }
+        }
+    }
+    relay_cancel.cancel();
+    let _ = relay_task.await;
+    if let Err(e) = store.daemon_stopped(&daemon_id).await {
+        tracing::debug!(error = %e, "cannot record the daemon's stop");
+    }
+    background.cancel();
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("turnd stopped");
+    Ok(())
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}

@@ -1,0 +1,697 @@
+//! Deployments this daemon owns: one task per deployment holding its cross-pod lock, its
+//! worker and its thread-queue consumer, and the registry that maps names to those tasks.
+//!
+//! ```text
+//! daemon ──(has many)──► deployment task ──(owns 0..1)──► worker process (own group)
+//!                            │ holds: advisory lock (epoch), thread-queue consumer
+//!                            │ runs:  claim → write turn → reply/error → commit → next
+//!                            └ ends:  worker exited, then registry removal, then unlock
+//! ```
+//!
+//! **Architecture invariant**: a deployment task spawns a worker only while it holds the
+//! deployment's lock, and releases the lock only after the worker has exited (or never, when
+//! the lock session was lost — the server already freed it). Idle reaping, eviction at
+//! `worker.max_workers`, crash handling and graceful stop all live here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::event::{Envelope, Outcome};
+use crate::lock::{Held, LockSession};
+use crate::relay::RelayHandle;
+use crate::store::{Claimed, Store};
+use crate::turn::{DeploymentName, Epoch, ErrorCode};
+use crate::worker::protocol::turn_line;
+use crate::worker::{Identity, Spawner, Worker, WorkerEvent, WorkerLine, WorkerSpec};
+
+/// What every deployment task shares.
+#[derive(Debug)]
+pub struct Ctx {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub locks: LockSession,
+    pub broker: Broker,
+    pub spawner: Spawner,
+    pub relay: RelayHandle,
+    pub spec: WorkerSpec,
+    pub daemon_id: String,
+    /// Cancelled on SIGTERM: finish running turns, claim no more.
+    pub drain: CancellationToken,
+    /// Cancelled when the grace is over (or on a second signal): stop now.
+    pub hard: CancellationToken,
+}
+
+/// The registry's view of one deployment task.
+#[derive(Debug)]
+struct Entry {
+    nudge: Arc<Notify>,
+    evict: CancellationToken,
+    busy: Arc<AtomicBool>,
+    /// Milliseconds since the registry's start when the deployment last finished a turn.
+    last_active: Arc<AtomicU64>,
+    has_worker: Arc<AtomicBool>,
+}
+
+/// Owned deployments by name.
+#[derive(Debug, Clone)]
+pub struct Deployments {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ctx: Ctx,
+    entries: Mutex<HashMap<DeploymentName, Entry>>,
+    tasks: TaskTracker,
+    started: Instant,
+}
+
+impl Deployments {
+    pub fn new(ctx: Ctx) -> Deployments {
+        Deployments {
+            inner: Arc::new(Inner {
+                ctx,
+                entries: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn ctx(&self) -> &Ctx {
+        &self.inner.ctx
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentName, Entry>> {
+        // A poisoned registry means a panic elsewhere already; keep serving what is there.
+        self.inner.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn live_workers(&self) -> usize {
+        self.entries().values().filter(|e| e.has_worker.load(Ordering::Relaxed)).count()
+    }
+
+    /// Wakes a locally owned deployment (a doorbell that skips the broker). False when this
+    /// daemon does not own it.
+    pub fn nudge(&self, name: &DeploymentName) -> bool {
+        match self.entries().get(name) {
+            Some(e) => {
+                e.nudge.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Makes sure each deployment has an owner somewhere: for those not owned here, tries the
+    /// lock (batched on the lock session) and starts a task for each lock won. A lock held
+    /// elsewhere means that daemon's owner consumes the doorbell.
+    pub async fn ensure_owners(&self, names: Vec<DeploymentName>) {
+        let ctx = &self.inner.ctx;
+        if ctx.drain.is_cancelled() {
+            return;
+        }
+        let mut wanted = Vec::new();
+        {
+            let mut entries = self.entries();
+            for name in names {
+                if entries.contains_key(&name) || wanted.contains(&name) {
+                    continue;
+                }
+                if !self.make_room(&mut entries) {
+                    tracing::debug!(deployment = %name, "at worker.max_workers with no idle worker; leaving it for adoption");
+                    break;
+                }
+                // Reserve the slot while the lock is tried.
+                entries.insert(name.clone(), Entry::new(self.now_ms()));
+                wanted.push(name);
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let attempts: Vec<_> = wanted.iter().map(|n| ctx.locks.try_acquire(n.lock_key())).collect();
+        let mut results = Vec::with_capacity(attempts.len());
+        for a in attempts {
+            results.push(a.await);
+        }
+        for (name, result) in wanted.into_iter().zip(results) {
+            match result {
+                Ok(Some(held)) => self.start(name, held),
+                Ok(None) => {
+                    self.entries().remove(&name);
+                }
+                Err(e) => {
+                    tracing::debug!(deployment = %name, error = %e, "cannot try the lock now");
+                    self.entries().remove(&name);
+                }
+            }
+        }
+    }
+
+    /// At `worker.max_workers`, asks the least recently used idle deployment to stop.
+    /// False when every slot is busy.
+    fn make_room(&self, entries: &mut HashMap<DeploymentName, Entry>) -> bool {
+        let max = self.inner.ctx.config.worker.max_workers;
+        let live = entries.values().filter(|e| !e.evict.is_cancelled()).count();
+        if live < max {
+            return true;
+        }
+        let victim = entries
+            .iter()
+            .filter(|(_, e)| !e.evict.is_cancelled() && !e.busy.load(Ordering::Relaxed))
+            .min_by_key(|(_, e)| e.last_active.load(Ordering::Relaxed))
+            .map(|(n, _)| n.clone());
+        match victim.and_then(|n| entries.get(&n).map(|e| (n, e))) {
+            Some((name, e)) => {
+                tracing::debug!(deployment = %name, "evicting least recently used idle worker");
+                e.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn start(&self, name: DeploymentName, held: Held) {
+        let (nudge, evict, busy, last_active, has_worker) = {
+            let entries = self.entries();
+            let Some(e) = entries.get(&name) else { return };
+            (e.nudge.clone(), e.evict.clone(), e.busy.clone(), e.last_active.clone(), e.has_worker.clone())
+        };
+        let this = self.clone();
+        self.inner.tasks.spawn(async move {
+            let owner = Owner {
+                d: &this,
+                name: name.clone(),
+                held,
+                nudge,
+                evict,
+                busy,
+                last_active,
+                has_worker,
+            };
+            let end = owner.run().await;
+            this.finish(name, held, end).await;
+        });
+    }
+
+    /// After the task's worker has exited: registry removal, then the lock.
+    async fn finish(&self, name: DeploymentName, held: Held, end: End) {
+        let ctx = &self.inner.ctx;
+        self.entries().remove(&name);
+        if end == End::LockLost {
+            return;
+        }
+        if let Err(e) = ctx.store.release_owner(&name, held.epoch).await {
+            tracing::debug!(deployment = %name, error = %e, "cannot clear the owner record");
+        }
+        ctx.locks.release(held);
+        // A turn armed while this owner was stopping found the lock held and left it to us:
+        // look again now that it is free.
+        if end != End::Shutdown && !ctx.drain.is_cancelled() {
+            if let Ok(true) = ctx.store.has_queued(&name).await {
+                Box::pin(self.ensure_owners(vec![name])).await;
+            }
+        }
+    }
+
+    /// Waits for every deployment task to end (after `drain`/`hard`).
+    pub async fn wait(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+impl Entry {
+    fn new(now_ms: u64) -> Entry {
+        Entry {
+            nudge: Arc::new(Notify::new()),
+            evict: CancellationToken::new(),
+            busy: Arc::new(AtomicBool::new(true)),
+            last_active: Arc::new(AtomicU64::new(now_ms)),
+            has_worker: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Nothing left to do, or the worker stopped on purpose with nothing queued.
+    Done,
+    /// The worker died (or could not start): pending turns failed, lock released.
+    Crashed,
+    /// The lock session was lost: the server freed the lock already.
+    LockLost,
+    Shutdown,
+}
+
+/// The turn being answered.
+struct Running {
+    envelope: Envelope,
+    /// Local deadline: last heartbeat + turn.deadline (ignored while the provider failed).
+    deadline: Instant,
+    provider_failed: bool,
+    last_extension: Instant,
+}
+
+struct Owner<'a> {
+    d: &'a Deployments,
+    name: DeploymentName,
+    held: Held,
+    nudge: Arc<Notify>,
+    evict: CancellationToken,
+    busy: Arc<AtomicBool>,
+    last_active: Arc<AtomicU64>,
+    has_worker: Arc<AtomicBool>,
+}
+
+/// Grace after the deadline before the owner itself fails a silent turn (the sweep would too).
+const LOCAL_DEADLINE_SLACK: Duration = Duration::from_millis(100);
+
+impl Owner<'_> {
+    fn ctx(&self) -> &Ctx {
+        &self.d.inner.ctx
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.held.epoch
+    }
+
+    async fn run(&self) -> End {
+        let ctx = self.ctx();
+        let takeover = match ctx.store.take_over(&self.name, self.epoch(), &ctx.daemon_id).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(deployment = %self.name, error = %e, "cannot take over deployment; leaving it for adoption");
+                return End::Done;
+            }
+        };
+        ctx.relay.send(takeover.failed);
+        let Some(meta) = takeover.meta else { return End::Done };
+        if let Some(ms) = takeover.backoff_ms {
+            let failed = ctx
+                .store
+                .fail_pending(&self.name, self.epoch(), false, &|_| {
+                    Outcome::error(
+                        ErrorCode::WorkerCrashLoop,
+                        format!("the worker keeps dying; restarts back off for another {} s", (ms + 999) / 1000),
+                    )
+                })
+                .await;
+            if let Ok(failed) = failed {
+                ctx.relay.send(failed);
+            }
+            return End::Done;
+        }
+        let doorbells = CancellationToken::new();
+        let bell = self.doorbell(doorbells.clone());
+        tokio::pin!(bell);
+        let who = Identity {
+            deployment: &self.name,
+            agent_id: &meta.agent_id,
+            organization_id: meta.organization_id.as_deref(),
+            conversation_key: &meta.conversation_key,
+            epoch: self.epoch(),
+        };
+        let end = tokio::select! {
+            end = self.serve(&who) => end,
+            _ = &mut bell => End::Done,
+        };
+        doorbells.cancel();
+        bell.await;
+        end
+    }
+
+    /// Consumes the thread queue for as long as the deployment is owned, across broker
+    /// reconnects; each doorbell wakes the owner.
+    async fn doorbell(&self, stop: CancellationToken) {
+        let broker = &self.ctx().broker;
+        let mut last: Option<Arc<crate::broker::Session>> = None;
+        loop {
+            let session = tokio::select! {
+                _ = stop.cancelled() => return,
+                s = async { match &last { Some(old) => broker.next_session(old).await, None => broker.session().await } } => s,
+            };
+            let Some(session) = session else {
+                stop.cancelled().await;
+                return;
+            };
+            last = Some(session.clone());
+            match session.consume_thread(&self.name).await {
+                Ok((channel, consumer)) => {
+                    let nudge = self.nudge.clone();
+                    let ended = Arc::new(Notify::new());
+                    let ended2 = ended.clone();
+                    let tag = consumer.tag();
+                    consumer.set_delegate(move |delivery: lapin::message::DeliveryResult| {
+                        match delivery {
+                            Ok(Some(_)) => nudge.notify_one(),
+                            _ => ended2.notify_one(),
+                        }
+                        async {}
+                    });
+                    // A fresh consumer may have missed doorbells: look once.
+                    self.nudge.notify_one();
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            let _ = channel.basic_cancel(tag, Default::default()).await;
+                            return;
+                        }
+                        _ = ended.notified() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(deployment = %self.name, error = %e, "cannot consume thread queue; waiting for the next broker session");
+                }
+            }
+        }
+    }
+
+    fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Relaxed);
+        if !busy {
+            self.last_active.store(self.d.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    async fn serve(&self, who: &Identity<'_>) -> End {
+        let ctx = self.ctx();
+        let config = &ctx.config;
+        let mut worker: Option<Worker> = None;
+        let mut running: Option<Running> = None;
+        let mut want_claim = true;
+        let mut idle_since = Instant::now();
+        let mut draining = false;
+        let lost = ctx.locks.lost(self.held.generation);
+        tokio::pin!(lost);
+        loop {
+            if running.is_none() && want_claim && !draining && worker.as_ref().is_none_or(|w| !w.stop_requested()) {
+                match ctx.store.claim_next(&self.name, self.epoch(), config.turn.deadline).await {
+                    Ok(Some(claimed)) => {
+                        self.set_busy(true);
+                        if worker.is_none() {
+                            match Worker::spawn(&ctx.spawner, &ctx.spec, who).await {
+                                Ok(w) => {
+                                    tracing::debug!(deployment = %self.name, pid = w.pid, epoch = self.epoch().get(), "worker started");
+                                    let _ = ctx.store.set_worker(&self.name, self.epoch(), Some(w.pid)).await;
+                                    self.has_worker.store(true, Ordering::Relaxed);
+                                    worker = Some(w);
+                                }
+                                Err(e) => {
+                                    tracing::error!(deployment = %self.name, error = %e, "worker could not be started");
+                                    let message = e.to_string();
+                                    self.fail_all(ErrorCode::WorkerStartFailed, &message).await;
+                                    let _ = ctx.store.record_crash(&self.name).await;
+                                    return End::Crashed;
+                                }
+                            }
+                        }
+                        running = Some(self.give(worker.as_mut(), claimed).await);
+                    }
+                    Ok(None) => {
+                        want_claim = false;
+                        self.set_busy(false);
+                        idle_since = Instant::now();
+                        if worker.is_none() {
+                            return End::Done;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(deployment = %self.name, error = %e, "cannot claim the next turn; retrying");
+                        want_claim = false;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => want_claim = true,
+                            _ = &mut lost => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let deadline = running.as_ref().filter(|r| !r.provider_failed).map(|r| r.deadline + LOCAL_DEADLINE_SLACK);
+            let idle_at = (running.is_none() && worker.as_ref().is_some_and(|w| !w.stop_requested()))
+                .then(|| idle_since + config.worker.idle_timeout);
+            tokio::select! {
+                _ = &mut lost => {
+                    tracing::error!(deployment = %self.name, "lock session lost: killing the worker now");
+                    if let Some(mut w) = worker.take() {
+                        w.kill();
+                        w.wait().await;
+                        self.has_worker.store(false, Ordering::Relaxed);
+                    }
+                    if running.is_some() {
+                        self.fail_running(ErrorCode::WorkerStopped, "the daemon lost its cross-pod lock").await;
+                    }
+                    return End::LockLost;
+                }
+                _ = self.nudge.notified() => want_claim = true,
+                event = next_event(worker.as_mut()) => match event {
+                    Some(WorkerEvent::Line(line)) => self.on_line(line, &mut running, &mut want_claim, &mut idle_since).await,
+                    Some(WorkerEvent::Invalid(msg)) => {
+                        tracing::warn!(deployment = %self.name, "worker wrote a line that is not protocol, ignored: {msg}");
+                    }
+                    ev @ (Some(WorkerEvent::Exited(_)) | None) => {
+                        let status = match ev {
+                            Some(WorkerEvent::Exited(s)) => s.0,
+                            _ => "ended".to_owned(),
+                        };
+                        let deliberate = worker.as_ref().is_some_and(|w| w.stop_requested());
+                        if let Some(mut w) = worker.take() {
+                            w.wait().await;
+                        }
+                        self.has_worker.store(false, Ordering::Relaxed);
+                        let _ = ctx.store.set_worker(&self.name, self.epoch(), None).await;
+                        if !deliberate {
+                            tracing::warn!(deployment = %self.name, "worker {status} without being asked to; failing its turns");
+                            self.fail_all(ErrorCode::WorkerDied, &format!("the worker {status}")).await;
+                            let _ = ctx.store.record_crash(&self.name).await;
+                            return End::Crashed;
+                        }
+                        if running.take().is_some() {
+                            self.fail_running(ErrorCode::WorkerStopped, "the worker was stopped").await;
+                        }
+                        if draining || ctx.drain.is_cancelled() {
+                            return End::Shutdown;
+                        }
+                        if self.evict.is_cancelled() && !matches!(ctx.store.has_queued(&self.name).await, Ok(true)) {
+                            return End::Done;
+                        }
+                        // Stopped on purpose (idle, hung turn, eviction): a turn that arrived
+                        // meanwhile gets a fresh worker under the lock we kept (CONTRACT §10).
+                        want_claim = true;
+                    }
+                },
+                _ = sleep_until_opt(deadline) => {
+                    if let Some(r) = running.take() {
+                        tracing::warn!(deployment = %self.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
+                        self.fail_running(ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline").await;
+                        if let Some(w) = worker.as_mut() {
+                            w.stop(config.worker.stop_timeout);
+                        }
+                        want_claim = true;
+                    }
+                }
+                _ = sleep_until_opt(idle_at) => {
+                    tracing::debug!(deployment = %self.name, "worker idle for worker.idle_timeout; stopping it");
+                    if let Some(w) = worker.as_mut() {
+                        w.stop(config.worker.stop_timeout);
+                    }
+                }
+                _ = self.evict.cancelled(), if running.is_none() && worker.as_ref().is_some_and(|w| !w.stop_requested()) => {
+                    if let Some(w) = worker.as_mut() {
+                        w.stop(config.worker.stop_timeout);
+                    }
+                }
+                _ = ctx.drain.cancelled(), if !draining => {
+                    draining = true;
+                    if running.is_none() {
+                        match worker.as_mut() {
+                            Some(w) => w.stop(config.worker.stop_timeout),
+                            None => return End::Shutdown,
+                        }
+                    }
+                }
+                _ = ctx.hard.cancelled(), if running.is_some() => {
+                    running = None;
+                    self.fail_running(ErrorCode::WorkerStopped, "the daemon is shutting down").await;
+                    if let Some(w) = worker.as_mut() {
+                        w.stop(config.worker.stop_timeout);
+                    }
+                }
+            }
+            if draining && running.is_none() {
+                match worker.as_mut() {
+                    Some(w) if !w.stop_requested() => w.stop(config.worker.stop_timeout),
+                    Some(_) => {}
+                    None => return End::Shutdown,
+                }
+            }
+        }
+    }
+
+    /// Writes a claimed turn to the worker.
+    async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
+        let line = turn_line(self.epoch(), &claimed.line);
+        if let Some(w) = worker {
+            if let Err(e) = w.send(&line).await {
+                // The worker is going away; its exit fails the turn.
+                tracing::debug!(deployment = %self.name, error = %e, "cannot write turn to worker");
+            }
+        }
+        let now = Instant::now();
+        Running {
+            envelope: claimed.envelope,
+            deadline: now + self.ctx().config.turn.deadline,
+            provider_failed: false,
+            last_extension: now,
+        }
+    }
+
+    async fn on_line(
+        &self,
+        line: WorkerLine,
+        running: &mut Option<Running>,
+        want_claim: &mut bool,
+        idle_since: &mut Instant,
+    ) {
+        let ctx = self.ctx();
+        let config = &ctx.config;
+        match line {
+            WorkerLine::Reply { message_id, .. } | WorkerLine::Error { message_id, .. }
+                if running.as_ref().is_none_or(|r| r.envelope.message_id.as_str() != message_id) =>
+            {
+                tracing::info!(deployment = %self.name, message_id, "reply for a turn that is not pending here; dropped");
+            }
+            WorkerLine::Reply { payload, .. } => {
+                self.commit(running, Outcome::Reply(payload)).await;
+                *want_claim = true;
+                *idle_since = Instant::now();
+            }
+            WorkerLine::Error { error, code, .. } => {
+                let outcome = Outcome::error(ErrorCode::from_worker(code.as_deref()), error);
+                self.commit(running, outcome).await;
+                *want_claim = true;
+                *idle_since = Instant::now();
+            }
+            WorkerLine::Heartbeat => {
+                let Some(r) = running.as_mut() else { return };
+                if r.provider_failed {
+                    return;
+                }
+                let now = Instant::now();
+                r.deadline = now + config.turn.deadline;
+                // Debounced: the stored deadline never falls more than a quarter behind.
+                if now.duration_since(r.last_extension) >= (config.turn.deadline / 4).max(Duration::from_millis(100)) {
+                    r.last_extension = now;
+                    if let Err(e) = ctx
+                        .store
+                        .extend_deadlines(&self.name, self.epoch(), config.turn.deadline, config.turn.queue_timeout)
+                        .await
+                    {
+                        tracing::warn!(deployment = %self.name, error = %e, "cannot extend deadlines");
+                    }
+                }
+            }
+            WorkerLine::ProviderFailed { code, reason } => {
+                let Some(r) = running.as_mut() else { return };
+                tracing::info!(deployment = %self.name, code, reason = reason.as_deref().unwrap_or(""), "provider failed; deadline extensions withdrawn");
+                r.provider_failed = true;
+                if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), Some(&code)).await {
+                    tracing::warn!(deployment = %self.name, error = %e, "cannot record provider failure");
+                }
+            }
+            WorkerLine::ProviderRecovered => {
+                let Some(r) = running.as_mut() else { return };
+                r.provider_failed = false;
+                r.deadline = Instant::now() + config.turn.deadline;
+                r.last_extension = Instant::now();
+                if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), None).await {
+                    tracing::warn!(deployment = %self.name, error = %e, "cannot record provider recovery");
+                }
+                let _ = ctx
+                    .store
+                    .extend_deadlines(&self.name, self.epoch(), config.turn.deadline, config.turn.queue_timeout)
+                    .await;
+            }
+        }
+    }
+
+    async fn commit(&self, running: &mut Option<Running>, outcome: Outcome) {
+        let Some(r) = running.take() else { return };
+        let ctx = self.ctx();
+        // Retried while the database is away: the obligation is ours until it commits or
+        // someone else (sweep, takeover) ends it.
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match ctx.store.commit(&r.envelope, self.epoch(), &outcome).await {
+                Ok(Some(committed)) => {
+                    ctx.relay.send(vec![committed]);
+                    return;
+                }
+                Ok(None) => {
+                    tracing::info!(deployment = %self.name, message_id = %r.envelope.message_id, "turn already ended elsewhere (deadline or newer owner); reply dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(deployment = %self.name, error = %e, "cannot commit the terminal event; retrying");
+                    if ctx.hard.is_cancelled() && backoff > Duration::from_secs(2) {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn fail_all(&self, code: ErrorCode, message: &str) {
+        self.fail(false, code, message).await
+    }
+
+    async fn fail_running(&self, code: ErrorCode, message: &str) {
+        self.fail(true, code, message).await
+    }
+
+    async fn fail(&self, running_only: bool, code: ErrorCode, message: &str) {
+        let ctx = self.ctx();
+        let outcome = |_: &str| Outcome::error(code.clone(), message);
+        match ctx.store.fail_pending(&self.name, self.epoch(), running_only, &outcome).await {
+            Ok(failed) => ctx.relay.send(failed),
+            Err(e) => tracing::error!(deployment = %self.name, error = %e, "cannot fail pending turns; the deadline sweep will"),
+        }
+    }
+}
+
+async fn next_event(worker: Option<&mut Worker>) -> Option<WorkerEvent> {
+    match worker {
+        Some(w) => w.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,414 @@
+//! Intake: consumes `<prefix>.inbox`, validates each turn and decides — arm it, refuse it for
+//! a delayed requeue (missing context), or park it — and acknowledges a delivery only after
+//! that decision is committed. Also moves refused turns from `<prefix>.retry` to their delay
+//! queue.
+//!
+//! Deliveries are handled in batches (whatever the prefetch has ready): one INSERT arms them
+//! all, doorbells are published together and confirmed together. A batch keeps the order
+//! deliveries arrived in, so one daemon accepts a conversation's turns in receive order.
+//!
+//! When PostgreSQL is unreachable the batch is not acknowledged: the channel is closed (the
+//! broker takes the deliveries back, no attempt counted) and intake waits for the database
+//! before consuming again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use futures_lite::future::poll_once;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, Names, Session, long_string};
+use crate::config::{Config, SessionStore};
+use crate::deployment::Deployments;
+use crate::event::{Envelope, Outcome};
+use crate::store::{ParkedRecord, Store, StoreError};
+use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn};
+
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// What intake decided for one delivery.
+enum Verdict {
+    Arm(Box<Turn>),
+    /// Missing context: nack without requeue (the inbox dead-letters it to the retry path).
+    Refuse,
+    Park { code: ErrorCode, reason: String, attempt: u32, ident: Option<Box<Ident>> },
+}
+
+/// What an error event about a turn that never ran needs.
+struct Ident {
+    envelope: Envelope,
+    conversation_key: String,
+}
+
+#[derive(Debug)]
+pub struct Intake {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub broker: Broker,
+    pub deployments: Deployments,
+}
+
+impl Intake {
+    pub async fn run(self, cancel: CancellationToken) {
+        let names = Names::new(&self.config.amqp.prefix);
+        let tag = format!("turnd-intake-{}", self.config.daemon.id);
+        loop {
+            let session = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = self.broker.session() => s,
+            };
+            let Some(session) = session else { return };
+            // Consume only while the database can take what we accept.
+            if !self.wait_for_database(&cancel).await {
+                return;
+            }
+            let (channel, consumer) =
+                match session.consumer(&names.inbox(), self.config.amqp.prefetch, &tag).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot consume the inbox; retrying");
+                        sleep_or_cancel(Duration::from_secs(1), &cancel).await;
+                        continue;
+                    }
+                };
+            tracing::info!(queue = %names.inbox(), "intake consuming");
+            let result = self.consume(&session, consumer, &cancel).await;
+            // Closing the channel hands every unacknowledged delivery back to the broker.
+            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let _ = channel.close(200, "intake paused".into()).await;
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "intake paused; deliveries go back to the inbox");
+                    sleep_or_cancel(Duration::from_millis(500), &cancel).await;
+                }
+            }
+        }
+    }
+
+    async fn wait_for_database(&self, cancel: &CancellationToken) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.store.ping().await {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, "intake waits for PostgreSQL"),
+            }
+            if !sleep_or_cancel(backoff, cancel).await {
+                return false;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn consume(&self, session: &Arc<Session>, mut consumer: Consumer, cancel: &CancellationToken) -> Result<(), BatchError> {
+        let max = usize::from(self.config.amqp.prefetch);
+        let mut batch = Vec::with_capacity(max);
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                d = consumer.next() => d,
+            };
+            let Some(first) = first else {
+                return Err(BatchError::Broker(BrokerError::Unavailable));
+            };
+            batch.push(first?);
+            while batch.len() < max {
+                match poll_once(consumer.next()).await {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    Some(Some(Err(e))) => return Err(e.into()),
+                    _ => break,
+                }
+            }
+            self.handle_batch(session, &mut batch).await?;
+        }
+    }
+
+    async fn handle_batch(&self, session: &Session, batch: &mut Vec<Delivery>) -> Result<(), BatchError> {
+        let config = &self.config;
+        let verdicts: Vec<Verdict> = batch.iter().map(|d| self.judge(d)).collect();
+        let turns: Vec<&Turn> = verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::Arm(t) => Some(&**t),
+                _ => None,
+            })
+            .collect();
+        let armed = if turns.is_empty() {
+            Vec::new()
+        } else {
+            self.store.arm(&turns, config.turn.queue_timeout).await?
+        };
+        // Doorbells for what was armed, one per deployment per batch.
+        let mut rung: Vec<DeploymentName> = Vec::new();
+        for (turn, armed) in turns.iter().zip(&armed) {
+            if *armed && !rung.contains(&turn.deployment) {
+                rung.push(turn.deployment.clone());
+            }
+        }
+        let mut confirms = Vec::with_capacity(rung.len());
+        for name in &rung {
+            let queue = session.names.thread(name);
+            let properties = BasicProperties::default().with_delivery_mode(1);
+            // Mandatory: a doorbell to a queue that is gone (no owner) comes back instead of
+            // vanishing; ensure_owners below takes care of the ownerless.
+            confirms.push(session.publish("", &queue, true, b"", properties).await?);
+        }
+        // Parked turns: the parked queue (confirmed), the record, the error event.
+        for (delivery, verdict) in batch.iter().zip(&verdicts) {
+            if let Verdict::Park { code, reason, attempt, ident } = verdict {
+                self.park(session, delivery, code, reason, *attempt, ident.as_deref()).await?;
+            }
+        }
+        for c in confirms {
+            Session::confirmed(c, "thread queue").await?;
+        }
+        let mut remote = Vec::new();
+        for name in rung {
+            if !self.deployments.nudge(&name) {
+                remote.push(name);
+            }
+        }
+        for (delivery, verdict) in batch.drain(..).zip(&verdicts) {
+            match verdict {
+                Verdict::Refuse => {
+                    delivery.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+                }
+                _ => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+            }
+        }
+        if !remote.is_empty() {
+            self.deployments.ensure_owners(remote).await;
+        }
+        Ok(())
+    }
+
+    fn judge(&self, delivery: &Delivery) -> Verdict {
+        let config = &self.config;
+        let turn = match turn::parse(&delivery.data, config.intake.max_turn_bytes) {
+            Ok(t) => t,
+            Err(invalid) => {
+                return Verdict::Park {
+                    code: ErrorCode::InvalidTurn,
+                    reason: invalid.reason.clone(),
+                    attempt: 1,
+                    ident: ident_of_invalid(&invalid),
+                };
+            }
+        };
+        if config.session.store == SessionStore::Snapshot {
+            if let Some(field) = turn.missing_context() {
+                let previous = refusals(&delivery.properties, &Names::new(&config.amqp.prefix).inbox());
+                let attempt = previous + 1;
+                if attempt >= config.intake.max_attempts {
+                    let reason = format!(
+                        "turn has runId but no {field}: a snapshot turn needs its organization and conversation (refused {attempt} times)"
+                    );
+                    let ident = Ident {
+                        conversation_key: turn.conversation_key.clone(),
+                        envelope: envelope_of(&turn),
+                    };
+                    return Verdict::Park { code: ErrorCode::MissingContext, reason, attempt, ident: Some(Box::new(ident)) };
+                }
+                tracing::debug!(message_id = %turn.message_id, field, attempt, "refused: missing context; requeued with delay");
+                return Verdict::Refuse;
+            }
+        }
+        Verdict::Arm(Box::new(turn))
+    }
+
+    async fn park(
+        &self,
+        session: &Session,
+        delivery: &Delivery,
+        code: &ErrorCode,
+        reason: &str,
+        attempt: u32,
+        ident: Option<&Ident>,
+    ) -> Result<(), BatchError> {
+        let names = &session.names;
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert("x-turnd-code".into(), long_string(code.as_str()));
+        headers.insert("x-turnd-reason".into(), long_string(reason));
+        headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
+        let properties = delivery.properties.clone().with_headers(headers.clone()).with_delivery_mode(2);
+        let confirm = session.publish("", &names.parked(), false, &delivery.data, properties).await?;
+        Session::confirmed(confirm, "parked queue").await?;
+        tracing::warn!(code = code.as_str(), reason, "turn parked");
+        self.store
+            .record_parked(&ParkedRecord {
+                code: code.as_str().to_owned(),
+                reason: reason.to_owned(),
+                body: delivery.data.clone(),
+                headers: headers_json(&headers),
+                routing_key: delivery.routing_key.as_str().to_owned(),
+                deployment: ident.map(|i| i.envelope.deployment.as_str().to_owned()),
+                message_id: ident.map(|i| i.envelope.message_id.as_str().to_owned()),
+                attempts: i32::try_from(attempt).unwrap_or(i32::MAX),
+            })
+            .await?;
+        if let Some(ident) = ident {
+            let outcome = Outcome::error(code.clone(), reason);
+            if let Some(committed) = self.store.finish_unarmed(&ident.envelope, &ident.conversation_key, &outcome).await? {
+                self.deployments.ctx().relay.send(vec![committed]);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn envelope_of(turn: &Turn) -> Envelope {
+    Envelope {
+        deployment: turn.deployment.clone(),
+        message_id: turn.message_id.clone(),
+        organization_id: turn.organization_id.as_ref().map(|o| o.as_str().to_owned()),
+        agent_id: turn.agent_id.as_str().to_owned(),
+        conversation_id: turn.conversation_id.clone(),
+        routing: Some(turn.routing.clone()),
+    }
+}
+
+fn ident_of_invalid(invalid: &InvalidTurn) -> Option<Box<Ident>> {
+    let (Some(deployment), Some(message_id), Some(agent_id)) =
+        (&invalid.deployment, &invalid.message_id, &invalid.agent_id)
+    else {
+        return None;
+    };
+    Some(Box::new(Ident {
+        envelope: Envelope {
+            deployment: deployment.clone(),
+            message_id: MessageId::clone(message_id),
+            organization_id: invalid.organization_id.as_ref().map(|o| o.as_str().to_owned()),
+            agent_id: agent_id.as_str().to_owned(),
+            conversation_id: invalid.conversation_id.clone(),
+            routing: invalid.routing.clone(),
+        },
+        conversation_key: deployment.as_str().to_owned(),
+    }))
+}
+
+/// How many times the inbox has already refused this message: the count of its `x-death`
+/// entry for (inbox, rejected), kept by the broker, so every daemon agrees.
+pub fn refusals(properties: &BasicProperties, inbox: &str) -> u32 {
+    let Some(headers) = properties.headers() else { return 0 };
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else { return 0 };
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => Some(t),
+            _ => None,
+        })
+        .filter(|t| field_str(t, "queue") == Some(inbox) && field_str(t, "reason") == Some("rejected"))
+        .filter_map(|t| match t.inner().get("count") {
+            Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
+            Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
+            Some(AMQPValue::LongUInt(n)) => Some(*n),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {
+    match table.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// AMQP headers as JSON for the parked record (operators read them; values best-effort).
+fn headers_json(headers: &FieldTable) -> String {
+    fn value(v: &AMQPValue) -> serde_json::Value {
+        use serde_json::Value as J;
+        match v {
+            AMQPValue::Boolean(b) => J::Bool(*b),
+            AMQPValue::LongString(s) => J::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => J::String(s.as_str().to_owned()),
+            AMQPValue::LongLongInt(n) => J::from(*n),
+            AMQPValue::LongInt(n) => J::from(*n),
+            AMQPValue::LongUInt(n) => J::from(*n),
+            AMQPValue::ShortInt(n) => J::from(*n),
+            AMQPValue::ShortUInt(n) => J::from(*n),
+            AMQPValue::Timestamp(n) => J::from(*n),
+            AMQPValue::FieldArray(a) => J::Array(a.as_slice().iter().map(value).collect()),
+            AMQPValue::FieldTable(t) => J::Object(t.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect()),
+            other => J::String(format!("{other:?}")),
+        }
+    }
+    serde_json::Value::Object(headers.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect()).to_string()
+}
+
+/// Moves turns the inbox dead-lettered (refusals) into the delay queue for their attempt:
+/// confirm the publish, then ack. The delay queue's TTL sends them back to `<prefix>.turns`.
+pub async fn run_retry(config: Arc<Config>, broker: Broker, cancel: CancellationToken) {
+    let names = Names::new(&config.amqp.prefix);
+    let tag = format!("turnd-retry-{}", config.daemon.id);
+    loop {
+        let session = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = broker.session() => s,
+        };
+        let Some(session) = session else { return };
+        let (channel, mut consumer) = match session.consumer(&names.retry(), 16, &tag).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot consume the retry queue");
+                sleep_or_cancel(Duration::from_secs(1), &cancel).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => None,
+                d = consumer.next() => d,
+            };
+            let Some(Ok(delivery)) = next else { break };
+            let k = refusals(&delivery.properties, &names.inbox()).clamp(1, config.intake.max_attempts.saturating_sub(1).max(1));
+            let queue = names.retry_delay(k);
+            let moved = async {
+                let c = session.publish("", &queue, true, &delivery.data, delivery.properties.clone()).await?;
+                Session::confirmed(c, &queue).await?;
+                delivery.ack(BasicAckOptions::default()).await?;
+                Ok::<_, BatchError>(())
+            };
+            if let Err(e) = moved.await {
+                tracing::warn!(error = %e, "cannot move a refused turn to its delay queue; it stays in the retry queue");
+                break;
+            }
+        }
+        let _ = channel.close(200, "retry mover stopping".into()).await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        sleep_or_cancel(Duration::from_millis(500), &cancel).await;
+    }
+}
+
+/// Sleeps unless cancelled first; false when cancelled.
+pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+#[allow(dead_code)]
+fn short(s: &str) -> ShortString {
+    ShortString::from(s)
+}

@@ -1,0 +1,272 @@
+//! The lock session: one dedicated PostgreSQL connection that holds every cross-pod
+//! advisory lock of this daemon (a session can hold thousands), takes each lock together with
+//! a fresh fencing epoch in one statement, and watches its own health.
+//!
+//! **Architecture invariant**: advisory locks are never taken on a pooled connection (lock and
+//! unlock could land on different backends and leak). Locks are not re-entrant here: a key
+//! this session holds is never tried again, and each is released exactly once.
+//!
+//! When the session is lost (probe fails, connection dropped, backend terminated) the server
+//! has already freed every lock: `generation` moves on, every deployment holding a lock of an
+//! older generation stops its worker at once, and the session reconnects with back-off.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::turn::Epoch;
+
+/// How often the session proves it is alive; a lost session is noticed within
+/// PROBE_INTERVAL + PROBE_TIMEOUT. Shorter costs a trivial query per interval.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Server-side keepalives so PostgreSQL frees a vanished daemon's locks in ~10 s, not hours.
+const KEEPALIVE_SETTINGS: &str =
+    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3";
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Requests are taken in batches: many locks in one statement cost about as much as one.
+const BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("the lock session is not connected")]
+    Unavailable,
+    #[error("the lock session task stopped")]
+    Stopped,
+}
+
+/// A lock held by this daemon: the key, its fencing epoch, and the session generation it
+/// belongs to (it is void once the generation moves on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub key: i64,
+    pub epoch: Epoch,
+    pub generation: u64,
+}
+
+enum Request {
+    Acquire { key: i64, reply: oneshot::Sender<Result<Option<Held>, LockError>> },
+    Release { held: Held },
+}
+
+/// A handle on the lock session; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LockSession {
+    requests: mpsc::UnboundedSender<Request>,
+    generation: watch::Receiver<u64>,
+    healthy: watch::Receiver<bool>,
+    held: watch::Receiver<usize>,
+}
+
+impl LockSession {
+    /// Starts the session task; it runs until `cancel`.
+    pub fn start(
+        options: PgConnectOptions,
+        cancel: CancellationToken,
+    ) -> (LockSession, impl Future<Output = ()>) {
+        let (requests, rx) = mpsc::unbounded_channel();
+        let (generation_tx, generation) = watch::channel(0);
+        let (healthy_tx, healthy) = watch::channel(false);
+        let (held_tx, held) = watch::channel(0);
+        let task = Task { options, rx, generation: generation_tx, healthy: healthy_tx, held_count: held_tx, held: HashSet::new() };
+        (LockSession { requests, generation, healthy, held }, task.run(cancel))
+    }
+
+    /// Tries the deployment's lock without waiting. `Ok(None)`: another session holds it.
+    pub async fn try_acquire(&self, key: i64) -> Result<Option<Held>, LockError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests.send(Request::Acquire { key, reply }).map_err(|_| LockError::Stopped)?;
+        rx.await.map_err(|_| LockError::Stopped)?
+    }
+
+    /// Releases a lock (once, after its worker has exited). A lock of a lost generation is
+    /// already gone and is not touched.
+    pub fn release(&self, held: Held) {
+        let _ = self.requests.send(Request::Release { held });
+    }
+
+    /// Resolves when the generation `held` belongs to is over (its locks are gone).
+    pub async fn lost(&self, generation: u64) {
+        let mut rx = self.generation.clone();
+        let _ = rx.wait_for(|g| *g != generation).await;
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        *self.healthy.borrow()
+    }
+
+    pub fn healthy(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
+    }
+
+    pub fn held_count(&self) -> usize {
+        *self.held.borrow()
+    }
+
+    /// Waits until the session is connected (for start-up readiness).
+    pub async fn wait_healthy(&self) {
+        let mut rx = self.healthy.clone();
+        let _ = rx.wait_for(|h| *h).await;
+    }
+}
+
+struct Task {
+    options: PgConnectOptions,
+    rx: mpsc::UnboundedReceiver<Request>,
+    generation: watch::Sender<u64>,
+    healthy: watch::Sender<bool>,
+    held_count: watch::Sender<usize>,
+    held: HashSet<i64>,
+}
+
+impl Task {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let conn = tokio::select! {
+                _ = cancel.cancelled() => return,
+                conn = self.connect() => conn,
+            };
+            match conn {
+                Ok(conn) => {
+                    backoff = Duration::from_millis(100);
+                    self.generation.send_modify(|g| *g += 1);
+                    self.healthy.send_replace(true);
+                    tracing::info!(generation = *self.generation.borrow(), "lock session connected");
+                    let reason = self.serve(conn, &cancel).await;
+                    self.healthy.send_replace(false);
+                    self.held.clear();
+                    self.held_count.send_replace(0);
+                    // Every lock of this generation is gone with the connection.
+                    self.generation.send_modify(|g| *g += 1);
+                    match reason {
+                        None => return,
+                        Some(e) => tracing::error!(error = %e, "lock session lost; its workers are stopped and it reconnects"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "lock session cannot connect");
+                    self.fail_waiting();
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
+        let mut conn = PgConnection::connect_with(&self.options).await?;
+        sqlx::raw_sql(KEEPALIVE_SETTINGS).execute(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Answers requests waiting while disconnected: nobody may believe it holds a lock.
+    fn fail_waiting(&mut self) {
+        while let Ok(req) = self.rx.try_recv() {
+            if let Request::Acquire { reply, .. } = req {
+                let _ = reply.send(Err(LockError::Unavailable));
+            }
+        }
+    }
+
+    /// Serves requests until the connection fails (Some(error)) or `cancel` (None).
+    async fn serve(&mut self, mut conn: PgConnection, cancel: &CancellationToken) -> Option<sqlx::Error> {
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = conn.close().await;
+                    return None;
+                }
+                n = self.rx.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        return None;
+                    }
+                    if let Err(e) = self.handle(&mut conn, &mut batch).await {
+                        return Some(e);
+                    }
+                }
+                _ = probe.tick() => {
+                    match tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&mut conn)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Some(e),
+                        Err(_) => return Some(sqlx::Error::PoolTimedOut),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, conn: &mut PgConnection, batch: &mut Vec<Request>) -> Result<(), sqlx::Error> {
+        let generation = *self.generation.borrow();
+        let mut acquire: Vec<(i64, oneshot::Sender<Result<Option<Held>, LockError>>)> = Vec::new();
+        let mut release: Vec<i64> = Vec::new();
+        for req in batch.drain(..) {
+            match req {
+                Request::Acquire { key, reply } => {
+                    if self.held.contains(&key) || acquire.iter().any(|(k, _)| *k == key) {
+                        // Never try a lock this session holds: PostgreSQL would stack it.
+                        let _ = reply.send(Ok(None));
+                    } else {
+                        acquire.push((key, reply));
+                    }
+                }
+                Request::Release { held } => {
+                    if held.generation == generation && self.held.remove(&held.key) {
+                        release.push(held.key);
+                    }
+                }
+            }
+        }
+        if !release.is_empty() {
+            sqlx::query("SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k")
+                .bind(&release)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !acquire.is_empty() {
+            let keys: Vec<i64> = acquire.iter().map(|(k, _)| *k).collect();
+            // The lock and its epoch in one statement: epochs follow the order locks were held.
+            let rows: Result<Vec<(i64, bool, i64)>, sqlx::Error> = sqlx::query_as(
+                "SELECT k, pg_try_advisory_lock(k), nextval('turnd_epoch')
+                 FROM unnest($1::bigint[]) WITH ORDINALITY AS x(k, ord) ORDER BY ord",
+            )
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await;
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(e) => {
+                    for (_, reply) in acquire {
+                        let _ = reply.send(Err(LockError::Unavailable));
+                    }
+                    return Err(e);
+                }
+            };
+            for ((key, reply), (_, got, epoch)) in acquire.into_iter().zip(rows) {
+                let held = got.then(|| {
+                    self.held.insert(key);
+                    Held { key, epoch: Epoch::new(epoch), generation }
+                });
+                if reply.send(Ok(held)).is_err() {
+                    if let Some(h) = held {
+                        // The asker is gone: let the lock go again right away.
+                        self.held.remove(&h.key);
+                        sqlx::query("SELECT pg_advisory_unlock($1)").bind(h.key).execute(&mut *conn).await?;
+                    }
+                }
+            }
+        }
+        self.held_count.send_replace(self.held.len());
+        Ok(())
+    }
+}

@@ -1,0 +1,899 @@
+//! PostgreSQL: turn records (the obligations), the reply outbox, deployment epochs and
+//! crash-loop records, the daemon registry, parked turns.
+//!
+//! **Architecture invariant**: only this module runs SQL (the lock session in `lock` aside),
+//! and every guarantee that spans rows is one statement or one transaction here. The state
+//! election — `UPDATE … SET state = 'done' WHERE state <> 'done'` — and the outbox insert that
+//! follows from it always commit together, so a turn can end only once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::config::DatabaseConfig;
+use crate::event::{Envelope, Outcome, TerminalEvent};
+use crate::turn::{DeploymentName, Epoch, ErrorCode, MessageId, Turn};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid database.url: {0}")]
+    Url(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Bounded batches keep each sweep transaction short: locks held for milliseconds, not seconds.
+const FAIL_BATCH: i64 = 500;
+/// Crash-loop guard: this many unrequested worker exits within the window start a back-off…
+pub const CRASH_THRESHOLD: i32 = 5;
+pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// …that doubles from the base with every further death, up to the cap.
+const CRASH_BACKOFF_BASE_MS: i64 = 5_000;
+const CRASH_BACKOFF_MAX_MS: i64 = 300_000;
+
+/// A terminal event committed to the outbox, with its row id for the relay.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub id: i64,
+    pub event: TerminalEvent,
+}
+
+/// The turn an owner claimed: the line for its worker and what its events carry.
+#[derive(Debug)]
+pub struct Claimed {
+    pub line: String,
+    pub envelope: Envelope,
+}
+
+/// What a deployment's worker needs to know about it, read when a daemon takes it over.
+#[derive(Debug, Clone)]
+pub struct DeploymentMeta {
+    pub organization_id: Option<String>,
+    pub agent_id: String,
+    pub conversation_key: String,
+}
+
+#[derive(Debug)]
+pub struct Takeover {
+    /// None when the deployment has no turn record at all (nothing to do).
+    pub meta: Option<DeploymentMeta>,
+    /// Turns left running under an older epoch: failed with WORKER_DIED.
+    pub failed: Vec<Committed>,
+    /// Set while the deployment's crash-loop back-off lasts (milliseconds left).
+    pub backoff_ms: Option<i64>,
+}
+
+/// A pending turn failed on some path, with what its event needs.
+struct Pending {
+    envelope: Envelope,
+    state: String,
+    provider_code: Option<String>,
+}
+
+/// An outbox row not yet published, for the relay's catch-up.
+#[derive(Debug)]
+pub struct Unpublished {
+    pub id: i64,
+    pub event_id: String,
+    pub routing_key: String,
+    pub message_id: String,
+    pub body: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParkedRecord {
+    pub code: String,
+    pub reason: String,
+    pub body: Vec<u8>,
+    pub headers: String,
+    pub routing_key: String,
+    pub deployment: Option<String>,
+    pub message_id: Option<String>,
+    pub attempts: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    Ok(options.application_name(application_name))
+}
+
+impl Store {
+    /// Opens the pool. Connections are made lazily, so a daemon starts while PostgreSQL is
+    /// down and intake waits for it.
+    pub fn connect(config: &DatabaseConfig, daemon_id: &str) -> Result<Store> {
+        let options = connect_options(config.url.expose(), &format!("turnd:{daemon_id}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Store { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- intake ----------------------------------------------------------------------------
+
+    /// Arms turns in the order given (their accept order). Returns, per turn, whether it was
+    /// armed now; false means the (deployment, messageId) record already exists — pending or
+    /// answered — and the publish is a duplicate.
+    pub async fn arm(&self, turns: &[&Turn], queue_timeout: Duration) -> Result<Vec<bool>> {
+        let mut deployments = Vec::with_capacity(turns.len());
+        let mut message_ids = Vec::with_capacity(turns.len());
+        let mut orgs = Vec::with_capacity(turns.len());
+        let mut agents = Vec::with_capacity(turns.len());
+        let mut keys = Vec::with_capacity(turns.len());
+        let mut conversations = Vec::with_capacity(turns.len());
+        let mut lines = Vec::with_capacity(turns.len());
+        let mut routings = Vec::with_capacity(turns.len());
+        for t in turns {
+            deployments.push(t.deployment.as_str());
+            message_ids.push(t.message_id.as_str());
+            orgs.push(t.organization_id.as_ref().map(|o| o.as_str()));
+            agents.push(t.agent_id.as_str());
+            keys.push(t.conversation_key.as_str());
+            conversations.push(t.conversation_id.as_deref());
+            lines.push(t.line.as_str());
+            routings.push(t.routing.as_str());
+        }
+        // ORDER BY ord makes nextval() follow the given order: the accept order.
+        let armed: Vec<(String, String)> = sqlx::query_as(
+            "INSERT INTO turnd_turns (deployment, message_id, seq, state, organization_id,
+                 agent_id, conversation_key, conversation_id, turn, routing, deadline)
+             SELECT d, m, nextval('turnd_accept_seq'), 'queued', o, a, k, c, l, r,
+                    now() + $9::bigint * interval '1 millisecond'
+             FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                          $5::text[], $6::text[], $7::text[], $8::text[])
+                          WITH ORDINALITY AS x(d, m, o, a, k, c, l, r, ord)
+                   ORDER BY ord) x
+             ON CONFLICT (deployment, message_id) DO NOTHING
+             RETURNING deployment, message_id",
+        )
+        .bind(&deployments)
+        .bind(&message_ids)
+        .bind(&orgs)
+        .bind(&agents)
+        .bind(&keys)
+        .bind(&conversations)
+        .bind(&lines)
+        .bind(&routings)
+        .bind(millis(queue_timeout))
+        .fetch_all(&self.pool)
+        .await?;
+        if armed.len() == turns.len() {
+            return Ok(vec![true; turns.len()]);
+        }
+        // Some were duplicates (of an earlier publish, or of each other within the batch).
+        let mut armed: std::collections::HashSet<(String, String)> = armed.into_iter().collect();
+        Ok(turns
+            .iter()
+            .map(|t| armed.remove(&(t.deployment.as_str().to_owned(), t.message_id.as_str().to_owned())))
+            .collect())
+    }
+
+    /// Ends a turn that never ran (invalid or out of attempts) with its error event, once:
+    /// the tombstone and the outbox row commit together, and a duplicate finds the tombstone.
+    pub async fn finish_unarmed(
+        &self,
+        envelope: &Envelope,
+        conversation_key: &str,
+        outcome: &Outcome,
+    ) -> Result<Option<Committed>> {
+        let event = TerminalEvent::new(envelope, outcome);
+        let id: Option<i64> = sqlx::query_scalar(
+            "WITH tomb AS (
+                 INSERT INTO turnd_turns (deployment, message_id, state, organization_id,
+                     agent_id, conversation_key, conversation_id, deadline, done_at)
+                 VALUES ($1, $2, 'done', $3, $4, $5, $6, now(), now())
+                 ON CONFLICT (deployment, message_id) DO NOTHING
+                 RETURNING 1)
+             INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code, body)
+             SELECT $1, $2, $7, $8, $9, $10, $11 FROM tomb
+             ON CONFLICT (deployment, message_id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(envelope.deployment.as_str())
+        .bind(envelope.message_id.as_str())
+        .bind(envelope.organization_id.as_deref())
+        .bind(&envelope.agent_id)
+        .bind(conversation_key)
+        .bind(envelope.conversation_id.as_deref())
+        .bind(&event.event_id)
+        .bind(&event.routing_key)
+        .bind(event.kind)
+        .bind(event.code.as_deref())
+        .bind(&event.body)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id.map(|id| Committed { id, event }))
+    }
+
+    pub async fn record_parked(&self, p: &ParkedRecord) -> Result<i64> {
+        let id = sqlx::query_scalar(
+            "INSERT INTO turnd_parked (code, reason, body, headers, routing_key, deployment,
+                 message_id, attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+        )
+        .bind(&p.code)
+        .bind(&p.reason)
+        .bind(&p.body)
+        .bind(&p.headers)
+        .bind(&p.routing_key)
+        .bind(p.deployment.as_deref())
+        .bind(p.message_id.as_deref())
+        .bind(p.attempts)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    // ---- owner -----------------------------------------------------------------------------
+
+    /// Records that `owner` now holds the deployment's lock under `epoch`, and in the same
+    /// transaction fails every turn still running under an older epoch (its worker went with
+    /// the old lock, CONTRACT §7). Also reports a crash-loop back-off in force.
+    pub async fn take_over(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        owner: &str,
+    ) -> Result<Takeover> {
+        let mut tx = self.pool.begin().await?;
+        let meta: Option<(Option<String>, String, String)> = sqlx::query_as(
+            "SELECT organization_id, agent_id, conversation_key FROM turnd_turns
+             WHERE deployment = $1 ORDER BY state = 'done', seq DESC LIMIT 1",
+        )
+        .bind(deployment.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((organization_id, agent_id, conversation_key)) = meta else {
+            tx.commit().await?;
+            return Ok(Takeover { meta: None, failed: Vec::new(), backoff_ms: None });
+        };
+        let backoff_ms: Option<Option<i64>> = sqlx::query_scalar(
+            "INSERT INTO turnd_deployments (deployment, organization_id, agent_id,
+                 conversation_key, epoch, owner, since)
+             VALUES ($1, $2, $3, $4, $5, $6, now())
+             ON CONFLICT (deployment) DO UPDATE
+                SET epoch = GREATEST(turnd_deployments.epoch, EXCLUDED.epoch),
+                    owner = EXCLUDED.owner, since = now(), worker_pid = NULL,
+                    worker_started_at = NULL
+             RETURNING (EXTRACT(EPOCH FROM (backoff_until - now())) * 1000)::bigint",
+        )
+        .bind(deployment.as_str())
+        .bind(&organization_id)
+        .bind(&agent_id)
+        .bind(&conversation_key)
+        .bind(epoch.get())
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let stale = pending_rows(
+            &mut tx,
+            "WHERE deployment = $1 AND state = 'running' AND epoch < $2",
+            deployment,
+            epoch,
+        )
+        .await?;
+        let failed = finish_pending(
+            &mut tx,
+            stale,
+            &|_| Outcome::error(ErrorCode::WorkerDied, "the worker went with its daemon's lock"),
+        )
+        .await?;
+        tx.commit().await?;
+        let meta = Some(DeploymentMeta { organization_id, agent_id, conversation_key });
+        let backoff_ms = backoff_ms.flatten().filter(|ms| *ms > 0);
+        Ok(Takeover { meta, failed, backoff_ms })
+    }
+
+    /// Claims the oldest queued turn of the deployment for `epoch`, unless a newer epoch owns
+    /// the deployment now (fencing).
+    pub async fn claim_next(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        deadline: Duration,
+    ) -> Result<Option<Claimed>> {
+        let row: Option<PgRow> = sqlx::query(
+            "UPDATE turnd_turns t SET state = 'running', epoch = $2, started_at = now(),
+                    deadline = now() + $3::bigint * interval '1 millisecond'
+             FROM (SELECT message_id FROM turnd_turns
+                   WHERE deployment = $1 AND state = 'queued'
+                   ORDER BY seq LIMIT 1 FOR UPDATE) next
+             WHERE t.deployment = $1 AND t.message_id = next.message_id AND t.state = 'queued'
+               AND EXISTS (SELECT 1 FROM turnd_deployments d
+                           WHERE d.deployment = $1 AND d.epoch = $2)
+             RETURNING t.message_id, t.turn, t.organization_id, t.agent_id,
+                       t.conversation_id, t.routing",
+        )
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .bind(millis(deadline))
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(Claimed {
+            line: row.try_get::<Option<String>, _>("turn")?.unwrap_or_default(),
+            envelope: envelope_from_row(deployment, &row)?,
+        }))
+    }
+
+    /// Commits the running turn's outcome under `epoch`. None when it lost the election: the
+    /// turn already ended (sweep, takeover) or a newer epoch owns the deployment.
+    pub async fn commit(
+        &self,
+        envelope: &Envelope,
+        epoch: Epoch,
+        outcome: &Outcome,
+    ) -> Result<Option<Committed>> {
+        let event = TerminalEvent::new(envelope, outcome);
+        let id: Option<i64> = sqlx::query_scalar(
+            "WITH done AS (
+                 UPDATE turnd_turns SET state = 'done', turn = NULL, routing = NULL,
+                        done_at = now()
+                 WHERE deployment = $1 AND message_id = $2 AND state = 'running'
+                   AND epoch = $3
+                   AND EXISTS (SELECT 1 FROM turnd_deployments d
+                               WHERE d.deployment = $1 AND d.epoch = $3)
+                 RETURNING 1)
+             INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code, body)
+             SELECT $1, $2, $4, $5, $6, $7, $8 FROM done
+             ON CONFLICT (deployment, message_id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(envelope.deployment.as_str())
+        .bind(envelope.message_id.as_str())
+        .bind(epoch.get())
+        .bind(&event.event_id)
+        .bind(&event.routing_key)
+        .bind(event.kind)
+        .bind(event.code.as_deref())
+        .bind(&event.body)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id.map(|id| Committed { id, event }))
+    }
+
+    /// A heartbeat: the running turn's deadline moves to now + `deadline` (unless its provider
+    /// failed), queued turns' waits are extended to at least now + `queue_timeout`.
+    pub async fn extend_deadlines(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        deadline: Duration,
+        queue_timeout: Duration,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_turns SET deadline = CASE
+                 WHEN state = 'running' THEN now() + $3::bigint * interval '1 millisecond'
+                 ELSE GREATEST(deadline, now() + $4::bigint * interval '1 millisecond') END
+             WHERE deployment = $1 AND state <> 'done'
+               AND (state = 'queued' OR (epoch = $2 AND provider_code IS NULL))",
+        )
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .bind(millis(deadline))
+        .bind(millis(queue_timeout))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// provider_failed (Some(code)) / provider_recovered (None) for the running turn.
+    pub async fn set_provider_code(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        code: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_turns SET provider_code = $3
+             WHERE deployment = $1 AND state = 'running' AND epoch = $2",
+        )
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .bind(code)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Fails pending turns of a deployment this daemon owns under `epoch`, in one transaction:
+    /// every pending turn (`running_only = false`, the crash fast path) or just the running one.
+    pub async fn fail_pending(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        running_only: bool,
+        outcome: &(dyn Fn(&str) -> Outcome + Sync),
+    ) -> Result<Vec<Committed>> {
+        let mut tx = self.pool.begin().await?;
+        let owned: Option<i64> = sqlx::query_scalar(
+            "SELECT epoch FROM turnd_deployments WHERE deployment = $1 AND epoch = $2 FOR SHARE",
+        )
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if owned.is_none() {
+            return Ok(Vec::new()); // fenced: a newer owner answers for them now
+        }
+        let filter = if running_only {
+            "WHERE deployment = $1 AND state = 'running' AND epoch = $2"
+        } else {
+            "WHERE deployment = $1 AND state <> 'done' AND (state = 'queued' OR epoch <= $2)"
+        };
+        let rows = pending_rows(&mut tx, filter, deployment, epoch).await?;
+        let failed = finish_pending(&mut tx, rows, &|state| outcome(state)).await?;
+        tx.commit().await?;
+        Ok(failed)
+    }
+
+    pub async fn has_queued(&self, deployment: &DeploymentName) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM turnd_turns WHERE deployment = $1 AND state = 'queued')",
+        )
+        .bind(deployment.as_str())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_worker(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        pid: Option<u32>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_deployments SET worker_pid = $3,
+                    worker_started_at = CASE WHEN $3 IS NULL THEN NULL ELSE now() END
+             WHERE deployment = $1 AND epoch = $2",
+        )
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .bind(pid.map(|p| p as i32))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Counts an unrequested worker exit against the deployment's crash window, shared by all
+    /// daemons. Returns the back-off now in force, if any (milliseconds).
+    pub async fn record_crash(&self, deployment: &DeploymentName) -> Result<Option<i64>> {
+        let ms: Option<i64> = sqlx::query_scalar(
+            "UPDATE turnd_deployments SET
+                 crash_count = CASE WHEN crash_window_at > now() - $2::bigint * interval '1 millisecond'
+                                    THEN crash_count + 1 ELSE 1 END,
+                 crash_window_at = CASE WHEN crash_window_at > now() - $2::bigint * interval '1 millisecond'
+                                    THEN crash_window_at ELSE now() END
+             WHERE deployment = $1
+             RETURNING CASE WHEN crash_count >= $3
+                 THEN LEAST($4::bigint * (1::bigint << LEAST(crash_count - $3, 16)), $5::bigint)
+                 END",
+        )
+        .bind(deployment.as_str())
+        .bind(millis(CRASH_WINDOW))
+        .bind(CRASH_THRESHOLD)
+        .bind(CRASH_BACKOFF_BASE_MS)
+        .bind(CRASH_BACKOFF_MAX_MS)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        if let Some(ms) = ms {
+            sqlx::query(
+                "UPDATE turnd_deployments
+                 SET backoff_until = now() + $2::bigint * interval '1 millisecond'
+                 WHERE deployment = $1",
+            )
+            .bind(deployment.as_str())
+            .bind(ms)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(ms)
+    }
+
+    /// The owner lets go (after its worker exited, before the advisory lock is released).
+    pub async fn release_owner(&self, deployment: &DeploymentName, epoch: Epoch) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_deployments SET owner = NULL, since = NULL, worker_pid = NULL,
+                    worker_started_at = NULL
+             WHERE deployment = $1 AND epoch = $2",
+        )
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- sweep -----------------------------------------------------------------------------
+
+    /// Fails one bounded batch of lapsed turns, exactly once across daemons (SKIP LOCKED).
+    pub async fn sweep_lapsed(&self) -> Result<Vec<Committed>> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<PgRow> = sqlx::query(
+            "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
+                    state, provider_code
+             FROM turnd_turns WHERE state <> 'done' AND deadline < now()
+             ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(FAIL_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        let pending = rows.iter().map(pending_from_row).collect::<Result<Vec<_>>>()?;
+        let failed = finish_pending(&mut tx, pending, &timeout_outcome).await?;
+        tx.commit().await?;
+        Ok(failed)
+    }
+
+    /// Deployments with a queued turn older than `delay`: candidates for adoption (the lock
+    /// tells whether anyone holds them).
+    pub async fn adoption_candidates(&self, delay: Duration, limit: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT deployment FROM turnd_turns
+             WHERE state = 'queued' AND accepted_at < now() - $1::bigint * interval '1 millisecond'
+             GROUP BY deployment ORDER BY min(seq) LIMIT $2",
+        )
+        .bind(millis(delay))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Deletes, in small batches, tombstones and published events older than `retention`.
+    pub async fn purge_retention(&self, retention: Duration) -> Result<u64> {
+        let turns = sqlx::query(
+            "DELETE FROM turnd_turns WHERE ctid = ANY (ARRAY(
+                 SELECT ctid FROM turnd_turns WHERE state = 'done'
+                   AND done_at < now() - $1::bigint * interval '1 millisecond' LIMIT 1000))",
+        )
+        .bind(millis(retention))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let events = sqlx::query(
+            "DELETE FROM turnd_outbox WHERE id = ANY (ARRAY(
+                 SELECT id FROM turnd_outbox WHERE published_at IS NOT NULL
+                   AND published_at < now() - $1::bigint * interval '1 millisecond' LIMIT 1000))",
+        )
+        .bind(millis(retention))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(turns + events)
+    }
+
+    pub async fn register_daemon(&self, id: &str, hostname: &str, pid: u32) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO turnd_daemons (id, hostname, pid, version)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET hostname = $2, pid = $3, version = $4,
+                 started_at = now(), heartbeat_at = now(), stopped_at = NULL, ready = false",
+        )
+        .bind(id)
+        .bind(hostname)
+        .bind(pid as i32)
+        .bind(env!("CARGO_PKG_VERSION"))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn daemon_heartbeat(&self, id: &str, ready: bool, live_workers: usize) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_daemons SET heartbeat_at = now(), ready = $2, live_workers = $3
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(ready)
+        .bind(live_workers as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn daemon_stopped(&self, id: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_daemons SET stopped_at = now(), ready = false, live_workers = 0
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("UPDATE turnd_deployments SET owner = NULL, since = NULL WHERE owner = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- relay -----------------------------------------------------------------------------
+
+    pub async fn mark_published(&self, ids: &[i64]) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_outbox SET published_at = now(), body = NULL
+             WHERE id = ANY($1) AND published_at IS NULL",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Locks a batch of unpublished events at least `min_age` old (younger ones are still in
+    /// their committing daemon's hands) for the caller's transaction.
+    pub async fn lock_unpublished(
+        &self,
+        min_age: Duration,
+        limit: i64,
+    ) -> Result<(Transaction<'static, Postgres>, Vec<Unpublished>)> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, String, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT id, event_id, routing_key, message_id, body FROM turnd_outbox
+             WHERE published_at IS NULL
+               AND created_at < now() - $1::bigint * interval '1 millisecond'
+             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(millis(min_age))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows = rows
+            .into_iter()
+            .map(|(id, event_id, routing_key, message_id, body)| Unpublished {
+                id,
+                event_id,
+                routing_key,
+                message_id,
+                body: body.unwrap_or_default(),
+            })
+            .collect();
+        Ok((tx, rows))
+    }
+
+    pub async fn mark_published_in(
+        tx: &mut Transaction<'static, Postgres>,
+        ids: &[i64],
+    ) -> Result<()> {
+        sqlx::query("UPDATE turnd_outbox SET published_at = now(), body = NULL WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+fn timeout_outcome(state: &str) -> Outcome {
+    if state == "queued" {
+        Outcome::error(ErrorCode::TurnTimeout, "the turn waited longer than turn.queue_timeout for its worker")
+    } else {
+        Outcome::error(ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline")
+    }
+}
+
+async fn pending_rows(
+    tx: &mut Transaction<'_, Postgres>,
+    filter: &str,
+    deployment: &DeploymentName,
+    epoch: Epoch,
+) -> Result<Vec<Pending>> {
+    let sql = format!(
+        "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
+                state, provider_code
+         FROM turnd_turns {filter} ORDER BY seq FOR UPDATE"
+    );
+    let rows: Vec<PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .fetch_all(&mut **tx)
+        .await?;
+    rows.iter().map(pending_from_row).collect()
+}
+
+fn pending_from_row(row: &PgRow) -> Result<Pending> {
+    let deployment = DeploymentName::from_trusted(row.try_get("deployment")?);
+    Ok(Pending {
+        envelope: envelope_from_row(&deployment, row)?,
+        state: row.try_get("state")?,
+        provider_code: row.try_get("provider_code")?,
+    })
+}
+
+fn envelope_from_row(deployment: &DeploymentName, row: &PgRow) -> Result<Envelope> {
+    Ok(Envelope {
+        deployment: deployment.clone(),
+        message_id: MessageId::from_trusted(row.try_get("message_id")?),
+        organization_id: row.try_get("organization_id")?,
+        agent_id: row.try_get("agent_id")?,
+        conversation_id: row.try_get("conversation_id")?,
+        routing: row.try_get("routing")?,
+    })
+}
+
+/// The election for many turns at once: marks the given (locked) pending rows done and
+/// inserts their error events, inside the caller's transaction.
+async fn finish_pending(
+    tx: &mut Transaction<'_, Postgres>,
+    pending: Vec<Pending>,
+    outcome: &(dyn Fn(&str) -> Outcome + Sync),
+) -> Result<Vec<Committed>> {
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    let events: Vec<TerminalEvent> = pending
+        .iter()
+        .map(|p| {
+            let outcome = match (&p.provider_code, p.state.as_str()) {
+                // A provider outage outlived the deadline: the error says so.
+                (Some(code), "running") => match outcome(&p.state) {
+                    Outcome::Error { code: ErrorCode::TurnTimeout, message } => Outcome::Error {
+                        code: ErrorCode::from_worker(Some(code)),
+                        message: format!("{message} (provider failed: {code})"),
+                    },
+                    other => other,
+                },
+                _ => outcome(&p.state),
+            };
+            TerminalEvent::new(&p.envelope, &outcome)
+        })
+        .collect();
+    let deployments: Vec<&str> = events.iter().map(|e| e.deployment.as_str()).collect();
+    let message_ids: Vec<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
+    sqlx::query(
+        "UPDATE turnd_turns t SET state = 'done', turn = NULL, routing = NULL, done_at = now()
+         FROM unnest($1::text[], $2::text[]) AS x(d, m)
+         WHERE t.deployment = x.d AND t.message_id = x.m AND t.state <> 'done'",
+    )
+    .bind(&deployments)
+    .bind(&message_ids)
+    .execute(&mut **tx)
+    .await?;
+    let event_ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
+    let codes: Vec<Option<&str>> = events.iter().map(|e| e.code.as_deref()).collect();
+    let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+    let ids: Vec<(String, String, i64)> = sqlx::query_as(
+        "INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code, body)
+         SELECT d, m, e, k, 'error', c, b
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+              WITH ORDINALITY AS x(d, m, e, k, c, b, ord)
+         ORDER BY ord
+         ON CONFLICT (deployment, message_id) DO NOTHING
+         RETURNING deployment, message_id, id",
+    )
+    .bind(&deployments)
+    .bind(&message_ids)
+    .bind(&event_ids)
+    .bind(&keys)
+    .bind(&codes)
+    .bind(&bodies)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(events
+        .into_iter()
+        .filter_map(|event| {
+            ids.iter()
+                .find(|(d, m, _)| d == event.deployment.as_str() && m == event.message_id.as_str())
+                .map(|(_, _, id)| Committed { id: *id, event })
+        })
+        .collect())
+}
+
+/// The cluster as the database sees it, for `turnd status`.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub daemons: Vec<DaemonStatus>,
+    pub deployments: Vec<DeploymentStatus>,
+    pub pending: PendingStatus,
+    pub unpublished_events: i64,
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct DaemonStatus {
+    pub id: String,
+    pub hostname: String,
+    pub pid: i32,
+    pub version: String,
+    pub heartbeat_age_s: f64,
+    pub ready: bool,
+    pub live_workers: i32,
+    pub owned_deployments: i64,
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct DeploymentStatus {
+    pub deployment: String,
+    pub organization_id: Option<String>,
+    pub agent_id: String,
+    pub owner: String,
+    pub epoch: i64,
+    pub since_s: f64,
+    pub worker_pid: Option<i32>,
+    pub queued: i64,
+    pub running: i64,
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct PendingStatus {
+    pub queued: i64,
+    pub running: i64,
+    pub oldest_age_s: Option<f64>,
+}
+
+impl Store {
+    /// Live daemons are those not stopped whose heartbeat is younger than `live_within`.
+    pub async fn status(&self, live_within: Duration) -> Result<Status> {
+        let daemons = sqlx::query_as(
+            "SELECT d.id, d.hostname, d.pid, d.version,
+                    EXTRACT(EPOCH FROM now() - d.heartbeat_at)::float8 AS heartbeat_age_s,
+                    d.ready, d.live_workers,
+                    (SELECT count(*) FROM turnd_deployments x WHERE x.owner = d.id) AS owned_deployments
+             FROM turnd_daemons d
+             WHERE d.stopped_at IS NULL
+               AND d.heartbeat_at > now() - $1::bigint * interval '1 millisecond'
+             ORDER BY d.id",
+        )
+        .bind(millis(live_within))
+        .fetch_all(&self.pool)
+        .await?;
+        let deployments = sqlx::query_as(
+            "SELECT d.deployment, d.organization_id, d.agent_id, d.owner, d.epoch,
+                    EXTRACT(EPOCH FROM now() - d.since)::float8 AS since_s, d.worker_pid,
+                    count(*) FILTER (WHERE t.state = 'queued') AS queued,
+                    count(*) FILTER (WHERE t.state = 'running') AS running
+             FROM turnd_deployments d
+             LEFT JOIN turnd_turns t ON t.deployment = d.deployment AND t.state <> 'done'
+             WHERE d.owner IS NOT NULL
+             GROUP BY d.deployment ORDER BY d.deployment",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let pending = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'queued') AS queued,
+                    count(*) FILTER (WHERE state = 'running') AS running,
+                    EXTRACT(EPOCH FROM now() - min(accepted_at))::float8 AS oldest_age_s
+             FROM turnd_turns WHERE state <> 'done'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let unpublished_events =
+            sqlx::query_scalar("SELECT count(*) FROM turnd_outbox WHERE published_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Status { daemons, deployments, pending, unpublished_events })
+    }
+}

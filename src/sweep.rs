@@ -1,0 +1,90 @@
+//! The sweep, on every daemon every `sweep.interval`: fails lapsed turns (`TURN_TIMEOUT`, or
+//! the provider's code), adopts deployments whose queued turns have no owner, wakes local
+//! owners that missed a doorbell, deletes what outlived `reply.retention`, and records this
+//! daemon's heartbeat.
+//!
+//! It backs up every faster path: a dead daemon's turns, a lost doorbell, a worker that hangs
+//! while its daemon is gone. Exactly once across daemons because each lapsed row is taken with
+//! `FOR UPDATE SKIP LOCKED` and ended by the same election as every other path.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::deployment::Deployments;
+use crate::store::Store;
+use crate::turn::DeploymentName;
+
+/// Deployments looked at per adoption round; the rest wait for the next round.
+const ADOPT_PER_ROUND: i64 = 256;
+
+#[derive(Debug)]
+pub struct Sweep {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub deployments: Deployments,
+}
+
+impl Sweep {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.sweep.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.once().await;
+        }
+    }
+
+    /// One round; errors are logged and the next round tries again.
+    pub async fn once(&self) {
+        let relay = &self.deployments.ctx().relay;
+        loop {
+            match self.store.sweep_lapsed().await {
+                Ok(failed) => {
+                    let n = failed.len();
+                    if n > 0 {
+                        tracing::info!(turns = n, "deadline sweep failed lapsed turns");
+                    }
+                    relay.send(failed);
+                    if n < 500 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "deadline sweep failed; next round retries");
+                    break;
+                }
+            }
+        }
+        match self.store.adoption_candidates(self.config.sweep.adoption_delay, ADOPT_PER_ROUND).await {
+            Ok(names) => {
+                let orphans: Vec<DeploymentName> = names
+                    .into_iter()
+                    .map(DeploymentName::from_trusted)
+                    // Owned here but idle: it missed a doorbell; wake it.
+                    .filter(|n| !self.deployments.nudge(n))
+                    .collect();
+                if !orphans.is_empty() {
+                    tracing::debug!(count = orphans.len(), "trying to adopt deployments with waiting turns");
+                    self.deployments.ensure_owners(orphans).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "adoption query failed"),
+        }
+        if let Err(e) = self.store.purge_retention(self.config.reply.retention).await {
+            tracing::warn!(error = %e, "retention purge failed");
+        }
+        let ready = true;
+        if let Err(e) = self
+            .store
+            .daemon_heartbeat(&self.config.daemon.id, ready, self.deployments.live_workers())
+            .await
+        {
+            tracing::debug!(error = %e, "cannot record daemon heartbeat");
+        }
+    }
+}

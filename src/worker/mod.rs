@@ -1,0 +1,423 @@
+//! Worker processes: spawning (clean environment, workspace, process group, parent-death
+//! signal), the stdio protocol, stopping the whole group, and classifying exits.
+//!
+//! Task tree of one worker: the deployment task owns a [`Worker`]; the worker owns one I/O
+//! task that reads stdout (protocol lines, in order), stderr (logged) and waits for the exit,
+//! and reports everything as [`WorkerEvent`]s, `Exited` always last.
+
+pub mod protocol;
+mod spawner;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use protocol::WorkerLine;
+pub use spawner::Spawner;
+
+use crate::turn::{DeploymentName, Epoch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot create workspace {path}: {source}")]
+    Workspace { path: PathBuf, source: io::Error },
+    #[error("cannot start worker {program:?}: {source}")]
+    Exec { program: String, source: io::Error },
+    #[error("the spawner thread is gone")]
+    SpawnerGone,
+}
+
+/// Everything a worker is started with (CONTRACT §5).
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub command: Vec<String>,
+    /// The environment besides the TURND_* variables: worker.env and TURND_WORKER_ENV_*.
+    pub base_env: BTreeMap<String, String>,
+    pub state_dir: PathBuf,
+    pub max_line_bytes: usize,
+    pub turn_deadline: Duration,
+    /// `systemd-run --scope …` argv prefix when the sandbox is in use.
+    pub sandbox_prefix: Vec<String>,
+}
+
+/// Who a worker is for.
+#[derive(Debug, Clone)]
+pub struct Identity<'a> {
+    pub deployment: &'a DeploymentName,
+    pub agent_id: &'a str,
+    pub organization_id: Option<&'a str>,
+    pub conversation_key: &'a str,
+    pub epoch: Epoch,
+}
+
+/// The environment a worker gets from the daemon's: PATH and LANG, plus
+/// `TURND_WORKER_ENV_<NAME>` as `<NAME>`, plus `worker.env` (which wins).
+pub fn base_env(
+    daemon_env: impl IntoIterator<Item = (String, String)>,
+    configured: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned());
+    env.insert("LANG".to_owned(), "C.UTF-8".to_owned());
+    for (k, v) in daemon_env {
+        if k == "PATH" || k == "LANG" {
+            env.insert(k, v);
+        } else if let Some(name) = k.strip_prefix("TURND_WORKER_ENV_") {
+            if !name.is_empty() {
+                env.insert(name.to_owned(), v);
+            }
+        }
+    }
+    env.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// `<state_dir>/workspaces/<organizationId or _>/<agentId>/`, mode 0700.
+pub fn workspace(state_dir: &Path, organization_id: Option<&str>, agent_id: &str) -> PathBuf {
+    state_dir.join("workspaces").join(organization_id.unwrap_or("_")).join(agent_id)
+}
+
+fn make_workspace(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
+/// What the I/O task reports.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    Line(WorkerLine),
+    /// A stdout line that is not protocol (logged by the receiver).
+    Invalid(String),
+    /// The process is gone and its group killed; always the last event.
+    Exited(ExitStatusText),
+}
+
+/// How a worker ended, for logs and error messages.
+#[derive(Debug, Clone)]
+pub struct ExitStatusText(pub String);
+
+impl From<io::Result<ExitStatus>> for ExitStatusText {
+    fn from(status: io::Result<ExitStatus>) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        ExitStatusText(match status {
+            Ok(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => format!("exited with code {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                _ => "ended".to_owned(),
+            },
+            Err(e) => format!("could not be waited for: {e}"),
+        })
+    }
+}
+
+enum Control {
+    /// SIGTERM to the group, SIGKILL after the timeout.
+    Stop(Duration),
+    Kill,
+}
+
+/// A live worker process.
+#[derive(Debug)]
+pub struct Worker {
+    pub pid: u32,
+    stdin: Option<ChildStdin>,
+    events: mpsc::Receiver<WorkerEvent>,
+    control: mpsc::UnboundedSender<Control>,
+    io: Option<JoinHandle<()>>,
+    stop_requested: bool,
+}
+
+impl Worker {
+    pub async fn spawn(spawner: &Spawner, spec: &WorkerSpec, who: &Identity<'_>) -> Result<Worker, SpawnError> {
+        let dir = workspace(&spec.state_dir, who.organization_id, who.agent_id);
+        make_workspace(&dir).map_err(|source| SpawnError::Workspace { path: dir.clone(), source })?;
+        let mut argv = spec.sandbox_prefix.clone();
+        argv.extend(spec.command.iter().cloned());
+        let mut env = spec.base_env.clone();
+        let dir_str = dir.to_string_lossy().into_owned();
+        for (k, v) in [
+            ("HOME", dir_str.clone()),
+            ("TURND_DEPLOYMENT", who.deployment.as_str().to_owned()),
+            ("TURND_AGENT_ID", who.agent_id.to_owned()),
+            ("TURND_ORGANIZATION_ID", who.organization_id.unwrap_or("").to_owned()),
+            ("TURND_CONVERSATION_ID", who.conversation_key.to_owned()),
+            ("TURND_EPOCH", who.epoch.get().to_string()),
+            ("TURND_WORKSPACE", dir_str),
+            ("TURND_TURN_DEADLINE_MS", spec.turn_deadline.as_millis().to_string()),
+            ("TURND_PROTOCOL", "1".to_owned()),
+        ] {
+            env.insert(k.to_owned(), v);
+        }
+        let mut child = spawner.spawn(argv, env, dir).await?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take();
+        let (tx, events) = mpsc::channel(64);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let io = tokio::spawn(io_task(child, pid, who.deployment.clone(), spec.max_line_bytes, tx, control_rx));
+        Ok(Worker { pid, stdin, events, control, io: Some(io), stop_requested: false })
+    }
+
+    /// Writes one protocol line. An error means the worker is going away; its exit follows.
+    pub async fn send(&mut self, line: &[u8]) -> io::Result<()> {
+        match self.stdin.as_mut() {
+            Some(stdin) => stdin.write_all(line).await,
+            None => Err(io::Error::new(io::ErrorKind::BrokenPipe, "worker stdin closed")),
+        }
+    }
+
+    /// The next event; `Exited` is the last, after which this returns None.
+    pub async fn next_event(&mut self) -> Option<WorkerEvent> {
+        let event = self.events.recv().await;
+        if event.is_none() {
+            if let Some(io) = self.io.take() {
+                let _ = io.await;
+            }
+        }
+        event
+    }
+
+    /// Asks the worker to stop (SIGTERM to its group, SIGKILL after `timeout`); closing
+    /// stdin tells a well-behaved worker the same.
+    pub fn stop(&mut self, timeout: Duration) {
+        self.stop_requested = true;
+        self.stdin = None;
+        let _ = self.control.send(Control::Stop(timeout));
+    }
+
+    /// SIGKILL to the whole group at once (lock lost: not a moment longer).
+    pub fn kill(&mut self) {
+        self.stop_requested = true;
+        self.stdin = None;
+        let _ = self.control.send(Control::Kill);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested
+    }
+
+    /// Waits for the worker's exit, discarding other events.
+    pub async fn wait(&mut self) -> Option<ExitStatusText> {
+        while let Some(event) = self.next_event().await {
+            if let WorkerEvent::Exited(status) = event {
+                while self.next_event().await.is_some() {}
+                return Some(status);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A worker never outlives its handle: the I/O task kills the group when asked.
+        let _ = self.control.send(Control::Kill);
+    }
+}
+
+fn signal_group(pid: u32, signal: libc::c_int) {
+    if let Ok(pgid) = libc::pid_t::try_from(pid) {
+        if pgid > 0 {
+            // SAFETY: killpg only sends a signal; the group is the worker's own (setpgid 0).
+            unsafe { libc::killpg(pgid, signal) };
+        }
+    }
+}
+
+/// After the leader exited: bounded drain of what it wrote before dying.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+async fn io_task(
+    mut child: Child,
+    pid: u32,
+    deployment: DeploymentName,
+    max_line_bytes: usize,
+    events: mpsc::Sender<WorkerEvent>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) {
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let (stderr_done_tx, stderr_done) = oneshot::channel::<()>();
+    let stderr_task = async {
+        if let Some(stderr) = stderr {
+            let mut reader = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            while let Ok(Some(line)) = read_line(&mut reader, &mut buf, 16 * 1024).await {
+                match line {
+                    Ok(text) => tracing::info!(deployment = %deployment, pid, "worker stderr: {}", String::from_utf8_lossy(text).trim_end()),
+                    Err(len) => tracing::warn!(deployment = %deployment, pid, len, "worker stderr line too long; dropped"),
+                }
+            }
+        }
+        let _ = stderr_done_tx.send(());
+    };
+    let stdout_task = async {
+        if let Some(stdout) = stdout {
+            let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+            let mut buf = Vec::with_capacity(1024);
+            loop {
+                match read_line(&mut reader, &mut buf, max_line_bytes).await {
+                    Ok(Some(Ok(line))) => {
+                        let event = match protocol::parse_line(line) {
+                            Ok(parsed) => WorkerEvent::Line(parsed),
+                            Err(e) => WorkerEvent::Invalid(e.to_string()),
+                        };
+                        if events.send(event).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Some(Err(len))) => {
+                        let msg = format!("line of {len}+ bytes exceeds worker.max_line_bytes ({max_line_bytes})");
+                        if events.send(WorkerEvent::Invalid(msg)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    };
+    let wait_exit = async {
+        let mut stopping: Option<tokio::time::Instant> = None;
+        loop {
+            let kill_at = stopping.map(tokio::time::sleep_until);
+            tokio::select! {
+                status = child.wait() => return status,
+                cmd = control.recv() => match cmd {
+                    Some(Control::Stop(timeout)) => {
+                        signal_group(pid, libc::SIGTERM);
+                        let at = tokio::time::Instant::now() + timeout;
+                        stopping = Some(stopping.map_or(at, |s| s.min(at)));
+                    }
+                    Some(Control::Kill) | None => {
+                        signal_group(pid, libc::SIGKILL);
+                        let _ = child.start_kill();
+                        return child.wait().await;
+                    }
+                },
+                _ = async { match kill_at { Some(s) => s.await, None => std::future::pending().await } } => {
+                    tracing::warn!(deployment = %deployment, pid, "worker ignored SIGTERM; killing it");
+                    signal_group(pid, libc::SIGKILL);
+                    stopping = None;
+                }
+            }
+        }
+    };
+    tokio::pin!(stdout_task, stderr_task);
+    let mut stdout_done = false;
+    let mut stderr_finished = false;
+    let status = {
+        tokio::pin!(wait_exit);
+        loop {
+            tokio::select! {
+                status = &mut wait_exit => break status,
+                _ = &mut stdout_task, if !stdout_done => stdout_done = true,
+                _ = &mut stderr_task, if !stderr_finished => stderr_finished = true,
+            }
+        }
+    };
+    // Whatever is left of its group goes with it (wrappers, tools it ran).
+    signal_group(pid, libc::SIGKILL);
+    let drain = async {
+        if !stdout_done {
+            (&mut stdout_task).await;
+        }
+        if !stderr_finished {
+            (&mut stderr_task).await;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, drain).await;
+    drop(stderr_done);
+    let _ = events.send(WorkerEvent::Exited(ExitStatusText::from(status))).await;
+}
+
+/// Reads one line into `buf` without ever holding more than `max` bytes. Returns
+/// Some(Ok(line)) without the newline, Some(Err(len)) for an over-long line (skipped up to
+/// its newline), None at EOF. A last line without a newline is returned at EOF.
+async fn read_line<'a, R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &'a mut Vec<u8>,
+    max: usize,
+) -> io::Result<Option<Result<&'a [u8], usize>>> {
+    buf.clear();
+    let mut overflow = 0usize;
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(if overflow > 0 {
+                Some(Err(overflow))
+            } else if buf.is_empty() {
+                None
+            } else {
+                Some(Ok(&buf[..]))
+            });
+        }
+        let (used, done) = match memchr(chunk) {
+            Some(i) => (i + 1, Some(i)),
+            None => (chunk.len(), None),
+        };
+        let take = done.unwrap_or(used);
+        if overflow == 0 && buf.len() + take <= max {
+            buf.extend_from_slice(&chunk[..take]);
+        } else {
+            overflow = overflow.max(buf.len()) + take;
+            buf.clear();
+        }
+        reader.consume(used);
+        if done.is_some() {
+            if overflow > 0 {
+                return Ok(Some(Err(overflow)));
+            }
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            return Ok(Some(Ok(&buf[..])));
+        }
+    }
+}
+
+fn memchr(haystack: &[u8]) -> Option<usize> {
+    haystack.iter().position(|&b| b == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn read_line_bounds_memory_and_skips_long_lines() {
+        let data = b"short\nthis line is far too long\nok\nlast".to_vec();
+        let mut reader = BufReader::with_capacity(4, &data[..]);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        while let Some(line) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
+            got.push(line.map(|l| String::from_utf8_lossy(l).into_owned()));
+        }
+        assert_eq!(got, vec![Ok("short".into()), Err(26), Ok("ok".into()), Ok("last".into())]);
+        assert!(buf.capacity() < 64);
+    }
+
+    #[test]
+    fn worker_env_is_only_path_lang_passthrough_and_config() {
+        let daemon = vec![
+            ("PATH".to_owned(), "/p".to_owned()),
+            ("DATABASE_URL".to_owned(), "postgres://secret".to_owned()),
+            ("TURND_WORKER_ENV_FOO".to_owned(), "bar".to_owned()),
+            ("TURND_DATABASE__URL".to_owned(), "postgres://secret".to_owned()),
+        ];
+        let mut configured = BTreeMap::new();
+        configured.insert("X".to_owned(), "1".to_owned());
+        let env = base_env(daemon, &configured);
+        let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["FOO", "LANG", "PATH", "X"]);
+        assert_eq!(env["FOO"], "bar");
+        assert_eq!(env["PATH"], "/p");
+    }
+}
