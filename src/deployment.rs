@@ -552,6 +552,7 @@ impl Owner<'_> {
     /// Writes a claimed turn to the worker.
     async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
         let line = turn_line(self.epoch(), &claimed.line);
+        tracing::trace!(deployment = %self.name, message_id = %claimed.envelope.message_id, "turn given to worker");
         if let Some(w) = worker {
             if let Err(e) = w.send(&line).await {
                 // The worker is going away; its exit fails the turn.

@@ -328,11 +328,15 @@ impl Store {
         deadline: Duration,
     ) -> Result<Option<Claimed>> {
         let row: Option<PgRow> = sqlx::query(
-            "UPDATE turnd_turns t SET state = 'running', epoch = $2, started_at = now(),
+            // The CTE is evaluated once: as a join subquery it could be rescanned per row and,
+            // skipping rows this very statement already updated, claim several turns.
+            "WITH next AS MATERIALIZED (
+                 SELECT message_id FROM turnd_turns
+                 WHERE deployment = $1 AND state = 'queued'
+                 ORDER BY seq LIMIT 1 FOR UPDATE)
+             UPDATE turnd_turns t SET state = 'running', epoch = $2, started_at = now(),
                     deadline = now() + $3::bigint * interval '1 millisecond'
-             FROM (SELECT message_id FROM turnd_turns
-                   WHERE deployment = $1 AND state = 'queued'
-                   ORDER BY seq LIMIT 1 FOR UPDATE) next
+             FROM next
              WHERE t.deployment = $1 AND t.message_id = next.message_id AND t.state = 'queued'
                AND EXISTS (SELECT 1 FROM turnd_deployments d
                            WHERE d.deployment = $1 AND d.epoch = $2)
