@@ -26,11 +26,14 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, Names};
 use crate::config::Config;
 use crate::deployment::{Ctx, Deployments};
+use crate::http::{self, Health};
 use crate::intake::{self, Intake};
+use crate::metrics::Metrics;
 use crate::lock::LockSession;
 use crate::relay::{Relay, RelayHandle};
 use crate::store::{self, Store};
 use crate::sweep::Sweep;
+use crate::systemd::Notifier;
 use crate::worker::{self, Spawner, WorkerSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,8 @@ pub enum DaemonError {
     Spawner(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or `stop` is cancelled, for tests).
@@ -78,10 +83,16 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     let (broker, broker_task) = Broker::start(config.clone(), background.clone());
     tasks.spawn(broker_task);
 
-    let (relay, relay_rx) = RelayHandle::channel();
+    let metrics = Arc::new(Metrics::new());
+    let (relay, relay_rx) = RelayHandle::channel(metrics.clone());
     let relay_cancel = CancellationToken::new();
     let relay_task = {
-        let relay = Relay { store: store.clone(), broker: broker.clone(), exchange: Names::new(&config.amqp.prefix).replies() };
+        let relay = Relay {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            broker: broker.clone(),
+            exchange: Names::new(&config.amqp.prefix).replies(),
+        };
         tokio::spawn(relay.run(relay_rx, relay_cancel.clone()))
     };
 
@@ -91,7 +102,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         state_dir: config.daemon.state_dir.clone(),
         max_line_bytes: config.worker.max_line_bytes,
         turn_deadline: config.turn.deadline,
-        sandbox_prefix: Vec::new(),
+        sandbox_prefix: worker::sandbox::prefix(&config.worker),
     };
     let drain = CancellationToken::new();
     let hard = CancellationToken::new();
@@ -107,6 +118,13 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         drain: drain.clone(),
         hard: hard.clone(),
     });
+
+    let health = Health { store: store.clone(), broker: broker.clone(), locks: locks.clone(), metrics: metrics.clone() };
+    if let Some(addr) = config.http.listen {
+        tasks.spawn(http::serve(addr, health.clone(), background.clone()).await?);
+    }
+    let notifier = Notifier::from_env();
+    warn_lock_capacity(&store, &config).await;
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -129,7 +147,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     front.spawn(Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }.run(intake_cancel.clone()));
     if !stop.is_cancelled() {
         tracing::info!(daemon = %daemon_id, prefix = %config.amqp.prefix, "turnd ready");
+        notifier.notify("READY=1");
     }
+    let status_cancel = CancellationToken::new();
+    let status_task = tokio::spawn(report_status(
+        notifier.clone(),
+        health.clone(),
+        deployments.clone(),
+        status_cancel.clone(),
+    ));
 
     tokio::select! {
         _ = stop.cancelled() => {}
@@ -137,6 +163,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         _ = int.recv() => {}
     }
     tracing::info!(grace = ?config.shutdown.grace, "shutting down: intake stopped, running turns may finish");
+    notifier.notify("STOPPING=1");
     intake_cancel.cancel();
     drain.cancel();
     while front.join_next().await.is_some() {}
@@ -158,6 +185,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     }
     relay_cancel.cancel();
     let _ = relay_task.await;
+    status_cancel.cancel();
+    let _ = status_task.await;
     if let Err(e) = store.daemon_stopped(&daemon_id).await {
         tracing::debug!(error = %e, "cannot record the daemon's stop");
     }
@@ -171,4 +200,59 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned())
+}
+
+/// Every second: gauges, STATUS= for systemd; WATCHDOG=1 as often as systemd asks. Runs on
+/// the daemon's own event loop, so a stuck loop stops the watchdog (outages do not).
+async fn report_status(notifier: Notifier, health: Health, deployments: Deployments, cancel: CancellationToken) {
+    let mut status = tokio::time::interval(Duration::from_secs(1));
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = status.tick() => {
+                let m = &health.metrics;
+                let workers = deployments.live_workers();
+                m.live_workers.set(workers as i64);
+                m.owned_deployments.set(deployments.len() as i64);
+                m.locks_held.set(health.locks.held_count() as i64);
+                let r = health.check().await;
+                let state = if r.ready() { "ready".to_owned() } else {
+                    let down: Vec<&str> = [("database", r.database), ("broker", r.broker), ("lock session", r.lock_session)]
+                        .iter().filter(|(_, ok)| !ok).map(|(n, _)| *n).collect();
+                    format!("degraded ({} down)", down.join(", "))
+                };
+                notifier.notify(&format!(
+                    "STATUS={state}; {workers} live workers; {} owned deployments; outbox backlog {}",
+                    deployments.len(),
+                    m.outbox_backlog.get()
+                ));
+            }
+            _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
+                notifier.notify("WATCHDOG=1");
+            }
+        }
+    }
+}
+
+/// PostgreSQL's lock table is server-wide and small by default: warn when this daemon alone
+/// could fill a large share of it.
+async fn warn_lock_capacity(store: &Store, config: &Config) {
+    match store.lock_capacity().await {
+        Ok(capacity) => {
+            let want = config.worker.max_workers as i64;
+            if want * 2 > capacity {
+                tracing::warn!(
+                    capacity,
+                    max_workers = want,
+                    "PostgreSQL's lock table holds about {capacity} locks (max_locks_per_transaction × \
+                     (max_connections + max_prepared_transactions)); worker.max_workers × live daemons \
+                     could exceed it and take-overs would fail with 'out of shared memory'. Raise \
+                     max_locks_per_transaction."
+                );
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read the lock table capacity"),
+    }
 }

@@ -175,6 +175,12 @@ impl Intake {
         for c in confirms {
             Session::confirmed(c, "thread queue").await?;
         }
+        let metrics = self.deployments.ctx().relay.metrics();
+        let fresh = armed.iter().filter(|a| **a).count() as u64;
+        metrics.received("armed", fresh);
+        metrics.received("duplicate", armed.len() as u64 - fresh);
+        metrics.received("refused", verdicts.iter().filter(|v| matches!(v, Verdict::Refuse)).count() as u64);
+        metrics.received("parked", verdicts.iter().filter(|v| matches!(v, Verdict::Park { .. })).count() as u64);
         let mut remote = Vec::new();
         for name in rung {
             if !self.deployments.nudge(&name) {

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Session, json_properties};
+use crate::metrics::{EventLabels, Metrics};
 use crate::store::{Committed, Store};
 
 /// Events per publish batch: large enough to amortise confirms and the UPDATE, small enough
@@ -27,28 +28,43 @@ const CATCH_UP_MIN_AGE: Duration = Duration::from_secs(2);
 const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
 pub const NOTIFY_CHANNEL: &str = "turnd_outbox";
 
-/// Hands committed events to the relay.
+/// Hands committed events to the relay; every event committed in this daemon passes here,
+/// so this is also where they are counted.
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
     tx: mpsc::UnboundedSender<Committed>,
+    metrics: Arc<Metrics>,
 }
 
 impl RelayHandle {
-    pub fn channel() -> (RelayHandle, mpsc::UnboundedReceiver<Committed>) {
+    pub fn channel(metrics: Arc<Metrics>) -> (RelayHandle, mpsc::UnboundedReceiver<Committed>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (RelayHandle { tx }, rx)
+        (RelayHandle { tx, metrics }, rx)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn send(&self, events: Vec<Committed>) {
         for e in events {
+            let labels = EventLabels { kind: e.event.kind, code: e.event.code.clone().unwrap_or_default() };
+            self.metrics.terminal_events.get_or_create(&labels).inc();
             // If the relay is gone the row stays unpublished and another daemon catches it up.
             let _ = self.tx.send(e);
         }
+    }
+
+    /// Pending turns failed on `path` (fast, sweep, takeover, timeout, shutdown, …).
+    pub fn failed(&self, path: &'static str, events: Vec<Committed>) {
+        self.metrics.failed(path, events.len());
+        self.send(events);
     }
 }
 
 #[derive(Debug)]
 pub struct Relay {
+    pub metrics: Arc<Metrics>,
     pub store: Store,
     pub broker: Broker,
     pub exchange: String,
@@ -138,7 +154,10 @@ impl Relay {
         let mut ids = Vec::with_capacity(confirms.len());
         for (id, confirm) in confirms {
             match Session::confirmed(confirm, &self.exchange).await {
-                Ok(_) => ids.push(id),
+                Ok(_) => {
+                    self.metrics.events_published.inc();
+                    ids.push(id);
+                }
                 Err(e) => tracing::warn!(error = %e, "terminal event not confirmed; will retry from the outbox"),
             }
         }

@@ -645,6 +645,23 @@ impl Store {
         Ok(())
     }
 
+    /// About how many locks the server's shared lock table holds.
+    pub async fn lock_capacity(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT current_setting('max_locks_per_transaction')::bigint *
+                    (current_setting('max_connections')::bigint
+                     + current_setting('max_prepared_transactions')::bigint)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn outbox_backlog(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM turnd_outbox WHERE published_at IS NULL")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     // ---- relay -----------------------------------------------------------------------------
 
     pub async fn mark_published(&self, ids: &[i64]) -> Result<()> {

@@ -49,7 +49,7 @@ impl Sweep {
                     if n > 0 {
                         tracing::info!(turns = n, "deadline sweep failed lapsed turns");
                     }
-                    relay.send(failed);
+                    relay.failed("sweep", failed);
                     if n < 500 {
                         break;
                     }
@@ -77,6 +77,12 @@ impl Sweep {
         }
         if let Err(e) = self.store.purge_retention(self.config.reply.retention).await {
             tracing::warn!(error = %e, "retention purge failed");
+        }
+        match self.store.outbox_backlog().await {
+            Ok(n) => {
+                relay.metrics().outbox_backlog.set(n);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot count the outbox backlog"),
         }
         let ready = true;
         if let Err(e) = self

@@ -6,6 +6,7 @@
 //! and reports everything as [`WorkerEvent`]s, `Exited` always last.
 
 pub mod protocol;
+pub mod sandbox;
 mod spawner;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,132 @@
+//! Prometheus metrics: what an operator graphs and alerts on. One registry per daemon,
+//! encoded on `/metrics` by `http`.
+
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub kind: &'static str,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabel {
+    pub component: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Inbox deliveries by what intake did: armed, duplicate, refused, parked.
+    pub turns_received: Family<OutcomeLabel, Counter>,
+    /// Terminal events committed here, by kind and code ("" for replies).
+    pub terminal_events: Family<EventLabels, Counter>,
+    /// Accept → terminal commit, for turns answered by this daemon's workers.
+    pub turn_latency: Histogram,
+    pub live_workers: Gauge,
+    pub owned_deployments: Gauge,
+    pub worker_spawns: Counter,
+    /// Worker exits: requested, died, start_failed, lock_lost.
+    pub worker_exits: Family<ReasonLabel, Counter>,
+    pub locks_held: Gauge,
+    /// Lock attempts that found the deployment held by another daemon.
+    pub lock_contention: Counter,
+    /// Pending turns failed, by the path that failed them: fast (worker died), sweep,
+    /// takeover, timeout (owner-side deadline), shutdown, lock_lost, crash_loop.
+    pub turns_failed: Family<PathLabel, Counter>,
+    /// Terminal events not yet published (cluster-wide, from the last sweep).
+    pub outbox_backlog: Gauge,
+    pub events_published: Counter,
+    /// 1 when the component is healthy: database, broker, lock_session.
+    pub up: Family<ComponentLabel, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("turnd");
+        let m = Metrics {
+            turns_received: Family::default(),
+            terminal_events: Family::default(),
+            // 1 ms … ~16 s, doubling: covers a cached echo and a slow model call.
+            turn_latency: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)),
+            live_workers: Gauge::default(),
+            owned_deployments: Gauge::default(),
+            worker_spawns: Counter::default(),
+            worker_exits: Family::default(),
+            locks_held: Gauge::default(),
+            lock_contention: Counter::default(),
+            turns_failed: Family::default(),
+            outbox_backlog: Gauge::default(),
+            events_published: Counter::default(),
+            up: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("turns_received", "Inbox deliveries by intake outcome", m.turns_received.clone());
+        registry.register("terminal_events", "Terminal events committed, by kind and code", m.terminal_events.clone());
+        registry.register("turn_latency_seconds", "Accept to terminal commit", m.turn_latency.clone());
+        registry.register("live_workers", "Worker processes alive on this daemon", m.live_workers.clone());
+        registry.register("owned_deployments", "Deployments whose lock this daemon holds", m.owned_deployments.clone());
+        registry.register("worker_spawns", "Worker processes started", m.worker_spawns.clone());
+        registry.register("worker_exits", "Worker exits by reason", m.worker_exits.clone());
+        registry.register("locks_held", "Advisory locks held on the lock session", m.locks_held.clone());
+        registry.register("lock_contention", "Lock attempts that found the lock held elsewhere", m.lock_contention.clone());
+        registry.register("turns_failed", "Pending turns failed, by path", m.turns_failed.clone());
+        registry.register("outbox_backlog", "Terminal events not yet published (cluster-wide)", m.outbox_backlog.clone());
+        registry.register("events_published", "Terminal events published to the replies exchange", m.events_published.clone());
+        registry.register("up", "1 when the component is healthy", m.up.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn received(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.turns_received.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
+        }
+    }
+
+    pub fn failed(&self, path: &'static str, n: usize) {
+        if n > 0 {
+            self.turns_failed.get_or_create(&PathLabel { path }).inc_by(n as u64);
+        }
+    }
+
+    pub fn worker_exit(&self, reason: &'static str) {
+        self.worker_exits.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn set_up(&self, component: &'static str, up: bool) {
+        self.up.get_or_create(&ComponentLabel { component }).set(i64::from(up));
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
