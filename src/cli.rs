@@ -47,6 +47,56 @@ pub enum Command {
     },
     /// Publish one turn with payload {"text": TEXT}
     Send(SendArgs),
+    /// Parked turns: list, show, replay, purge
+    Parked {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ParkedAction {
+    /// List parked turns, newest first
+    List {
+        #[arg(long)]
+        code: Option<String>,
+        /// Only those parked within this long (e.g. 1h)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one parked turn with its body and headers
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish parked turns to <prefix>.turns, each once
+    Replay {
+        /// Parked ids
+        ids: Vec<i64>,
+        /// Every parked turn with this code (not yet replayed)
+        #[arg(long, conflicts_with = "ids")]
+        code: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration, requires = "code")]
+        since: Option<Duration>,
+        /// Recorded as who replayed (default: $USER)
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Delete parked records (the AMQP parked queue keeps its copy)
+    Purge {
+        ids: Vec<i64>,
+        #[arg(long)]
+        code: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -209,4 +259,76 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
     }
+}
+
+pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&config.database, &config.daemon.id)?;
+    match action {
+        ParkedAction::List { code, since, limit, json } => {
+            let rows = store.parked_list(code.as_deref(), *since, *limit).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:>8} {:<16} {:>8} {:>4} {:<10} REASON", "ID", "CODE", "AGE", "TRY", "REPLAYED");
+                for p in rows {
+                    println!(
+                        "{:>8} {:<16} {:>7.0}s {:>4} {:<10} {}",
+                        p.id,
+                        p.code,
+                        p.age_s,
+                        p.attempts,
+                        p.replayed_by.as_deref().unwrap_or("-"),
+                        p.reason
+                    );
+                }
+            }
+        }
+        ParkedAction::Show { id, json } => {
+            let Some(p) = store.parked_get(*id).await? else { bail!("no parked turn {id}") };
+            let body = String::from_utf8_lossy(&p.body).into_owned();
+            if *json {
+                let mut v = serde_json::to_value(&p)?;
+                v["body"] = body.into();
+                v["headers"] = serde_json::from_str(&p.headers).unwrap_or_default();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("id         {}\ncode       {}\nreason     {}\ndeployment {}\nmessageId  {}\nattempts   {}\nage        {:.0}s\nreplayed   {}\nheaders    {}\nbody       {}",
+                    p.id, p.code, p.reason, p.deployment.as_deref().unwrap_or("-"), p.message_id.as_deref().unwrap_or("-"),
+                    p.attempts, p.age_s, p.replayed_by.as_deref().unwrap_or("-"), p.headers, body);
+            }
+        }
+        ParkedAction::Replay { ids, code, since, by } => {
+            let ids = match code {
+                Some(code) => store
+                    .parked_list(Some(code), *since, i64::MAX)
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.replayed_by.is_none())
+                    .map(|p| p.id)
+                    .collect(),
+                None => ids.clone(),
+            };
+            if ids.is_empty() {
+                bail!("nothing to replay: name parked ids or --code");
+            }
+            let who = by.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "cli".to_owned());
+            let results = crate::parked::replay(config, &store, &ids, &who).await?;
+            let mut failed = false;
+            for r in &results {
+                println!("{:>8} {}", r.id, r.result);
+                failed |= r.result != "replayed";
+            }
+            if failed {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        ParkedAction::Purge { ids, code, older_than } => {
+            if ids.is_empty() && code.is_none() && older_than.is_none() {
+                bail!("name parked ids, --code or --older-than (purging everything needs an explicit --older-than 0s)");
+            }
+            let n = store.parked_purge(ids, code.as_deref(), *older_than).await?;
+            println!("purged {n} parked records");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

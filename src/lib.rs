@@ -14,6 +14,7 @@ pub mod http;
 pub mod intake;
 pub mod lock;
 pub mod metrics;
+pub mod parked;
 pub mod relay;
 pub mod store;
 pub mod sweep;

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Run(c) | Command::Migrate(c) | Command::CheckConfig(c) => c,
         Command::Status { config, .. } => config,
         Command::Send(args) => &args.config,
+        Command::Parked { config, .. } => config,
     };
     let config = match cli::load_config(arg) {
         Ok(c) => c,
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
             Command::Migrate(_) => cli::migrate(&config).await.map(|()| ExitCode::SUCCESS),
             Command::Status { json, .. } => cli::status(&config, *json).await.map(|()| ExitCode::SUCCESS),
             Command::Send(args) => cli::send(&config, args).await,
+            Command::Parked { action, .. } => cli::parked(&config, action).await,
             Command::CheckConfig(_) => Ok(ExitCode::SUCCESS),
         }
     });

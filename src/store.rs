@@ -918,3 +918,103 @@ impl Store {
         Ok(Status { daemons, deployments, pending, unpublished_events })
     }
 }
+
+/// A parked turn as recorded for operators.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct Parked {
+    pub id: i64,
+    pub code: String,
+    pub reason: String,
+    pub deployment: Option<String>,
+    pub message_id: Option<String>,
+    pub attempts: i32,
+    pub routing_key: String,
+    pub age_s: f64,
+    pub replayed_by: Option<String>,
+    pub replayed_age_s: Option<f64>,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+    #[serde(skip)]
+    pub headers: String,
+}
+
+const PARKED_COLUMNS: &str = "id, code, reason, deployment, message_id, attempts, routing_key,
+    EXTRACT(EPOCH FROM now() - parked_at)::float8 AS age_s, replayed_by,
+    EXTRACT(EPOCH FROM now() - replayed_at)::float8 AS replayed_age_s, body, headers";
+
+impl Store {
+    /// Parked turns, newest first; `code` filters, `since` keeps those parked within it.
+    pub async fn parked_list(&self, code: Option<&str>, since: Option<Duration>, limit: i64) -> Result<Vec<Parked>> {
+        let sql = format!(
+            "SELECT {PARKED_COLUMNS} FROM turnd_parked
+             WHERE ($1::text IS NULL OR code = $1)
+               AND ($2::bigint IS NULL OR parked_at > now() - $2::bigint * interval '1 millisecond')
+             ORDER BY id DESC LIMIT $3"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(code)
+            .bind(since.map(millis))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn parked_get(&self, id: i64) -> Result<Option<Parked>> {
+        let sql = format!("SELECT {PARKED_COLUMNS} FROM turnd_parked WHERE id = $1");
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?)
+    }
+
+    /// Claims a parked turn for replay, once: marks it replayed by `who` and, in the same
+    /// transaction, clears the turn's record (its tombstone and its published error event) so
+    /// the republished turn is accepted again (CONTRACT §2). None if already replayed.
+    pub async fn parked_claim_replay(&self, id: i64, who: &str) -> Result<Option<Parked>> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "UPDATE turnd_parked SET replayed_at = now(), replayed_by = $2
+             WHERE id = $1 AND replayed_at IS NULL RETURNING {PARKED_COLUMNS}"
+        );
+        let parked: Option<Parked> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(who).fetch_optional(&mut *tx).await?;
+        if let Some(p) = &parked {
+            if let (Some(d), Some(m)) = (&p.deployment, &p.message_id) {
+                sqlx::query("DELETE FROM turnd_turns WHERE deployment = $1 AND message_id = $2 AND state = 'done'")
+                    .bind(d)
+                    .bind(m)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM turnd_outbox WHERE deployment = $1 AND message_id = $2")
+                    .bind(d)
+                    .bind(m)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(parked)
+    }
+
+    /// Undoes a replay claim whose publish failed.
+    pub async fn parked_unclaim_replay(&self, id: i64) -> Result<()> {
+        sqlx::query("UPDATE turnd_parked SET replayed_at = NULL, replayed_by = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes parked records by id, or by code and/or age. Returns how many.
+    pub async fn parked_purge(&self, ids: &[i64], code: Option<&str>, older_than: Option<Duration>) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM turnd_parked
+             WHERE (cardinality($1::bigint[]) = 0 OR id = ANY($1))
+               AND ($2::text IS NULL OR code = $2)
+               AND ($3::bigint IS NULL OR parked_at < now() - $3::bigint * interval '1 millisecond')",
+        )
+        .bind(ids)
+        .bind(code)
+        .bind(older_than.map(millis))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+}
