@@ -57,6 +57,8 @@ pub struct Metrics {
     /// Terminal events not yet published (cluster-wide, from the last sweep).
     pub outbox_backlog: Gauge,
     pub events_published: Counter,
+    /// Age of the oldest pending turn in the cluster (from the last sweep), 0 when none.
+    pub oldest_pending_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// 1 when the component is healthy: database, broker, lock_session.
     pub up: Family<ComponentLabel, Gauge>,
 }
@@ -78,6 +80,7 @@ impl Metrics {
             turns_failed: Family::default(),
             outbox_backlog: Gauge::default(),
             events_published: Counter::default(),
+            oldest_pending_seconds: Gauge::default(),
             up: Family::default(),
             registry: Registry::default(),
         };
@@ -93,6 +96,7 @@ impl Metrics {
         registry.register("turns_failed", "Pending turns failed, by path", m.turns_failed.clone());
         registry.register("outbox_backlog", "Terminal events not yet published (cluster-wide)", m.outbox_backlog.clone());
         registry.register("events_published", "Terminal events published to the replies exchange", m.events_published.clone());
+        registry.register("oldest_pending_seconds", "Age of the oldest pending turn (cluster-wide)", m.oldest_pending_seconds.clone());
         registry.register("up", "1 when the component is healthy", m.up.clone());
         Metrics { registry, ..m }
     }

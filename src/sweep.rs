@@ -84,6 +84,9 @@ impl Sweep {
             }
             Err(e) => tracing::debug!(error = %e, "cannot count the outbox backlog"),
         }
+        if let Ok(age) = self.store.oldest_pending_age().await {
+            relay.metrics().oldest_pending_seconds.set(age);
+        }
         let ready = true;
         if let Err(e) = self
             .store
