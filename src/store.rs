@@ -656,6 +656,16 @@ impl Store {
         .await?)
     }
 
+    /// Seconds since the oldest pending turn was accepted (0 when none is pending).
+    pub async fn oldest_pending_age(&self) -> Result<f64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(accepted_at))::float8, 0)
+             FROM turnd_turns WHERE state <> 'done'",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn outbox_backlog(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM turnd_outbox WHERE published_at IS NULL")
             .fetch_one(&self.pool)
