@@ -121,7 +121,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
 
     let health = Health { store: store.clone(), broker: broker.clone(), locks: locks.clone(), metrics: metrics.clone() };
     if let Some(addr) = config.http.listen {
-        tasks.spawn(http::serve(addr, health.clone(), background.clone()).await?);
+        let state = http::AppState::new(health.clone(), config.clone());
+        tasks.spawn(http::serve(addr, state, background.clone()).await?);
     }
     let notifier = Notifier::from_env();
     warn_lock_capacity(&store, &config).await;

@@ -156,6 +156,7 @@ impl Deployments {
             match result {
                 Ok(Some(held)) => self.start(name, held),
                 Ok(None) => {
+                    ctx.relay.metrics().lock_contention.inc();
                     self.entries().remove(&name);
                 }
                 Err(e) => {
@@ -226,13 +227,18 @@ impl Deployments {
         if let Err(e) = ctx.store.release_owner(&name, held.epoch).await {
             tracing::debug!(deployment = %name, error = %e, "cannot clear the owner record");
         }
-        ctx.locks.release(held);
+        // Wait until the lock is really free before looking: a turn armed after the look then
+        // finds it free (whichever daemon took the turn in takes the deployment), and one armed
+        // before is seen here. Not waiting left a window where neither happened and the turn
+        // sat until adoption.
+        ctx.locks.release_and_wait(held).await;
         // A turn armed while this owner was stopping found the lock held and left it to us:
         // look again now that it is free.
-        if end != End::Shutdown && !ctx.drain.is_cancelled() {
-            if let Ok(true) = ctx.store.has_queued(&name).await {
-                Box::pin(self.ensure_owners(vec![name])).await;
-            }
+        if end != End::Shutdown
+            && !ctx.drain.is_cancelled()
+            && let Ok(true) = ctx.store.has_queued(&name).await
+        {
+            Box::pin(self.ensure_owners(vec![name])).await;
         }
     }
 
@@ -269,7 +275,10 @@ enum End {
 /// The turn being answered.
 struct Running {
     envelope: Envelope,
-    /// Local deadline: last heartbeat + turn.deadline (ignored while the provider failed).
+    /// When the turn was accepted (for the latency histogram).
+    accepted: Instant,
+    /// Local deadline: last heartbeat + turn.deadline (heartbeats stop moving it while the
+    /// provider failed; when it lapses the turn fails with the provider's code).
     deadline: Instant,
     provider_failed: bool,
     last_extension: Instant,
@@ -289,6 +298,20 @@ struct Owner<'a> {
 /// Grace after the deadline before the owner itself fails a silent turn (the sweep would too).
 const LOCAL_DEADLINE_SLACK: Duration = Duration::from_millis(100);
 
+/// Heartbeats reach the database at most this often (a write per heartbeat would cost a
+/// statement per line; a longer interval lets the stored deadline lag further behind).
+fn extension_interval(deadline: Duration) -> Duration {
+    (deadline / 4).max(Duration::from_millis(100))
+}
+
+/// The deadline stored for a running turn, which the sweep acts on: `turn.deadline` plus the
+/// extension interval, since the last heartbeat may not have been written. The sweep (the
+/// backup for an owner that died) may so fail a turn that much late, but never before its
+/// worker was silent for a whole `turn.deadline`; the live owner's own deadline is exact.
+fn stored_deadline(deadline: Duration) -> Duration {
+    deadline + extension_interval(deadline)
+}
+
 impl Owner<'_> {
     fn ctx(&self) -> &Ctx {
         &self.d.inner.ctx
@@ -307,7 +330,7 @@ impl Owner<'_> {
                 return End::Done;
             }
         };
-        ctx.relay.send(takeover.failed);
+        ctx.relay.failed("takeover", takeover.failed);
         let Some(meta) = takeover.meta else { return End::Done };
         if let Some(ms) = takeover.backoff_ms {
             let failed = ctx
@@ -320,7 +343,7 @@ impl Owner<'_> {
                 })
                 .await;
             if let Ok(failed) = failed {
-                ctx.relay.send(failed);
+                ctx.relay.failed("crash_loop", failed);
             }
             return End::Done;
         }
@@ -406,22 +429,27 @@ impl Owner<'_> {
         let lost = ctx.locks.lost(self.held.generation);
         tokio::pin!(lost);
         loop {
-            if running.is_none() && want_claim && !draining && worker.as_ref().is_none_or(|w| !w.stop_requested()) {
-                match ctx.store.claim_next(&self.name, self.epoch(), config.turn.deadline).await {
+            // The token, not just `draining`: a reply handled in the same poll as SIGTERM (or an
+            // owner started during shutdown) must not claim one more turn.
+            let claim_more = !draining && !ctx.drain.is_cancelled();
+            if running.is_none() && want_claim && claim_more && worker.as_ref().is_none_or(|w| !w.stop_requested()) {
+                match ctx.store.claim_next(&self.name, self.epoch(), stored_deadline(config.turn.deadline)).await {
                     Ok(Some(claimed)) => {
                         self.set_busy(true);
                         if worker.is_none() {
                             match Worker::spawn(&ctx.spawner, &ctx.spec, who).await {
                                 Ok(w) => {
                                     tracing::debug!(deployment = %self.name, pid = w.pid, epoch = self.epoch().get(), "worker started");
+                                    ctx.relay.metrics().worker_spawns.inc();
                                     let _ = ctx.store.set_worker(&self.name, self.epoch(), Some(w.pid)).await;
                                     self.has_worker.store(true, Ordering::Relaxed);
                                     worker = Some(w);
                                 }
                                 Err(e) => {
                                     tracing::error!(deployment = %self.name, error = %e, "worker could not be started");
+                                    ctx.relay.metrics().worker_exit("start_failed");
                                     let message = e.to_string();
-                                    self.fail_all(ErrorCode::WorkerStartFailed, &message).await;
+                                    self.fail_all("fast", ErrorCode::WorkerStartFailed, &message).await;
                                     let _ = ctx.store.record_crash(&self.name).await;
                                     return End::Crashed;
                                 }
@@ -448,7 +476,9 @@ impl Owner<'_> {
                     }
                 }
             }
-            let deadline = running.as_ref().filter(|r| !r.provider_failed).map(|r| r.deadline + LOCAL_DEADLINE_SLACK);
+            // Also while the provider failed: the deadline it already had still lapses (and the
+            // worker is stopped), or a heartbeating worker would hold the conversation forever.
+            let deadline = running.as_ref().map(|r| r.deadline + LOCAL_DEADLINE_SLACK);
             let idle_at = (running.is_none() && worker.as_ref().is_some_and(|w| !w.stop_requested()))
                 .then(|| idle_since + config.worker.idle_timeout);
             tokio::select! {
@@ -456,11 +486,12 @@ impl Owner<'_> {
                     tracing::error!(deployment = %self.name, "lock session lost: killing the worker now");
                     if let Some(mut w) = worker.take() {
                         w.kill();
+                        ctx.relay.metrics().worker_exit("lock_lost");
                         w.wait().await;
                         self.has_worker.store(false, Ordering::Relaxed);
                     }
                     if running.is_some() {
-                        self.fail_running(ErrorCode::WorkerStopped, "the daemon lost its cross-pod lock").await;
+                        self.fail_running("lock_lost", ErrorCode::WorkerStopped, "the daemon lost its cross-pod lock").await;
                     }
                     return End::LockLost;
                 }
@@ -476,6 +507,7 @@ impl Owner<'_> {
                             _ => "ended".to_owned(),
                         };
                         let deliberate = worker.as_ref().is_some_and(|w| w.stop_requested());
+                        ctx.relay.metrics().worker_exit(if deliberate { "requested" } else { "died" });
                         if let Some(mut w) = worker.take() {
                             w.wait().await;
                         }
@@ -483,12 +515,12 @@ impl Owner<'_> {
                         let _ = ctx.store.set_worker(&self.name, self.epoch(), None).await;
                         if !deliberate {
                             tracing::warn!(deployment = %self.name, "worker {status} without being asked to; failing its turns");
-                            self.fail_all(ErrorCode::WorkerDied, &format!("the worker {status}")).await;
+                            self.fail_all("fast", ErrorCode::WorkerDied, &format!("the worker {status}")).await;
                             let _ = ctx.store.record_crash(&self.name).await;
                             return End::Crashed;
                         }
                         if running.take().is_some() {
-                            self.fail_running(ErrorCode::WorkerStopped, "the worker was stopped").await;
+                            self.fail_running("shutdown", ErrorCode::WorkerStopped, "the worker was stopped").await;
                         }
                         if draining || ctx.drain.is_cancelled() {
                             return End::Shutdown;
@@ -504,7 +536,7 @@ impl Owner<'_> {
                 _ = sleep_until_opt(deadline) => {
                     if let Some(r) = running.take() {
                         tracing::warn!(deployment = %self.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
-                        self.fail_running(ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline").await;
+                        self.fail_running("timeout", ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline").await;
                         if let Some(w) = worker.as_mut() {
                             w.stop(config.worker.stop_timeout);
                         }
@@ -533,7 +565,7 @@ impl Owner<'_> {
                 }
                 _ = ctx.hard.cancelled(), if running.is_some() => {
                     running = None;
-                    self.fail_running(ErrorCode::WorkerStopped, "the daemon is shutting down").await;
+                    self.fail_running("shutdown", ErrorCode::WorkerStopped, "the daemon is shutting down").await;
                     if let Some(w) = worker.as_mut() {
                         w.stop(config.worker.stop_timeout);
                     }
@@ -549,23 +581,31 @@ impl Owner<'_> {
         }
     }
 
-    /// Writes a claimed turn to the worker.
+    /// Writes a claimed turn to the worker. The write is bounded by the turn's deadline: a
+    /// worker that does not read its stdin (a turn larger than the pipe) is as hung as one that
+    /// does not answer, and the deadline branch then stops it. Shutdown's hard stop and the loss
+    /// of the lock cut the write short too; the serve loop handles either next.
     async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
+        let ctx = self.ctx();
         let line = turn_line(self.epoch(), &claimed.line);
         tracing::trace!(deployment = %self.name, message_id = %claimed.envelope.message_id, "turn given to worker");
+        let now = Instant::now();
+        let deadline = now + ctx.config.turn.deadline;
         if let Some(w) = worker {
-            if let Err(e) = w.send(&line).await {
-                // The worker is going away; its exit fails the turn.
-                tracing::debug!(deployment = %self.name, error = %e, "cannot write turn to worker");
+            tokio::select! {
+                written = w.send(&line) => if let Err(e) = written {
+                    // The worker is going away; its exit fails the turn.
+                    tracing::debug!(deployment = %self.name, error = %e, "cannot write turn to worker");
+                },
+                _ = tokio::time::sleep_until(deadline + LOCAL_DEADLINE_SLACK) => {
+                    tracing::warn!(deployment = %self.name, message_id = %claimed.envelope.message_id, "the worker did not read its turn within turn.deadline");
+                }
+                _ = ctx.hard.cancelled() => {}
+                _ = ctx.locks.lost(self.held.generation) => {}
             }
         }
-        let now = Instant::now();
-        Running {
-            envelope: claimed.envelope,
-            deadline: now + self.ctx().config.turn.deadline,
-            provider_failed: false,
-            last_extension: now,
-        }
+        let accepted = now.checked_sub(claimed.waited).unwrap_or(now);
+        Running { envelope: claimed.envelope, accepted, deadline, provider_failed: false, last_extension: now }
     }
 
     async fn on_line(
@@ -601,12 +641,12 @@ impl Owner<'_> {
                 }
                 let now = Instant::now();
                 r.deadline = now + config.turn.deadline;
-                // Debounced: the stored deadline never falls more than a quarter behind.
-                if now.duration_since(r.last_extension) >= (config.turn.deadline / 4).max(Duration::from_millis(100)) {
+                // Debounced; the stored deadline carries the debounce as slack (stored_deadline).
+                if now.duration_since(r.last_extension) >= extension_interval(config.turn.deadline) {
                     r.last_extension = now;
                     if let Err(e) = ctx
                         .store
-                        .extend_deadlines(&self.name, self.epoch(), config.turn.deadline, config.turn.queue_timeout)
+                        .extend_deadlines(&self.name, self.epoch(), stored_deadline(config.turn.deadline), config.turn.queue_timeout)
                         .await
                     {
                         tracing::warn!(deployment = %self.name, error = %e, "cannot extend deadlines");
@@ -631,7 +671,7 @@ impl Owner<'_> {
                 }
                 let _ = ctx
                     .store
-                    .extend_deadlines(&self.name, self.epoch(), config.turn.deadline, config.turn.queue_timeout)
+                    .extend_deadlines(&self.name, self.epoch(), stored_deadline(config.turn.deadline), config.turn.queue_timeout)
                     .await;
             }
         }
@@ -646,6 +686,7 @@ impl Owner<'_> {
         loop {
             match ctx.store.commit(&r.envelope, self.epoch(), &outcome).await {
                 Ok(Some(committed)) => {
+                    ctx.relay.metrics().turn_latency.observe(r.accepted.elapsed().as_secs_f64());
                     ctx.relay.send(vec![committed]);
                     return;
                 }
@@ -665,19 +706,19 @@ impl Owner<'_> {
         }
     }
 
-    async fn fail_all(&self, code: ErrorCode, message: &str) {
-        self.fail(false, code, message).await
+    async fn fail_all(&self, path: &'static str, code: ErrorCode, message: &str) {
+        self.fail(path, false, code, message).await
     }
 
-    async fn fail_running(&self, code: ErrorCode, message: &str) {
-        self.fail(true, code, message).await
+    async fn fail_running(&self, path: &'static str, code: ErrorCode, message: &str) {
+        self.fail(path, true, code, message).await
     }
 
-    async fn fail(&self, running_only: bool, code: ErrorCode, message: &str) {
+    async fn fail(&self, path: &'static str, running_only: bool, code: ErrorCode, message: &str) {
         let ctx = self.ctx();
         let outcome = |_: &str| Outcome::error(code.clone(), message);
         match ctx.store.fail_pending(&self.name, self.epoch(), running_only, &outcome).await {
-            Ok(failed) => ctx.relay.send(failed),
+            Ok(failed) => ctx.relay.failed(path, failed),
             Err(e) => tracing::error!(deployment = %self.name, error = %e, "cannot fail pending turns; the deadline sweep will"),
         }
     }

@@ -50,7 +50,9 @@ pub struct Held {
 
 enum Request {
     Acquire { key: i64, reply: oneshot::Sender<Result<Option<Held>, LockError>> },
-    Release { held: Held },
+    /// `done` (if any) is told once the lock is free (or dropped when the session is gone,
+    /// which freed it too).
+    Release { held: Held, done: Option<oneshot::Sender<()>> },
 }
 
 /// A handle on the lock session; cheap to clone.
@@ -77,16 +79,35 @@ impl LockSession {
     }
 
     /// Tries the deployment's lock without waiting. `Ok(None)`: another session holds it.
-    pub async fn try_acquire(&self, key: i64) -> Result<Option<Held>, LockError> {
+    ///
+    /// The request is queued at once, before the returned future is first polled, so that
+    /// many requests made together reach the session together and are taken in one
+    /// statement (an `async fn` would send each only when awaited: one round trip per lock).
+    pub fn try_acquire(
+        &self,
+        key: i64,
+    ) -> impl Future<Output = Result<Option<Held>, LockError>> + use<> {
         let (reply, rx) = oneshot::channel();
-        self.requests.send(Request::Acquire { key, reply }).map_err(|_| LockError::Stopped)?;
-        rx.await.map_err(|_| LockError::Stopped)?
+        let sent = self.requests.send(Request::Acquire { key, reply });
+        async move {
+            sent.map_err(|_| LockError::Stopped)?;
+            rx.await.map_err(|_| LockError::Stopped)?
+        }
     }
 
     /// Releases a lock (once, after its worker has exited). A lock of a lost generation is
     /// already gone and is not touched.
     pub fn release(&self, held: Held) {
-        let _ = self.requests.send(Request::Release { held });
+        let _ = self.requests.send(Request::Release { held, done: None });
+    }
+
+    /// [`release`](Self::release), then waits until the lock is free in PostgreSQL: a daemon
+    /// that looks for work after this finds the lock takeable by anyone else.
+    pub async fn release_and_wait(&self, held: Held) {
+        let (done, rx) = oneshot::channel();
+        if self.requests.send(Request::Release { held, done: Some(done) }).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Resolves when the generation `held` belongs to is over (its locks are gone).
@@ -210,6 +231,7 @@ impl Task {
         let generation = *self.generation.borrow();
         let mut acquire: Vec<(i64, oneshot::Sender<Result<Option<Held>, LockError>>)> = Vec::new();
         let mut release: Vec<i64> = Vec::new();
+        let mut released: Vec<oneshot::Sender<()>> = Vec::new();
         for req in batch.drain(..) {
             match req {
                 Request::Acquire { key, reply } => {
@@ -220,10 +242,11 @@ impl Task {
                         acquire.push((key, reply));
                     }
                 }
-                Request::Release { held } => {
+                Request::Release { held, done } => {
                     if held.generation == generation && self.held.remove(&held.key) {
                         release.push(held.key);
                     }
+                    released.extend(done);
                 }
             }
         }
@@ -232,6 +255,9 @@ impl Task {
                 .bind(&release)
                 .execute(&mut *conn)
                 .await?;
+        }
+        for done in released {
+            let _ = done.send(());
         }
         if !acquire.is_empty() {
             let keys: Vec<i64> = acquire.iter().map(|(k, _)| *k).collect();

@@ -98,6 +98,17 @@ impl Metrics {
         registry.register("events_published", "Terminal events published to the replies exchange", m.events_published.clone());
         registry.register("oldest_pending_seconds", "Age of the oldest pending turn (cluster-wide)", m.oldest_pending_seconds.clone());
         registry.register("up", "1 when the component is healthy", m.up.clone());
+        // Known label values start at 0, so every family the dashboard and the alert rules use
+        // is exported from the start (an empty family prints nothing) and rate() has a baseline.
+        for outcome in ["armed", "duplicate", "refused", "parked"] {
+            m.turns_received.get_or_create(&OutcomeLabel { outcome }).inc_by(0);
+        }
+        for reason in ["requested", "died", "start_failed", "lock_lost"] {
+            m.worker_exits.get_or_create(&ReasonLabel { reason }).inc_by(0);
+        }
+        for path in ["fast", "sweep", "takeover", "timeout", "shutdown", "lock_lost", "crash_loop"] {
+            m.turns_failed.get_or_create(&PathLabel { path }).inc_by(0);
+        }
         Metrics { registry, ..m }
     }
 

@@ -51,6 +51,8 @@ pub struct Committed {
 pub struct Claimed {
     pub line: String,
     pub envelope: Envelope,
+    /// How long the turn had been accepted when it was claimed (for the latency histogram).
+    pub waited: Duration,
 }
 
 /// What a deployment's worker needs to know about it, read when a daemon takes it over.
@@ -287,9 +289,12 @@ impl Store {
                  conversation_key, epoch, owner, since)
              VALUES ($1, $2, $3, $4, $5, $6, now())
              ON CONFLICT (deployment) DO UPDATE
-                SET epoch = GREATEST(turnd_deployments.epoch, EXCLUDED.epoch),
+                SET epoch = EXCLUDED.epoch,
                     owner = EXCLUDED.owner, since = now(), worker_pid = NULL,
                     worker_started_at = NULL
+                -- A late takeover under an older epoch changes nothing: the fence never
+                -- moves back and the current owner's record stays.
+                WHERE turnd_deployments.epoch < EXCLUDED.epoch
              RETURNING (EXTRACT(EPOCH FROM (backoff_until - now())) * 1000)::bigint",
         )
         .bind(deployment.as_str())
@@ -341,7 +346,8 @@ impl Store {
                AND EXISTS (SELECT 1 FROM turnd_deployments d
                            WHERE d.deployment = $1 AND d.epoch = $2)
              RETURNING t.message_id, t.turn, t.organization_id, t.agent_id,
-                       t.conversation_id, t.routing",
+                       t.conversation_id, t.routing,
+                       EXTRACT(EPOCH FROM now() - t.accepted_at)::float8 AS waited",
         )
         .bind(deployment.as_str())
         .bind(epoch.get())
@@ -352,6 +358,7 @@ impl Store {
         Ok(Some(Claimed {
             line: row.try_get::<Option<String>, _>("turn")?.unwrap_or_default(),
             envelope: envelope_from_row(deployment, &row)?,
+            waited: Duration::try_from_secs_f64(row.try_get("waited")?).unwrap_or_default(),
         }))
     }
 
@@ -1026,5 +1033,214 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+}
+
+// ---- console and API (src/http) ------------------------------------------------------------
+// Read-only views for the operator console and `/api/v1/`. They read what the daemons already
+// record; nothing here takes a lock or changes a turn.
+
+/// A daemon as the console shows it: every daemon that did not stop cleanly and was heard from
+/// within the last hour, `live` when its heartbeat is fresh (a stale one is a daemon that died).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct ConsoleDaemon {
+    pub id: String,
+    pub hostname: String,
+    pub pid: i32,
+    pub version: String,
+    pub uptime_s: f64,
+    pub heartbeat_age_s: f64,
+    pub live: bool,
+    pub ready: bool,
+    pub live_workers: i32,
+    pub owned_deployments: i64,
+}
+
+/// A deployment that is owned or has pending turns (an unowned one with pending turns is
+/// waiting for adoption: the first thing to look at).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct ConsoleDeployment {
+    pub deployment: String,
+    pub organization_id: Option<String>,
+    pub agent_id: String,
+    pub conversation_key: String,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    pub since_s: Option<f64>,
+    pub worker_pid: Option<i32>,
+    pub worker_uptime_s: Option<f64>,
+    /// Age of the owner daemon's last heartbeat.
+    pub owner_heartbeat_age_s: Option<f64>,
+    /// Age of the running turn's last sign of life (its claim or the worker's last heartbeat).
+    pub turn_heartbeat_age_s: Option<f64>,
+    pub queued: i64,
+    pub running: i64,
+    pub oldest_pending_age_s: Option<f64>,
+    pub crash_count: i32,
+    /// Seconds left of a crash-loop back-off, when one is in force.
+    pub backoff_left_s: Option<f64>,
+}
+
+/// Pending turns in one state, with the oldest one.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct PendingByState {
+    pub state: String,
+    pub count: i64,
+    pub oldest_age_s: Option<f64>,
+    pub oldest_deployment: Option<String>,
+    pub oldest_message_id: Option<String>,
+}
+
+/// Terminal events committed in one 5-minute bucket (0 = the last five minutes, 11 = 55 to 60
+/// minutes ago), by kind and code ("" for replies).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct EventBucket {
+    pub bucket: i32,
+    pub kind: String,
+    pub code: String,
+    pub count: i64,
+}
+
+/// Parked turns of one code.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct ParkedByCode {
+    pub code: String,
+    pub total: i64,
+    pub not_replayed: i64,
+    pub last_hour: i64,
+    pub newest_age_s: f64,
+}
+
+/// The width of a bucket of [`Store::events_by_bucket`] and the window it covers.
+pub const EVENT_BUCKET_SECONDS: i64 = 300;
+pub const EVENT_WINDOW_SECONDS: i64 = 3600;
+
+impl Store {
+    /// Daemons not cleanly stopped and heard from within the hour; `live` = heartbeat younger
+    /// than `live_within`.
+    pub async fn console_daemons(&self, live_within: Duration) -> Result<Vec<ConsoleDaemon>> {
+        Ok(sqlx::query_as(
+            "SELECT d.id, d.hostname, d.pid, d.version,
+                    EXTRACT(EPOCH FROM now() - d.started_at)::float8 AS uptime_s,
+                    EXTRACT(EPOCH FROM now() - d.heartbeat_at)::float8 AS heartbeat_age_s,
+                    d.heartbeat_at > now() - $1::bigint * interval '1 millisecond' AS live,
+                    d.ready, d.live_workers,
+                    (SELECT count(*) FROM turnd_deployments x WHERE x.owner = d.id) AS owned_deployments
+             FROM turnd_daemons d
+             WHERE d.stopped_at IS NULL AND d.heartbeat_at > now() - interval '1 hour'
+             ORDER BY d.id",
+        )
+        .bind(millis(live_within))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Owned deployments and those with pending turns, the longest-waiting first. `q` keeps
+    /// those whose organization, agent, conversation key or deployment name contains it
+    /// (case-insensitive, no wildcards). `turn_deadline` (turn.deadline) turns a running turn's
+    /// deadline back into the time of its last heartbeat.
+    pub async fn console_deployments(
+        &self,
+        q: Option<&str>,
+        turn_deadline: Duration,
+        limit: i64,
+    ) -> Result<Vec<ConsoleDeployment>> {
+        Ok(sqlx::query_as(
+            "WITH p AS (
+                 SELECT deployment,
+                        min(organization_id) AS organization_id, min(agent_id) AS agent_id,
+                        min(conversation_key) AS conversation_key,
+                        count(*) FILTER (WHERE state = 'queued') AS queued,
+                        count(*) FILTER (WHERE state = 'running') AS running,
+                        min(accepted_at) AS oldest,
+                        max(deadline) FILTER (WHERE state = 'running') AS run_deadline
+                 FROM turnd_turns WHERE state <> 'done' GROUP BY deployment
+             )
+             SELECT COALESCE(d.deployment, p.deployment) AS deployment,
+                    COALESCE(d.organization_id, p.organization_id) AS organization_id,
+                    COALESCE(d.agent_id, p.agent_id) AS agent_id,
+                    COALESCE(d.conversation_key, p.conversation_key) AS conversation_key,
+                    d.owner, COALESCE(d.epoch, 0) AS epoch,
+                    CASE WHEN d.owner IS NOT NULL THEN EXTRACT(EPOCH FROM now() - d.since)::float8 END AS since_s,
+                    d.worker_pid,
+                    CASE WHEN d.worker_pid IS NOT NULL
+                         THEN EXTRACT(EPOCH FROM now() - d.worker_started_at)::float8 END AS worker_uptime_s,
+                    EXTRACT(EPOCH FROM now() - o.heartbeat_at)::float8 AS owner_heartbeat_age_s,
+                    EXTRACT(EPOCH FROM now() - (p.run_deadline - $2::bigint * interval '1 millisecond'))::float8
+                        AS turn_heartbeat_age_s,
+                    COALESCE(p.queued, 0) AS queued, COALESCE(p.running, 0) AS running,
+                    EXTRACT(EPOCH FROM now() - p.oldest)::float8 AS oldest_pending_age_s,
+                    COALESCE(d.crash_count, 0) AS crash_count,
+                    CASE WHEN d.backoff_until > now()
+                         THEN EXTRACT(EPOCH FROM d.backoff_until - now())::float8 END AS backoff_left_s
+             FROM turnd_deployments d
+             FULL JOIN p ON p.deployment = d.deployment
+             LEFT JOIN turnd_daemons o ON o.id = d.owner
+             WHERE (d.owner IS NOT NULL OR p.deployment IS NOT NULL)
+               AND ($1::text IS NULL OR strpos(lower(concat_ws(' ',
+                        COALESCE(d.deployment, p.deployment),
+                        COALESCE(d.organization_id, p.organization_id),
+                        COALESCE(d.agent_id, p.agent_id),
+                        COALESCE(d.conversation_key, p.conversation_key))), lower($1)) > 0)
+             ORDER BY p.oldest ASC NULLS LAST, 1
+             LIMIT $3",
+        )
+        .bind(q)
+        .bind(millis(turn_deadline))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Pending turns by state (only states that have some), each with its oldest turn.
+    pub async fn pending_by_state(&self) -> Result<Vec<PendingByState>> {
+        Ok(sqlx::query_as(
+            "WITH c AS (
+                 SELECT state, count(*) AS n, min(accepted_at) AS oldest
+                 FROM turnd_turns WHERE state <> 'done' GROUP BY state
+             ), o AS (
+                 SELECT DISTINCT ON (state) state, deployment, message_id
+                 FROM turnd_turns WHERE state <> 'done' ORDER BY state, accepted_at
+             )
+             SELECT c.state, c.n AS count,
+                    EXTRACT(EPOCH FROM now() - c.oldest)::float8 AS oldest_age_s,
+                    o.deployment AS oldest_deployment, o.message_id AS oldest_message_id
+             FROM c LEFT JOIN o USING (state) ORDER BY c.state",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Terminal events of the last hour in 5-minute buckets by kind and code. Published rows
+    /// are found through the `published_at` index and unpublished ones through the backlog
+    /// index (an event is published within moments of its commit), so this does not scan
+    /// the whole retention window of the outbox.
+    pub async fn events_by_bucket(&self) -> Result<Vec<EventBucket>> {
+        Ok(sqlx::query_as(
+            "SELECT floor(EXTRACT(EPOCH FROM now() - created_at) / $1::bigint)::int AS bucket,
+                    kind, COALESCE(code, '') AS code, count(*) AS count
+             FROM turnd_outbox
+             WHERE (published_at > now() - $2::bigint * interval '1 second' OR published_at IS NULL)
+               AND created_at > now() - $2::bigint * interval '1 second'
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        )
+        .bind(EVENT_BUCKET_SECONDS)
+        .bind(EVENT_WINDOW_SECONDS)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Parked turns by code: how many, how many still waiting (not replayed), how many in
+    /// the last hour, and the newest one's age.
+    pub async fn parked_by_code(&self) -> Result<Vec<ParkedByCode>> {
+        Ok(sqlx::query_as(
+            "SELECT code, count(*) AS total,
+                    count(*) FILTER (WHERE replayed_at IS NULL) AS not_replayed,
+                    count(*) FILTER (WHERE parked_at > now() - interval '1 hour') AS last_hour,
+                    EXTRACT(EPOCH FROM now() - max(parked_at))::float8 AS newest_age_s
+             FROM turnd_parked GROUP BY code ORDER BY code",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 }

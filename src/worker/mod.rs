@@ -70,10 +70,10 @@ pub fn base_env(
     for (k, v) in daemon_env {
         if k == "PATH" || k == "LANG" {
             env.insert(k, v);
-        } else if let Some(name) = k.strip_prefix("TURND_WORKER_ENV_") {
-            if !name.is_empty() {
-                env.insert(name.to_owned(), v);
-            }
+        } else if let Some(name) = k.strip_prefix("TURND_WORKER_ENV_")
+            && !name.is_empty()
+        {
+            env.insert(name.to_owned(), v);
         }
     }
     env.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -177,10 +177,10 @@ impl Worker {
     /// The next event; `Exited` is the last, after which this returns None.
     pub async fn next_event(&mut self) -> Option<WorkerEvent> {
         let event = self.events.recv().await;
-        if event.is_none() {
-            if let Some(io) = self.io.take() {
-                let _ = io.await;
-            }
+        if event.is_none()
+            && let Some(io) = self.io.take()
+        {
+            let _ = io.await;
         }
         event
     }
@@ -224,11 +224,11 @@ impl Drop for Worker {
 }
 
 fn signal_group(pid: u32, signal: libc::c_int) {
-    if let Ok(pgid) = libc::pid_t::try_from(pid) {
-        if pgid > 0 {
-            // SAFETY: killpg only sends a signal; the group is the worker's own (setpgid 0).
-            unsafe { libc::killpg(pgid, signal) };
-        }
+    if let Ok(pgid) = libc::pid_t::try_from(pid)
+        && pgid > 0
+    {
+        // SAFETY: killpg only sends a signal; the group is the worker's own (setpgid 0).
+        unsafe { libc::killpg(pgid, signal) };
     }
 }
 
@@ -401,7 +401,8 @@ mod tests {
         while let Some(line) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
             got.push(line.map(|l| String::from_utf8_lossy(l).into_owned()));
         }
-        assert_eq!(got, vec![Ok("short".into()), Err(26), Ok("ok".into()), Ok("last".into())]);
+        // The over-long line's length excludes its newline, like the lines returned.
+        assert_eq!(got, vec![Ok("short".into()), Err(25), Ok("ok".into()), Ok("last".into())]);
         assert!(buf.capacity() < 64);
     }
 
@@ -420,5 +421,130 @@ mod tests {
         assert_eq!(keys, vec!["FOO", "LANG", "PATH", "X"]);
         assert_eq!(env["FOO"], "bar");
         assert_eq!(env["PATH"], "/p");
+    }
+
+    #[tokio::test]
+    async fn read_line_handles_exact_fits_crlf_binary_and_a_long_last_line() {
+        let data = b"12345678\n123456789\nab\r\n\xff\xfe\x00\n0123456789abc".to_vec();
+        let mut reader = BufReader::with_capacity(3, &data[..]);
+        let mut buf = Vec::new();
+        let mut got: Vec<Result<Vec<u8>, usize>> = Vec::new();
+        while let Some(line) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
+            got.push(line.map(<[u8]>::to_vec));
+        }
+        let want: Vec<Result<Vec<u8>, usize>> =
+            vec![Ok(b"12345678".to_vec()), Err(9), Ok(b"ab".to_vec()), Ok(b"\xff\xfe\x00".to_vec()), Err(13)];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn exit_status_text_names_the_code_or_the_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        let text = |raw| ExitStatusText::from(Ok::<_, io::Error>(ExitStatus::from_raw(raw))).0;
+        assert_eq!(text(0), "exited with code 0");
+        assert_eq!(text(3 << 8), "exited with code 3");
+        assert_eq!(text(libc::SIGKILL), "killed by signal 9");
+        let failed = ExitStatusText::from(Err::<ExitStatus, _>(io::Error::other("gone"))).0;
+        assert!(failed.starts_with("could not be waited for"), "{failed}");
+    }
+
+    /// A live process that is not a zombie.
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    }
+
+    /// Whether `pid` is gone within a second (a SIGKILLed process takes a moment to exit).
+    async fn gone_soon(pid: i32) -> bool {
+        for _ in 0..50 {
+            if !alive(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    async fn spawn_sh(spawner: &Spawner, state_dir: &Path, script: &str) -> Result<Worker, SpawnError> {
+        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
+        let who = Identity { deployment: &name, agent_id: "unit", organization_id: None, conversation_key: "c", epoch: Epoch::new(1) };
+        let spec = WorkerSpec {
+            command: ["/bin/sh", "-c", script].map(str::to_owned).to_vec(),
+            base_env: base_env(std::env::vars().filter(|(k, _)| k == "PATH"), &BTreeMap::new()),
+            state_dir: state_dir.to_path_buf(),
+            max_line_bytes: 1024,
+            turn_deadline: Duration::from_secs(5),
+            sandbox_prefix: Vec::new(),
+        };
+        Worker::spawn(spawner, &spec, &who).await
+    }
+
+    /// The pid a script wrote to `bg.pid` in its workspace.
+    fn background_pid(state_dir: &Path) -> i32 {
+        let path = workspace(state_dir, None, "unit").join("bg.pid");
+        std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_escalates_to_sigkill_after_the_timeout_and_takes_the_whole_group() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Leader and child both ignore SIGTERM (and stdin EOF).
+        let script = "trap '' TERM; sleep 30 & echo $! > bg.pid; echo '{\"type\":\"heartbeat\"}'; wait; sleep 30";
+        let mut w = spawn_sh(&spawner, dir.path(), script).await.unwrap();
+        assert!(matches!(w.next_event().await, Some(WorkerEvent::Line(WorkerLine::Heartbeat))));
+        let bg = background_pid(dir.path());
+        assert!(alive(bg));
+        let started = std::time::Instant::now();
+        w.stop(Duration::from_millis(400));
+        let status = tokio::time::timeout(Duration::from_secs(5), w.wait()).await.expect("stopped in time");
+        let took = started.elapsed();
+        assert_eq!(status.unwrap().0, "killed by signal 9");
+        assert!(took >= Duration::from_millis(350), "SIGTERM was ignored, so it took the timeout: {took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(gone_soon(bg).await, "the group went with it");
+        assert!(w.stop_requested());
+        assert!(w.next_event().await.is_none(), "Exited is the last event");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unrequested_exit_reports_its_status_and_what_it_left_is_killed() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let script = "sleep 30 & echo $! > bg.pid; echo 'not protocol'; exit 3";
+        let mut w = spawn_sh(&spawner, dir.path(), script).await.unwrap();
+        let mut events = Vec::new();
+        let started = std::time::Instant::now();
+        while let Some(e) = tokio::time::timeout(Duration::from_secs(5), w.next_event()).await.expect("events in time") {
+            events.push(e);
+        }
+        // The orphan kept stdout open: the drain after the exit is bounded.
+        assert!(started.elapsed() < DRAIN_AFTER_EXIT + Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(matches!(events.first(), Some(WorkerEvent::Invalid(_))), "{events:?}");
+        match events.last() {
+            Some(WorkerEvent::Exited(status)) => assert_eq!(status.0, "exited with code 3"),
+            other => panic!("Exited last, got {other:?}"),
+        }
+        assert!(!w.stop_requested());
+        assert!(gone_soon(background_pid(dir.path())).await, "its group is killed after the exit");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_program_is_a_spawn_error_naming_it() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
+        let who = Identity { deployment: &name, agent_id: "unit", organization_id: None, conversation_key: "c", epoch: Epoch::new(1) };
+        let spec = WorkerSpec {
+            command: vec!["/nonexistent/worker".to_owned()],
+            base_env: BTreeMap::new(),
+            state_dir: dir.path().to_path_buf(),
+            max_line_bytes: 1024,
+            turn_deadline: Duration::from_secs(5),
+            sandbox_prefix: Vec::new(),
+        };
+        let err = Worker::spawn(&spawner, &spec, &who).await.unwrap_err();
+        assert!(matches!(err, SpawnError::Exec { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/worker"), "{err}");
     }
 }

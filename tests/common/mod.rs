@@ -54,14 +54,21 @@ impl Cluster {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_name = format!("turnd_t_{suffix}");
         let prefix = format!("t{suffix}");
-        let mut admin = PgConnection::connect(PG_ADMIN).await.expect("connect to PostgreSQL as postgres");
+        let mut admin = PgConnection::connect(PG_ADMIN)
+            .await
+            .expect("connect to PostgreSQL as postgres");
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&mut admin)
             .await
             .expect("create test database");
         let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
-        let pool = PgPool::connect(&db_url).await.expect("connect to test database");
-        turnd::store::MIGRATOR.run(&pool).await.expect("migrate test database");
+        let pool = PgPool::connect(&db_url)
+            .await
+            .expect("connect to test database");
+        turnd::store::MIGRATOR
+            .run(&pool)
+            .await
+            .expect("migrate test database");
         let dir = tempfile::tempdir().expect("tempdir");
         for sub in ["log", "excl", "pid", "state"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
@@ -73,8 +80,14 @@ impl Cluster {
             ("TURND_DATABASE__MAX_CONNECTIONS".into(), "6".into()),
             ("TURND_AMQP__PREFIX".into(), prefix.clone()),
             ("TURND_AMQP__URL".into(), AMQP.into()),
-            ("TURND_DAEMON__STATE_DIR".into(), d.join("state").display().to_string()),
-            ("TURND_WORKER__COMMAND".into(), format!("[\"{}\"]", test_worker())),
+            (
+                "TURND_DAEMON__STATE_DIR".into(),
+                d.join("state").display().to_string(),
+            ),
+            (
+                "TURND_WORKER__COMMAND".into(),
+                format!("[\"{}\"]", test_worker()),
+            ),
             ("TURND_HTTP__LISTEN".into(), String::new()),
             ("TURND_SWEEP__INTERVAL".into(), "300ms".into()),
             ("TURND_SWEEP__ADOPTION_DELAY".into(), "1s".into()),
@@ -84,11 +97,29 @@ impl Cluster {
             ("TURND_SHUTDOWN__GRACE".into(), "5s".into()),
             ("TURND_WORKER__STOP_TIMEOUT".into(), "1s".into()),
             ("TURND_LOG__LEVEL".into(), "turnd=trace,info".into()),
-            ("TURND_WORKER_ENV_TEST_WORKER_LOG".into(), d.join("log").display().to_string()),
-            ("TURND_WORKER_ENV_TEST_WORKER_EXCLUSIVE".into(), d.join("excl").display().to_string()),
-            ("TURND_WORKER_ENV_TEST_WORKER_PIDFILE_DIR".into(), d.join("pid").display().to_string()),
+            (
+                "TURND_WORKER_ENV_TEST_WORKER_LOG".into(),
+                d.join("log").display().to_string(),
+            ),
+            (
+                "TURND_WORKER_ENV_TEST_WORKER_EXCLUSIVE".into(),
+                d.join("excl").display().to_string(),
+            ),
+            (
+                "TURND_WORKER_ENV_TEST_WORKER_PIDFILE_DIR".into(),
+                d.join("pid").display().to_string(),
+            ),
         ];
-        Cluster { db_name, db_url, prefix, dir: Some(dir), root, pool, env, daemons: Vec::new() }
+        Cluster {
+            db_name,
+            db_url,
+            prefix,
+            dir: Some(dir),
+            root,
+            pool,
+            env,
+            daemons: Vec::new(),
+        }
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -112,7 +143,12 @@ impl Cluster {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         let log = self.root.join(format!("{id}.log"));
-        let mut daemon = Daemon { id, child: None, log, env };
+        let mut daemon = Daemon {
+            id,
+            child: None,
+            log,
+            env,
+        };
         daemon.spawn().await;
         self.daemons.push(daemon);
         i
@@ -143,8 +179,11 @@ impl Cluster {
 
     /// The test worker's event log of a deployment: (kind, pid, rest).
     pub fn worker_log(&self, deployment: &str) -> Vec<Vec<String>> {
-        let text = std::fs::read_to_string(self.path("log").join(format!("{deployment}.log"))).unwrap_or_default();
-        text.lines().map(|l| l.split(' ').map(str::to_owned).collect()).collect()
+        let text = std::fs::read_to_string(self.path("log").join(format!("{deployment}.log")))
+            .unwrap_or_default();
+        text.lines()
+            .map(|l| l.split(' ').map(str::to_owned).collect())
+            .collect()
     }
 
     /// Every worker-side exclusivity violation recorded.
@@ -153,7 +192,11 @@ impl Cluster {
     }
 
     pub fn worker_pid(&self, deployment: &str) -> Option<i32> {
-        std::fs::read_to_string(self.path("pid").join(format!("{deployment}.pid"))).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.path("pid").join(format!("{deployment}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn daemon_log(&self, i: usize) -> String {
@@ -163,7 +206,11 @@ impl Cluster {
 
 impl Daemon {
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
         let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = Command::new(turnd_bin());
         cmd.arg("run")
@@ -232,7 +279,10 @@ impl Drop for Cluster {
             d.kill();
         }
         if std::env::var_os("TURND_TEST_KEEP").is_some() {
-            eprintln!("keeping database {} and prefix {} (logs in {:?})", self.db_name, self.prefix, self.root);
+            eprintln!(
+                "keeping database {} and prefix {} (logs in {:?})",
+                self.db_name, self.prefix, self.root
+            );
             if let Some(dir) = self.dir.take() {
                 let _ = dir.keep();
             }
@@ -242,12 +292,19 @@ impl Drop for Cluster {
         let prefix = self.prefix.clone();
         // Async cleanup on a thread of its own: Drop may run inside a runtime.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async {
                 if let Ok(mut admin) = PgConnection::connect(PG_ADMIN).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
-                        .execute(&mut admin)
-                        .await;
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
                 }
                 delete_topology(&prefix).await;
             });
@@ -258,15 +315,30 @@ impl Drop for Cluster {
 
 /// Deletes a test prefix's durable exchanges and queues (thread queues expire on their own).
 pub async fn delete_topology(prefix: &str) {
-    let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await else { return };
-    let Ok(ch) = conn.create_channel().await else { return };
-    let mut queues = vec![format!("{prefix}.inbox"), format!("{prefix}.retry"), format!("{prefix}.parked")];
+    let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await else {
+        return;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    let mut queues = vec![
+        format!("{prefix}.inbox"),
+        format!("{prefix}.retry"),
+        format!("{prefix}.parked"),
+    ];
     queues.extend((1..10).map(|k| format!("{prefix}.retry.{k}")));
     for q in queues {
-        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     for e in ["turns", "replies", "retry"] {
-        let _ = ch.exchange_delete(format!("{prefix}.{e}").as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = ch
+            .exchange_delete(
+                format!("{prefix}.{e}").as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
     }
     let _ = conn.close(200, "bye".into()).await;
 }
@@ -303,37 +375,83 @@ impl Event {
 
 impl Client {
     pub async fn new(prefix: &str) -> Client {
-        let conn = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("connect RabbitMQ");
+        let conn = Connection::connect(AMQP, ConnectionProperties::default())
+            .await
+            .expect("connect RabbitMQ");
         let publisher = conn.create_channel().await.expect("channel");
-        publisher.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
         // Declare the topology the way a daemon would, so a publish before any daemon is up
         // is kept; the daemons' declarations are identical.
         let config = config_for(prefix);
-        turnd::broker::declare_topology(&publisher, &config).await.expect("declare topology");
+        turnd::broker::declare_topology(&publisher, &config)
+            .await
+            .expect("declare topology");
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .expect("reply queue");
-        ch.queue_bind(q.name().clone(), format!("{prefix}.replies").as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .expect("bind reply queue");
+        ch.queue_bind(
+            q.name().clone(),
+            format!("{prefix}.replies").as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind reply queue");
         let replies = ch
-            .basic_consume(q.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .expect("consume replies");
-        Client { prefix: prefix.to_owned(), conn, publisher, replies, events: Vec::new() }
+        Client {
+            prefix: prefix.to_owned(),
+            conn,
+            publisher,
+            replies,
+            events: Vec::new(),
+        }
     }
 
     /// Publishes raw bytes to `<prefix>.turns` with a confirm.
     pub async fn publish_raw(&self, body: &[u8]) {
-        let props = BasicProperties::default().with_delivery_mode(2).with_content_type(ShortString::from("application/json"));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"));
         let confirm = self
             .publisher
-            .basic_publish(format!("{}.turns", self.prefix).as_str().into(), "turn.test".into(), BasicPublishOptions::default(), body, props)
+            .basic_publish(
+                format!("{}.turns", self.prefix).as_str().into(),
+                "turn.test".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
             .await
             .expect("publish");
-        assert!(confirm.await.expect("confirm").is_ack(), "broker nacked a turn");
+        assert!(
+            confirm.await.expect("confirm").is_ack(),
+            "broker nacked a turn"
+        );
     }
 
     pub async fn publish(&self, turn: &Value) {
@@ -341,15 +459,31 @@ impl Client {
     }
 
     /// Receives events until `done(events)` holds, or panics after `within`.
-    pub async fn wait_until(&mut self, within: Duration, what: &str, done: impl Fn(&[Event]) -> bool) {
+    pub async fn wait_until(
+        &mut self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&[Event]) -> bool,
+    ) {
         let deadline = tokio::time::Instant::now() + within;
         while !done(&self.events) {
             match tokio::time::timeout_at(deadline, self.replies.next()).await {
                 Ok(Some(Ok(d))) => {
-                    let body: Value = serde_json::from_slice(&d.data).expect("terminal event is JSON");
+                    let body: Value =
+                        serde_json::from_slice(&d.data).expect("terminal event is JSON");
                     self.events.push(Event {
-                        event_id: d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
-                        correlation_id: d.properties.correlation_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                        event_id: d
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|s| s.to_string())
+                            .unwrap_or_default(),
+                        correlation_id: d
+                            .properties
+                            .correlation_id()
+                            .as_ref()
+                            .map(|s| s.to_string())
+                            .unwrap_or_default(),
                         routing_key: d.routing_key.to_string(),
                         body,
                     });
@@ -358,7 +492,14 @@ impl Client {
                 Err(_) => panic!(
                     "timed out after {within:?} waiting for {what}; got {} events: {:#?}",
                     self.events.len(),
-                    self.events.iter().map(|e| (e.message_id().to_owned(), e.kind().to_owned(), e.code().to_owned())).collect::<Vec<_>>()
+                    self.events
+                        .iter()
+                        .map(|e| (
+                            e.message_id().to_owned(),
+                            e.kind().to_owned(),
+                            e.code().to_owned()
+                        ))
+                        .collect::<Vec<_>>()
                 ),
             }
         }
@@ -379,8 +520,18 @@ impl Client {
         while let Ok(Some(Ok(del))) = tokio::time::timeout_at(deadline, self.replies.next()).await {
             let body: Value = serde_json::from_slice(&del.data).expect("JSON");
             self.events.push(Event {
-                event_id: del.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
-                correlation_id: del.properties.correlation_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                event_id: del
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                correlation_id: del
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
                 routing_key: del.routing_key.to_string(),
                 body,
             });
@@ -393,7 +544,9 @@ impl Client {
         let mut map: HashMap<String, Vec<Event>> = HashMap::new();
         for e in &self.events {
             if seen.insert(e.event_id.clone()) {
-                map.entry(e.message_id().to_owned()).or_default().push(e.clone());
+                map.entry(e.message_id().to_owned())
+                    .or_default()
+                    .push(e.clone());
             }
         }
         map
@@ -409,7 +562,10 @@ pub fn config_for(prefix: &str) -> turnd::config::Config {
     let env = vec![
         ("TURND_AMQP__PREFIX".to_owned(), prefix.to_owned()),
         ("TURND_INTAKE__RETRY_DELAY".to_owned(), "200ms".to_owned()),
-        ("TURND_INTAKE__RETRY_MAX_DELAY".to_owned(), "400ms".to_owned()),
+        (
+            "TURND_INTAKE__RETRY_MAX_DELAY".to_owned(),
+            "400ms".to_owned(),
+        ),
     ];
     turnd::config::Config::load_from(Some(Path::new("/dev/null")), env).expect("test config")
 }
@@ -431,14 +587,21 @@ pub fn mid(turn: &Value) -> String {
 
 /// The deployment name a turn maps to (computed by the library, as the daemon does).
 pub fn deployment_of(turn: &Value) -> String {
-    turnd::turn::parse(turn.to_string().as_bytes(), 1 << 20).expect("valid turn").deployment.as_str().to_owned()
+    turnd::turn::parse(turn.to_string().as_bytes(), 1 << 20)
+        .expect("valid turn")
+        .deployment
+        .as_str()
+        .to_owned()
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after `within`.
 pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -451,7 +614,10 @@ where
 {
     let start = Instant::now();
     while !cond().await {
-        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -459,7 +625,12 @@ where
 pub fn process_alive(pid: i32) -> bool {
     // Zombies count as dead: look at the state in /proc.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -476,10 +647,13 @@ pub struct Proxy {
 impl Proxy {
     pub async fn start(target_port: u16) -> Proxy {
         use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy bind");
         let port = listener.local_addr().expect("addr").port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
         let (cut2, conns2) = (cut.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
@@ -488,14 +662,21 @@ impl Proxy {
                     continue;
                 }
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
                 conns2.lock().unwrap().push(task.abort_handle());
             }
         });
-        Proxy { port, cut, conns, accept }
+        Proxy {
+            port,
+            cut,
+            conns,
+            accept,
+        }
     }
 
     /// Drops every connection and refuses new ones.
@@ -521,16 +702,67 @@ impl Drop for Proxy {
 /// GET http://127.0.0.1:<port><path> → (status, body), with a plain HTTP/1.0 request.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(("127.0.0.1", port))).await.ok()?.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Some((status, body))
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// POST http://127.0.0.1:<port><path> with an empty body and, when given, an
+/// `Authorization: Bearer <token>` header → (status, body).
+pub async fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Tools that some tests use, installed from Debian's packages when missing (CI machines start
+# without them). Each test that needs one skips with a clear message when it is still missing,
+# so a failure here is a warning, not an error.
+#
+# - chromium + chromium-driver: tests/console_browser.rs drives the console in headless
+#   Chromium. About 100 MB to download, installed once per machine.
+# - promtool: tests/console.rs runs `promtool check rules` on deploy/prometheus/. Installing
+#   Debian's `prometheus` package would add ~96 MB, a service user and a Prometheus server
+#   started on the machine, for one binary; instead the .deb (~19 MB) is downloaded with
+#   `apt-get download` and only unpacked into target/tools/prometheus (nothing is installed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+log() { printf 'test-tools: %s\n' "$*" >&2; }
+updated=
+apt_update() {
+  [ -n "$updated" ] && return 0
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && updated=1
+}
+
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  log "installing chromium and chromium-driver (for the console's browser test)"
+  if ! { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+    log "WARNING: could not install chromium; tests/console_browser.rs will be skipped"
+  fi
+fi
+
+promtool=target/tools/prometheus/usr/bin/promtool
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool" ]; then
+  log "fetching promtool from Debian's prometheus package (unpacked into target/tools, not installed)"
+  dir=$(mktemp -d)
+  if (cd "$dir" && { apt-get download -qq prometheus 2>/dev/null || { apt_update && apt-get download -qq prometheus; }; }) \
+      && mkdir -p target/tools/prometheus && dpkg-deb -x "$dir"/prometheus_*.deb target/tools/prometheus; then
+    log "promtool: $("$promtool" --version 2>&1 | head -n 1)"
+  else
+    log "WARNING: could not fetch promtool; the alert-rules check will be skipped"
+  fi
+  rm -rf "$dir"
+fi
+exit 0

@@ -1,0 +1,1001 @@
+//! The modes. Each one starts its own daemon on a fresh database and prefix, warms up,
+//! measures, checks exactly-once, stops the daemon and cleans up; it returns its figures as
+//! JSON (the report derives its rows and targets from that JSON, like floor-bench's).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use crate::client::{Client, ExactlyOnce, Turn, Turns};
+use crate::cluster::{Cluster, Settings, admin_connection};
+use crate::cpu::Meter;
+use crate::stats::{Dist, short};
+
+/// What one mode produced.
+pub struct Measured {
+    /// "throughput", "latency", "cold", "crash", "scale".
+    pub mode: &'static str,
+    /// The row label: "throughput 50×40", "scale 50,5000", …
+    pub label: String,
+    pub json: Value,
+    /// One human line (progress output).
+    pub line: String,
+    /// Extra human lines: CPU, daemon log, shutdown.
+    pub notes: Vec<String>,
+    pub check: ExactlyOnce,
+}
+
+/// Turns the database still owes when the mode ends; both must be 0.
+struct DbState {
+    pending: i64,
+    unpublished: i64,
+    outbox: i64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// throughput
+// ---------------------------------------------------------------------------------------------
+
+pub async fn throughput(s: &Settings, conversations: usize, turns: u32) -> Result<Measured> {
+    ensure!(
+        conversations > 0 && turns > 0,
+        "throughput needs conversations and turns > 0"
+    );
+    let label = format!("throughput {conversations}×{turns}");
+    let max_workers = (conversations + 16).max(256).to_string();
+    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers)];
+    run(
+        s,
+        "throughput",
+        label.clone(),
+        &extra,
+        async |cluster, client| {
+            let mut maker = Turns::default();
+            warm_up(cluster, client, &mut maker, 4).await?;
+            let convs: Vec<String> = (0..conversations).map(|i| format!("t{i:04}")).collect();
+            let mut batch: Vec<Turn> = Vec::with_capacity(conversations * turns as usize);
+            // Round-robin over conversations, as floor-bench publishes them.
+            for seq in 0..turns {
+                for c in &convs {
+                    batch.push(maker.make(c, format!("{c}-{seq:05}"), "reply")?);
+                }
+            }
+            cluster
+                .deployments
+                .extend(batch.iter().map(|t| t.deployment.clone()));
+            let meter = Meter::start(Some(cluster.pid()));
+            let perf = Perf::start(s, cluster.pid(), &label);
+            let started = Instant::now();
+            let publish = client.publish_all(&batch).await?;
+            let last = client.wait_all().await?;
+            let elapsed = last.saturating_duration_since(started);
+            let cpu = meter.stop();
+            let perf = Perf::stop(perf).await;
+            let total = batch.len();
+            let lat = Dist::new(
+                batch
+                    .iter()
+                    .filter_map(|t| client.latency(&t.message_id))
+                    .map(nanos)
+                    .collect(),
+            );
+            let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+            let mut notes = vec![cpu.human(total)];
+            notes.extend(
+                perf.iter()
+                    .map(|p| format!("perf profile: {}", p.display())),
+            );
+            Ok(Partial {
+                line: format!(
+                    "{rate:.0} turns/s ({conversations} conversations × {turns} turns = {total} in \
+                 {:.2} s; all published and confirmed after {:.2} s); latency {}",
+                    elapsed.as_secs_f64(),
+                    publish.as_secs_f64(),
+                    lat.human()
+                ),
+                json: json!({
+                    "conversations": conversations,
+                    "turns_per_conversation": turns,
+                    "turns": total,
+                    "elapsed_s": elapsed.as_secs_f64(),
+                    "publish_s": publish.as_secs_f64(),
+                    "turns_per_s": rate,
+                    "latency": lat.json(),
+                    "cpu": cpu.json(total),
+                    "perf_data": perf,
+                }),
+                notes,
+            })
+        },
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// latency
+// ---------------------------------------------------------------------------------------------
+
+pub async fn latency(s: &Settings, turns: u32, warmup: u32) -> Result<Measured> {
+    ensure!(turns > 0, "latency needs turns > 0");
+    let label = "latency".to_owned();
+    run(s, "latency", label.clone(), &[], async |cluster, client| {
+        let mut maker = Turns::default();
+        let meter = Meter::start(Some(cluster.pid()));
+        let perf = Perf::start(s, cluster.pid(), &label);
+        let (round_trip, confirm) =
+            one_at_a_time(cluster, client, &mut maker, "lat0", "l", warmup, turns).await?;
+        let cpu = meter.stop();
+        let perf = Perf::stop(perf).await;
+        let mut notes = vec![cpu.human((warmup + turns) as usize)];
+        notes.extend(
+            perf.iter()
+                .map(|p| format!("perf profile: {}", p.display())),
+        );
+        Ok(Partial {
+            line: format!(
+                "{} (1 conversation, {turns} turns one at a time, {warmup} warm-up); \
+                 publish→confirm p50 {} p99 {}",
+                round_trip.human(),
+                short(confirm.p50),
+                short(confirm.p99)
+            ),
+            json: json!({
+                "turns": turns,
+                "warmup": warmup,
+                "round_trip": round_trip.json(),
+                "inbox_confirm": confirm.json(),
+                "cpu": cpu.json((warmup + turns) as usize),
+                "perf_data": perf,
+            }),
+            notes,
+        })
+    })
+    .await
+}
+
+/// One turn in flight on `conv`: publish (confirmed), wait for its event, next. Returns
+/// publish → event and publish → confirm for the turns after the warm-up.
+async fn one_at_a_time(
+    cluster: &mut Cluster,
+    client: &mut Client,
+    maker: &mut Turns,
+    conv: &str,
+    tag: &str,
+    warmup: u32,
+    turns: u32,
+) -> Result<(Dist, Dist)> {
+    let mut round_trips = Vec::with_capacity(turns as usize);
+    let mut confirms = Vec::with_capacity(turns as usize);
+    for i in 0..warmup + turns {
+        let turn = maker.make(conv, format!("{conv}-{tag}{i:05}"), "reply")?;
+        cluster.deployments.insert(turn.deployment.clone());
+        let confirm = client.publish_confirmed(&turn).await?;
+        client.wait_for(&turn.message_id).await?;
+        if i >= warmup {
+            confirms.push(nanos(confirm));
+            round_trips.extend(client.latency(&turn.message_id).map(nanos));
+        }
+    }
+    Ok((Dist::new(round_trips), Dist::new(confirms)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// cold
+// ---------------------------------------------------------------------------------------------
+
+pub async fn cold(s: &Settings, count: usize, warmup: usize) -> Result<Measured> {
+    ensure!(count > 0, "cold needs count > 0");
+    let label = "cold".to_owned();
+    // Room for every conversation: an eviction would add a stop to the figure.
+    let max_workers = (count + warmup + 16).max(256).to_string();
+    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers)];
+    run(s, "cold", label.clone(), &extra, async |cluster, client| {
+        let mut maker = Turns::default();
+        let meter = Meter::start(Some(cluster.pid()));
+        let perf = Perf::start(s, cluster.pid(), &label);
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..warmup + count {
+            let conv = format!("cold{i:05}");
+            let turn = maker.make(&conv, format!("{conv}-00000"), "reply")?;
+            cluster.deployments.insert(turn.deployment.clone());
+            client.publish_confirmed(&turn).await?;
+            client.wait_for(&turn.message_id).await?;
+            if i >= warmup {
+                samples.extend(client.latency(&turn.message_id).map(nanos));
+            }
+        }
+        let cpu = meter.stop();
+        let perf = Perf::stop(perf).await;
+        let d = Dist::new(samples);
+        let mut notes = vec![cpu.human(warmup + count)];
+        notes.extend(
+            perf.iter()
+                .map(|p| format!("perf profile: {}", p.display())),
+        );
+        Ok(Partial {
+            line: format!(
+                "{} (a new conversation per turn: lock + spawn + reply; {count} turns one at a \
+                 time, {warmup} warm-up)",
+                d.human()
+            ),
+            json: json!({
+                "count": count,
+                "warmup": warmup,
+                "round_trip": d.json(),
+                "cpu": cpu.json(warmup + count),
+                "perf_data": perf,
+            }),
+            notes,
+        })
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// crash
+// ---------------------------------------------------------------------------------------------
+
+pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measured> {
+    ensure!(trials > 0, "crash needs trials > 0");
+    let label = "crash".to_owned();
+    let max_workers = (trials + warmup + 16).max(256).to_string();
+    // The worker logs "turn <pid> <epoch> <messageId> <ns>" when it has read a turn: the
+    // moment the kill is sure to hit a worker that holds it.
+    let wlog = std::env::temp_dir().join(format!(
+        "turnd-bench-wlog-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&wlog).with_context(|| format!("create {}", wlog.display()))?;
+    let extra = [
+        ("TURND_WORKER__MAX_WORKERS", max_workers),
+        (
+            "TURND_WORKER_ENV_TEST_WORKER_LOG",
+            wlog.display().to_string(),
+        ),
+    ];
+    let result = run(s, "crash", label, &extra, async |cluster, client| {
+        let mut maker = Turns::default();
+        let mut kill_to_event = Vec::with_capacity(trials);
+        let mut publish_to_worker = Vec::with_capacity(trials);
+        for i in 0..warmup + trials {
+            let conv = format!("crash{i:05}");
+            let turn = maker.make(&conv, format!("{conv}-00000"), "hang")?;
+            cluster.deployments.insert(turn.deployment.clone());
+            let published = Instant::now();
+            client.publish_confirmed(&turn).await?;
+            let pid = worker_has_turn(&wlog, &turn, s.timeout).await?;
+            let has_it = published.elapsed();
+            let killed = Instant::now();
+            // SAFETY: kill(2); the pid is the worker the log line named, which hangs.
+            let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+            ensure!(
+                rc == 0,
+                "cannot SIGKILL worker {pid}: {}",
+                std::io::Error::last_os_error()
+            );
+            let got = client.wait_for(&turn.message_id).await?;
+            if i >= warmup {
+                kill_to_event.push(nanos(got.at.saturating_duration_since(killed)));
+                publish_to_worker.push(nanos(has_it));
+            }
+            cluster.running()?;
+        }
+        let d = Dist::new(kill_to_event);
+        let w = Dist::new(publish_to_worker);
+        Ok(Partial {
+            line: format!(
+                "SIGKILL → WORKER_DIED event {} ({trials} trials, {warmup} warm-up; a hanging \
+                 turn on a fresh conversation each); publish → worker has the turn p50 {}",
+                d.human(),
+                short(w.p50)
+            ),
+            json: json!({
+                "trials": trials,
+                "warmup": warmup,
+                "kill_to_error_event": d.json(),
+                "publish_to_worker_has_turn": w.json(),
+            }),
+            notes: Vec::new(),
+        })
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&wlog);
+    result
+}
+
+/// Polls the test worker's event log until it shows `turn`; returns the worker's pid.
+async fn worker_has_turn(dir: &Path, turn: &Turn, timeout: Duration) -> Result<i32> {
+    let path = dir.join(format!("{}.log", turn.deployment));
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let seen = text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.first() == Some(&"turn") && f.get(3) == Some(&turn.message_id.as_str()))
+                .then(|| f.get(1).and_then(|p| p.parse::<i32>().ok()))
+                .flatten()
+        });
+        if let Some(pid) = seen {
+            return Ok(pid);
+        }
+        ensure!(
+            started.elapsed() < timeout,
+            "no worker took turn {} within {timeout:?} ({} has no turn line)",
+            turn.message_id,
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scale
+// ---------------------------------------------------------------------------------------------
+
+pub struct ScaleArgs {
+    pub levels: Vec<usize>,
+    pub latency_turns: u32,
+    pub latency_warmup: u32,
+    pub alter_system: bool,
+    /// New conversations in flight during bring-up; 0 = all at once.
+    pub bring_up_window: usize,
+    /// New conversations started one at a time at each level.
+    pub cold_probes: usize,
+}
+
+pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
+    let mut levels = a.levels.clone();
+    levels.sort_unstable();
+    levels.dedup();
+    levels.retain(|&n| n >= 2);
+    ensure!(
+        !levels.is_empty(),
+        "scale needs --deployments of at least 2"
+    );
+    let capacity = lock_capacity(s).await?;
+    let (levels, skipped, capacity_note) =
+        fit_levels(&levels, &capacity, s, a.alter_system).await?;
+    if let Some(note) = &capacity_note {
+        eprintln!("turnd-bench: {note}");
+    }
+    ensure!(!levels.is_empty(), "{}", capacity_note.unwrap_or_default());
+    let max = levels.last().copied().unwrap_or(2);
+    let label = format!(
+        "scale {}",
+        levels
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let extra = [
+        ("TURND_WORKER__MAX_WORKERS", (max + 64).to_string()),
+        ("TURND_WORKER__IDLE_TIMEOUT", "1h".to_owned()),
+    ];
+    let (lt, lw, window, probes) = (
+        a.latency_turns,
+        a.latency_warmup,
+        a.bring_up_window,
+        a.cold_probes,
+    );
+    run(s, "scale", label, &extra, async |cluster, client| {
+        let mut maker = Turns::default();
+        // Deployment 1 of N: the conversation latency is measured on.
+        one_at_a_time(cluster, client, &mut maker, "lat0", "w", lw.max(5), 0).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let base = Snapshot::take(cluster).await;
+        let fd_limit = nofile_limit(cluster.pid());
+        let mut live = 1;
+        let mut out = Vec::new();
+        let mut notes = Vec::new();
+        let mut fds_per_deployment: Option<f64> = None;
+        for (li, &level) in levels.iter().enumerate() {
+            // Say so before the daemon runs out of file descriptors.
+            if let (Some(per), Some(limit)) = (fds_per_deployment, fd_limit) {
+                let need = base.fds as f64 + per * level as f64;
+                if need > limit as f64 {
+                    let note = format!(
+                        "turnd holds about {per:.1} file descriptors per live deployment (pipes \
+                         and a pidfd per worker); {level} need about {need:.0}, more than its \
+                         RLIMIT_NOFILE {limit}: expect WORKER_START_FAILED \"Too many open \
+                         files\" (systemd: LimitNOFILE=)"
+                    );
+                    eprintln!("turnd-bench: {note}");
+                    notes.push(note);
+                }
+            }
+            let batch: Vec<Turn> = (live..level)
+                .map(|i| {
+                    let conv = format!("s{i:06}");
+                    maker.make(&conv, format!("{conv}-00000"), "reply")
+                })
+                .collect::<Result<_>>()?;
+            cluster.deployments.extend(batch.iter().map(|t| t.deployment.clone()));
+            let meter = Meter::start(Some(cluster.pid()));
+            let started = Instant::now();
+            let last = client.publish_paced(&batch, window).await?;
+            let bring_up = last.saturating_duration_since(started);
+            let cpu = meter.stop();
+            live = level;
+            cluster.running()?;
+            // Measure a quiet daemon: every worker up (spawns may trail the replies).
+            let quiet = workers_settle(cluster, level).await;
+            let snap = Snapshot::take(cluster).await;
+            let perf = Perf::start(s, cluster.pid(), &format!("scale {level} latency"));
+            let (lat, _) =
+                one_at_a_time(cluster, client, &mut maker, "lat0", &format!("m{li}-"), lw, lt).await?;
+            let perf = Perf::stop(perf).await;
+            // What one more conversation costs at this size (lock + spawn + reply).
+            let mut cold = Vec::with_capacity(probes);
+            for p in 0..probes {
+                let conv = format!("p{li}-{p:04}");
+                let turn = maker.make(&conv, format!("{conv}-00000"), "reply")?;
+                cluster.deployments.insert(turn.deployment.clone());
+                client.publish_confirmed(&turn).await?;
+                client.wait_for(&turn.message_id).await?;
+                cold.extend(client.latency(&turn.message_id).map(nanos));
+            }
+            live += probes;
+            let cold = Dist::new(cold);
+            let added = batch.len().max(1);
+            let kb_per_deployment = (snap.rss_kb as f64 - base.rss_kb as f64) / (level - 1).max(1) as f64;
+            fds_per_deployment = Some((snap.fds as f64 - base.fds as f64) / (level - 1).max(1) as f64);
+            if snap.workers != level || snap.owned != level as i64 {
+                notes.push(format!(
+                    "at {level}: {} live worker processes and {} deployments owned in the database \
+                     (expected {level} each; waited {:.1} s for the workers to settle)",
+                    snap.workers,
+                    snap.owned,
+                    quiet.as_secs_f64()
+                ));
+            }
+            notes.push(format!("bring-up to {level}: {}", cpu.human(added)));
+            let line = format!(
+                "{level} live: up in {:.2} s ({:.0}/s); daemon RSS {} kB ({:+.1} kB/deployment), \
+                 {} threads, {} fds; lock connections {}, database connections {}, advisory locks {}; \
+                 AMQP {}; thread queues {}; latency {}; a new conversation {}",
+                bring_up.as_secs_f64(),
+                batch.len() as f64 / bring_up.as_secs_f64().max(1e-9),
+                snap.rss_kb,
+                kb_per_deployment,
+                snap.threads,
+                snap.fds,
+                snap.pg_lock,
+                snap.pg_total,
+                snap.advisory_locks,
+                snap.amqp_human(),
+                snap.queues_human(),
+                lat.human(),
+                cold.human()
+            );
+            notes.push(line);
+            out.push(json!({
+                "deployments": level,
+                "bring_up_s": bring_up.as_secs_f64(),
+                "bring_up_added": batch.len(),
+                "bring_up_per_s": batch.len() as f64 / bring_up.as_secs_f64().max(1e-9),
+                "bring_up_cpu": cpu.json(added),
+                "bring_up_window": window,
+                "workers_settled_s": quiet.as_secs_f64(),
+                "rss_kb": snap.rss_kb,
+                "rss_anon_kb": snap.rss_anon_kb,
+                "rss_kb_per_deployment": (kb_per_deployment * 10.0).round() / 10.0,
+                "threads": snap.threads,
+                "open_fds": snap.fds,
+                "workers": snap.workers,
+                "workers_rss_kb": snap.workers_rss_kb,
+                "owned_in_db": snap.owned,
+                "lock_connections": snap.pg_lock,
+                "db_connections": snap.pg_total,
+                "advisory_locks": snap.advisory_locks,
+                "amqp_connections": snap.amqp.map(|a| a.0),
+                "amqp_channels": snap.amqp.map(|a| a.1),
+                "amqp_note": snap.amqp_note,
+                "thread_queues": snap.queues.map(|q| q.0),
+                "thread_queue_consumers": snap.queues.map(|q| q.1),
+                "latency": lat.json(),
+                "new_conversation": cold.json(),
+                "perf_data": perf,
+            }));
+        }
+        let first = &out[0]["latency"];
+        let last = &out[out.len() - 1]["latency"];
+        let ratio = |k: &str| match (last[k].as_f64(), first[k].as_f64()) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let summary = format!(
+            "{} deployments on one daemon: lock connections {}, RSS {:.1} kB/deployment, latency p50 {:.2}× and p99 {:.2}× that with {}",
+            max,
+            out[out.len() - 1]["lock_connections"],
+            out[out.len() - 1]["rss_kb_per_deployment"].as_f64().unwrap_or(f64::NAN),
+            ratio("p50_ms").unwrap_or(f64::NAN),
+            ratio("p99_ms").unwrap_or(f64::NAN),
+            levels[0]
+        );
+        Ok(Partial {
+            line: summary,
+            json: json!({
+                "levels": out,
+                "baseline": {
+                    "rss_kb": base.rss_kb,
+                    "rss_anon_kb": base.rss_anon_kb,
+                    "threads": base.threads,
+                    "open_fds": base.fds,
+                    "lock_connections": base.pg_lock,
+                    "db_connections": base.pg_total,
+                    "amqp_connections": base.amqp.map(|a| a.0),
+                    "amqp_channels": base.amqp.map(|a| a.1),
+                },
+                "latency_turns": lt,
+                "latency_warmup": lw,
+                "latency_ratio_p50": ratio("p50_ms"),
+                "latency_ratio_p99": ratio("p99_ms"),
+                "skipped_levels": skipped,
+                "daemon_nofile_limit": fd_limit,
+                "capacity_note": capacity_note,
+                "pg_lock_table": capacity.json(),
+            }),
+            notes,
+        })
+    })
+    .await
+}
+
+/// The soft RLIMIT_NOFILE of a process, from /proc/<pid>/limits.
+fn nofile_limit(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Waits until the daemon has `expected` live workers, or their number has not moved for 5 s
+/// (at most 120 s); returns how long it waited.
+async fn workers_settle(cluster: &Cluster, expected: usize) -> Duration {
+    let started = Instant::now();
+    let mut last = (usize::MAX, Instant::now());
+    loop {
+        let (n, _) = cluster.children();
+        if n == expected || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    started.elapsed()
+}
+
+/// The server's lock table: max_locks_per_transaction × (backends + prepared transactions).
+struct LockCapacity {
+    per_transaction: i64,
+    slots: i64,
+    in_use: i64,
+}
+
+impl LockCapacity {
+    fn json(&self) -> Value {
+        json!({ "max_locks_per_transaction": self.per_transaction, "slots": self.slots, "in_use": self.in_use })
+    }
+}
+
+async fn lock_capacity(s: &Settings) -> Result<LockCapacity> {
+    let mut admin = admin_connection(&s.admin_url).await?;
+    let (per_transaction, slots, in_use): (i64, i64, i64) = sqlx::query_as(
+        "SELECT current_setting('max_locks_per_transaction')::bigint,
+                current_setting('max_locks_per_transaction')::bigint * (
+                    current_setting('max_connections')::bigint
+                  + current_setting('autovacuum_max_workers')::bigint + 1
+                  + current_setting('max_worker_processes')::bigint
+                  + current_setting('max_wal_senders')::bigint
+                  + current_setting('max_prepared_transactions')::bigint),
+                (SELECT count(*) FROM pg_locks)",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .context("read PostgreSQL's lock settings")?;
+    Ok(LockCapacity {
+        per_transaction,
+        slots,
+        in_use,
+    })
+}
+
+/// Keeps the levels the server's lock table can hold (with room for everything else), says
+/// what to change otherwise, and optionally changes it (a restart is still needed).
+async fn fit_levels(
+    levels: &[usize],
+    cap: &LockCapacity,
+    s: &Settings,
+    alter_system: bool,
+) -> Result<(Vec<usize>, Vec<usize>, Option<String>)> {
+    // Room for the locks other sessions hold now and a margin for ordinary relation locks.
+    let room = (cap.slots - cap.in_use - 256).max(0) as usize;
+    let (fit, skipped): (Vec<usize>, Vec<usize>) = levels.iter().partition(|&&n| n <= room);
+    if skipped.is_empty() {
+        return Ok((fit, skipped, None));
+    }
+    let need = skipped.iter().max().copied().unwrap_or(0);
+    let backends = cap.slots / cap.per_transaction.max(1);
+    let suggest = ((need as u64 * 2 / backends.max(1) as u64) + 1)
+        .max(256)
+        .next_power_of_two();
+    let mut note = format!(
+        "PostgreSQL's lock table holds about {} locks (max_locks_per_transaction {} × {} \
+         backends), {} in use now; {need} live deployments need {need} advisory locks on one \
+         session (cluster-wide), so scale level(s) {skipped:?} would end in \"out of shared \
+         memory\" and were skipped. Raise it: ALTER SYSTEM SET max_locks_per_transaction = \
+         {suggest}; then restart PostgreSQL.",
+        cap.slots, cap.per_transaction, backends, cap.in_use
+    );
+    if alter_system {
+        let mut admin = admin_connection(&s.admin_url).await?;
+        let sql = format!("ALTER SYSTEM SET max_locks_per_transaction = {suggest}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .context("ALTER SYSTEM SET max_locks_per_transaction")?;
+        note += &format!(
+            " Done (--alter-system): max_locks_per_transaction = {suggest} is in \
+             postgresql.auto.conf and takes effect after a PostgreSQL restart, which the \
+             harness does not do."
+        );
+    }
+    Ok((fit, skipped, Some(note)))
+}
+
+/// The daemon's footprint at one moment.
+struct Snapshot {
+    rss_kb: u64,
+    rss_anon_kb: u64,
+    threads: u64,
+    fds: usize,
+    workers: usize,
+    workers_rss_kb: u64,
+    owned: i64,
+    pg_lock: i64,
+    pg_total: i64,
+    advisory_locks: i64,
+    amqp: Option<(usize, usize)>,
+    amqp_note: Option<String>,
+    queues: Option<(usize, usize)>,
+}
+
+impl Snapshot {
+    async fn take(cluster: &Cluster) -> Snapshot {
+        let (workers, workers_rss_kb) = cluster.children();
+        let lock_name = format!("turnd-lock:{}", cluster.daemon_id);
+        let db: Result<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND application_name = $1),
+                    (SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND application_name LIKE 'turnd%'),
+                    (SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                      WHERE l.locktype = 'advisory' AND a.application_name = $1),
+                    (SELECT count(*) FROM turnd_deployments WHERE owner = $2)",
+        )
+        .bind(&lock_name)
+        .bind(&cluster.daemon_id)
+        .fetch_one(&cluster.pool)
+        .await
+        .context("count the daemon's database connections");
+        let (pg_lock, pg_total, advisory_locks, owned) = db.unwrap_or((-1, -1, -1, -1));
+        let (amqp, amqp_note) =
+            match rabbitmq_connection(&format!("turnd {}", cluster.daemon_id)).await {
+                Ok(a) => (Some(a), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
+        let queues = rabbitmq_thread_queues(&cluster.prefix).await.ok();
+        Snapshot {
+            rss_kb: cluster.proc_status("VmRSS").unwrap_or(0),
+            rss_anon_kb: cluster.proc_status("RssAnon").unwrap_or(0),
+            threads: cluster.proc_status("Threads").unwrap_or(0),
+            fds: cluster.open_fds().unwrap_or(0),
+            workers,
+            workers_rss_kb,
+            owned,
+            pg_lock,
+            pg_total,
+            advisory_locks,
+            amqp,
+            amqp_note,
+            queues,
+        }
+    }
+
+    fn amqp_human(&self) -> String {
+        match (self.amqp, &self.amqp_note) {
+            (Some((c, ch)), _) => format!("{c} connection(s), {ch} channels"),
+            (None, Some(n)) => format!("unknown ({n})"),
+            (None, None) => "unknown".into(),
+        }
+    }
+
+    fn queues_human(&self) -> String {
+        match self.queues {
+            Some((q, c)) => format!("{q} ({c} consumers)"),
+            None => "unknown".into(),
+        }
+    }
+}
+
+async fn rabbitmqctl(args: &[&str]) -> Result<String> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new("rabbitmqctl")
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("rabbitmqctl did not answer within 60 s")?
+    .context("run rabbitmqctl (is it on PATH, and may this user run it?)")?;
+    ensure!(
+        output.status.success(),
+        "rabbitmqctl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// (connections, channels) whose client-provided connection_name is `name`, from
+/// `rabbitmqctl list_connections channels client_properties` (the `name` column is the peer
+/// address).
+async fn rabbitmq_connection(name: &str) -> Result<(usize, usize)> {
+    let text = rabbitmqctl(&[
+        "-q",
+        "list_connections",
+        "--no-table-headers",
+        "channels",
+        "client_properties",
+    ])
+    .await?;
+    let tag = format!("{{\"connection_name\",\"{name}\"}}");
+    let mut found = (0, 0);
+    for line in text.lines() {
+        let Some((channels, properties)) = line.split_once('\t') else {
+            continue;
+        };
+        if properties.contains(&tag) {
+            found.0 += 1;
+            found.1 += channels.trim().parse::<usize>().unwrap_or(0);
+        }
+    }
+    ensure!(
+        found.0 > 0,
+        "no AMQP connection named {name:?} in rabbitmqctl list_connections"
+    );
+    Ok(found)
+}
+
+/// (thread queues, their consumers) of `prefix`.
+async fn rabbitmq_thread_queues(prefix: &str) -> Result<(usize, usize)> {
+    let text = rabbitmqctl(&[
+        "-q",
+        "list_queues",
+        "--no-table-headers",
+        "name",
+        "consumers",
+    ])
+    .await?;
+    let head = format!("{prefix}.thread.");
+    let mut found = (0, 0);
+    for line in text.lines() {
+        let Some((n, c)) = line.rsplit_once('\t') else {
+            continue;
+        };
+        if n.trim().starts_with(&head) {
+            found.0 += 1;
+            found.1 += c.trim().parse::<usize>().unwrap_or(0);
+        }
+    }
+    Ok(found)
+}
+
+// ---------------------------------------------------------------------------------------------
+// the frame every mode runs in
+// ---------------------------------------------------------------------------------------------
+
+/// What a mode's measurement returns before the common checks.
+pub struct Partial {
+    pub line: String,
+    pub json: Value,
+    pub notes: Vec<String>,
+}
+
+/// Starts a cluster and a client, runs `measure`, then checks exactly-once (after `settle`)
+/// and the database, stops the daemon and cleans up whatever happened.
+async fn run(
+    s: &Settings,
+    mode: &'static str,
+    label: String,
+    extra: &[(&str, String)],
+    measure: impl AsyncFnOnce(&mut Cluster, &mut Client) -> Result<Partial>,
+) -> Result<Measured> {
+    let mut cluster = Cluster::start(s, mode, extra).await?;
+    let mut client = match Client::connect(&cluster, &s.amqp_url, s.timeout).await {
+        Ok(c) => c,
+        Err(e) => {
+            cluster.cleanup().await;
+            return Err(e);
+        }
+    };
+    let measured = measure(&mut cluster, &mut client).await;
+    let partial = match measured {
+        Ok(p) => p,
+        Err(e) => {
+            let tail = cluster.log_tail(15);
+            let check = client.check();
+            client.close().await;
+            let _ = cluster.stop().await;
+            cluster.cleanup().await;
+            return Err(e.context(format!(
+                "{label} ({} of {} turns answered so far); turnd log ends:\n{tail}",
+                check.answered, check.sent
+            )));
+        }
+    };
+    let settled = client.settle(s.settle).await;
+    let mut check = client.check();
+    if let Err(e) = settled {
+        check.examples.push(format!("{e:#}"));
+    }
+    let db = db_state(&cluster).await;
+    client.close().await;
+    let stopped = cluster.stop().await;
+    let log = cluster.log_summary();
+    let daemon_log = cluster.log.clone();
+    cluster.cleanup().await;
+
+    let mut notes = partial.notes;
+    let mut json = partial.json;
+    match &db {
+        Ok(d) => {
+            if d.pending != 0 || d.unpublished != 0 || d.outbox != check.sent as i64 {
+                check.database = Some(format!(
+                    "database after the run: {} turns not done, {} events unpublished, {} outbox rows for {} turns",
+                    d.pending, d.unpublished, d.outbox, check.sent
+                ));
+            }
+            json["database"] = json!({ "pending": d.pending, "unpublished": d.unpublished, "outbox_rows": d.outbox });
+        }
+        Err(e) => notes.push(format!("database check failed: {e:#}")),
+    }
+    match &stopped {
+        Ok(st) => {
+            json["shutdown"] =
+                json!({ "s": st.took.as_secs_f64(), "status": st.status, "clean": st.clean });
+            notes.push(format!(
+                "SIGTERM → exit {:.2} s ({})",
+                st.took.as_secs_f64(),
+                st.status
+            ));
+        }
+        Err(e) => notes.push(format!("stopping turnd: {e:#}")),
+    }
+    if log.warn + log.error + log.panics > 0 {
+        notes.push(format!(
+            "turnd log: {} WARN, {} ERROR, {} panic lines{}; e.g.\n      {}",
+            log.warn,
+            log.error,
+            log.panics,
+            if s.keep {
+                format!(" ({})", daemon_log.display())
+            } else {
+                String::new()
+            },
+            log.samples.join("\n      ")
+        ));
+    }
+    json["daemon_log"] = json!({ "warn": log.warn, "error": log.error, "panics": log.panics, "samples": log.samples });
+    json["exactly_once"] = check.json();
+    json["mode"] = json!(mode);
+    json["label"] = json!(label);
+    Ok(Measured {
+        mode,
+        label,
+        json,
+        line: partial.line,
+        notes,
+        check,
+    })
+}
+
+/// Waits (up to 10 s) until the database owes nothing: every turn done and every event
+/// marked published (the relay's update trails the publish a little).
+async fn db_state(cluster: &Cluster) -> Result<DbState> {
+    let started = Instant::now();
+    loop {
+        let (pending, unpublished, outbox): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM turnd_turns WHERE state <> 'done'),
+                    (SELECT count(*) FROM turnd_outbox WHERE published_at IS NULL),
+                    (SELECT count(*) FROM turnd_outbox)",
+        )
+        .fetch_one(&cluster.pool)
+        .await
+        .context("count pending turns and unpublished events")?;
+        if (pending == 0 && unpublished == 0) || started.elapsed() > Duration::from_secs(10) {
+            return Ok(DbState {
+                pending,
+                unpublished,
+                outbox,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A few turns on their own conversation: connections, channels and caches warm.
+async fn warm_up(
+    cluster: &mut Cluster,
+    client: &mut Client,
+    maker: &mut Turns,
+    n: u32,
+) -> Result<()> {
+    one_at_a_time(cluster, client, maker, "warm0", "w", n, 0)
+        .await
+        .map(|_| ())
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `perf record` of the daemon during a measurement window (with --perf).
+pub struct Perf {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Perf {
+    pub fn start(s: &Settings, pid: u32, label: &str) -> Option<Perf> {
+        let dir = s.perf.as_ref()?;
+        let name: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let path = dir.join(format!("{name}.perf.data"));
+        let child = Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        match child {
+            Ok(child) => Some(Perf { child, path }),
+            Err(e) => {
+                eprintln!("turnd-bench: cannot run perf record: {e}");
+                None
+            }
+        }
+    }
+
+    pub async fn stop(perf: Option<Perf>) -> Option<PathBuf> {
+        let mut perf = perf?;
+        if let Some(pid) = perf.child.id() {
+            // SAFETY: kill(2) on our own child; SIGINT makes perf write its data and exit.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+        }
+        match tokio::time::timeout(Duration::from_secs(60), perf.child.wait()).await {
+            Ok(Ok(_)) => Some(perf.path),
+            _ => {
+                let _ = perf.child.kill().await;
+                None
+            }
+        }
+    }
+}
