@@ -261,7 +261,7 @@ impl Intake {
                 reason: reason.to_owned(),
                 body: delivery.data.clone(),
                 headers: headers_json(&headers),
-                routing_key: delivery.routing_key.as_str().to_owned(),
+                routing_key: original_routing_key(delivery),
                 deployment: ident.map(|i| i.envelope.deployment.as_str().to_owned()),
                 message_id: ident.map(|i| i.envelope.message_id.as_str().to_owned()),
                 attempts: i32::try_from(attempt).unwrap_or(i32::MAX),
@@ -305,6 +305,19 @@ fn ident_of_invalid(invalid: &InvalidTurn) -> Option<Box<Ident>> {
         },
         conversation_key: deployment.as_str().to_owned(),
     }))
+}
+
+/// Header carrying a refused turn's routing key through its delay queue (whose dead-lettering
+/// replaces the key with the queue's name), so a parked turn records and replays the
+/// producer's key.
+const ORIGINAL_KEY: &str = "x-turnd-routing-key";
+
+fn original_routing_key(delivery: &Delivery) -> String {
+    let headers = delivery.properties.headers().as_ref();
+    match headers.and_then(|h| h.inner().get(ORIGINAL_KEY)) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        _ => delivery.routing_key.as_str().to_owned(),
+    }
 }
 
 /// How many times the inbox has already refused this message: the count of its `x-death`
@@ -387,8 +400,13 @@ pub async fn run_retry(config: Arc<Config>, broker: Broker, cancel: Cancellation
             let Some(Ok(delivery)) = next else { break };
             let k = refusals(&delivery.properties, &names.inbox()).clamp(1, config.intake.max_attempts.saturating_sub(1).max(1));
             let queue = names.retry_delay(k);
+            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+            if !headers.contains_key(ORIGINAL_KEY) {
+                headers.insert(ORIGINAL_KEY.into(), long_string(delivery.routing_key.as_str()));
+            }
+            let properties = delivery.properties.clone().with_headers(headers);
             let moved = async {
-                let c = session.publish("", &queue, true, &delivery.data, delivery.properties.clone()).await?;
+                let c = session.publish("", &queue, true, &delivery.data, properties).await?;
                 Session::confirmed(c, &queue).await?;
                 delivery.ack(BasicAckOptions::default()).await?;
                 Ok::<_, BatchError>(())
