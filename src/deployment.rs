@@ -442,6 +442,14 @@ impl Owner<'_> {
                                     tracing::debug!(deployment = %self.name, pid = w.pid, epoch = self.epoch().get(), "worker started");
                                     ctx.relay.metrics().worker_spawns.inc();
                                     let _ = ctx.store.set_worker(&self.name, self.epoch(), Some(w.pid)).await;
+                                    // The stored deadline ran from the claim: a spawn that
+                                    // waited behind many others (thousands of deployments
+                                    // starting at once) must not eat into it, or the sweep
+                                    // fails a turn whose worker has only just started.
+                                    let _ = ctx
+                                        .store
+                                        .extend_deadlines(&self.name, self.epoch(), stored_deadline(config.turn.deadline), config.turn.queue_timeout)
+                                        .await;
                                     self.has_worker.store(true, Ordering::Relaxed);
                                     worker = Some(w);
                                 }
@@ -470,7 +478,10 @@ impl Owner<'_> {
                         want_claim = false;
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_millis(500)) => want_claim = true,
-                            _ = &mut lost => {}
+                            // A fresh future, not the pinned `lost`: that one must complete in
+                            // the select below, which handles the loss (polled again after
+                            // completing here, it panicked and the deployment was stranded).
+                            _ = ctx.locks.lost(self.held.generation) => {}
                         }
                         continue;
                     }

@@ -48,8 +48,11 @@ pub struct Held {
     pub generation: u64,
 }
 
+/// Where the answer to a lock attempt goes.
+type AcquireReply = oneshot::Sender<Result<Option<Held>, LockError>>;
+
 enum Request {
-    Acquire { key: i64, reply: oneshot::Sender<Result<Option<Held>, LockError>> },
+    Acquire { key: i64, reply: AcquireReply },
     /// `done` (if any) is told once the lock is free (or dropped when the session is gone,
     /// which freed it too).
     Release { held: Held, done: Option<oneshot::Sender<()>> },
@@ -229,7 +232,7 @@ impl Task {
 
     async fn handle(&mut self, conn: &mut PgConnection, batch: &mut Vec<Request>) -> Result<(), sqlx::Error> {
         let generation = *self.generation.borrow();
-        let mut acquire: Vec<(i64, oneshot::Sender<Result<Option<Held>, LockError>>)> = Vec::new();
+        let mut acquire: Vec<(i64, AcquireReply)> = Vec::new();
         let mut release: Vec<i64> = Vec::new();
         let mut released: Vec<oneshot::Sender<()>> = Vec::new();
         for req in batch.drain(..) {
@@ -283,12 +286,12 @@ impl Task {
                     self.held.insert(key);
                     Held { key, epoch: Epoch::new(epoch), generation }
                 });
-                if reply.send(Ok(held)).is_err() {
-                    if let Some(h) = held {
-                        // The asker is gone: let the lock go again right away.
-                        self.held.remove(&h.key);
-                        sqlx::query("SELECT pg_advisory_unlock($1)").bind(h.key).execute(&mut *conn).await?;
-                    }
+                if reply.send(Ok(held)).is_err()
+                    && let Some(h) = held
+                {
+                    // The asker is gone: let the lock go again right away.
+                    self.held.remove(&h.key);
+                    sqlx::query("SELECT pg_advisory_unlock($1)").bind(h.key).execute(&mut *conn).await?;
                 }
             }
         }
