@@ -230,6 +230,26 @@ impl Task {
         }
     }
 
+    /// Releases any of `keys` this backend holds without this session knowing it.
+    async fn release_strays(&self, conn: &mut PgConnection, keys: &[i64]) -> Result<(), sqlx::Error> {
+        // A bigint advisory key shows in pg_locks as classid (high half), objid (low half).
+        let held: Vec<i64> = sqlx::query_scalar(
+            "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks
+             WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let strays: Vec<i64> =
+            keys.iter().copied().filter(|k| held.contains(k) && !self.held.contains(k)).collect();
+        if !strays.is_empty() {
+            sqlx::query("SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k")
+                .bind(&strays)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn handle(&mut self, conn: &mut PgConnection, batch: &mut Vec<Request>) -> Result<(), sqlx::Error> {
         let generation = *self.generation.borrow();
         let mut acquire: Vec<(i64, AcquireReply)> = Vec::new();
@@ -277,6 +297,15 @@ impl Task {
                 Err(e) => {
                     for (_, reply) in acquire {
                         let _ = reply.send(Err(LockError::Unavailable));
+                    }
+                    // A statement error on a live session (the server's lock table is full:
+                    // "out of shared memory") is not a lost session: the locks held stay held
+                    // and their workers keep running. Only the locks this failed statement may
+                    // have taken before failing are unknown: find and release them.
+                    if matches!(e, sqlx::Error::Database(_)) {
+                        tracing::error!(error = %e, "the lock statement failed; see PostgreSQL's max_locks_per_transaction");
+                        self.release_strays(conn, &keys).await?;
+                        return Ok(());
                     }
                     return Err(e);
                 }
