@@ -52,6 +52,7 @@ pub enum DaemonError {
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let daemon_id = config.daemon.id.clone();
+    raise_nofile_limit();
     let store = Store::connect(&config.database, &daemon_id)?;
     let background = CancellationToken::new();
 
@@ -255,5 +256,20 @@ async fn warn_lock_capacity(store: &Store, config: &Config) {
             }
         }
         Err(e) => tracing::debug!(error = %e, "cannot read the lock table capacity"),
+    }
+}
+
+/// Each live worker costs the daemon three pipe descriptors (and a consumer, a lock): raise the
+/// soft open-files limit to the hard one, as a daemon holding thousands of workers needs.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(soft = limit.rlim_cur, "cannot raise the open-files limit; workers may fail to start past it");
+            }
+        }
     }
 }
