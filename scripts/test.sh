@@ -9,3 +9,7 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --bins --locked
 cargo test --locked -- --test-threads 2
+# The CI-sized chaos run: 3 daemons, a few hundred turns, every fault at least once. It restarts
+# the shared RabbitMQ and PostgreSQL, so it runs after every other test, alone. Seeded (a
+# failure prints the seed to replay; TURND_CHAOS_SEED picks another); README "Chaos".
+target/debug/turnd-chaos --seed "${TURND_CHAOS_SEED:-8}" --turns 300 --conversations 30 --duration 2m

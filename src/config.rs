@@ -45,6 +45,13 @@ const WORKER_ENV_PREFIX: &str = "TURND_WORKER_ENV_";
 /// File name of the bundled demo worker, installed next to the `turnd` binary.
 const DEMO_WORKER: &str = "turnd-demo-worker";
 
+/// A config file larger than this is refused before it is read whole or parsed (a real one
+/// is a few KiB): one wrong path must not cost the daemon unbounded memory.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// TOML's parse messages quote the offending line; longer ones are cut to this many bytes.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
 /// Result of this module.
 pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
@@ -912,7 +919,7 @@ impl Config {
             Some(path) => (read_file(path)?, Some(path)),
             None => {
                 let path = Path::new(DEFAULT_PATH);
-                match std::fs::read_to_string(path) {
+                match read_bounded(path) {
                     Ok(text) => (parse_file(path, &text)?, Some(path)),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => (Table::new(), None),
                     Err(source) => {
@@ -934,10 +941,7 @@ impl Config {
     ///
     /// [`ConfigError::Parse`] if it is not TOML, [`ConfigError::Invalid`] naming the key.
     pub fn from_toml_str(text: &str) -> Result<Config> {
-        let table = text.parse::<Table>().map_err(|e| ConfigError::Parse {
-            path: "<string>".to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+        let table = parse_toml("<string>", text)?;
         build(table, None, std::iter::empty())
     }
 
@@ -1157,8 +1161,16 @@ fn valid_env_name(s: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// Reads at most one byte more than [`MAX_CONFIG_BYTES`] (enough for the parser to refuse it).
+fn read_bounded(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn read_file(path: &Path) -> Result<Table> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_bounded(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
@@ -1166,9 +1178,27 @@ fn read_file(path: &Path) -> Result<Table> {
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<Table> {
-    text.parse::<Table>().map_err(|e| ConfigError::Parse {
-        path: path.display().to_string(),
-        message: e.to_string().trim_end().to_owned(),
+    parse_toml(&path.display().to_string(), text)
+}
+
+fn parse_toml(path: &str, text: &str) -> Result<Table> {
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Parse {
+            path: path.to_owned(),
+            message: format!("it is larger than {MAX_CONFIG_BYTES} bytes; a config file is a few KiB"),
+        });
+    }
+    text.parse::<Table>().map_err(|e| {
+        let mut message = e.to_string().trim_end().to_owned();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(" …");
+        }
+        ConfigError::Parse { path: path.to_owned(), message }
     })
 }
 

@@ -323,6 +323,9 @@ impl Owner<'_> {
 
     async fn run(&self) -> End {
         let ctx = self.ctx();
+        // Another daemon that owned it and did not let go may still run its worker, unaware
+        // that its lock session is gone (see lock::LOSS_NOTICED_WITHIN).
+        let unreleased = ctx.store.owner_of(&self.name).await.ok().flatten().is_some_and(|o| o != ctx.daemon_id);
         let takeover = match ctx.store.take_over(&self.name, self.epoch(), &ctx.daemon_id).await {
             Ok(t) => t,
             Err(e) => {
@@ -346,6 +349,14 @@ impl Owner<'_> {
                 ctx.relay.failed("crash_loop", failed);
             }
             return End::Done;
+        }
+        if unreleased {
+            // Fenced already (the takeover moved the epoch); spawn once the old worker is gone.
+            tokio::select! {
+                _ = tokio::time::sleep(crate::lock::LOSS_NOTICED_WITHIN) => {}
+                _ = ctx.locks.lost(self.held.generation) => return End::LockLost,
+                _ = ctx.hard.cancelled() => return End::Shutdown,
+            }
         }
         let doorbells = CancellationToken::new();
         let bell = self.doorbell(doorbells.clone());
@@ -423,6 +434,7 @@ impl Owner<'_> {
         let config = &ctx.config;
         let mut worker: Option<Worker> = None;
         let mut running: Option<Running> = None;
+        let mut spawned: Option<u32> = None;
         let mut want_claim = true;
         let mut idle_since = Instant::now();
         let mut draining = false;
@@ -441,15 +453,7 @@ impl Owner<'_> {
                                 Ok(w) => {
                                     tracing::debug!(deployment = %self.name, pid = w.pid, epoch = self.epoch().get(), "worker started");
                                     ctx.relay.metrics().worker_spawns.inc();
-                                    let _ = ctx.store.set_worker(&self.name, self.epoch(), Some(w.pid)).await;
-                                    // The stored deadline ran from the claim: a spawn that
-                                    // waited behind many others (thousands of deployments
-                                    // starting at once) must not eat into it, or the sweep
-                                    // fails a turn whose worker has only just started.
-                                    let _ = ctx
-                                        .store
-                                        .extend_deadlines(&self.name, self.epoch(), stored_deadline(config.turn.deadline), config.turn.queue_timeout)
-                                        .await;
+                                    spawned = Some(w.pid);
                                     self.has_worker.store(true, Ordering::Relaxed);
                                     worker = Some(w);
                                 }
@@ -464,6 +468,22 @@ impl Owner<'_> {
                             }
                         }
                         running = Some(self.give(worker.as_mut(), claimed).await);
+                        if let Some(pid) = spawned.take() {
+                            // After the turn is written (off the cold path's critical section):
+                            // record the worker, and restart the stored deadline from the spawn
+                            // — a spawn that waited behind many others (thousands of
+                            // deployments starting at once) must not eat into it, or the sweep
+                            // fails a turn whose worker has only just started.
+                            let _ = tokio::join!(
+                                ctx.store.set_worker(&self.name, self.epoch(), Some(pid)),
+                                ctx.store.extend_deadlines(
+                                    &self.name,
+                                    self.epoch(),
+                                    stored_deadline(config.turn.deadline),
+                                    config.turn.queue_timeout
+                                ),
+                            );
+                        }
                     }
                     Ok(None) => {
                         want_claim = false;
@@ -710,7 +730,14 @@ impl Owner<'_> {
                     if ctx.hard.is_cancelled() && backoff > Duration::from_secs(2) {
                         return;
                     }
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        // The lock is gone (with the database, typically): stop retrying so the
+                        // serve loop kills the worker now, not once PostgreSQL is back and
+                        // another daemon may already run one. The next owner's takeover (or
+                        // the sweep) ends the turn, once.
+                        _ = ctx.locks.lost(self.held.generation) => return,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }

@@ -147,6 +147,12 @@ impl Intake {
             })
             .collect();
         let armed = if turns.is_empty() {
+            // Refusing counts an attempt and parking needs its record: neither while
+            // PostgreSQL is away (CONTRACT §4). Arming proves the database by itself; a batch
+            // of refusals alone must ask, or it would be refused over and over in the outage.
+            if !verdicts.is_empty() {
+                self.store.ping().await?;
+            }
             Vec::new()
         } else {
             self.store.arm(&turns, config.turn.queue_timeout).await?

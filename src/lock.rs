@@ -22,8 +22,15 @@ use crate::turn::Epoch;
 
 /// How often the session proves it is alive; a lost session is noticed within
 /// PROBE_INTERVAL + PROBE_TIMEOUT. Shorter costs a trivial query per interval.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A session the server closed (pg_terminate_backend, a restart) fails its next probe at once,
+/// so its daemon notices within PROBE_INTERVAL and kills its workers; this adds scheduling
+/// margin. A daemon that takes a deployment another daemon did not release waits this long
+/// before it spawns a worker, or both workers would live at once (the chaos run saw 9 ms of
+/// that after a PostgreSQL restart). A partitioned session is freed by the server only after
+/// its keepalives (~11 s), long after PROBE_INTERVAL + PROBE_TIMEOUT.
+pub const LOSS_NOTICED_WITHIN: Duration = Duration::from_millis(800);
 /// Server-side keepalives so PostgreSQL frees a vanished daemon's locks in ~10 s, not hours.
 const KEEPALIVE_SETTINGS: &str =
     "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3";

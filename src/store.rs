@@ -537,6 +537,16 @@ impl Store {
         Ok(ms)
     }
 
+    /// The daemon recorded as the deployment's owner: None when it was released cleanly
+    /// (or never owned). Read before [`Store::take_over`] replaces it.
+    pub async fn owner_of(&self, deployment: &DeploymentName) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT owner FROM turnd_deployments WHERE deployment = $1")
+            .bind(deployment.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
+    }
+
     /// The owner lets go (after its worker exited, before the advisory lock is released).
     pub async fn release_owner(&self, deployment: &DeploymentName, epoch: Epoch) -> Result<()> {
         sqlx::query(

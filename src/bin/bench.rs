@@ -1,17 +1,37 @@
 //! `turnd-bench`: how much exactly-once costs. Starts a real `turnd run` per mode on a fresh
-//! PostgreSQL database and AMQP prefix (local services), drives it with the fast bundled
-//! `turnd-test-worker`, and measures throughput, one-at-a-time latency, new-conversation
-//! (cold) latency, worker-crash recovery and N live deployments on one daemon. With
-//! `--floor <floor-bench>` it runs floor-bench's matching mode right before each turnd mode
-//! and prints each ratio against the targets of issue 7. After every mode it checks that every
-//! turn got exactly one terminal event; a violation makes the exit code 1.
+//! PostgreSQL database and AMQP prefix (local services; both dropped after), drives it with the
+//! fast bundled `turnd-test-worker`, and measures:
+//!
+//! - `throughput`: C conversations × N turns published at once (confirmed, 256 in flight):
+//!   turns/s from the first publish to the last terminal event, and latency per turn;
+//! - `latency`: one conversation, one turn in flight; split at the moment the worker read the
+//!   turn (the test worker's event log);
+//! - `cold`: a new conversation per turn (lock + spawn + reply), split at the worker's start;
+//! - `crash`: a hanging turn's worker is SIGKILLed; kill → WORKER_DIED event;
+//! - `scale`: N live deployments on one daemon (ascending levels on one daemon): bring-up
+//!   time, daemon RSS per deployment, lock-session and database connections, AMQP connections
+//!   and channels, thread queues, and latency and new-conversation cost at each level.
+//!
+//! With `--floor <floor-bench>` it runs floor-bench's matching mode right before each turnd
+//! mode and prints each ratio against the targets of issue 7; `--repeat K` alternates K pairs
+//! and reports medians (steadier on a shared machine). After every mode it checks that every
+//! turn got exactly one terminal event (de-duplicated on the AMQP message_id) with the outcome
+//! asked for, and that the database owes nothing; a violation makes the exit code 1. Figures
+//! taken while other processes used more than 10% of the machine are flagged DISTURBED.
 //!
 //! ```sh
 //! cargo build --release --bins
 //! ./target/release/turnd-bench all --floor /tmp/floor-bench/target/release/floor-bench
 //! ./target/release/turnd-bench throughput --conversations 50 --turns 40
 //! ./target/release/turnd-bench --json latency
+//! ./target/release/turnd-bench scale --deployments 50,5000
+//! ./target/release/turnd-bench cleanup      # after a run that was killed with SIGKILL
 //! ```
+//!
+//! 5,000 live deployments need PostgreSQL's lock table to hold 5,000 advisory locks
+//! (max_locks_per_transaction; `scale --alter-system` raises it, effective after a restart)
+//! and about 4 file descriptors per worker in the daemon (RLIMIT_NOFILE, inherited from the
+//! harness); `scale` says so before it runs into either.
 
 #[path = "bench/client.rs"]
 mod client;
@@ -37,7 +57,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
 use cluster::Settings;
-use modes::ScaleArgs;
+use modes::{Measured, ScaleArgs};
 use report::{Floor, Row};
 
 #[derive(Parser)]
@@ -61,17 +81,9 @@ struct Cli {
     worker: Option<PathBuf>,
     /// PostgreSQL as a user that may create databases; one `turnd_bench_<random>` per mode is
     /// created there and dropped after.
-    #[arg(
-        long,
-        global = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
+    #[arg(long, global = true, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     database_url: String,
-    #[arg(
-        long,
-        global = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, global = true, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     /// The daemons' log.level (turnd::daemon's info lines must pass: "turnd ready").
     #[arg(long, global = true, default_value = "warn,turnd::daemon=info")]
@@ -91,6 +103,10 @@ struct Cli {
     /// Extra daemon setting, e.g. --daemon-env TURND_DATABASE__MAX_CONNECTIONS=20 (repeatable).
     #[arg(long = "daemon-env", global = true, value_name = "KEY=VALUE", value_parser = key_value)]
     daemon_env: Vec<(String, String)>,
+    /// Run each mode (and its floor-bench counterpart) this many times, alternating, and
+    /// report the median of each figure (scale runs once): steadier ratios on a shared machine.
+    #[arg(long, global = true, default_value_t = 1)]
+    repeat: usize,
     /// Exit 2 when a target FAILs (exactly-once violations and errors always exit 1).
     #[arg(long, global = true)]
     fail_on_target: bool,
@@ -112,6 +128,9 @@ enum Mode {
     Scale(ScaleCli),
     /// Every mode in sequence (floor-bench interleaved with --floor), then the table.
     All(AllArgs),
+    /// Remove what killed runs left behind: databases turnd_bench_* and the broker's bench-*
+    /// queues and exchanges (found with rabbitmqctl). Not while another turnd-bench runs.
+    Cleanup,
 }
 
 #[derive(Args)]
@@ -198,9 +217,7 @@ struct AllArgs {
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
     if !k.starts_with("TURND_") {
         return Err(format!("{k} is not a TURND_* variable"));
     }
@@ -208,9 +225,8 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 }
 
 fn shape(s: &str) -> Result<(usize, u32), String> {
-    let (c, n) = s
-        .split_once(['x', '×'])
-        .ok_or_else(|| format!("{s:?} is not CxN (e.g. 50x40)"))?;
+    let (c, n) =
+        s.split_once(['x', '×']).ok_or_else(|| format!("{s:?} is not CxN (e.g. 50x40)"))?;
     let c = c.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
     let n = n.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
     Ok((c, n))
@@ -248,14 +264,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         .map(Path::to_path_buf)
         .context("this binary has no directory")?;
     let turnd = cli.turnd.clone().unwrap_or_else(|| here.join("turnd"));
-    let worker = cli
-        .worker
-        .clone()
-        .unwrap_or_else(|| here.join("turnd-test-worker"));
-    for (what, path, flag) in [
-        ("turnd", &turnd, "--turnd"),
-        ("the test worker", &worker, "--worker"),
-    ] {
+    let worker = cli.worker.clone().unwrap_or_else(|| here.join("turnd-test-worker"));
+    for (what, path, flag) in
+        [("turnd", &turnd, "--turnd"), ("the test worker", &worker, "--worker")]
+    {
         ensure!(
             path.is_file(),
             "{what} is not at {} (build with `cargo build --release --bins`, or pass {flag})",
@@ -285,6 +297,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         perf: cli.perf.clone(),
         daemon_env: cli.daemon_env.clone(),
     };
+    if let Mode::Cleanup = cli.mode {
+        return cleanup(&s).await.map(|()| ExitCode::SUCCESS);
+    }
     let machine = preflight(&s).await?;
 
     let steps: Vec<Step> = match &cli.mode {
@@ -296,6 +311,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Mode::Cold(a) => vec![Step::Cold(*a)],
         Mode::Crash(a) => vec![Step::Crash(*a)],
         Mode::Scale(a) => vec![Step::Scale(a.clone())],
+        Mode::Cleanup => Vec::new(),
         Mode::All(a) => {
             let on = |m: &str| !a.skip.iter().any(|x| x == m);
             let mut steps = Vec::new();
@@ -309,16 +325,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 }));
             }
             if on("cold") {
-                steps.push(Step::Cold(ColdArgs {
-                    count: a.cold_count,
-                    warmup: 5,
-                }));
+                steps.push(Step::Cold(ColdArgs { count: a.cold_count, warmup: 5 }));
             }
             if on("crash") {
-                steps.push(Step::Crash(CrashArgs {
-                    trials: a.crash_trials,
-                    warmup: 3,
-                }));
+                steps.push(Step::Crash(CrashArgs { trials: a.crash_trials, warmup: 3 }));
             }
             if on("scale") {
                 steps.push(Step::Scale(ScaleCli {
@@ -349,136 +359,102 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     ));
 
     let mut rows: Vec<Row> = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
     let mut violated = false;
     let mut unexpected = false;
     let mut errors = 0;
     // floor-bench's latency result, reused for `cold` when `latency` ran in this run.
     let mut floor_latency: Option<Result<Value, String>> = None;
+    let repeat = cli.repeat.max(1);
     for step in steps {
-        let (label, floor) = match &step {
-            Step::Throughput(c, n) => (
-                format!("throughput {c}×{n}"),
-                Floor {
-                    main: floor_run(
-                        cli,
-                        &[
-                            "throughput",
-                            "--conversations",
-                            &c.to_string(),
-                            "--turns",
-                            &n.to_string(),
-                        ],
-                    )
-                    .await,
-                    spawn: None,
-                },
-            ),
-            Step::Latency(a) => {
-                let f = floor_run(
-                    cli,
-                    &[
-                        "latency",
-                        "--turns",
-                        &a.turns.to_string(),
-                        "--warmup",
-                        &a.warmup.to_string(),
-                    ],
-                )
-                .await;
-                floor_latency = f.clone();
-                (
-                    "latency".into(),
-                    Floor {
-                        main: f,
-                        spawn: None,
-                    },
-                )
+        let label = step.label();
+        // scale is one long run; the others repeat, each turnd run right after its floor run.
+        let runs = if matches!(step, Step::Scale(_)) { 1 } else { repeat };
+        let mut measured: Vec<Measured> = Vec::new();
+        let mut floor_main: Vec<Result<Value, String>> = Vec::new();
+        let mut floor_spawn: Vec<Result<Value, String>> = Vec::new();
+        let mut failure: Option<String> = None;
+        for r in 0..runs {
+            let tag = if runs > 1 { format!(" [run {}/{runs}]", r + 1) } else { String::new() };
+            match &step {
+                Step::Throughput(c, n) => {
+                    let (c, n) = (c.to_string(), n.to_string());
+                    let args = ["throughput", "--conversations", &c, "--turns", &n];
+                    floor_main.extend(floor_run(cli, &args).await);
+                }
+                Step::Latency(a) => {
+                    let (t, w) = (a.turns.to_string(), a.warmup.to_string());
+                    floor_main
+                        .extend(floor_run(cli, &["latency", "--turns", &t, "--warmup", &w]).await);
+                }
+                Step::Cold(_) => floor_spawn.extend(floor_run(cli, &["spawn"]).await),
+                Step::Crash(_) | Step::Scale(_) => {}
+            }
+            eprintln!("turnd-bench: running {label}{tag} …");
+            match run_step(&s, &step).await {
+                Ok(m) => {
+                    say(&format!("{}{tag}: {}", m.label, m.line));
+                    for n in &m.notes {
+                        say(&format!("  {n}"));
+                    }
+                    if m.check.violated() {
+                        say(&format!("  EXACTLY-ONCE VIOLATED: {}", m.check.human()));
+                    }
+                    if m.check.unexpected() {
+                        say(&format!("  UNEXPECTED OUTCOMES: {}", m.check.outcomes_human()));
+                    }
+                    if m.check.violated() || m.check.unexpected() {
+                        for e in &m.check.examples {
+                            say(&format!("    {e}"));
+                        }
+                    }
+                    measured.push(m);
+                }
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    say(&format!("{label}{tag}: FAILED: {text}"));
+                    failure = Some(text);
+                    break;
+                }
+            }
+        }
+        if let Some(text) = failure {
+            errors += 1;
+            rows.push(report::failed(&label, &text));
+            if cli.json {
+                println!("{}", json!({ "mode": label, "error": text, "machine": machine }));
+            }
+            continue;
+        }
+        let floor = match &step {
+            Step::Latency(_) => {
+                let f = combine_floor(floor_main);
+                floor_latency.clone_from(&f);
+                Floor { main: f, spawn: None }
             }
             Step::Cold(_) => {
                 let main = match &floor_latency {
                     Some(f) => Some(f.clone()),
                     None => floor_run(cli, &["latency"]).await,
                 };
-                (
-                    "cold".into(),
-                    Floor {
-                        main,
-                        spawn: floor_run(cli, &["spawn"]).await,
-                    },
-                )
+                Floor { main, spawn: combine_floor(floor_spawn) }
             }
-            Step::Crash(_) => ("crash".into(), Floor::default()),
-            Step::Scale(_) => ("scale".into(), Floor::default()),
+            _ => Floor { main: combine_floor(floor_main), spawn: None },
         };
-        eprintln!("turnd-bench: running {label} …");
-        let result = match &step {
-            Step::Throughput(c, n) => modes::throughput(&s, *c, *n).await,
-            Step::Latency(a) => modes::latency(&s, a.turns, a.warmup).await,
-            Step::Cold(a) => modes::cold(&s, a.count, a.warmup).await,
-            Step::Crash(a) => modes::crash(&s, a.trials, a.warmup).await,
-            Step::Scale(a) => {
-                let args = ScaleArgs {
-                    levels: a.deployments.clone(),
-                    latency_turns: a.latency_turns,
-                    latency_warmup: a.latency_warmup,
-                    alter_system: a.alter_system,
-                    bring_up_window: a.bring_up_window,
-                    cold_probes: a.cold_probes,
-                };
-                modes::scale(&s, &args).await
-            }
-        };
-        match result {
-            Ok(m) => {
-                violated |= m.check.violated();
-                unexpected |= m.check.unexpected();
-                let (mut mode_rows, targets) = report::rows(&m, &floor);
-                say(&format!("{}: {}", m.label, m.line));
-                for n in &m.notes {
-                    say(&format!("  {n}"));
-                }
-                if m.check.violated() {
-                    say(&format!("  EXACTLY-ONCE VIOLATED: {}", m.check.human()));
-                }
-                if m.check.unexpected() {
-                    say(&format!(
-                        "  UNEXPECTED OUTCOMES: {}",
-                        m.check.outcomes_human()
-                    ));
-                }
-                if m.check.violated() || m.check.unexpected() {
-                    for e in &m.check.examples {
-                        say(&format!("    {e}"));
-                    }
-                }
-                notes.push(format!("{}:", m.label));
-                notes.extend(m.notes.iter().map(|n| format!("  {n}")));
-                if cli.json {
-                    let mut j = m.json.clone();
-                    j["floor"] = json!({
-                        "main": floor.main.as_ref().map(|r| r.clone().unwrap_or_else(|e| json!({ "error": e }))),
-                        "spawn": floor.spawn.as_ref().map(|r| r.clone().unwrap_or_else(|e| json!({ "error": e }))),
-                    });
-                    j["targets"] = Value::Array(targets);
-                    j["machine"] = machine.clone();
-                    println!("{j}");
-                }
-                rows.append(&mut mode_rows);
-            }
-            Err(e) => {
-                errors += 1;
-                let text = format!("{e:#}");
-                say(&format!("{label}: FAILED: {text}"));
-                rows.push(report::failed(&label, &text));
-                if cli.json {
-                    println!(
-                        "{}",
-                        json!({ "mode": label, "error": text, "machine": machine })
-                    );
-                }
-            }
+        let m = combine(measured);
+        violated |= m.check.violated();
+        unexpected |= m.check.unexpected();
+        let (mut mode_rows, targets) = report::rows(&m, &floor);
+        if cli.json {
+            let mut j = m.json.clone();
+            let or_error = |f: &Option<Result<Value, String>>| {
+                f.as_ref().map(|r| r.clone().unwrap_or_else(|e| json!({ "error": e })))
+            };
+            j["floor"] = json!({ "main": or_error(&floor.main), "spawn": or_error(&floor.spawn) });
+            j["targets"] = Value::Array(targets);
+            j["machine"] = machine.clone();
+            println!("{j}");
         }
+        rows.append(&mut mode_rows);
     }
 
     say("");
@@ -499,16 +475,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         "{} PASS, {} FAIL; exactly-once {}; outcomes {}; {} mode(s) failed to run",
         rows.iter().filter(|r| r.verdict == Some(true)).count(),
         failed_targets,
-        if violated {
-            "VIOLATED"
-        } else {
-            "held in every mode"
-        },
-        if unexpected {
-            "NOT as asked in some mode"
-        } else {
-            "as asked"
-        },
+        if violated { "VIOLATED" } else { "held in every mode" },
+        if unexpected { "NOT as asked in some mode" } else { "as asked" },
         errors
     ));
     if violated || unexpected || errors > 0 {
@@ -525,11 +493,137 @@ async fn floor_run(cli: &Cli, args: &[&str]) -> Option<Result<Value, String>> {
     let floor = cli.floor.as_ref()?;
     eprintln!("turnd-bench: floor-bench {} …", args.join(" "));
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    Some(
-        floor::run(floor, &cli.amqp_url, &args)
-            .await
-            .map_err(|e| format!("{e:#}")),
+    Some(floor::run(floor, &cli.amqp_url, &args).await.map_err(|e| format!("{e:#}")))
+}
+
+impl Step {
+    fn label(&self) -> String {
+        match self {
+            Step::Throughput(c, n) => format!("throughput {c}×{n}"),
+            Step::Latency(_) => "latency".into(),
+            Step::Cold(_) => "cold".into(),
+            Step::Crash(_) => "crash".into(),
+            Step::Scale(a) => {
+                let levels: Vec<String> = a.deployments.iter().map(ToString::to_string).collect();
+                format!("scale {}", levels.join(","))
+            }
+        }
+    }
+}
+
+async fn run_step(s: &Settings, step: &Step) -> Result<Measured> {
+    match step {
+        Step::Throughput(c, n) => modes::throughput(s, *c, *n).await,
+        Step::Latency(a) => modes::latency(s, a.turns, a.warmup).await,
+        Step::Cold(a) => modes::cold(s, a.count, a.warmup).await,
+        Step::Crash(a) => modes::crash(s, a.trials, a.warmup).await,
+        Step::Scale(a) => {
+            let args = ScaleArgs {
+                levels: a.deployments.clone(),
+                latency_turns: a.latency_turns,
+                latency_warmup: a.latency_warmup,
+                alter_system: a.alter_system,
+                bring_up_window: a.bring_up_window,
+                cold_probes: a.cold_probes,
+            };
+            modes::scale(s, &args).await
+        }
+    }
+}
+
+/// Several runs of one mode as one: the median of every figure, the checks summed.
+fn combine(mut runs: Vec<Measured>) -> Measured {
+    if runs.len() == 1 {
+        return runs.remove(0);
+    }
+    let jsons: Vec<Value> = runs.iter().map(|m| m.json.clone()).collect();
+    let mut first = runs.remove(0);
+    for m in &runs {
+        first.check.absorb(&m.check);
+    }
+    first.json = median(&jsons);
+    first.json["exactly_once"] = first.check.json();
+    first.json["runs"] = Value::Array(jsons);
+    first
+}
+
+/// floor-bench's runs of one mode as one (the median), or the first error.
+fn combine_floor(runs: Vec<Result<Value, String>>) -> Option<Result<Value, String>> {
+    if runs.is_empty() {
+        return None;
+    }
+    let ok: Vec<Value> = runs.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    if ok.is_empty() {
+        return runs.into_iter().next();
+    }
+    Some(Ok(median(&ok)))
+}
+
+/// The median (lower, for an even count) of each number found at the same place in every
+/// value; other leaves and arrays come from the first value.
+fn median(values: &[Value]) -> Value {
+    match values.first() {
+        Some(Value::Object(first)) => {
+            let mut out = serde_json::Map::new();
+            for k in first.keys() {
+                let items: Vec<Value> = values.iter().filter_map(|v| v.get(k).cloned()).collect();
+                out.insert(k.clone(), median(&items));
+            }
+            Value::Object(out)
+        }
+        Some(Value::Number(_)) => {
+            if values.iter().all(|v| v.as_i64().is_some()) {
+                let mut xs: Vec<i64> = values.iter().filter_map(Value::as_i64).collect();
+                xs.sort_unstable();
+                json!(xs[(xs.len() - 1) / 2])
+            } else {
+                let mut xs: Vec<f64> = values.iter().filter_map(Value::as_f64).collect();
+                xs.sort_by(f64::total_cmp);
+                xs.get((xs.len().max(1) - 1) / 2).map_or(Value::Null, |x| json!(x))
+            }
+        }
+        Some(v) => v.clone(),
+        None => Value::Null,
+    }
+}
+
+/// `turnd-bench cleanup`.
+async fn cleanup(s: &Settings) -> Result<()> {
+    let mut admin = cluster::admin_connection(&s.admin_url).await?;
+    let dbs: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'turnd\\_bench\\_%' ORDER BY 1",
     )
+    .fetch_all(&mut admin)
+    .await
+    .context("list databases")?;
+    for db in &dbs {
+        cluster::drop_database(&s.admin_url, db).await;
+    }
+    println!(
+        "dropped {} database(s){}",
+        dbs.len(),
+        if dbs.is_empty() { String::new() } else { format!(": {}", dbs.join(", ")) }
+    );
+    // bench-<12 hex>.<rest>: the prefixes the harness makes.
+    let ours = |name: &str| {
+        name.strip_prefix("bench-")
+            .and_then(|r| r.split_once('.'))
+            .is_some_and(|(tag, _)| tag.len() == 12 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let names = |text: String| -> Vec<String> {
+        text.lines().map(str::trim).filter(|n| ours(n)).map(str::to_owned).collect()
+    };
+    let queues =
+        names(modes::rabbitmqctl(&["-q", "list_queues", "--no-table-headers", "name"]).await?);
+    let exchanges =
+        names(modes::rabbitmqctl(&["-q", "list_exchanges", "--no-table-headers", "name"]).await?);
+    cluster::delete_broker_objects(&s.amqp_url, &queues, &exchanges).await;
+    println!(
+        "deleted {} queue(s) and {} exchange(s) of bench-* prefixes",
+        queues.len(),
+        exchanges.len()
+    );
+    Ok(())
 }
 
 /// Both services answer, and what the figures depend on.
@@ -554,10 +648,7 @@ async fn preflight(s: &Settings) -> Result<Value> {
         .await
         .ok()
         .filter(|o| o.status.success())
-        .map_or_else(
-            || "?".to_owned(),
-            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        );
+        .map_or_else(|| "?".to_owned(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     let _ = conn.close(200, "preflight".into()).await;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

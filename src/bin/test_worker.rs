@@ -15,8 +15,14 @@
 //! | `provider_failed` | `provider_failed` with `payload.code` (`PROVIDER_QUOTA_EXHAUSTED`) and `payload.reason`, then heartbeat every `interval_ms` (100) forever; if `payload.recover_after_ms` is set, after that long write `provider_recovered` and reply |
 //! | `sleep` | sleep `payload.ms` (100), then reply |
 //! | `garbage` | write each of `payload.lines` raw to stdout (each followed by `\n` unless `payload.no_newline`), then reply |
+//! | `noise` | write `payload.bytes` (4096) pseudo-random bytes from `payload.seed` (no `\n` among them unless `payload.newlines`), then `\n`, then reply |
+//! | `flood` | write `payload.bytes` (100 MiB) bytes of `x` with no newline, in 64 KiB writes; then `\n` unless `payload.no_newline`; then reply |
 //! | `env` | reply with the whole environment as an object |
+//! | `echo` | reply `{"line":<the stdin line exactly as received, as a string>}` |
 //! | `random` | pick one of reply/error/hang/crash/exit0 from `payload.seed` (splitmix64) weighted by `payload.p` |
+//!
+//! With `payload.exit_after`, `garbage`, `noise` and `flood` exit 0 instead of replying (what they
+//! wrote is the last thing on stdout).
 //!
 //! `payload.stderr` (string) is written to stderr before acting. Unknown actions get an error line
 //! with code `TEST_UNKNOWN_ACTION`.
@@ -213,6 +219,15 @@ fn main() {
             .get("action")
             .and_then(Value::as_str)
             .unwrap_or("reply");
+        if action == "echo" {
+            let raw = line.trim_end_matches(['\n', '\r']);
+            worker.send_json(&ReplyLine {
+                kind: "reply",
+                message_id: &turn.message_id,
+                payload: serde_json::json!({ "line": raw }),
+            });
+            continue;
+        }
         worker.act(action, &turn.message_id, epoch, &payload);
     }
 }
@@ -308,7 +323,37 @@ impl Worker {
                     self.send_raw(&buf);
                     self.buf = buf;
                 }
-                self.reply(message_id, epoch, payload);
+                self.reply_or_exit(message_id, epoch, payload);
+            }
+            "noise" => {
+                let n = get_u64(payload, "bytes").unwrap_or(4096) as usize;
+                let newlines = payload.get("newlines").and_then(Value::as_bool).unwrap_or(false);
+                let mut seed = get_u64(payload, "seed").unwrap_or(1);
+                let mut noise = Vec::with_capacity(n + 1);
+                while noise.len() < n {
+                    seed = splitmix64(seed);
+                    for b in seed.to_le_bytes() {
+                        if noise.len() < n && (newlines || b != b'\n') {
+                            noise.push(b);
+                        }
+                    }
+                }
+                noise.push(b'\n');
+                self.send_raw(&noise);
+                self.reply_or_exit(message_id, epoch, payload);
+            }
+            "flood" => {
+                let mut left = get_u64(payload, "bytes").unwrap_or(100 << 20) as usize;
+                let chunk = vec![b'x'; 64 * 1024];
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    self.send_raw(&chunk[..n]);
+                    left -= n;
+                }
+                if !payload.get("no_newline").and_then(Value::as_bool).unwrap_or(false) {
+                    self.send_raw(b"\n");
+                }
+                self.reply_or_exit(message_id, epoch, payload);
             }
             "env" => {
                 let env: Map<String, Value> = std::env::vars_os()
@@ -340,6 +385,14 @@ impl Worker {
                 });
             }
         }
+    }
+
+    /// Reply, or with `payload.exit_after` exit 0 without one.
+    fn reply_or_exit(&mut self, message_id: &str, epoch: &RawValue, payload: &Value) {
+        if payload.get("exit_after").and_then(Value::as_bool).unwrap_or(false) {
+            exit_logged(0);
+        }
+        self.reply(message_id, epoch, payload);
     }
 
     fn reply(&mut self, message_id: &str, epoch: &RawValue, payload: &Value) {

@@ -375,6 +375,12 @@ impl Event {
 
 impl Client {
     pub async fn new(prefix: &str) -> Client {
+        Client::with_config(prefix, &config_for(prefix)).await
+    }
+
+    /// Like [`Client::new`], declaring the topology as `config` says (it must match the
+    /// daemons': e.g. the delay queues' TTLs follow `intake.retry_delay`).
+    pub async fn with_config(prefix: &str, config: &turnd::config::Config) -> Client {
         let conn = Connection::connect(AMQP, ConnectionProperties::default())
             .await
             .expect("connect RabbitMQ");
@@ -385,8 +391,7 @@ impl Client {
             .expect("confirm mode");
         // Declare the topology the way a daemon would, so a publish before any daemon is up
         // is kept; the daemons' declarations are identical.
-        let config = config_for(prefix);
-        turnd::broker::declare_topology(&publisher, &config)
+        turnd::broker::declare_topology(&publisher, config)
             .await
             .expect("declare topology");
         let ch = conn.create_channel().await.expect("channel");

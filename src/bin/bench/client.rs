@@ -73,17 +73,13 @@ impl Turns {
             "hang" | "crash" => Expect::Error("WORKER_DIED"),
             _ => Expect::Reply,
         };
-        Ok(Turn {
-            message_id,
-            deployment,
-            body,
-            expect,
-        })
+        Ok(Turn { message_id, deployment, body, expect })
     }
 }
 
 struct Arrival {
     at: Instant,
+    wall_ns: u64,
     event_id: Option<String>,
     correlation_id: Option<String>,
     routing_key: String,
@@ -92,6 +88,7 @@ struct Arrival {
 
 struct Sent {
     at: Instant,
+    wall_ns: u64,
     deployment: String,
     expect: Expect,
 }
@@ -100,6 +97,8 @@ struct Sent {
 #[derive(Debug, Clone)]
 pub struct Got {
     pub at: Instant,
+    /// CLOCK_REALTIME at arrival, to line up with the test worker's event log.
+    pub wall_ns: u64,
 }
 
 /// The exactly-once check of one mode.
@@ -135,6 +134,26 @@ impl ExactlyOnce {
             || self.database.is_some()
     }
 
+    /// Adds another run's check to this one.
+    pub fn absorb(&mut self, o: &ExactlyOnce) {
+        self.sent += o.sent;
+        self.answered += o.answered;
+        self.missing += o.missing;
+        self.duplicates += o.duplicates;
+        self.redelivered += o.redelivered;
+        self.unknown += o.unknown;
+        self.malformed += o.malformed;
+        self.wrong_outcome += o.wrong_outcome;
+        for (k, n) in &o.wrong_by_code {
+            *self.wrong_by_code.entry(k.clone()).or_default() += n;
+        }
+        if self.database.is_none() {
+            self.database.clone_from(&o.database);
+        }
+        let room = 8usize.saturating_sub(self.examples.len());
+        self.examples.extend(o.examples.iter().take(room).cloned());
+    }
+
     /// Some turn ended otherwise than the mode asked (e.g. TURN_TIMEOUT for a reply).
     pub fn unexpected(&self) -> bool {
         self.wrong_outcome > 0
@@ -144,17 +163,9 @@ impl ExactlyOnce {
         if self.wrong_outcome == 0 {
             return format!("all {} as asked", self.answered);
         }
-        let by: Vec<String> = self
-            .wrong_by_code
-            .iter()
-            .map(|(k, n)| format!("{n} × {k}"))
-            .collect();
-        format!(
-            "{} of {} not as asked: {}",
-            self.wrong_outcome,
-            self.answered,
-            by.join(", ")
-        )
+        let by: Vec<String> =
+            self.wrong_by_code.iter().map(|(k, n)| format!("{n} × {k}")).collect();
+        format!("{} of {} not as asked: {}", self.wrong_outcome, self.answered, by.join(", "))
     }
 
     pub fn human(&self) -> String {
@@ -206,14 +217,9 @@ impl Client {
     /// consuming it: every event published from now on is seen.
     pub async fn connect(cluster: &Cluster, amqp_url: &str, timeout: Duration) -> Result<Client> {
         let properties = ConnectionProperties::default().with_connection_name("turnd-bench".into());
-        let conn = Connection::connect(amqp_url, properties)
-            .await
-            .with_context(|| {
-                format!(
-                    "connect to RabbitMQ at {} (is it running? see --amqp-url)",
-                    redact(amqp_url)
-                )
-            })?;
+        let conn = Connection::connect(amqp_url, properties).await.with_context(|| {
+            format!("connect to RabbitMQ at {} (is it running? see --amqp-url)", redact(amqp_url))
+        })?;
         let publisher = conn.create_channel().await.context("open a channel")?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -227,11 +233,7 @@ impl Client {
         let queue = ch
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -249,10 +251,7 @@ impl Client {
             .basic_consume(
                 queue.name().clone(),
                 "turnd-bench".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -261,9 +260,11 @@ impl Client {
         tokio::spawn(async move {
             while let Some(delivery) = consumer.next().await {
                 let at = Instant::now();
+                let wall_ns = unix_ns();
                 let arrival = delivery
                     .map(|d| Arrival {
                         at,
+                        wall_ns,
                         event_id: d.properties.message_id().as_ref().map(ToString::to_string),
                         correlation_id: d
                             .properties
@@ -273,7 +274,7 @@ impl Client {
                         routing_key: d.routing_key.to_string(),
                         body: d.data,
                     })
-                    .context("reply consumer");
+                    .context("the reply consumer lost its connection to RabbitMQ (was the broker restarted, or its connections closed?); events published meanwhile cannot be counted, so the mode stops");
                 let failed = arrival.is_err();
                 if tx.send(arrival).is_err() || failed {
                     break;
@@ -298,11 +299,9 @@ impl Client {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ShortString::from("application/json"));
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let at = Instant::now();
+        let wall_ns = unix_ns();
         let confirm = self
             .publisher
             .basic_publish(
@@ -314,11 +313,8 @@ impl Client {
             )
             .await
             .context("publish a turn")?;
-        let sent = Sent {
-            at,
-            deployment: turn.deployment.clone(),
-            expect: turn.expect.clone(),
-        };
+        let sent =
+            Sent { at, wall_ns, deployment: turn.deployment.clone(), expect: turn.expect.clone() };
         ensure!(
             self.sent.insert(turn.message_id.clone(), sent).is_none(),
             "the harness published messageId {} twice",
@@ -390,12 +386,7 @@ impl Client {
         while self.got.len() < self.sent.len() {
             self.receive().await?;
         }
-        Ok(self
-            .got
-            .values()
-            .map(|g| g.at)
-            .max()
-            .unwrap_or_else(Instant::now))
+        Ok(self.got.values().map(|g| g.at).max().unwrap_or_else(Instant::now))
     }
 
     /// Waits for one turn's terminal event.
@@ -417,12 +408,12 @@ impl Client {
     /// Publish → first terminal event, for a turn that has one.
     pub fn latency(&self, message_id: &str) -> Option<Duration> {
         let sent = self.sent.get(message_id)?;
-        Some(
-            self.got
-                .get(message_id)?
-                .at
-                .saturating_duration_since(sent.at),
-        )
+        Some(self.got.get(message_id)?.at.saturating_duration_since(sent.at))
+    }
+
+    /// (publish, first terminal event) in CLOCK_REALTIME ns.
+    pub fn wall(&self, message_id: &str) -> Option<(u64, u64)> {
+        Some((self.sent.get(message_id)?.wall_ns, self.got.get(message_id)?.wall_ns))
     }
 
     /// Keeps listening for `d` (duplicates arrive late, if at all).
@@ -442,18 +433,10 @@ impl Client {
         let mut c = self.check.clone();
         c.sent = self.sent.len();
         c.answered = self.got.len();
-        c.missing = self
-            .sent
-            .keys()
-            .filter(|m| !self.got.contains_key(*m))
-            .count();
+        c.missing = self.sent.keys().filter(|m| !self.got.contains_key(*m)).count();
         if c.missing > 0 && c.examples.len() < 8 {
-            let some: Vec<&String> = self
-                .sent
-                .keys()
-                .filter(|m| !self.got.contains_key(*m))
-                .take(3)
-                .collect();
+            let some: Vec<&String> =
+                self.sent.keys().filter(|m| !self.got.contains_key(*m)).take(3).collect();
             c.examples.push(format!("no terminal event for {some:?}"));
         }
         c
@@ -485,13 +468,7 @@ impl Client {
         };
         let Some(event_id) = a.event_id.filter(|e| !e.is_empty()) else {
             c.malformed += 1;
-            note(
-                c,
-                format!(
-                    "event without AMQP message_id (routing key {})",
-                    a.routing_key
-                ),
-            );
+            note(c, format!("event without AMQP message_id (routing key {})", a.routing_key));
             return;
         };
         if !self.event_ids.insert(event_id.clone()) {
@@ -513,21 +490,12 @@ impl Client {
         };
         let Some(sent) = self.sent.get(message_id) else {
             c.unknown += 1;
-            note(
-                c,
-                format!("event {event_id} for unknown messageId {message_id}"),
-            );
+            note(c, format!("event {event_id} for unknown messageId {message_id}"));
             return;
         };
         if a.correlation_id.as_deref() != Some(message_id) {
             c.malformed += 1;
-            note(
-                c,
-                format!(
-                    "event for {message_id} has correlation_id {:?}",
-                    a.correlation_id
-                ),
-            );
+            note(c, format!("event for {message_id} has correlation_id {:?}", a.correlation_id));
         }
         let routing = format!("reply.bench.{}", sent.deployment);
         if a.routing_key != routing {
@@ -540,21 +508,11 @@ impl Client {
                 ),
             );
         }
-        let kind = body
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        let code = body
-            .pointer("/error/code")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let kind = body.get("kind").and_then(Value::as_str).unwrap_or("").to_owned();
+        let code = body.pointer("/error/code").and_then(Value::as_str).map(str::to_owned);
         if self.got.contains_key(message_id) {
             c.duplicates += 1;
-            note(
-                c,
-                format!("second terminal event {event_id} for {message_id} ({kind} {code:?})"),
-            );
+            note(c, format!("second terminal event {event_id} for {message_id} ({kind} {code:?})"));
             return;
         }
         let as_expected = match &sent.expect {
@@ -566,10 +524,7 @@ impl Client {
             *c.wrong_by_code
                 .entry(format!("{kind} {}", code.as_deref().unwrap_or("")))
                 .or_default() += 1;
-            let message = body
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let message = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("");
             note(
                 c,
                 format!(
@@ -579,12 +534,19 @@ impl Client {
                 ),
             );
         }
-        self.got.insert(message_id.to_owned(), Got { at: a.at });
+        self.got.insert(message_id.to_owned(), Got { at: a.at, wall_ns: a.wall_ns });
     }
 
     pub async fn close(self) {
         let _ = self.conn.close(200, "bench done".into()).await;
     }
+}
+
+/// CLOCK_REALTIME in ns, the clock the test worker stamps its event log with.
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 pub async fn confirmed(confirm: PublisherConfirm) -> Result<()> {

@@ -95,24 +95,16 @@ impl Cluster {
             ("TURND_AMQP__URL".into(), s.amqp_url.clone()),
             ("TURND_AMQP__PREFIX".into(), prefix.clone()),
             ("TURND_DAEMON__ID".into(), daemon_id.clone()),
-            (
-                "TURND_DAEMON__STATE_DIR".into(),
-                dir.join("state").display().to_string(),
-            ),
-            (
-                "TURND_WORKER__COMMAND".into(),
-                toml_array(&[s.worker.display().to_string()]),
-            ),
+            ("TURND_DAEMON__STATE_DIR".into(), dir.join("state").display().to_string()),
+            ("TURND_WORKER__COMMAND".into(), toml_array(&[s.worker.display().to_string()])),
             ("TURND_HTTP__LISTEN".into(), String::new()),
             ("TURND_LOG__LEVEL".into(), s.log_level.clone()),
             ("TURND_LOG__FORMAT".into(), "pretty".into()),
             ("TURND_SHUTDOWN__GRACE".into(), "5s".into()),
             ("TURND_WORKER__STOP_TIMEOUT".into(), "1s".into()),
         ];
-        for (k, v) in extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .chain(s.daemon_env.clone())
+        for (k, v) in
+            extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).chain(s.daemon_env.clone())
         {
             env.retain(|(ek, _)| *ek != k);
             env.push((k, v));
@@ -130,12 +122,10 @@ impl Cluster {
         fs::create_dir_all(dir.join("state"))
             .with_context(|| format!("create the bench directory {}", dir.display()))?;
         let mut admin = admin_connection(&s.admin_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE \"{db_name}\""
-        )))
-        .execute(&mut admin)
-        .await
-        .with_context(|| format!("create database {db_name}"))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{db_name}\"")))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("create database {db_name}"))?;
         let _ = admin.close().await;
 
         let mut cluster = Cluster {
@@ -159,9 +149,7 @@ impl Cluster {
             Err(e) => {
                 let tail = cluster.log_tail(20);
                 cluster.cleanup().await;
-                Err(e.context(format!(
-                    "start turnd for mode {mode}; its log ends:\n{tail}"
-                )))
+                Err(anyhow::anyhow!("start turnd for mode {mode}: {e:#}\nits log ends:\n{tail}"))
             }
         }
     }
@@ -175,20 +163,14 @@ impl Cluster {
             .with_context(|| format!("create {}", self.log.display()))?;
         let err = file.try_clone().context("duplicate the log file handle")?;
         let empty_config = self.dir.join("turnd.toml");
-        fs::write(
-            &empty_config,
-            "# every setting comes from TURND_* variables\n",
-        )
-        .with_context(|| format!("write {}", empty_config.display()))?;
+        fs::write(&empty_config, "# every setting comes from TURND_* variables\n")
+            .with_context(|| format!("write {}", empty_config.display()))?;
         let mut cmd = Command::new(&s.turnd);
         cmd.arg("run")
             .arg("--config")
             .arg(&empty_config)
             .env_clear()
-            .env(
-                "PATH",
-                std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
-            )
+            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
             .env("NO_COLOR", "1")
             .envs(env)
             .stdin(Stdio::null())
@@ -235,9 +217,7 @@ impl Cluster {
 
     /// Open file descriptors of the daemon.
     pub fn open_fds(&self) -> Option<usize> {
-        fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .ok()
-            .map(|d| d.count())
+        fs::read_dir(format!("/proc/{}/fd", self.pid)).ok().map(|d| d.count())
     }
 
     /// The daemon's live child processes (its workers) and their summed VmRSS in kB.
@@ -268,9 +248,7 @@ impl Cluster {
 
     /// SIGTERM, then waits for the exit (shutdown.grace is 5 s; SIGKILL after 60 s).
     pub async fn stop(&mut self) -> Result<Stopped> {
-        let Some(mut child) = self.daemon.take() else {
-            bail!("turnd is not running")
-        };
+        let Some(mut child) = self.daemon.take() else { bail!("turnd is not running") };
         let started = Instant::now();
         // SAFETY: kill(2) on the pid of a child we have not reaped yet.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
@@ -297,10 +275,7 @@ impl Cluster {
         match self.daemon.as_mut().map(Child::try_wait) {
             Some(Ok(None)) => Ok(()),
             Some(Ok(Some(status))) => {
-                bail!(
-                    "turnd exited during the run ({status}); log: {}",
-                    self.log.display()
-                )
+                bail!("turnd exited during the run ({status}); log: {}", self.log.display())
             }
             Some(Err(e)) => Err(anyhow::Error::new(e).context("check on turnd")),
             None => bail!("turnd is not running"),
@@ -329,10 +304,7 @@ impl Cluster {
                 // cause does.
                 let rest = line.split_once("Z ").map_or(line, |(_, rest)| rest);
                 let words: Vec<&str> = rest.split_whitespace().collect();
-                let keep = words
-                    .iter()
-                    .position(|w| is_field(w))
-                    .unwrap_or(words.len());
+                let keep = words.iter().position(|w| is_field(w)).unwrap_or(words.len());
                 let cut: String = words[..keep].join(" ").chars().take(240).collect();
                 if let Some((_, n)) = distinct.iter_mut().find(|(m, _)| *m == cut) {
                     *n += 1;
@@ -341,10 +313,7 @@ impl Cluster {
                 }
             }
         }
-        summary.samples = distinct
-            .into_iter()
-            .map(|(m, n)| format!("{n}× {m}"))
-            .collect();
+        summary.samples = distinct.into_iter().map(|(m, n)| format!("{n}× {m}")).collect();
         summary
     }
 
@@ -405,26 +374,13 @@ impl Drop for Cluster {
         let attempts = self.config.intake.max_attempts;
         let deployments = std::mem::take(&mut self.deployments);
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
-            rt.block_on(teardown(
-                &admin,
-                &amqp,
-                &db,
-                &prefix,
-                attempts,
-                &deployments,
-            ));
+            rt.block_on(teardown(&admin, &amqp, &db, &prefix, attempts, &deployments));
         })
         .join();
-        eprintln!(
-            "daemon log of the failed mode kept in {}",
-            self.log.display()
-        );
+        eprintln!("daemon log of the failed mode kept in {}", self.log.display());
     }
 }
 
@@ -437,28 +393,51 @@ async fn teardown(
     max_attempts: u32,
     deployments: &BTreeSet<String>,
 ) {
-    if let Ok(mut admin) = admin_connection(admin_url).await {
-        let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
-            .await
-        {
-            eprintln!("turnd-bench: cannot drop database {db_name}: {e}");
-        }
-        let _ = admin.close().await;
-    }
-    let Ok(conn) = Connection::connect(amqp_url, ConnectionProperties::default()).await else {
-        eprintln!("turnd-bench: cannot connect to RabbitMQ to delete prefix {prefix}");
-        return;
-    };
-    let mut queues = vec![
-        format!("{prefix}.inbox"),
-        format!("{prefix}.retry"),
-        format!("{prefix}.parked"),
-    ];
+    drop_database(admin_url, db_name).await;
+    let mut queues =
+        vec![format!("{prefix}.inbox"), format!("{prefix}.retry"), format!("{prefix}.parked")];
     queues.extend((1..max_attempts.max(10)).map(|k| format!("{prefix}.retry.{k}")));
     queues.extend(deployments.iter().map(|d| format!("{prefix}.thread.{d}")));
-    // Deletes pipelined on a few channels: thousands of thread queues take a while otherwise.
+    let exchanges = ["turns", "replies", "retry"].map(|e| format!("{prefix}.{e}"));
+    delete_broker_objects(amqp_url, &queues, &exchanges).await;
+}
+
+pub async fn drop_database(admin_url: &str, db_name: &str) {
+    match admin_connection(admin_url).await {
+        Ok(mut admin) => {
+            let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+                eprintln!("turnd-bench: cannot drop database {db_name}: {e}");
+            }
+            let _ = admin.close().await;
+        }
+        Err(e) => eprintln!("turnd-bench: cannot drop database {db_name}: {e:#}"),
+    }
+}
+
+/// Deletes queues (pipelined on a few channels: thousands of thread queues take a while
+/// otherwise) and exchanges; retries the connection for 10 s (the broker may be restarting).
+pub async fn delete_broker_objects(amqp_url: &str, queues: &[String], exchanges: &[String]) {
+    let mut conn = None;
+    for _ in 0..10 {
+        match Connection::connect(amqp_url, ConnectionProperties::default()).await {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    let Some(conn) = conn else {
+        eprintln!(
+            "turnd-bench: cannot connect to RabbitMQ to delete {} queues and {} exchanges \
+             (first {:?}); `turnd-bench cleanup` removes them later",
+            queues.len(),
+            exchanges.len(),
+            queues.first()
+        );
+        return;
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let per = queues.len().div_ceil(8).max(1);
     for chunk in queues.chunks(per) {
@@ -468,20 +447,16 @@ async fn teardown(
         let chunk = chunk.to_vec();
         tasks.spawn(async move {
             for q in chunk {
-                // A queue that is already gone closes the channel in old brokers; reopen.
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
+                // Deleting a queue that is gone (an expired thread queue) is not an error.
+                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
             }
         });
     }
     while tasks.join_next().await.is_some() {}
     if let Ok(ch) = conn.create_channel().await {
-        for e in ["turns", "replies", "retry"] {
-            let name = format!("{prefix}.{e}");
-            let _ = ch
-                .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
+        for name in exchanges {
+            let _ =
+                ch.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
     }
     let _ = conn.close(200, "bench done".into()).await;
@@ -518,10 +493,8 @@ pub fn redact(url: &str) -> String {
 
 /// A TOML array of basic strings (TURND_* variables hold lists in TOML syntax).
 fn toml_array(items: &[String]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| serde_json::Value::String(s.clone()).to_string())
-        .collect();
+    let quoted: Vec<String> =
+        items.iter().map(|s| serde_json::Value::String(s.clone()).to_string()).collect();
     format!("[{}]", quoted.join(", "))
 }
 
@@ -535,9 +508,7 @@ pub fn proc_status(pid: u32, key: &str) -> Option<u64> {
 /// A tracing field (`key=value`) of a pretty log line: where the message ends.
 fn is_field(word: &str) -> bool {
     word.split_once('=').is_some_and(|(k, _)| {
-        !k.is_empty()
-            && k.bytes()
-                .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
+        !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
     })
 }
 

@@ -48,11 +48,7 @@ pub struct Usage {
 impl Meter {
     /// Starts metering; `daemon` is the turnd pid (its children are its workers).
     pub fn start(daemon: Option<u32>) -> Self {
-        Meter {
-            started: Instant::now(),
-            daemon,
-            at: snapshot(daemon),
-        }
+        Meter { started: Instant::now(), daemon, at: snapshot(daemon) }
     }
 
     pub fn stop(&self) -> Usage {
@@ -143,6 +139,7 @@ impl Usage {
             "others_share": r(self.others_share()),
             "disturbed": self.others_share() > DISTURBED,
             "turn_path_ms_per_turn": r(self.path_ms_per_turn(turns)),
+            "all_ms_per_turn": r(self.path_ms_per_turn(turns) + 1e3 * self.bench_s / turns.max(1) as f64),
         })
     }
 }
@@ -169,10 +166,7 @@ fn snapshot(daemon: Option<u32>) -> Ticks {
     let daemon = daemon.map(|p| p.to_string()).unwrap_or_default();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
             continue;
         };
         let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {

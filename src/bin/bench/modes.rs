@@ -2,7 +2,7 @@
 //! measures, checks exactly-once, stops the daemon and cleans up; it returns its figures as
 //! JSON (the report derives its rows and targets from that JSON, like floor-bench's).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -41,77 +41,59 @@ struct DbState {
 // ---------------------------------------------------------------------------------------------
 
 pub async fn throughput(s: &Settings, conversations: usize, turns: u32) -> Result<Measured> {
-    ensure!(
-        conversations > 0 && turns > 0,
-        "throughput needs conversations and turns > 0"
-    );
+    ensure!(conversations > 0 && turns > 0, "throughput needs conversations and turns > 0");
     let label = format!("throughput {conversations}×{turns}");
     let max_workers = (conversations + 16).max(256).to_string();
     let extra = [("TURND_WORKER__MAX_WORKERS", max_workers)];
-    run(
-        s,
-        "throughput",
-        label.clone(),
-        &extra,
-        async |cluster, client| {
-            let mut maker = Turns::default();
-            warm_up(cluster, client, &mut maker, 4).await?;
-            let convs: Vec<String> = (0..conversations).map(|i| format!("t{i:04}")).collect();
-            let mut batch: Vec<Turn> = Vec::with_capacity(conversations * turns as usize);
-            // Round-robin over conversations, as floor-bench publishes them.
-            for seq in 0..turns {
-                for c in &convs {
-                    batch.push(maker.make(c, format!("{c}-{seq:05}"), "reply")?);
-                }
+    run(s, "throughput", label.clone(), &extra, async |cluster, client| {
+        let mut maker = Turns::default();
+        warm_up(cluster, client, &mut maker, 4).await?;
+        let convs: Vec<String> = (0..conversations).map(|i| format!("t{i:04}")).collect();
+        let mut batch: Vec<Turn> = Vec::with_capacity(conversations * turns as usize);
+        // Round-robin over conversations, as floor-bench publishes them.
+        for seq in 0..turns {
+            for c in &convs {
+                batch.push(maker.make(c, format!("{c}-{seq:05}"), "reply")?);
             }
-            cluster
-                .deployments
-                .extend(batch.iter().map(|t| t.deployment.clone()));
-            let meter = Meter::start(Some(cluster.pid()));
-            let perf = Perf::start(s, cluster.pid(), &label);
-            let started = Instant::now();
-            let publish = client.publish_all(&batch).await?;
-            let last = client.wait_all().await?;
-            let elapsed = last.saturating_duration_since(started);
-            let cpu = meter.stop();
-            let perf = Perf::stop(perf).await;
-            let total = batch.len();
-            let lat = Dist::new(
-                batch
-                    .iter()
-                    .filter_map(|t| client.latency(&t.message_id))
-                    .map(nanos)
-                    .collect(),
-            );
-            let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
-            let mut notes = vec![cpu.human(total)];
-            notes.extend(
-                perf.iter()
-                    .map(|p| format!("perf profile: {}", p.display())),
-            );
-            Ok(Partial {
-                line: format!(
-                    "{rate:.0} turns/s ({conversations} conversations × {turns} turns = {total} in \
+        }
+        cluster.deployments.extend(batch.iter().map(|t| t.deployment.clone()));
+        let meter = Meter::start(Some(cluster.pid()));
+        let perf = Perf::start(s, cluster.pid(), &label);
+        let started = Instant::now();
+        let publish = client.publish_all(&batch).await?;
+        let last = client.wait_all().await?;
+        let elapsed = last.saturating_duration_since(started);
+        let cpu = meter.stop();
+        let perf = Perf::stop(perf).await;
+        let total = batch.len();
+        let lat = Dist::new(
+            batch.iter().filter_map(|t| client.latency(&t.message_id)).map(nanos).collect(),
+        );
+        let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+        let mut notes = vec![cpu.human(total)];
+        notes.extend(perf.iter().map(|p| format!("perf profile: {}", p.display())));
+        Ok(Partial {
+            line: format!(
+                "{rate:.0} turns/s ({conversations} conversations × {turns} turns = {total} in \
                  {:.2} s; all published and confirmed after {:.2} s); latency {}",
-                    elapsed.as_secs_f64(),
-                    publish.as_secs_f64(),
-                    lat.human()
-                ),
-                json: json!({
-                    "conversations": conversations,
-                    "turns_per_conversation": turns,
-                    "turns": total,
-                    "elapsed_s": elapsed.as_secs_f64(),
-                    "publish_s": publish.as_secs_f64(),
-                    "turns_per_s": rate,
-                    "latency": lat.json(),
-                    "cpu": cpu.json(total),
-                    "perf_data": perf,
-                }),
-                notes,
-            })
-        },
-    )
+                elapsed.as_secs_f64(),
+                publish.as_secs_f64(),
+                lat.human()
+            ),
+            json: json!({
+                "conversations": conversations,
+                "turns_per_conversation": turns,
+                "turns": total,
+                "elapsed_s": elapsed.as_secs_f64(),
+                "publish_s": publish.as_secs_f64(),
+                "turns_per_s": rate,
+                "latency": lat.json(),
+                "cpu": cpu.json(total),
+                "perf_data": perf,
+            }),
+            notes,
+        })
+    })
     .await
 }
 
@@ -122,32 +104,32 @@ pub async fn throughput(s: &Settings, conversations: usize, turns: u32) -> Resul
 pub async fn latency(s: &Settings, turns: u32, warmup: u32) -> Result<Measured> {
     ensure!(turns > 0, "latency needs turns > 0");
     let label = "latency".to_owned();
-    run(s, "latency", label.clone(), &[], async |cluster, client| {
+    let wlog = WorkerLog::new()?;
+    let (k, v) = wlog.env();
+    run(s, "latency", label.clone(), &[(k, v)], async |cluster, client| {
         let mut maker = Turns::default();
         let meter = Meter::start(Some(cluster.pid()));
         let perf = Perf::start(s, cluster.pid(), &label);
-        let (round_trip, confirm) =
-            one_at_a_time(cluster, client, &mut maker, "lat0", "l", warmup, turns).await?;
+        let seq = one_at_a_time(cluster, client, &mut maker, "lat0", "l", warmup, turns).await?;
         let cpu = meter.stop();
         let perf = Perf::stop(perf).await;
-        let mut notes = vec![cpu.human((warmup + turns) as usize)];
-        notes.extend(
-            perf.iter()
-                .map(|p| format!("perf profile: {}", p.display())),
-        );
+        let (phases, phases_human) = wlog.phases(client, &seq.measured, false);
+        let mut notes = vec![phases_human, cpu.human((warmup + turns) as usize)];
+        notes.extend(perf.iter().map(|p| format!("perf profile: {}", p.display())));
         Ok(Partial {
             line: format!(
                 "{} (1 conversation, {turns} turns one at a time, {warmup} warm-up); \
                  publish→confirm p50 {} p99 {}",
-                round_trip.human(),
-                short(confirm.p50),
-                short(confirm.p99)
+                seq.round_trip.human(),
+                short(seq.confirm.p50),
+                short(seq.confirm.p99)
             ),
             json: json!({
                 "turns": turns,
                 "warmup": warmup,
-                "round_trip": round_trip.json(),
-                "inbox_confirm": confirm.json(),
+                "round_trip": seq.round_trip.json(),
+                "inbox_confirm": seq.confirm.json(),
+                "phases": phases,
                 "cpu": cpu.json((warmup + turns) as usize),
                 "perf_data": perf,
             }),
@@ -157,7 +139,15 @@ pub async fn latency(s: &Settings, turns: u32, warmup: u32) -> Result<Measured> 
     .await
 }
 
-/// One turn in flight on `conv`: publish (confirmed), wait for its event, next. Returns
+/// What [`one_at_a_time`] measured.
+struct Sequential {
+    round_trip: Dist,
+    confirm: Dist,
+    /// (messageId, deployment) of the measured turns.
+    measured: Vec<(String, String)>,
+}
+
+/// One turn in flight on `conv`: publish (confirmed), wait for its event, next. Measures
 /// publish → event and publish → confirm for the turns after the warm-up.
 async fn one_at_a_time(
     cluster: &mut Cluster,
@@ -167,9 +157,10 @@ async fn one_at_a_time(
     tag: &str,
     warmup: u32,
     turns: u32,
-) -> Result<(Dist, Dist)> {
+) -> Result<Sequential> {
     let mut round_trips = Vec::with_capacity(turns as usize);
     let mut confirms = Vec::with_capacity(turns as usize);
+    let mut measured = Vec::with_capacity(turns as usize);
     for i in 0..warmup + turns {
         let turn = maker.make(conv, format!("{conv}-{tag}{i:05}"), "reply")?;
         cluster.deployments.insert(turn.deployment.clone());
@@ -178,9 +169,123 @@ async fn one_at_a_time(
         if i >= warmup {
             confirms.push(nanos(confirm));
             round_trips.extend(client.latency(&turn.message_id).map(nanos));
+            measured.push((turn.message_id, turn.deployment));
         }
     }
-    Ok((Dist::new(round_trips), Dist::new(confirms)))
+    Ok(Sequential { round_trip: Dist::new(round_trips), confirm: Dist::new(confirms), measured })
+}
+
+/// The test worker's event log (TEST_WORKER_LOG): `start <pid> <epoch> <ns>` when a worker
+/// starts and `turn <pid> <epoch> <messageId> <ns>` when it has read a turn, CLOCK_REALTIME.
+/// With the harness's own publish and arrival times it splits a turn's latency into phases.
+struct WorkerLog {
+    dir: PathBuf,
+}
+
+impl WorkerLog {
+    fn new() -> Result<WorkerLog> {
+        let dir = std::env::temp_dir()
+            .join(format!("turnd-bench-wlog-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(WorkerLog { dir })
+    }
+
+    fn env(&self) -> (&'static str, String) {
+        ("TURND_WORKER_ENV_TEST_WORKER_LOG", self.dir.display().to_string())
+    }
+
+    fn lines(&self, deployment: &str) -> Vec<Vec<String>> {
+        let path = self.dir.join(format!("{deployment}.log"));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split(' ').map(str::to_owned).collect())
+            .collect()
+    }
+
+    /// When the deployment's first worker started.
+    fn started(&self, deployment: &str) -> Option<u64> {
+        self.lines(deployment)
+            .into_iter()
+            .find(|f| f.first().is_some_and(|k| k == "start"))
+            .and_then(|f| f.get(3)?.parse().ok())
+    }
+
+    /// (pid, when) the worker read the turn.
+    fn turn(&self, deployment: &str, message_id: &str) -> Option<(i32, u64)> {
+        self.lines(deployment).into_iter().find_map(|f| {
+            if f.first()? != "turn" || f.get(3)? != message_id {
+                return None;
+            }
+            Some((f.get(1)?.parse().ok()?, f.get(4)?.parse().ok()?))
+        })
+    }
+
+    /// Splits each measured turn at the worker's start (`spawn`) and at its reading the turn.
+    fn phases(
+        &self,
+        client: &Client,
+        measured: &[(String, String)],
+        spawn: bool,
+    ) -> (Value, String) {
+        let mut to_start = Vec::new();
+        let mut start_to_turn = Vec::new();
+        let mut to_turn = Vec::new();
+        let mut turn_to_event = Vec::new();
+        for (mid, deployment) in measured {
+            let (Some((published, arrived)), Some((_, read))) =
+                (client.wall(mid), self.turn(deployment, mid))
+            else {
+                continue;
+            };
+            to_turn.push(read.saturating_sub(published));
+            turn_to_event.push(arrived.saturating_sub(read));
+            if spawn && let Some(started) = self.started(deployment) {
+                to_start.push(started.saturating_sub(published));
+                start_to_turn.push(read.saturating_sub(started));
+            }
+        }
+        let (to_turn, turn_to_event) = (Dist::new(to_turn), Dist::new(turn_to_event));
+        if spawn {
+            let (to_start, start_to_turn) = (Dist::new(to_start), Dist::new(start_to_turn));
+            let human = format!(
+                "phases p50 (p99): publish → worker process started {} ({}), started → turn \
+                 written to it {} ({}), worker read the turn → event received {} ({})",
+                short(to_start.p50),
+                short(to_start.p99),
+                short(start_to_turn.p50),
+                short(start_to_turn.p99),
+                short(turn_to_event.p50),
+                short(turn_to_event.p99)
+            );
+            let json = json!({
+                "publish_to_worker_started": to_start.json(),
+                "worker_started_to_turn_read": start_to_turn.json(),
+                "turn_read_to_event_received": turn_to_event.json(),
+            });
+            (json, human)
+        } else {
+            let human = format!(
+                "phases p50 (p99): publish → worker read the turn {} ({}), worker read the turn \
+                 → event received {} ({})",
+                short(to_turn.p50),
+                short(to_turn.p99),
+                short(turn_to_event.p50),
+                short(turn_to_event.p99)
+            );
+            let json = json!({
+                "publish_to_turn_read": to_turn.json(),
+                "turn_read_to_event_received": turn_to_event.json(),
+            });
+            (json, human)
+        }
+    }
+}
+
+impl Drop for WorkerLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -190,14 +295,16 @@ async fn one_at_a_time(
 pub async fn cold(s: &Settings, count: usize, warmup: usize) -> Result<Measured> {
     ensure!(count > 0, "cold needs count > 0");
     let label = "cold".to_owned();
+    let wlog = WorkerLog::new()?;
     // Room for every conversation: an eviction would add a stop to the figure.
     let max_workers = (count + warmup + 16).max(256).to_string();
-    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers)];
+    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers), wlog.env()];
     run(s, "cold", label.clone(), &extra, async |cluster, client| {
         let mut maker = Turns::default();
         let meter = Meter::start(Some(cluster.pid()));
         let perf = Perf::start(s, cluster.pid(), &label);
         let mut samples = Vec::with_capacity(count);
+        let mut measured = Vec::with_capacity(count);
         for i in 0..warmup + count {
             let conv = format!("cold{i:05}");
             let turn = maker.make(&conv, format!("{conv}-00000"), "reply")?;
@@ -206,16 +313,15 @@ pub async fn cold(s: &Settings, count: usize, warmup: usize) -> Result<Measured>
             client.wait_for(&turn.message_id).await?;
             if i >= warmup {
                 samples.extend(client.latency(&turn.message_id).map(nanos));
+                measured.push((turn.message_id, turn.deployment));
             }
         }
         let cpu = meter.stop();
         let perf = Perf::stop(perf).await;
         let d = Dist::new(samples);
-        let mut notes = vec![cpu.human(warmup + count)];
-        notes.extend(
-            perf.iter()
-                .map(|p| format!("perf profile: {}", p.display())),
-        );
+        let (phases, phases_human) = wlog.phases(client, &measured, true);
+        let mut notes = vec![phases_human, cpu.human(warmup + count)];
+        notes.extend(perf.iter().map(|p| format!("perf profile: {}", p.display())));
         Ok(Partial {
             line: format!(
                 "{} (a new conversation per turn: lock + spawn + reply; {count} turns one at a \
@@ -226,6 +332,7 @@ pub async fn cold(s: &Settings, count: usize, warmup: usize) -> Result<Measured>
                 "count": count,
                 "warmup": warmup,
                 "round_trip": d.json(),
+                "phases": phases,
                 "cpu": cpu.json(warmup + count),
                 "perf_data": perf,
             }),
@@ -245,20 +352,11 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
     let max_workers = (trials + warmup + 16).max(256).to_string();
     // The worker logs "turn <pid> <epoch> <messageId> <ns>" when it has read a turn: the
     // moment the kill is sure to hit a worker that holds it.
-    let wlog = std::env::temp_dir().join(format!(
-        "turnd-bench-wlog-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&wlog).with_context(|| format!("create {}", wlog.display()))?;
-    let extra = [
-        ("TURND_WORKER__MAX_WORKERS", max_workers),
-        (
-            "TURND_WORKER_ENV_TEST_WORKER_LOG",
-            wlog.display().to_string(),
-        ),
-    ];
-    let result = run(s, "crash", label, &extra, async |cluster, client| {
+    let wlog = WorkerLog::new()?;
+    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers), wlog.env()];
+    run(s, "crash", label, &extra, async |cluster, client| {
         let mut maker = Turns::default();
+        let meter = Meter::start(Some(cluster.pid()));
         let mut kill_to_event = Vec::with_capacity(trials);
         let mut publish_to_worker = Vec::with_capacity(trials);
         for i in 0..warmup + trials {
@@ -272,11 +370,7 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
             let killed = Instant::now();
             // SAFETY: kill(2); the pid is the worker the log line named, which hangs.
             let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-            ensure!(
-                rc == 0,
-                "cannot SIGKILL worker {pid}: {}",
-                std::io::Error::last_os_error()
-            );
+            ensure!(rc == 0, "cannot SIGKILL worker {pid}: {}", std::io::Error::last_os_error());
             let got = client.wait_for(&turn.message_id).await?;
             if i >= warmup {
                 kill_to_event.push(nanos(got.at.saturating_duration_since(killed)));
@@ -284,6 +378,7 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
             }
             cluster.running()?;
         }
+        let cpu = meter.stop();
         let d = Dist::new(kill_to_event);
         let w = Dist::new(publish_to_worker);
         Ok(Partial {
@@ -298,35 +393,26 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
                 "warmup": warmup,
                 "kill_to_error_event": d.json(),
                 "publish_to_worker_has_turn": w.json(),
+                "cpu": cpu.json(warmup + trials),
             }),
-            notes: Vec::new(),
+            notes: vec![cpu.human(warmup + trials)],
         })
     })
-    .await;
-    let _ = std::fs::remove_dir_all(&wlog);
-    result
+    .await
 }
 
 /// Polls the test worker's event log until it shows `turn`; returns the worker's pid.
-async fn worker_has_turn(dir: &Path, turn: &Turn, timeout: Duration) -> Result<i32> {
-    let path = dir.join(format!("{}.log", turn.deployment));
+async fn worker_has_turn(wlog: &WorkerLog, turn: &Turn, timeout: Duration) -> Result<i32> {
     let started = Instant::now();
     loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let seen = text.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.first() == Some(&"turn") && f.get(3) == Some(&turn.message_id.as_str()))
-                .then(|| f.get(1).and_then(|p| p.parse::<i32>().ok()))
-                .flatten()
-        });
-        if let Some(pid) = seen {
+        if let Some((pid, _)) = wlog.turn(&turn.deployment, &turn.message_id) {
             return Ok(pid);
         }
         ensure!(
             started.elapsed() < timeout,
-            "no worker took turn {} within {timeout:?} ({} has no turn line)",
+            "no worker took turn {} within {timeout:?} (no turn line in {})",
             turn.message_id,
-            path.display()
+            wlog.dir.display()
         );
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
@@ -352,10 +438,7 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
     levels.sort_unstable();
     levels.dedup();
     levels.retain(|&n| n >= 2);
-    ensure!(
-        !levels.is_empty(),
-        "scale needs --deployments of at least 2"
-    );
+    ensure!(!levels.is_empty(), "scale needs --deployments of at least 2");
     let capacity = lock_capacity(s).await?;
     let (levels, skipped, capacity_note) =
         fit_levels(&levels, &capacity, s, a.alter_system).await?;
@@ -364,24 +447,14 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
     }
     ensure!(!levels.is_empty(), "{}", capacity_note.unwrap_or_default());
     let max = levels.last().copied().unwrap_or(2);
-    let label = format!(
-        "scale {}",
-        levels
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let label =
+        format!("scale {}", levels.iter().map(ToString::to_string).collect::<Vec<_>>().join(","));
     let extra = [
         ("TURND_WORKER__MAX_WORKERS", (max + 64).to_string()),
         ("TURND_WORKER__IDLE_TIMEOUT", "1h".to_owned()),
     ];
-    let (lt, lw, window, probes) = (
-        a.latency_turns,
-        a.latency_warmup,
-        a.bring_up_window,
-        a.cold_probes,
-    );
+    let (lt, lw, window, probes) =
+        (a.latency_turns, a.latency_warmup, a.bring_up_window, a.cold_probes);
     run(s, "scale", label, &extra, async |cluster, client| {
         let mut maker = Turns::default();
         // Deployment 1 of N: the conversation latency is measured on.
@@ -416,19 +489,24 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 .collect::<Result<_>>()?;
             cluster.deployments.extend(batch.iter().map(|t| t.deployment.clone()));
             let meter = Meter::start(Some(cluster.pid()));
+            let perf_up = Perf::start(s, cluster.pid(), &format!("scale {level} bring-up"));
             let started = Instant::now();
             let last = client.publish_paced(&batch, window).await?;
             let bring_up = last.saturating_duration_since(started);
             let cpu = meter.stop();
+            let perf_up = Perf::stop(perf_up).await;
             live = level;
             cluster.running()?;
             // Measure a quiet daemon: every worker up (spawns may trail the replies).
             let quiet = workers_settle(cluster, level).await;
             let snap = Snapshot::take(cluster).await;
+            let lat_meter = Meter::start(Some(cluster.pid()));
             let perf = Perf::start(s, cluster.pid(), &format!("scale {level} latency"));
-            let (lat, _) =
-                one_at_a_time(cluster, client, &mut maker, "lat0", &format!("m{li}-"), lw, lt).await?;
+            let lat = one_at_a_time(cluster, client, &mut maker, "lat0", &format!("m{li}-"), lw, lt)
+                .await?
+                .round_trip;
             let perf = Perf::stop(perf).await;
+            let lat_cpu = lat_meter.stop();
             // What one more conversation costs at this size (lock + spawn + reply).
             let mut cold = Vec::with_capacity(probes);
             for p in 0..probes {
@@ -498,8 +576,10 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 "thread_queues": snap.queues.map(|q| q.0),
                 "thread_queue_consumers": snap.queues.map(|q| q.1),
                 "latency": lat.json(),
+                "latency_cpu": lat_cpu.json((lw + lt) as usize),
                 "new_conversation": cold.json(),
                 "perf_data": perf,
+                "perf_data_bring_up": perf_up,
             }));
         }
         let first = &out[0]["latency"];
@@ -602,11 +682,7 @@ async fn lock_capacity(s: &Settings) -> Result<LockCapacity> {
     .fetch_one(&mut admin)
     .await
     .context("read PostgreSQL's lock settings")?;
-    Ok(LockCapacity {
-        per_transaction,
-        slots,
-        in_use,
-    })
+    Ok(LockCapacity { per_transaction, slots, in_use })
 }
 
 /// Keeps the levels the server's lock table can hold (with room for everything else), says
@@ -625,9 +701,7 @@ async fn fit_levels(
     }
     let need = skipped.iter().max().copied().unwrap_or(0);
     let backends = cap.slots / cap.per_transaction.max(1);
-    let suggest = ((need as u64 * 2 / backends.max(1) as u64) + 1)
-        .max(256)
-        .next_power_of_two();
+    let suggest = ((need as u64 * 2 / backends.max(1) as u64) + 1).max(256).next_power_of_two();
     let mut note = format!(
         "PostgreSQL's lock table holds about {} locks (max_locks_per_transaction {} × {} \
          backends), {} in use now; {need} live deployments need {need} advisory locks on one \
@@ -727,14 +801,10 @@ impl Snapshot {
     }
 }
 
-async fn rabbitmqctl(args: &[&str]) -> Result<String> {
+pub async fn rabbitmqctl(args: &[&str]) -> Result<String> {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
-        Command::new("rabbitmqctl")
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
+        Command::new("rabbitmqctl").args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
     )
     .await
     .context("rabbitmqctl did not answer within 60 s")?
@@ -771,23 +841,14 @@ async fn rabbitmq_connection(name: &str) -> Result<(usize, usize)> {
             found.1 += channels.trim().parse::<usize>().unwrap_or(0);
         }
     }
-    ensure!(
-        found.0 > 0,
-        "no AMQP connection named {name:?} in rabbitmqctl list_connections"
-    );
+    ensure!(found.0 > 0, "no AMQP connection named {name:?} in rabbitmqctl list_connections");
     Ok(found)
 }
 
 /// (thread queues, their consumers) of `prefix`.
 async fn rabbitmq_thread_queues(prefix: &str) -> Result<(usize, usize)> {
-    let text = rabbitmqctl(&[
-        "-q",
-        "list_queues",
-        "--no-table-headers",
-        "name",
-        "consumers",
-    ])
-    .await?;
+    let text =
+        rabbitmqctl(&["-q", "list_queues", "--no-table-headers", "name", "consumers"]).await?;
     let head = format!("{prefix}.thread.");
     let mut found = (0, 0);
     for line in text.lines() {
@@ -839,10 +900,12 @@ async fn run(
             client.close().await;
             let _ = cluster.stop().await;
             cluster.cleanup().await;
-            return Err(e.context(format!(
-                "{label} ({} of {} turns answered so far); turnd log ends:\n{tail}",
-                check.answered, check.sent
-            )));
+            // The cause first: a table row shows the first line.
+            return Err(anyhow::anyhow!(
+                "{e:#} ({} of {} turns answered so far)\nturnd log ends:\n{tail}",
+                check.answered,
+                check.sent
+            ));
         }
     };
     let settled = client.settle(s.settle).await;
@@ -875,11 +938,7 @@ async fn run(
         Ok(st) => {
             json["shutdown"] =
                 json!({ "s": st.took.as_secs_f64(), "status": st.status, "clean": st.clean });
-            notes.push(format!(
-                "SIGTERM → exit {:.2} s ({})",
-                st.took.as_secs_f64(),
-                st.status
-            ));
+            notes.push(format!("SIGTERM → exit {:.2} s ({})", st.took.as_secs_f64(), st.status));
         }
         Err(e) => notes.push(format!("stopping turnd: {e:#}")),
     }
@@ -889,11 +948,7 @@ async fn run(
             log.warn,
             log.error,
             log.panics,
-            if s.keep {
-                format!(" ({})", daemon_log.display())
-            } else {
-                String::new()
-            },
+            if s.keep { format!(" ({})", daemon_log.display()) } else { String::new() },
             log.samples.join("\n      ")
         ));
     }
@@ -901,14 +956,7 @@ async fn run(
     json["exactly_once"] = check.json();
     json["mode"] = json!(mode);
     json["label"] = json!(label);
-    Ok(Measured {
-        mode,
-        label,
-        json,
-        line: partial.line,
-        notes,
-        check,
-    })
+    Ok(Measured { mode, label, json, line: partial.line, notes, check })
 }
 
 /// Waits (up to 10 s) until the database owes nothing: every turn done and every event
@@ -925,11 +973,7 @@ async fn db_state(cluster: &Cluster) -> Result<DbState> {
         .await
         .context("count pending turns and unpublished events")?;
         if (pending == 0 && unpublished == 0) || started.elapsed() > Duration::from_secs(10) {
-            return Ok(DbState {
-                pending,
-                unpublished,
-                outbox,
-            });
+            return Ok(DbState { pending, unpublished, outbox });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -942,9 +986,7 @@ async fn warm_up(
     maker: &mut Turns,
     n: u32,
 ) -> Result<()> {
-    one_at_a_time(cluster, client, maker, "warm0", "w", n, 0)
-        .await
-        .map(|_| ())
+    one_at_a_time(cluster, client, maker, "warm0", "w", n, 0).await.map(|_| ())
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -960,10 +1002,8 @@ pub struct Perf {
 impl Perf {
     pub fn start(s: &Settings, pid: u32, label: &str) -> Option<Perf> {
         let dir = s.perf.as_ref()?;
-        let name: String = label
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .collect();
+        let name: String =
+            label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         let path = dir.join(format!("{name}.perf.data"));
         let child = Command::new("perf")
             .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-p"])

@@ -49,11 +49,7 @@ impl Row {
 
 /// The rows and the JSON targets of one mode.
 pub fn rows(m: &Measured, floor: &Floor) -> (Vec<Row>, Vec<Value>) {
-    let mut b = Builder {
-        label: m.label.clone(),
-        rows: Vec::new(),
-        targets: Vec::new(),
-    };
+    let mut b = Builder { label: m.label.clone(), rows: Vec::new(), targets: Vec::new() };
     let t = &m.json;
     let f = floor.main.as_ref().and_then(|r| r.as_ref().ok());
     let floor_error = floor.main.as_ref().and_then(|r| r.as_ref().err());
@@ -68,13 +64,7 @@ pub fn rows(m: &Measured, floor: &Floor) -> (Vec<Row>, Vec<Value>) {
                 |v| format!("{v:.0}"),
                 Cmp::AtLeast(THROUGHPUT_RATIO_MIN),
             );
-            b.pair_row(
-                "latency p50 / p99",
-                t,
-                f,
-                "/latency/p50_ms",
-                "/latency/p99_ms",
-            );
+            b.pair_row("latency p50 / p99", t, f, "/latency/p50_ms", "/latency/p99_ms");
             b.cpu_row(t, f);
         }
         "latency" => {
@@ -83,23 +73,17 @@ pub fn rows(m: &Measured, floor: &Floor) -> (Vec<Row>, Vec<Value>) {
                 "p50",
                 num(t, &format!("{p}/p50_ms")),
                 f.and_then(|f| num(f, &format!("{p}/p50_ms"))),
-                |v| short_ms(v),
+                short_ms,
                 Cmp::AtMost(LATENCY_P50_RATIO_MAX),
             );
             b.ratio_row(
                 "p99",
                 num(t, &format!("{p}/p99_ms")),
                 f.and_then(|f| num(f, &format!("{p}/p99_ms"))),
-                |v| short_ms(v),
+                short_ms,
                 Cmp::AtMost(LATENCY_P99_RATIO_MAX),
             );
-            b.pair_row(
-                "p90 / max",
-                t,
-                f,
-                "/round_trip/p90_ms",
-                "/round_trip/max_ms",
-            );
+            b.pair_row("p90 / max", t, f, "/round_trip/p90_ms", "/round_trip/max_ms");
             b.pair_row(
                 "publish→confirm p50 / p99",
                 t,
@@ -127,63 +111,35 @@ pub fn rows(m: &Measured, floor: &Floor) -> (Vec<Row>, Vec<Value>) {
                     (Some(l), Some(s)) => format!("{} + spawn {} + 5 ms", short_ms(l), short_ms(s)),
                     _ => String::new(),
                 },
-                ratio: p50
-                    .zip(limit)
-                    .map_or(String::new(), |(v, l)| format!("{:.2}", v / l)),
+                ratio: p50.zip(limit).map_or(String::new(), |(v, l)| format!("{:.2}", v / l)),
                 target: limit.map_or("≤ floor p50 + spawn p50 + 5 ms".into(), |l| {
                     format!("≤ {}", short_ms(l))
                 }),
                 verdict,
             });
-            b.target(
-                "cold p50 ≤ floor latency p50 + floor spawn p50 + 5 ms",
-                p50,
-                limit,
-                verdict,
-            );
-            b.pair_row(
-                "p99 / max",
-                t,
-                None,
-                "/round_trip/p99_ms",
-                "/round_trip/max_ms",
-            );
+            b.target("cold p50 ≤ floor latency p50 + floor spawn p50 + 5 ms", p50, limit, verdict);
+            b.pair_row("p99 / max", t, None, "/round_trip/p99_ms", "/round_trip/max_ms");
             b.cpu_row(t, None);
         }
         "crash" => {
             b.rows.push(Row::info(
                 &m.label,
                 "kill → WORKER_DIED p50 / p90",
-                pair(
-                    t,
-                    "/kill_to_error_event/p50_ms",
-                    "/kill_to_error_event/p90_ms",
-                ),
+                pair(t, "/kill_to_error_event/p50_ms", "/kill_to_error_event/p90_ms"),
             ));
             let p99 = num(t, "/kill_to_error_event/p99_ms");
-            b.abs_row(
-                "kill → WORKER_DIED p99",
-                p99,
-                short_ms,
-                Cmp::AtMost(CRASH_P99_MAX_MS),
-                "ms",
-            );
+            b.abs_row("kill → WORKER_DIED p99", p99, short_ms, Cmp::AtMost(CRASH_P99_MAX_MS), "ms");
             b.rows.push(Row::info(
                 &m.label,
                 "publish → worker has the turn p50 / p99",
-                pair(
-                    t,
-                    "/publish_to_worker_has_turn/p50_ms",
-                    "/publish_to_worker_has_turn/p99_ms",
-                ),
+                pair(t, "/publish_to_worker_has_turn/p50_ms", "/publish_to_worker_has_turn/p99_ms"),
             ));
         }
         "scale" => scale_rows(&mut b, t),
         _ => {}
     }
     if let Some(e) = floor_error {
-        b.rows
-            .push(Row::info(&m.label, "floor-bench", format!("FAILED: {e}")));
+        b.rows.push(Row::info(&m.label, "floor-bench", format!("FAILED: {e}")));
     }
     b.rows.push(Row {
         label: m.label.clone(),
@@ -200,22 +156,13 @@ pub fn rows(m: &Measured, floor: &Floor) -> (Vec<Row>, Vec<Value>) {
         turnd: m.check.outcomes_human(),
         floor: String::new(),
         ratio: String::new(),
-        target: if m.mode == "crash" {
-            "WORKER_DIED each"
-        } else {
-            "reply each"
-        }
-        .into(),
+        target: if m.mode == "crash" { "WORKER_DIED each" } else { "reply each" }.into(),
         verdict: Some(!m.check.unexpected()),
     });
     let others = |v: &Value| num(v, "/cpu/others_share");
     if let Some(o) = others(t) {
         let flag = |x: f64| {
-            if x > crate::cpu::DISTURBED {
-                " DISTURBED"
-            } else {
-                ""
-            }
+            if x > crate::cpu::DISTURBED { " DISTURBED" } else { "" }
         };
         b.rows.push(Row {
             label: m.label.clone(),
@@ -291,10 +238,14 @@ fn scale_rows(b: &mut Builder, t: &Value) {
             &at("threads / fds / workers"),
             format!("{} / {} / {}", l["threads"], l["open_fds"], l["workers"]),
         ));
+        let others = num(l, "/latency_cpu/others_share").map_or(String::new(), |o| {
+            let flag = if o > crate::cpu::DISTURBED { " DISTURBED" } else { "" };
+            format!(" (others' CPU {:.0}%{flag})", 100.0 * o)
+        });
         b.rows.push(Row::info(
             &b.label.clone(),
             &at("latency p50 / p99"),
-            pair(l, "/latency/p50_ms", "/latency/p99_ms"),
+            format!("{}{others}", pair(l, "/latency/p50_ms", "/latency/p99_ms")),
         ));
         b.rows.push(Row::info(
             &b.label.clone(),
@@ -315,12 +266,7 @@ fn scale_rows(b: &mut Builder, t: &Value) {
             target: format!("≤ {SCALE_LATENCY_RATIO_MAX:.1}"),
             verdict,
         });
-        b.target(
-            "scale latency p50 ratio",
-            ratio,
-            Some(SCALE_LATENCY_RATIO_MAX),
-            verdict,
-        );
+        b.target("scale latency p50 ratio", ratio, Some(SCALE_LATENCY_RATIO_MAX), verdict);
     }
     if let Some(skipped) = t["skipped_levels"].as_array().filter(|s| !s.is_empty()) {
         b.rows.push(Row {
@@ -348,8 +294,7 @@ struct Builder {
 
 impl Builder {
     fn target(&mut self, name: &str, value: Option<f64>, limit: Option<f64>, pass: Option<bool>) {
-        self.targets
-            .push(json!({ "target": name, "value": value, "limit": limit, "pass": pass }));
+        self.targets.push(json!({ "target": name, "value": value, "limit": limit, "pass": pass }));
     }
 
     /// turnd vs floor, their ratio, and the ratio's target.
@@ -406,10 +351,8 @@ impl Builder {
     }
 
     fn pair_row(&mut self, metric: &str, t: &Value, f: Option<&Value>, a: &str, b: &str) {
-        let ratio = num(t, a)
-            .zip(f.and_then(|f| num(f, a)))
-            .filter(|(_, f)| *f > 0.0)
-            .map(|(t, f)| t / f);
+        let ratio =
+            num(t, a).zip(f.and_then(|f| num(f, a))).filter(|(_, f)| *f > 0.0).map(|(t, f)| t / f);
         self.rows.push(Row {
             label: self.label.clone(),
             metric: metric.to_owned(),
@@ -421,10 +364,11 @@ impl Builder {
         });
     }
 
-    /// CPU of the turn path per turn: turnd + workers + postgres + rabbitmq, against
-    /// floor-bench's own process + postgres + rabbitmq (whose meter covers its whole mode).
+    /// CPU per turn of everyone involved: turnd + workers + harness + postgres + rabbitmq,
+    /// against floor-bench's own process (its pipeline and harness) + postgres + rabbitmq.
+    /// floor-bench meters its whole mode (setup included), turnd-bench its measurement window.
     fn cpu_row(&mut self, t: &Value, f: Option<&Value>) {
-        let ours = num(t, "/cpu/turn_path_ms_per_turn");
+        let ours = num(t, "/cpu/all_ms_per_turn");
         let theirs = f.and_then(|f| {
             // floor-bench's latency mode meters its warm-up turns too.
             let turns = num(f, "/turns")? + num(f, "/warmup").unwrap_or(0.0);
@@ -433,13 +377,10 @@ impl Builder {
                 + num(f, "/cpu/rabbitmq_s")?;
             Some(1e3 * cpu / turns.max(1.0))
         });
-        let ratio = ours
-            .zip(theirs)
-            .filter(|(_, f)| *f > 0.0)
-            .map(|(o, f)| o / f);
+        let ratio = ours.zip(theirs).filter(|(_, f)| *f > 0.0).map(|(o, f)| o / f);
         self.rows.push(Row {
             label: self.label.clone(),
-            metric: "CPU per turn (daemon+workers+pg+rabbit)".into(),
+            metric: "CPU per turn (all parties, harness incl.)".into(),
             turnd: ours.map_or("?".into(), |v| format!("{v:.2} ms")),
             floor: theirs.map_or(String::new(), |v| format!("{v:.2} ms")),
             ratio: ratio.map_or(String::new(), |r| format!("{r:.2}")),
@@ -475,9 +416,7 @@ pub fn failed(label: &str, error: &str) -> Row {
 
 /// A Markdown table, columns padded.
 pub fn table(rows: &[Row]) -> String {
-    let head = [
-        "mode", "metric", "turnd", "floor", "ratio", "target", "result",
-    ];
+    let head = ["mode", "metric", "turnd", "floor", "ratio", "target", "result"];
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {

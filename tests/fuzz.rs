@@ -1,0 +1,780 @@
+//! Property-based fuzzing (proptest; cargo-fuzz would need a nightly toolchain) of everything
+//! that reads outside input: the turn parser and its validation, the deployment-name
+//! derivation, the worker stdout codec and the config loader. Each must not panic, must be
+//! deterministic, and must allocate at most a bounded multiple of its input (a body over
+//! `intake.max_turn_bytes` is refused before it is parsed at all).
+//!
+//! Bounded for CI (a few seconds per property); `PROPTEST_CASES=100000 cargo test --test fuzz`
+//! runs longer locally. Failures are persisted in `tests/fuzz.proptest-regressions` and
+//! replayed first on every run (commit that file).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, FileFailurePersistence};
+use turnd::config::Config as TurndConfig;
+use turnd::turn::{self, AgentId, DeploymentName, OrganizationId};
+use turnd::worker::protocol::{self, WorkerLine};
+
+// ---- allocation accounting --------------------------------------------------------------------
+
+/// Counts live heap bytes and their peak, so a property can bound what one input costs.
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
+                    - layout.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// The properties run one at a time (the counters are process-wide).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` and returns its result with the peak heap bytes it added.
+fn measure<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let r = f();
+    (r, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+}
+
+/// What one input of `len` bytes may cost: linear, with a fixed allowance.
+fn budget(len: usize) -> usize {
+    256 * len + (1 << 20)
+}
+
+fn config(default_cases: u32) -> Config {
+    let cases =
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(default_cases);
+    Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..Config::default()
+    }
+}
+
+const MAX: usize = 262_144;
+
+// ---- the turn parser --------------------------------------------------------------------------
+
+/// The parser's answer, comparable across two runs.
+fn verdict(body: &[u8]) -> (Result<(String, String, String), String>, usize) {
+    measure(|| match turn::parse(body, MAX) {
+        Ok(t) => Ok((t.message_id.as_str().to_owned(), t.deployment.as_str().to_owned(), t.line)),
+        Err(e) => {
+            Err(format!("{} | {:?} {:?} {}", e.reason, e.message_id, e.deployment, e.too_large))
+        }
+    })
+}
+
+/// One JSON value as text, with numbers spelled as producers might (huge, exponents) and
+/// strings with escapes and control characters.
+fn json_value() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just("null".to_owned()),
+        Just("true".to_owned()),
+        Just("false".to_owned()),
+        "-?[1-9][0-9]{0,39}|0",
+        Just("1e400".to_owned()),
+        Just("-0.000000000000000000000000000001".to_owned()),
+        Just("123456789012345678901234567890".to_owned()),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| f.to_string()),
+        ".{0,24}".prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
+    ];
+    leaf.prop_recursive(6, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(|v| format!("[{}]", v.join(","))),
+            prop::collection::btree_map("[a-zA-Z_]{1,8}", inner, 0..6).prop_map(|m| {
+                let fields: Vec<String> = m
+                    .into_iter()
+                    .map(|(k, v)| format!("{}:{v}", serde_json::to_string(&k).unwrap_or_default()))
+                    .collect();
+                format!("{{{}}}", fields.join(","))
+            }),
+        ]
+    })
+}
+
+/// A field value: the JSON text, and the string it holds when it is one.
+#[derive(Debug, Clone)]
+enum Field {
+    Absent,
+    Null,
+    Str(String),
+    /// Any other JSON (number, object, …) as text.
+    Raw(String),
+}
+
+impl Field {
+    fn text(&self) -> Option<String> {
+        match self {
+            Field::Absent => None,
+            Field::Null => Some("null".into()),
+            Field::Str(s) => Some(serde_json::to_string(s).unwrap_or_default()),
+            Field::Raw(r) => Some(r.clone()),
+        }
+    }
+    fn str(&self) -> Option<&str> {
+        match self {
+            Field::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn present(&self) -> bool {
+        !matches!(self, Field::Absent | Field::Null)
+    }
+}
+
+/// Identifier-like strings that follow the rule, or break it in every way it can be broken.
+fn identifier() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => "[A-Za-z0-9_-]{1,64}",
+        1 => Just(String::new()),
+        1 => "[A-Za-z0-9_-]{65,80}",
+        1 => "[A-Za-z0-9]{0,5}[ ./:@é\u{0}\u{7f}\n\t\"\\\\][A-Za-z0-9]{0,5}",
+        1 => Just("_".to_owned()),
+    ]
+}
+
+fn free_text(max: usize) -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => "[a-zA-Z0-9 ._-]{1,40}",
+        1 => Just(String::new()),
+        1 => "[a-z]{0,4}[\u{0}-\u{1f}\u{7f}\u{80}-\u{9f}][a-z]{0,4}",
+        1 => prop::collection::vec(any::<char>(), 0..20).prop_map(|c| c.into_iter().collect()),
+        1 => Just("x".repeat(max)),
+        1 => Just("x".repeat(max + 1)),
+        1 => Just("é".repeat(max / 2 + 1)),
+    ]
+}
+
+fn string_field(s: impl Strategy<Value = String>) -> impl Strategy<Value = Field> {
+    prop_oneof![
+        2 => Just(Field::Absent),
+        1 => Just(Field::Null),
+        6 => s.prop_map(Field::Str),
+        1 => json_value().prop_filter("not a string", |v| !v.starts_with('"') && v != "null").prop_map(Field::Raw),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct TurnFields {
+    message_id: Field,
+    agent_id: Field,
+    organization_id: Field,
+    conversation_id: Field,
+    channel_id: Field,
+    user_id: Field,
+    platform: Field,
+    platform_metadata: Field,
+    run_id: Field,
+    payload: Field,
+    extra: BTreeMap<String, String>,
+}
+
+fn turn_fields() -> impl Strategy<Value = TurnFields> {
+    let run_id = prop_oneof![
+        3 => Just(Field::Absent),
+        1 => Just(Field::Null),
+        2 => (1u64..=i64::MAX as u64).prop_map(|n| Field::Raw(n.to_string())),
+        1 => prop_oneof![
+            Just("0"), Just("-1"), Just("1.5"), Just("1e3"), Just("9223372036854775808"),
+            Just("123456789012345678901234567890"), Just("\"7\""), Just("true"), Just("[1]"),
+        ]
+        .prop_map(|s| Field::Raw(s.to_owned())),
+    ];
+    let metadata = prop_oneof![
+        2 => Just(Field::Absent),
+        1 => Just(Field::Null),
+        1 => json_value().prop_map(Field::Raw),
+    ];
+    (
+        (
+            string_field(free_text(255)),
+            string_field(identifier()),
+            string_field(identifier()),
+            string_field(free_text(256)),
+            string_field(free_text(256)),
+            string_field(free_text(256)),
+        ),
+        (
+            string_field(free_text(256)),
+            metadata,
+            run_id,
+            prop_oneof![Just(Field::Absent), json_value().prop_map(Field::Raw)],
+            prop::collection::btree_map("[a-z]{1,6}X", json_value(), 0..3),
+        ),
+    )
+        .prop_map(|((m, a, o, c, ch, u), (p, pm, r, pay, extra))| TurnFields {
+            message_id: m,
+            agent_id: a,
+            organization_id: o,
+            conversation_id: c,
+            channel_id: ch,
+            user_id: u,
+            platform: p,
+            platform_metadata: pm,
+            run_id: r,
+            payload: pay,
+            extra,
+        })
+}
+
+impl TurnFields {
+    fn json(&self, pretty: bool) -> String {
+        let mut parts = Vec::new();
+        for (k, f) in [
+            ("messageId", &self.message_id),
+            ("agentId", &self.agent_id),
+            ("organizationId", &self.organization_id),
+            ("conversationId", &self.conversation_id),
+            ("channelId", &self.channel_id),
+            ("userId", &self.user_id),
+            ("platform", &self.platform),
+            ("platformMetadata", &self.platform_metadata),
+            ("runId", &self.run_id),
+            ("payload", &self.payload),
+        ] {
+            if let Some(t) = f.text() {
+                parts.push(format!("\"{k}\":{t}"));
+            }
+        }
+        for (k, v) in &self.extra {
+            parts.push(format!("\"{k}\":{v}"));
+        }
+        if pretty {
+            format!("{{\n  {}\n}}", parts.join(",\n  "))
+        } else {
+            format!("{{{}}}", parts.join(","))
+        }
+    }
+
+    /// CONTRACT §2 and §3, written independently of the parser.
+    fn valid(&self) -> bool {
+        let ident = |s: &str| {
+            (1..=64).contains(&s.len())
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        let no_control = |s: &str| !s.chars().any(char::is_control);
+        let optional_str = |f: &Field, ok: &dyn Fn(&str) -> bool| match f {
+            Field::Absent | Field::Null => true,
+            Field::Str(s) => ok(s),
+            Field::Raw(_) => false,
+        };
+        let message_ok = matches!(&self.message_id, Field::Str(s) if (1..=255).contains(&s.len()) && no_control(s));
+        let agent_ok = matches!(&self.agent_id, Field::Str(s) if ident(s));
+        let org_ok = optional_str(&self.organization_id, &|s| ident(s) && s != "_");
+        let conv_ok = optional_str(&self.conversation_id, &|s| s.len() <= 256 && no_control(s));
+        let short_ok = |f: &Field| optional_str(f, &|s| s.len() <= 256);
+        let meta_ok = match &self.platform_metadata {
+            Field::Absent | Field::Null => true,
+            Field::Raw(r) => r.starts_with('{'),
+            Field::Str(_) => false,
+        };
+        let run_ok = match &self.run_id {
+            Field::Absent | Field::Null => true,
+            Field::Raw(r) => {
+                r.bytes().all(|b| b.is_ascii_digit())
+                    && r.parse::<u64>().is_ok_and(|n| n >= 1 && n <= i64::MAX as u64)
+            }
+            Field::Str(_) => false,
+        };
+        let key = [&self.conversation_id, &self.channel_id, &self.user_id]
+            .into_iter()
+            .any(|f| f.str().is_some_and(|s| !s.is_empty()));
+        message_ok
+            && agent_ok
+            && org_ok
+            && conv_ok
+            && short_ok(&self.channel_id)
+            && short_ok(&self.user_id)
+            && short_ok(&self.platform)
+            && meta_ok
+            && run_ok
+            && key
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Perturb {
+    FlipByte(usize, u8),
+    Insert(usize, u8),
+    Delete(usize, usize),
+    Truncate(usize),
+    DuplicateField,
+    Wrap,
+}
+
+fn perturb() -> impl Strategy<Value = Perturb> {
+    prop_oneof![
+        any::<(usize, u8)>().prop_map(|(i, b)| Perturb::FlipByte(i, b)),
+        any::<(usize, u8)>().prop_map(|(i, b)| Perturb::Insert(i, b)),
+        any::<(usize, usize)>().prop_map(|(i, n)| Perturb::Delete(i, n % 16)),
+        any::<usize>().prop_map(Perturb::Truncate),
+        Just(Perturb::DuplicateField),
+        Just(Perturb::Wrap),
+    ]
+}
+
+fn apply(text: &str, p: &Perturb) -> Vec<u8> {
+    let mut b = text.as_bytes().to_vec();
+    let at = |i: usize, len: usize| if len == 0 { 0 } else { i % len };
+    match *p {
+        Perturb::FlipByte(i, x) => {
+            let i = at(i, b.len());
+            if let Some(c) = b.get_mut(i) {
+                *c ^= x | 1;
+            }
+        }
+        Perturb::Insert(i, x) => {
+            let i = at(i, b.len() + 1);
+            b.insert(i, x);
+        }
+        Perturb::Delete(i, n) => {
+            let i = at(i, b.len());
+            let end = (i + n).min(b.len());
+            b.drain(i..end);
+        }
+        Perturb::Truncate(i) => b.truncate(at(i, b.len())),
+        Perturb::DuplicateField => {
+            // Repeat the first field at the end: a duplicate key at the top level.
+            if let Some(end) = b.windows(2).position(|w| w == b",\"")
+                && end > 1
+            {
+                let first = b[1..end].to_vec();
+                b.pop();
+                b.push(b',');
+                b.extend_from_slice(&first);
+                b.push(b'}');
+            }
+        }
+        Perturb::Wrap => {
+            b.insert(0, b'[');
+            b.push(b']');
+        }
+    }
+    b
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn turn_parse_never_panics_on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..4096)) {
+        let _s = serial();
+        let (a, cost) = verdict(&body);
+        let (b, _) = verdict(&body);
+        prop_assert_eq!(&a, &b, "deterministic");
+        prop_assert!(cost <= budget(body.len()), "{} bytes cost {} bytes of heap", body.len(), cost);
+    }
+
+    #[test]
+    fn turn_validation_follows_the_contract(fields in turn_fields(), pretty in any::<bool>()) {
+        let _s = serial();
+        let text = fields.json(pretty);
+        let (a, cost) = verdict(text.as_bytes());
+        let (b, _) = verdict(text.as_bytes());
+        prop_assert_eq!(&a, &b, "deterministic");
+        prop_assert!(cost <= budget(text.len()));
+        prop_assert_eq!(a.is_ok(), fields.valid(), "parse says {:?} for {}", a, text);
+        if let Ok((message_id, deployment, line)) = a {
+            // The line is the turn on one line, as published, and parses to the same turn.
+            prop_assert!(!line.contains('\n'));
+            let again = turn::parse(line.as_bytes(), MAX).expect("the line re-parses");
+            prop_assert_eq!(again.message_id.as_str(), message_id.as_str());
+            prop_assert_eq!(again.deployment.as_str(), deployment.as_str());
+            prop_assert!(DeploymentName::parse(&deployment).is_ok(), "{}", deployment);
+            let v: serde_json::Value = serde_json::from_str(&line).expect("line is JSON");
+            let orig: serde_json::Value = serde_json::from_str(&text).expect("text is JSON");
+            prop_assert_eq!(v, orig, "nothing changed but whitespace");
+        }
+    }
+
+    #[test]
+    fn turn_parse_never_panics_on_perturbed_turns(fields in turn_fields(), ps in prop::collection::vec(perturb(), 1..4)) {
+        let _s = serial();
+        let mut text = fields.json(false).into_bytes();
+        for p in &ps {
+            text = apply(&String::from_utf8_lossy(&text), p);
+        }
+        let (a, cost) = verdict(&text);
+        let (b, _) = verdict(&text);
+        prop_assert_eq!(&a, &b);
+        prop_assert!(cost <= budget(text.len()));
+        // A top-level duplicate key never passes.
+        if ps.iter().any(|p| matches!(p, Perturb::DuplicateField)) && ps.len() == 1 && fields.message_id.present() {
+            prop_assert!(a.is_err(), "duplicate key accepted: {}", String::from_utf8_lossy(&text));
+        }
+    }
+
+    #[test]
+    fn deployment_names_are_safe_stable_and_tenant_scoped(
+        org in prop::option::of("[A-Za-z0-9_-]{1,64}".prop_filter("not _", |s| s != "_")),
+        agent in "[A-Za-z0-9_-]{1,64}",
+        key in ".{1,64}",
+        org2 in prop::option::of("[A-Za-z0-9_-]{1,64}".prop_filter("not _", |s| s != "_")),
+        key2 in ".{1,64}",
+    ) {
+        let _s = serial();
+        let o = org.as_deref().map(|o| OrganizationId::parse(o).expect("valid org"));
+        let a = AgentId::parse(&agent).expect("valid agent");
+        let name = turn::deployment_name(o.as_ref(), &a, &key);
+        prop_assert_eq!(&name, &turn::deployment_name(o.as_ref(), &a, &key), "deterministic");
+        prop_assert_eq!(name.lock_key(), turn::deployment_name(o.as_ref(), &a, &key).lock_key());
+        let s = name.as_str();
+        prop_assert!(s.len() <= 81 && s.starts_with(&format!("{agent}-")), "{}", s);
+        prop_assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'), "{}", s);
+        prop_assert!(DeploymentName::parse(s).is_ok(), "{}", s);
+        // Another organization or conversation never shares the name (nor the lock).
+        let o2 = org2.as_deref().map(|o| OrganizationId::parse(o).expect("valid org"));
+        if (org2.clone(), key2.clone()) != (org.clone(), key.clone()) {
+            let other = turn::deployment_name(o2.as_ref(), &a, &key2);
+            prop_assert_ne!(&other, &name);
+            prop_assert_ne!(other.lock_key(), name.lock_key());
+        }
+        // The NUL separators keep fields apart: "ab"+"c" differs from "a"+"bc".
+        if let Some(org) = &org && org.len() > 1 && &org[..org.len() - 1] != "_" {
+            let (head, tail) = org.split_at(org.len() - 1);
+            let shifted = turn::deployment_name(Some(&OrganizationId::parse(head).expect("valid")), &a, &format!("{tail}{key}"));
+            prop_assert_ne!(shifted, name);
+        }
+    }
+
+    #[test]
+    fn worker_lines_never_panic_and_cost_a_bounded_multiple(line in prop::collection::vec(any::<u8>(), 0..4096)) {
+        let _s = serial();
+        let (a, cost) = measure(|| protocol::parse_line(&line));
+        let b = protocol::parse_line(&line);
+        prop_assert_eq!(&a, &b);
+        prop_assert!(cost <= budget(line.len()));
+    }
+
+    #[test]
+    fn structured_worker_lines_parse_as_what_they_say(
+        kind in prop_oneof![Just("reply"), Just("error"), Just("heartbeat"), Just("provider_failed"), Just("provider_recovered"), Just("turn"), Just("")],
+        message_id in prop::option::of(".{0,40}"),
+        payload in prop::option::of(json_value()),
+        code in prop::option::of("[A-Z0-9_]{0,70}|[a-z ]{1,5}"),
+        text in prop::option::of(".{0,64}"),
+        ps in prop::collection::vec(perturb(), 0..3),
+    ) {
+        let _s = serial();
+        let mut fields = vec![format!("\"type\":{}", serde_json::to_string(kind).unwrap_or_default())];
+        if let Some(m) = &message_id { fields.push(format!("\"messageId\":{}", serde_json::to_string(m).unwrap_or_default())); }
+        if let Some(p) = &payload { fields.push(format!("\"payload\":{p}")); }
+        if let Some(c) = &code { fields.push(format!("\"code\":{}", serde_json::to_string(c).unwrap_or_default())); }
+        if let Some(t) = &text { fields.push(format!("\"error\":{0},\"reason\":{0}", serde_json::to_string(t).unwrap_or_default())); }
+        let line = format!("{{{}}}", fields.join(","));
+        let mut bytes = line.clone().into_bytes();
+        for p in &ps {
+            bytes = apply(&String::from_utf8_lossy(&bytes), p);
+        }
+        let (parsed, cost) = measure(|| protocol::parse_line(&bytes));
+        prop_assert_eq!(&parsed, &protocol::parse_line(&bytes));
+        prop_assert!(cost <= budget(bytes.len()));
+        if !ps.is_empty() {
+            return Ok(());
+        }
+        let mid_ok = message_id.as_deref().is_some_and(|m| !m.is_empty());
+        let code_ok = code.as_deref().filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'));
+        match (kind, parsed) {
+            ("reply", Ok(WorkerLine::Reply { message_id: m, payload: p })) => {
+                prop_assert!(mid_ok);
+                prop_assert_eq!(Some(m), message_id);
+                let want: serde_json::Value = serde_json::from_str(payload.as_deref().unwrap_or("null")).expect("json");
+                let got: serde_json::Value = serde_json::from_str(p.get()).expect("json");
+                prop_assert_eq!(got, want);
+            }
+            ("reply", Err(e)) => {
+                let deep = payload.as_deref().is_some_and(|p| p.matches(['[', '{']).count() > 100);
+                prop_assert!(!mid_ok || deep, "{:?}", e);
+            }
+            ("error", Ok(WorkerLine::Error { message_id: m, error, code: c })) => {
+                prop_assert_eq!(Some(m), message_id);
+                prop_assert_eq!(error, text.unwrap_or_default());
+                prop_assert_eq!(c.as_deref(), code_ok);
+            }
+            ("error", Err(_)) => prop_assert!(!mid_ok),
+            ("heartbeat", r) => prop_assert_eq!(r, Ok(WorkerLine::Heartbeat)),
+            ("provider_recovered", r) => prop_assert_eq!(r, Ok(WorkerLine::ProviderRecovered)),
+            ("provider_failed", Ok(WorkerLine::ProviderFailed { code: c, reason })) => {
+                prop_assert_eq!(c, code_ok.unwrap_or(protocol::DEFAULT_PROVIDER_CODE).to_owned());
+                prop_assert_eq!(reason, text);
+            }
+            ("turn" | "", r) => prop_assert!(r.is_err()),
+            (k, r) => prop_assert!(false, "{} parsed as {:?}", k, r),
+        }
+    }
+}
+
+// ---- the config loader ------------------------------------------------------------------------
+
+/// Every override variable a daemon reads (CONTRACT §9), plus a few that are not.
+const VARS: &[&str] = &[
+    "TURND_DAEMON__ID",
+    "TURND_DAEMON__STATE_DIR",
+    "TURND_DATABASE__URL",
+    "TURND_DATABASE__MAX_CONNECTIONS",
+    "TURND_DATABASE__AUTO_MIGRATE",
+    "TURND_AMQP__URL",
+    "TURND_AMQP__PREFIX",
+    "TURND_AMQP__PREFETCH",
+    "TURND_SESSION__STORE",
+    "TURND_INTAKE__MAX_TURN_BYTES",
+    "TURND_INTAKE__MAX_ATTEMPTS",
+    "TURND_INTAKE__RETRY_DELAY",
+    "TURND_INTAKE__RETRY_MAX_DELAY",
+    "TURND_WORKER__COMMAND",
+    "TURND_WORKER__ENV",
+    "TURND_WORKER__MAX_WORKERS",
+    "TURND_WORKER__IDLE_TIMEOUT",
+    "TURND_WORKER__STOP_TIMEOUT",
+    "TURND_WORKER__MAX_LINE_BYTES",
+    "TURND_WORKER__SANDBOX",
+    "TURND_WORKER__LIMITS",
+    "TURND_TURN__DEADLINE",
+    "TURND_TURN__QUEUE_TIMEOUT",
+    "TURND_REPLY__RETENTION",
+    "TURND_SWEEP__INTERVAL",
+    "TURND_SWEEP__ADOPTION_DELAY",
+    "TURND_SHUTDOWN__GRACE",
+    "TURND_HTTP__LISTEN",
+    "TURND_HTTP__ADMIN_TOKEN",
+    "TURND_HTTP__SHOW_PAYLOADS",
+    "TURND_LOG__FORMAT",
+    "TURND_LOG__LEVEL",
+    "TURND_NOPE__KEY",
+    "TURND_WORKER__NOPE",
+    "TURND_WORKER_ENV_FOO",
+    "TURND_DATABASE_URL",
+];
+
+fn env_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        "[0-9]{1,30}",
+        "-[0-9]{1,5}",
+        "[0-9]{1,4}(ms|s|m|h|d|days|y)",
+        Just("18446744073709551616".to_owned()),
+        Just("99999999999999999999999y".to_owned()),
+        Just("true".to_owned()),
+        Just("[\"/bin/true\", \"x\"]".to_owned()),
+        Just("[]".to_owned()),
+        Just("{A = \"1\"}".to_owned()),
+        Just("{memory_max = \"1G\", cpu_quota = \"50%\"}".to_owned()),
+        Just("postgres://u:p@h:1/d".to_owned()),
+        Just("amqp://g:g@h:5672/%2f".to_owned()),
+        Just("127.0.0.1:0".to_owned()),
+        Just("[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".to_owned()),
+        "\\PC{0,40}",
+        ".{0,40}",
+    ]
+}
+
+fn load(vars: &[(usize, String)]) -> Result<String, String> {
+    let env: Vec<(String, String)> =
+        vars.iter().map(|(i, v)| (VARS[i % VARS.len()].to_owned(), v.clone())).collect();
+    match TurndConfig::load_from(Some(Path::new("/dev/null")), env) {
+        Ok(c) => {
+            assert!(c.validate().is_ok(), "a loaded config validates");
+            Ok(c.redacted_toml())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+const EXAMPLE: &str = include_str!("../config/turnd.toml");
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn config_env_overrides_never_panic_and_name_the_key(vars in prop::collection::vec((any::<usize>(), env_value()), 0..6)) {
+        let _s = serial();
+        let (a, cost) = measure(|| load(&vars));
+        prop_assert_eq!(&a, &load(&vars), "deterministic");
+        let input: usize = vars.iter().map(|(_, v)| v.len()).sum();
+        prop_assert!(cost <= budget(input + EXAMPLE.len()));
+        if let Err(msg) = &a {
+            // A bad override names its key.
+            prop_assert!(msg.contains('.') || msg.contains("TURND_"), "{}", msg);
+        }
+    }
+
+    #[test]
+    fn config_files_never_panic(text in prop_oneof![".{0,400}", "[a-z_=\\[\\]\"{}., 0-9\n]{0,400}"]) {
+        let _s = serial();
+        let (a, cost) = measure(|| TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
+        prop_assert_eq!(&a, &TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
+        prop_assert!(cost <= budget(text.len()));
+    }
+
+    #[test]
+    fn perturbed_example_configs_never_panic(ps in prop::collection::vec(perturb(), 1..5)) {
+        let _s = serial();
+        let mut text = EXAMPLE.as_bytes().to_vec();
+        for p in &ps {
+            text = apply(&String::from_utf8_lossy(&text), p);
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
+        let (a, cost) = measure(|| TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
+        prop_assert_eq!(&a, &TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
+        prop_assert!(cost <= budget(text.len()));
+    }
+}
+
+// ---- fixed cases: what the generators rarely hit ----------------------------------------------
+
+#[test]
+fn a_body_over_the_limit_is_refused_without_being_parsed() {
+    let _s = serial();
+    for body in [
+        vec![b'['; 10 << 20],
+        vec![0xff; MAX + 1],
+        format!("{{\"messageId\":\"{}\"}}", "m".repeat(MAX)).into_bytes(),
+    ] {
+        let start = Instant::now();
+        let (r, cost) = measure(|| turn::parse(&body, MAX).map_err(Box::new));
+        let e = r.expect_err("too large");
+        assert!(e.too_large && e.message_id.is_none() && e.deployment.is_none(), "{e:?}");
+        assert!(e.reason.contains("max_turn_bytes"), "{}", e.reason);
+        assert!(cost < 4096, "refusing {} bytes cost {cost} bytes", body.len());
+        assert!(start.elapsed() < Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pathological_turns_are_refused_or_accepted_within_budget() {
+    let _s = serial();
+    let deep = |open: &str, close: &str, n: usize| {
+        format!(
+            "{{\"messageId\":\"m\",\"agentId\":\"a\",\"conversationId\":\"c\",\"payload\":{}1{}}}",
+            open.repeat(n),
+            close.repeat(n)
+        )
+    };
+    let cases: Vec<(String, bool)> = vec![
+        // 100k '[': too deep for the JSON reader (its recursion limit), refused, no overflow.
+        ("[".repeat(100_000), false),
+        (deep("[", "]", 100_000), false),
+        (deep("{\"a\":", "}", 20_000), false),
+        (deep("[", "]", 100), true),
+        // Numbers kept as written, however large.
+        ("{\"messageId\":\"m\",\"agentId\":\"a\",\"conversationId\":\"c\",\"payload\":{\"n\":123456789012345678901234567890,\"f\":1e400}}".into(), true),
+        // Many keys, long strings, escapes.
+        (format!("{{\"messageId\":\"m\",\"agentId\":\"a\",\"userId\":\"u\",\"payload\":{{{}\"z\":0}}}}", (0..5000).map(|i| format!("\"k{i}\":[{i}],")).collect::<String>()), true),
+        (format!("{{\"messageId\":\"m\",\"agentId\":\"a\",\"userId\":\"u\",\"payload\":\"{}\"}}", "\\u0000\\ud83d\\ude00".repeat(10_000)), true),
+    ];
+    for (text, ok) in cases {
+        let (r, cost) = measure(|| turn::parse(text.as_bytes(), 1 << 20).map_err(Box::new));
+        assert_eq!(r.is_ok(), ok, "{:.80}: {:?}", text, r.as_ref().err().map(|e| &e.reason));
+        assert!(cost <= budget(text.len()), "{} bytes cost {cost}", text.len());
+        if let Ok(t) = r {
+            assert!(
+                t.line.contains("123456789012345678901234567890")
+                    || !text.contains("1234567890123"),
+                "{}",
+                t.line
+            );
+            assert!(t.line.contains("1e400") || !text.contains("1e400"));
+        }
+    }
+}
+
+#[test]
+fn a_worker_line_at_the_size_limit_costs_a_bounded_multiple() {
+    let _s = serial();
+    let big = format!(
+        "{{\"type\":\"reply\",\"messageId\":\"m\",\"payload\":\"{}\"}}",
+        "x".repeat(1 << 20)
+    );
+    let nested = format!(
+        "{{\"type\":\"reply\",\"messageId\":\"m\",\"payload\":{}1{}}}",
+        "[".repeat(1 << 19),
+        "]".repeat(1 << 19)
+    );
+    let noise: Vec<u8> =
+        (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    for line in [big.as_bytes(), nested.as_bytes(), &noise] {
+        let (_, cost) = measure(|| protocol::parse_line(line));
+        assert!(cost <= 4 * line.len() + (1 << 20), "{} bytes cost {cost}", line.len());
+    }
+}
+
+#[test]
+fn deep_or_huge_configs_are_refused_with_a_bounded_message() {
+    let _s = serial();
+    for n in [1000usize, 100_000, 500_000] {
+        for text in [
+            format!("a = {}", "[".repeat(n)),
+            format!("a = {}1{}", "[".repeat(n), "]".repeat(n)),
+            format!("a = {}1{}", "{b=".repeat(n), "}".repeat(n)),
+        ] {
+            let (r, cost) = measure(|| {
+                TurndConfig::from_toml_str(&text).map(|_| ()).map_err(|e| e.to_string())
+            });
+            let e = r.expect_err("refused");
+            assert!(
+                e.len() < 4096,
+                "{} bytes of message for {} bytes of input",
+                e.len(),
+                text.len()
+            );
+            assert!(cost <= budget(text.len()));
+            let env = vec![("TURND_WORKER__COMMAND".to_owned(), text.clone())];
+            let e = TurndConfig::load_from(Some(Path::new("/dev/null")), env)
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains("worker.command") && e.len() < 4096, "{e:.200}");
+        }
+    }
+    // A file over the limit is refused before it is read whole.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("big.toml");
+    std::fs::write(&path, format!("# {}\n", "x".repeat(3 << 20))).expect("write");
+    let (r, cost) = measure(|| {
+        TurndConfig::load_from(Some(&path), Vec::new()).map(|_| ()).map_err(|e| e.to_string())
+    });
+    let e = r.expect_err("refused");
+    assert!(e.contains("larger than"), "{e}");
+    assert!(cost < (1 << 20) * 3, "{cost}");
+}
