@@ -133,11 +133,21 @@ impl Session {
     }
 
     /// A consumer with its own channel and prefetch (intake).
-    pub async fn consumer(&self, queue: &str, prefetch: u16, tag: &str) -> Result<(Channel, Consumer)> {
+    pub async fn consumer(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<(Channel, Consumer)> {
         let ch = self.connection.create_channel().await?;
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let consumer = ch
-            .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         Ok((ch, consumer))
     }
@@ -151,7 +161,9 @@ impl Session {
         args.insert("x-expires".into(), AMQPValue::LongLongInt(THREAD_QUEUE_EXPIRES_MS));
         ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args).await?;
         let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
-        let consumer = ch.basic_consume(queue.as_str().into(), "".into(), options, FieldTable::default()).await?;
+        let consumer = ch
+            .basic_consume(queue.as_str().into(), "".into(), options, FieldTable::default())
+            .await?;
         Ok((ch, consumer))
     }
 
@@ -197,18 +209,38 @@ pub async fn declare_topology(ch: &Channel, config: &Config) -> Result<()> {
         let ttl = i64::try_from(retry_delay(config, k).as_millis()).unwrap_or(i64::MAX);
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         args.insert("x-dead-letter-exchange".into(), long_string(&names.turns()));
-        ch.queue_declare(names.retry_delay(k).as_str().into(), QueueDeclareOptions::durable(), args)
-            .await?;
-    }
-    ch.queue_declare(names.parked().as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
+        ch.queue_declare(
+            names.retry_delay(k).as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
         .await?;
+    }
+    ch.queue_declare(
+        names.parked().as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(())
 }
 
-async fn declare_bound(ch: &Channel, queue: &str, args: FieldTable, exchange: &str, key: &str) -> Result<()> {
+async fn declare_bound(
+    ch: &Channel,
+    queue: &str,
+    args: FieldTable,
+    exchange: &str,
+    key: &str,
+) -> Result<()> {
     ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), args).await?;
-    ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -233,7 +265,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn start(config: Arc<Config>, cancel: CancellationToken) -> (Broker, impl Future<Output = ()>) {
+    pub fn start(
+        config: Arc<Config>,
+        cancel: CancellationToken,
+    ) -> (Broker, impl Future<Output = ()>) {
         let (tx, rx) = watch::channel(None);
         (Broker { session: rx }, supervise(config, tx, cancel))
     }
@@ -265,7 +300,11 @@ impl Broker {
     }
 }
 
-async fn supervise(config: Arc<Config>, tx: watch::Sender<Option<Arc<Session>>>, cancel: CancellationToken) {
+async fn supervise(
+    config: Arc<Config>,
+    tx: watch::Sender<Option<Arc<Session>>>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     let name = format!("turnd {}", config.daemon.id);
     loop {

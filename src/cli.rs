@@ -16,7 +16,11 @@ use crate::config::{Config, ConfigError, LogFormat};
 use crate::store::Store;
 
 #[derive(Debug, Parser)]
-#[command(name = "turnd", version, about = "Exactly-once conversation turns over RabbitMQ and PostgreSQL")]
+#[command(
+    name = "turnd",
+    version,
+    about = "Exactly-once conversation turns over RabbitMQ and PostgreSQL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -166,7 +170,10 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("DAEMONS ({})", status.daemons.len());
-    println!("  {:<32} {:<16} {:>8} {:>6} {:>8} {:>8}", "ID", "HOST", "PID", "READY", "WORKERS", "OWNS");
+    println!(
+        "  {:<32} {:<16} {:>8} {:>6} {:>8} {:>8}",
+        "ID", "HOST", "PID", "READY", "WORKERS", "OWNS"
+    );
     for d in &status.daemons {
         println!(
             "  {:<32} {:<16} {:>8} {:>6} {:>8} {:>8}",
@@ -174,7 +181,10 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         );
     }
     println!("DEPLOYMENTS ({})", status.deployments.len());
-    println!("  {:<36} {:<24} {:>8} {:>9} {:>7} {:>7}", "DEPLOYMENT", "OWNER", "EPOCH", "SINCE", "QUEUED", "RUNNING");
+    println!(
+        "  {:<36} {:<24} {:>8} {:>9} {:>7} {:>7}",
+        "DEPLOYMENT", "OWNER", "EPOCH", "SINCE", "QUEUED", "RUNNING"
+    );
     for d in &status.deployments {
         println!(
             "  {:<36} {:<24} {:>8} {:>8.0}s {:>7} {:>7}",
@@ -195,7 +205,8 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
 /// `turnd send`: returns the process exit code.
 pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> {
     let message_id = uuid::Uuid::new_v4().to_string();
-    let conversation = args.conversation.clone().unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
+    let conversation =
+        args.conversation.clone().unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
     let mut turn = serde_json::Map::new();
     turn.insert("messageId".into(), message_id.clone().into());
     turn.insert("agentId".into(), args.agent.clone().into());
@@ -211,24 +222,41 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
     let parsed = crate::turn::parse(&body, config.intake.max_turn_bytes)
         .map_err(|e| anyhow::anyhow!("this turn would be refused: {e}"))?;
 
-    let (connection, publisher) = broker::connect(config, "turnd send").await.context("connect to RabbitMQ")?;
+    let (connection, publisher) =
+        broker::connect(config, "turnd send").await.context("connect to RabbitMQ")?;
     broker::declare_topology(&publisher, config).await.context("declare topology")?;
     let names = Names::new(&config.amqp.prefix);
     let mut replies = None;
     if args.wait {
         let ch = connection.create_channel().await?;
-        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let options =
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         let queue = ch.queue_declare("".into(), options, FieldTable::default()).await?;
         let key = crate::event::routing_key(args.org.as_deref(), &parsed.deployment);
-        ch.queue_bind(queue.name().clone(), names.replies().as_str().into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
-            .await?;
+        ch.queue_bind(
+            queue.name().clone(),
+            names.replies().as_str().into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
         let options = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
-        replies = Some(ch.basic_consume(queue.name().clone(), "".into(), options, FieldTable::default()).await?);
+        replies = Some(
+            ch.basic_consume(queue.name().clone(), "".into(), options, FieldTable::default())
+                .await?,
+        );
     }
     let key = format!("turn.{}", args.org.as_deref().unwrap_or("_"));
     let properties = json_properties().with_message_id(ShortString::from(message_id.as_str()));
     let confirm = publisher
-        .basic_publish(names.turns().as_str().into(), key.as_str().into(), lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() }, &body, properties)
+        .basic_publish(
+            names.turns().as_str().into(),
+            key.as_str().into(),
+            lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() },
+            &body,
+            properties,
+        )
         .await?;
     if !Session::confirmed(confirm, &names.turns()).await? {
         bail!("the turn was not routed: is {} bound to {}?", names.inbox(), names.turns());
@@ -240,7 +268,9 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
     let wait = async {
         while let Some(delivery) = replies.next().await {
             let delivery = delivery?;
-            if delivery.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(message_id.as_str()) {
+            if delivery.properties.correlation_id().as_ref().map(|c| c.as_str())
+                == Some(message_id.as_str())
+            {
                 return Ok::<_, anyhow::Error>(Some(delivery.data));
             }
         }
@@ -255,7 +285,10 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
         Ok(Ok(None)) => bail!("the broker closed the reply consumer"),
         Ok(Err(e)) => Err(e),
         Err(_) => {
-            eprintln!("no terminal event for {message_id} within {}", humantime::format_duration(args.timeout));
+            eprintln!(
+                "no terminal event for {message_id} within {}",
+                humantime::format_duration(args.timeout)
+            );
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
     }
@@ -269,7 +302,10 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
             if *json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:>8} {:<16} {:>8} {:>4} {:<10} REASON", "ID", "CODE", "AGE", "TRY", "REPLAYED");
+                println!(
+                    "{:>8} {:<16} {:>8} {:>4} {:<10} REASON",
+                    "ID", "CODE", "AGE", "TRY", "REPLAYED"
+                );
                 for p in rows {
                     println!(
                         "{:>8} {:<16} {:>7.0}s {:>4} {:<10} {}",
@@ -292,9 +328,19 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                 v["headers"] = serde_json::from_str(&p.headers).unwrap_or_default();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("id         {}\ncode       {}\nreason     {}\ndeployment {}\nmessageId  {}\nattempts   {}\nage        {:.0}s\nreplayed   {}\nheaders    {}\nbody       {}",
-                    p.id, p.code, p.reason, p.deployment.as_deref().unwrap_or("-"), p.message_id.as_deref().unwrap_or("-"),
-                    p.attempts, p.age_s, p.replayed_by.as_deref().unwrap_or("-"), p.headers, body);
+                println!(
+                    "id         {}\ncode       {}\nreason     {}\ndeployment {}\nmessageId  {}\nattempts   {}\nage        {:.0}s\nreplayed   {}\nheaders    {}\nbody       {}",
+                    p.id,
+                    p.code,
+                    p.reason,
+                    p.deployment.as_deref().unwrap_or("-"),
+                    p.message_id.as_deref().unwrap_or("-"),
+                    p.attempts,
+                    p.age_s,
+                    p.replayed_by.as_deref().unwrap_or("-"),
+                    p.headers,
+                    body
+                );
             }
         }
         ParkedAction::Replay { ids, code, since, by } => {
@@ -311,7 +357,10 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
             if ids.is_empty() {
                 bail!("nothing to replay: name parked ids or --code");
             }
-            let who = by.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "cli".to_owned());
+            let who = by
+                .clone()
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "cli".to_owned());
             let results = crate::parked::replay(config, &store, &ids, &who).await?;
             let mut failed = false;
             for r in &results {
@@ -324,7 +373,9 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
         }
         ParkedAction::Purge { ids, code, older_than } => {
             if ids.is_empty() && code.is_none() && older_than.is_none() {
-                bail!("name parked ids, --code or --older-than (purging everything needs an explicit --older-than 0s)");
+                bail!(
+                    "name parked ids, --code or --older-than (purging everything needs an explicit --older-than 0s)"
+                );
             }
             let n = store.parked_purge(ids, code.as_deref(), *older_than).await?;
             println!("purged {n} parked records");

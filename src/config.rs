@@ -94,10 +94,7 @@ impl ConfigError {
     }
 
     fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError::Invalid { key: key.into(), message: message.into() }
     }
 }
 
@@ -132,11 +129,7 @@ impl SecretUrl {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    let v = if is_secret_param(&k) {
-                        "***".to_owned()
-                    } else {
-                        v.into_owned()
-                    };
+                    let v = if is_secret_param(&k) { "***".to_owned() } else { v.into_owned() };
                     (k.into_owned(), v)
                 })
                 .collect();
@@ -186,8 +179,7 @@ impl<'de> Deserialize<'de> for SecretUrl {
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretUrl, E> {
                 // The value is not echoed: it may hold a password.
-                v.parse()
-                    .map_err(|e| E::custom(format!("invalid URL: {e}")))
+                v.parse().map_err(|e| E::custom(format!("invalid URL: {e}")))
             }
         }
         d.deserialize_str(V)
@@ -569,9 +561,7 @@ pub struct ReplyConfig {
 
 impl Default for ReplyConfig {
     fn default() -> Self {
-        ReplyConfig {
-            retention: Duration::from_secs(7 * 24 * 60 * 60),
-        }
+        ReplyConfig { retention: Duration::from_secs(7 * 24 * 60 * 60) }
     }
 }
 
@@ -589,10 +579,7 @@ pub struct SweepConfig {
 
 impl Default for SweepConfig {
     fn default() -> Self {
-        SweepConfig {
-            interval: Duration::from_secs(5),
-            adoption_delay: Duration::from_secs(10),
-        }
+        SweepConfig { interval: Duration::from_secs(5), adoption_delay: Duration::from_secs(10) }
     }
 }
 
@@ -607,9 +594,7 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig {
-            grace: Duration::from_secs(30),
-        }
+        ShutdownConfig { grace: Duration::from_secs(30) }
     }
 }
 
@@ -651,10 +636,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Pretty,
-            level: "info".to_owned(),
-        }
+        LogConfig { format: LogFormat::Pretty, level: "info".to_owned() }
     }
 }
 
@@ -690,12 +672,7 @@ fn hostname() -> String {
     from_libc
         .filter(|h| !h.trim().is_empty())
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| {
-            h.trim()
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect::<String>()
-        })
+        .map(|h| h.trim().chars().filter(|c| !c.is_control()).collect::<String>())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "turnd".to_owned())
 }
@@ -703,9 +680,8 @@ fn hostname() -> String {
 /// `<dir of the running binary>/turnd-demo-worker`. When the running binary is a cargo test
 /// harness in `target/<profile>/deps/`, the demo worker is one directory up.
 fn default_worker_command() -> String {
-    let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    let Some(dir) =
+        std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf))
     else {
         return DEMO_WORKER.to_owned();
     };
@@ -738,20 +714,9 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
     ("daemon", &[("id", Kind::Text), ("state_dir", Kind::Text)]),
     (
         "database",
-        &[
-            ("url", Kind::Text),
-            ("max_connections", Kind::Toml),
-            ("auto_migrate", Kind::Toml),
-        ],
+        &[("url", Kind::Text), ("max_connections", Kind::Toml), ("auto_migrate", Kind::Toml)],
     ),
-    (
-        "amqp",
-        &[
-            ("url", Kind::Text),
-            ("prefix", Kind::Text),
-            ("prefetch", Kind::Toml),
-        ],
-    ),
+    ("amqp", &[("url", Kind::Text), ("prefix", Kind::Text), ("prefetch", Kind::Toml)]),
     ("session", &[("store", Kind::Text)]),
     (
         "intake",
@@ -775,47 +740,24 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
             ("limits", Kind::Toml),
         ],
     ),
-    (
-        "turn",
-        &[("deadline", Kind::Text), ("queue_timeout", Kind::Text)],
-    ),
+    ("turn", &[("deadline", Kind::Text), ("queue_timeout", Kind::Text)]),
     ("reply", &[("retention", Kind::Text)]),
-    (
-        "sweep",
-        &[("interval", Kind::Text), ("adoption_delay", Kind::Text)],
-    ),
+    ("sweep", &[("interval", Kind::Text), ("adoption_delay", Kind::Text)]),
     ("shutdown", &[("grace", Kind::Text)]),
-    (
-        "http",
-        &[
-            ("listen", Kind::Text),
-            ("admin_token", Kind::Text),
-            ("show_payloads", Kind::Toml),
-        ],
-    ),
+    ("http", &[("listen", Kind::Text), ("admin_token", Kind::Text), ("show_payloads", Kind::Toml)]),
     ("log", &[("format", Kind::Text), ("level", Kind::Text)]),
 ];
 
 fn section_keys(section: &str) -> Option<&'static [(&'static str, Kind)]> {
-    KEYS.iter()
-        .find(|(name, _)| *name == section)
-        .map(|(_, keys)| *keys)
+    KEYS.iter().find(|(name, _)| *name == section).map(|(_, keys)| *keys)
 }
 
 fn key_kind(section: &str, key: &str) -> Option<Kind> {
-    section_keys(section)?
-        .iter()
-        .find(|(name, _)| *name == key)
-        .map(|(_, kind)| *kind)
+    section_keys(section)?.iter().find(|(name, _)| *name == key).map(|(_, kind)| *kind)
 }
 
 fn known_keys_list(section: &str) -> String {
-    section_keys(section)
-        .unwrap_or(&[])
-        .iter()
-        .map(|(k, _)| *k)
-        .collect::<Vec<_>>()
-        .join(", ")
+    section_keys(section).unwrap_or(&[]).iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
 }
 
 fn known_sections_list() -> String {
@@ -825,8 +767,7 @@ fn known_sections_list() -> String {
 /// If `name` is `TURND_WORKER_ENV_<NAME>` (a variable passed to workers as `<NAME>`, CONTRACT
 /// §5), returns `<NAME>`.
 pub fn is_worker_env_passthrough(name: &str) -> Option<&str> {
-    name.strip_prefix(WORKER_ENV_PREFIX)
-        .filter(|rest| !rest.is_empty())
+    name.strip_prefix(WORKER_ENV_PREFIX).filter(|rest| !rest.is_empty())
 }
 
 /// If `name` is a config override `TURND_<SECTION>__<KEY>` with a known section, returns
@@ -847,17 +788,15 @@ fn override_value(var: &str, dotted: &str, kind: Kind, raw: String) -> Result<Va
             let hint = "the value is TOML: a number, true/false, a list like [\"a\", \"b\"] or a \
                         table like {NAME = \"value\"}";
             let mut table: Table =
-                format!("value = {raw}")
-                    .parse()
-                    .map_err(|e: toml::de::Error| {
-                        ConfigError::invalid(
-                            dotted,
-                            format!(
-                                "environment variable {var} is not valid: {}; {hint}",
-                                e.message().trim_end()
-                            ),
-                        )
-                    })?;
+                format!("value = {raw}").parse().map_err(|e: toml::de::Error| {
+                    ConfigError::invalid(
+                        dotted,
+                        format!(
+                            "environment variable {var} is not valid: {}; {hint}",
+                            e.message().trim_end()
+                        ),
+                    )
+                })?;
             match table.remove("value") {
                 Some(v) if table.is_empty() => Ok(v),
                 _ => Err(ConfigError::invalid(
@@ -923,10 +862,7 @@ impl Config {
                     Ok(text) => (parse_file(path, &text)?, Some(path)),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => (Table::new(), None),
                     Err(source) => {
-                        return Err(ConfigError::Read {
-                            path: path.to_path_buf(),
-                            source,
-                        });
+                        return Err(ConfigError::Read { path: path.to_path_buf(), source });
                     }
                 }
             }
@@ -966,10 +902,7 @@ impl Config {
             return invalid("daemon.id", "must not be empty".into());
         }
         if id.len() > 128 {
-            return invalid(
-                "daemon.id",
-                format!("is {} bytes long; at most 128", id.len()),
-            );
+            return invalid("daemon.id", format!("is {} bytes long; at most 128", id.len()));
         }
         if id.chars().any(char::is_control) {
             return invalid("daemon.id", "must not contain control characters".into());
@@ -999,10 +932,7 @@ impl Config {
         if !matches!(self.amqp.url.scheme(), "amqp" | "amqps") {
             return invalid(
                 "amqp.url",
-                format!(
-                    "scheme is {:?}; expected amqp:// or amqps://",
-                    self.amqp.url.scheme()
-                ),
+                format!("scheme is {:?}; expected amqp:// or amqps://", self.amqp.url.scheme()),
             );
         }
         if !valid_prefix(&self.amqp.prefix) {
@@ -1092,10 +1022,9 @@ impl Config {
                 return invalid(key, format!("{v:?} is not a systemd property value"));
             }
         }
-        for (key, value) in [
-            ("worker.limits.tasks_max", limits.tasks_max),
-            ("worker.limits.nofile", limits.nofile),
-        ] {
+        for (key, value) in
+            [("worker.limits.tasks_max", limits.tasks_max), ("worker.limits.nofile", limits.nofile)]
+        {
             if value == Some(0) {
                 return invalid(key, "must be at least 1".into());
             }
@@ -1149,15 +1078,12 @@ impl Config {
 
 fn valid_prefix(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 fn valid_env_name(s: &str) -> bool {
     let mut bytes = s.bytes();
-    bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
@@ -1170,10 +1096,8 @@ fn read_bounded(path: &Path) -> io::Result<String> {
 }
 
 fn read_file(path: &Path) -> Result<Table> {
-    let text = read_bounded(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = read_bounded(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     parse_file(path, &text)
 }
 
@@ -1185,7 +1109,9 @@ fn parse_toml(path: &str, text: &str) -> Result<Table> {
     if text.len() as u64 > MAX_CONFIG_BYTES {
         return Err(ConfigError::Parse {
             path: path.to_owned(),
-            message: format!("it is larger than {MAX_CONFIG_BYTES} bytes; a config file is a few KiB"),
+            message: format!(
+                "it is larger than {MAX_CONFIG_BYTES} bytes; a config file is a few KiB"
+            ),
         });
     }
     text.parse::<Table>().map_err(|e| {
@@ -1226,10 +1152,7 @@ fn build(
         let Value::Table(keys) = value else {
             return Err(ConfigError::invalid(
                 section.as_str(),
-                format!(
-                    "must be a section [{section}], not a value{}",
-                    in_file(file)
-                ),
+                format!("must be a section [{section}], not a value{}", in_file(file)),
             ));
         };
         for key in keys.keys() {
@@ -1272,9 +1195,7 @@ fn build(
             ));
         };
         let value = override_value(&var, &dotted, kind, raw)?;
-        let entry = table
-            .entry(section.to_owned())
-            .or_insert_with(|| Value::Table(Table::new()));
+        let entry = table.entry(section.to_owned()).or_insert_with(|| Value::Table(Table::new()));
         if let Value::Table(keys) = entry {
             keys.insert(key, value);
         }
@@ -1314,10 +1235,9 @@ fn in_file(file: Option<&str>) -> String {
 
 /// Appends where `key` (or, for `worker.limits.x`, its parent) was set.
 fn with_origin(message: String, key: &str, origins: &Origins) -> String {
-    let origin = origins.get(key).or_else(|| {
-        key.rsplit_once('.')
-            .and_then(|(parent, _)| origins.get(parent))
-    });
+    let origin = origins
+        .get(key)
+        .or_else(|| key.rsplit_once('.').and_then(|(parent, _)| origins.get(parent)));
     match origin {
         Some(origin) => format!("{message} (from {origin})"),
         None => message,
@@ -1334,10 +1254,7 @@ where
         return Ok(T::default());
     };
     let Value::Table(keys) = value else {
-        return Err(ConfigError::invalid(
-            name,
-            format!("must be a table, written [{name}]"),
-        ));
+        return Err(ConfigError::invalid(name, format!("must be a table, written [{name}]")));
     };
     match keys.clone().try_into::<T>() {
         Ok(section) => Ok(section),
@@ -1351,10 +1268,7 @@ where
                     return Err(ConfigError::invalid(dotted, message));
                 }
             }
-            Err(ConfigError::invalid(
-                name,
-                whole.message().trim_end().to_owned(),
-            ))
+            Err(ConfigError::invalid(name, whole.message().trim_end().to_owned()))
         }
     }
 }
@@ -1367,18 +1281,14 @@ mod tests {
     const EXAMPLE: &str = include_str!("../config/turnd.toml");
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     /// Loads `toml` (as the file) and `pairs` (as the environment).
     fn load(toml: &str, pairs: &[(&str, &str)]) -> Result<Config> {
-        let table = toml.parse::<Table>().map_err(|e| ConfigError::Parse {
-            path: "test".into(),
-            message: e.to_string(),
-        })?;
+        let table = toml
+            .parse::<Table>()
+            .map_err(|e| ConfigError::Parse { path: "test".into(), message: e.to_string() })?;
         build(table, Some("test.toml"), env(pairs))
     }
 
@@ -1408,11 +1318,7 @@ mod tests {
         assert_eq!(c.intake.retry_delay, Duration::from_secs(2));
         assert_eq!(c.intake.retry_max_delay, Duration::from_secs(60));
         assert_eq!(c.worker.command.len(), 1);
-        assert!(
-            c.worker.command[0].ends_with("/turnd-demo-worker"),
-            "{:?}",
-            c.worker.command
-        );
+        assert!(c.worker.command[0].ends_with("/turnd-demo-worker"), "{:?}", c.worker.command);
         assert!(c.worker.env.is_empty());
         assert_eq!(c.worker.max_workers, 256);
         assert_eq!(c.worker.idle_timeout, Duration::from_secs(600));
@@ -1454,10 +1360,7 @@ mod tests {
                 ("TURND_WORKER__ENV", r#"{FOO="bar"}"#),
                 ("TURND_WORKER__IDLE_TIMEOUT", "250ms"),
                 ("TURND_WORKER__SANDBOX", "systemd-run"),
-                (
-                    "TURND_WORKER__LIMITS",
-                    r#"{ memory_max = "2G", tasks_max = 64 }"#,
-                ),
+                ("TURND_WORKER__LIMITS", r#"{ memory_max = "2G", tasks_max = 64 }"#),
                 ("TURND_HTTP__LISTEN", ""),
                 ("TURND_HTTP__ADMIN_TOKEN", "tok"),
                 ("TURND_HTTP__SHOW_PAYLOADS", "true"),
@@ -1468,10 +1371,7 @@ mod tests {
         assert_eq!(c.database.url.expose(), "postgres://u:p@db:5432/x");
         assert_eq!(c.daemon.id, "123");
         assert_eq!(c.amqp.prefetch, 7);
-        assert_eq!(
-            c.worker.command,
-            vec!["/bin/x".to_owned(), "--y".to_owned()]
-        );
+        assert_eq!(c.worker.command, vec!["/bin/x".to_owned(), "--y".to_owned()]);
         assert_eq!(
             c.worker.env,
             BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]),
@@ -1489,11 +1389,7 @@ mod tests {
 
     #[test]
     fn env_override_wins_over_the_file() {
-        let c = load(
-            "[amqp]\nprefix = \"file\"\n",
-            &[("TURND_AMQP__PREFIX", "env")],
-        )
-        .unwrap();
+        let c = load("[amqp]\nprefix = \"file\"\n", &[("TURND_AMQP__PREFIX", "env")]).unwrap();
         assert_eq!(c.amqp.prefix, "env");
     }
 
@@ -1512,10 +1408,7 @@ mod tests {
         )
         .unwrap();
         assert!(c.worker.env.is_empty());
-        assert_eq!(
-            is_worker_env_passthrough("TURND_WORKER_ENV_FOO"),
-            Some("FOO")
-        );
+        assert_eq!(is_worker_env_passthrough("TURND_WORKER_ENV_FOO"), Some("FOO"));
         assert_eq!(is_worker_env_passthrough("TURND_WORKER_ENV_"), None);
         assert_eq!(is_worker_env_passthrough("TURND_WORKER__ENV"), None);
         assert_eq!(override_target("TURND_WORKER_ENV_FOO"), None);
@@ -1529,10 +1422,7 @@ mod tests {
     fn unknown_key_in_file_names_it() {
         let (key, msg) = err_key(load("[worker]\nidle_timout = \"5s\"\n", &[]));
         assert_eq!(key, "worker.idle_timout");
-        assert!(
-            msg.contains("unknown key") && msg.contains("idle_timeout"),
-            "{msg}"
-        );
+        assert!(msg.contains("unknown key") && msg.contains("idle_timeout"), "{msg}");
 
         let (key, msg) = err_key(load("[wrker]\n", &[]));
         assert_eq!(key, "wrker");
@@ -1554,10 +1444,7 @@ mod tests {
     fn bad_duration_names_the_key() {
         let (key, msg) = err_key(load("[worker]\nidle_timeout = \"5 parsecs\"\n", &[]));
         assert_eq!(key, "worker.idle_timeout");
-        assert!(
-            msg.starts_with("worker.idle_timeout: invalid duration \"5 parsecs\""),
-            "{msg}"
-        );
+        assert!(msg.starts_with("worker.idle_timeout: invalid duration \"5 parsecs\""), "{msg}");
         assert!(msg.contains("test.toml"), "{msg}");
 
         let (key, msg) = err_key(load("", &[("TURND_TURN__DEADLINE", "soon")]));
@@ -1601,10 +1488,7 @@ mod tests {
         assert_eq!(key, "amqp.url");
         load(
             "",
-            &[
-                ("TURND_DATABASE__URL", "postgresql://h/db"),
-                ("TURND_AMQP__URL", "amqps://h/v"),
-            ],
+            &[("TURND_DATABASE__URL", "postgresql://h/db"), ("TURND_AMQP__URL", "amqps://h/v")],
         )
         .unwrap();
     }
@@ -1626,20 +1510,14 @@ mod tests {
             ("[amqp]\nprefetch = 0", "amqp.prefetch"),
             ("[intake]\nmax_attempts = 0", "intake.max_attempts"),
             ("[intake]\nmax_turn_bytes = 100", "intake.max_turn_bytes"),
-            (
-                "[intake]\nretry_delay = \"2m\"\nretry_max_delay = \"1m\"",
-                "intake.retry_delay",
-            ),
+            ("[intake]\nretry_delay = \"2m\"\nretry_max_delay = \"1m\"", "intake.retry_delay"),
             ("[worker]\nmax_workers = 0", "worker.max_workers"),
             ("[worker]\nmax_line_bytes = 10", "worker.max_line_bytes"),
             ("[worker]\ncommand = []", "worker.command"),
             ("[worker]\ncommand = [\"\"]", "worker.command"),
             ("[worker]\nenv = { \"1X\" = \"y\" }", "worker.env"),
             ("[worker.limits]\ntasks_max = 0", "worker.limits.tasks_max"),
-            (
-                "[database]\nmax_connections = 1",
-                "database.max_connections",
-            ),
+            ("[database]\nmax_connections = 1", "database.max_connections"),
             ("[daemon]\nid = \"\"", "daemon.id"),
             ("[daemon]\nid = \"a\\nb\"", "daemon.id"),
             ("[http]\nadmin_token = \"\"", "http.admin_token"),
@@ -1680,10 +1558,7 @@ mod tests {
         let c = load(
             "",
             &[
-                (
-                    "TURND_DATABASE__URL",
-                    "postgres://u:secret@h/db?sslmode=require&password=qs",
-                ),
+                ("TURND_DATABASE__URL", "postgres://u:secret@h/db?sslmode=require&password=qs"),
                 ("TURND_HTTP__ADMIN_TOKEN", "tok3n-value"),
             ],
         )
@@ -1698,18 +1573,12 @@ mod tests {
         assert!(text.contains("sslmode=require"), "{text}");
 
         let debug = format!("{c:?}");
-        assert!(
-            !debug.contains("secret") && !debug.contains("tok3n"),
-            "{debug}"
-        );
+        assert!(!debug.contains("secret") && !debug.contains("tok3n"), "{debug}");
         assert_eq!(
             format!("{}", c.database.url),
             "postgres://u:***@h/db?sslmode=require&password=***"
         );
-        assert_eq!(
-            c.database.url.expose(),
-            "postgres://u:secret@h/db?sslmode=require&password=qs"
-        );
+        assert_eq!(c.database.url.expose(), "postgres://u:secret@h/db?sslmode=require&password=qs");
         let token = c.http.admin_token.as_ref().unwrap();
         assert_eq!(token.expose(), "tok3n-value");
         assert!(token.matches("tok3n-value") && !token.matches("tok3n-valuE"));
@@ -1748,9 +1617,7 @@ mod tests {
         for (section, keys) in KEYS {
             // the text of this section: from its header to the next one
             let header = format!("\n[{section}]\n");
-            let start = EXAMPLE
-                .find(&header)
-                .unwrap_or_else(|| panic!("no {header}"));
+            let start = EXAMPLE.find(&header).unwrap_or_else(|| panic!("no {header}"));
             let body = &EXAMPLE[start + header.len()..];
             let body = &body[..body.find("\n[").unwrap_or(body.len())];
             for (key, _) in *keys {
@@ -1769,14 +1636,9 @@ mod tests {
             }
         }
         // sections in §9 order
-        let positions: Vec<usize> = KEYS
-            .iter()
-            .filter_map(|(s, _)| EXAMPLE.find(&format!("\n[{s}]\n")))
-            .collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] < w[1]),
-            "sections out of order"
-        );
+        let positions: Vec<usize> =
+            KEYS.iter().filter_map(|(s, _)| EXAMPLE.find(&format!("\n[{s}]\n"))).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "sections out of order");
     }
 
     /// `KEYS` lists exactly the fields of the structs, and a key is read as text exactly when

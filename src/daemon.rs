@@ -28,8 +28,8 @@ use crate::config::Config;
 use crate::deployment::{Ctx, Deployments};
 use crate::http::{self, Health};
 use crate::intake::{self, Intake};
-use crate::metrics::Metrics;
 use crate::lock::LockSession;
+use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayHandle};
 use crate::store::{self, Store};
 use crate::sweep::Sweep;
@@ -78,7 +78,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     }
 
     let mut tasks = JoinSet::new();
-    let lock_options = store::connect_options(config.database.url.expose(), &format!("turnd-lock:{daemon_id}"))?;
+    let lock_options =
+        store::connect_options(config.database.url.expose(), &format!("turnd-lock:{daemon_id}"))?;
     let (locks, lock_task) = LockSession::start(lock_options, background.clone());
     tasks.spawn(lock_task);
     let (broker, broker_task) = Broker::start(config.clone(), background.clone());
@@ -120,7 +121,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         hard: hard.clone(),
     });
 
-    let health = Health { store: store.clone(), broker: broker.clone(), locks: locks.clone(), metrics: metrics.clone() };
+    let health = Health {
+        store: store.clone(),
+        broker: broker.clone(),
+        locks: locks.clone(),
+        metrics: metrics.clone(),
+    };
     if let Some(addr) = config.http.listen {
         let state = http::AppState::new(health.clone(), config.clone());
         tasks.spawn(http::serve(addr, state, background.clone()).await?);
@@ -142,11 +148,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     let intake_cancel = CancellationToken::new();
     let mut front = JoinSet::new();
     front.spawn(
-        Intake { config: config.clone(), store: store.clone(), broker: broker.clone(), deployments: deployments.clone() }
-            .run(intake_cancel.clone()),
+        Intake {
+            config: config.clone(),
+            store: store.clone(),
+            broker: broker.clone(),
+            deployments: deployments.clone(),
+        }
+        .run(intake_cancel.clone()),
     );
     front.spawn(intake::run_retry(config.clone(), broker.clone(), intake_cancel.clone()));
-    front.spawn(Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }.run(intake_cancel.clone()));
+    front.spawn(
+        Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }
+            .run(intake_cancel.clone()),
+    );
     if !stop.is_cancelled() {
         tracing::info!(daemon = %daemon_id, prefix = %config.amqp.prefix, "turnd ready");
         notifier.notify("READY=1");
@@ -206,7 +220,12 @@ pub fn hostname() -> String {
 
 /// Every second: gauges, STATUS= for systemd; WATCHDOG=1 as often as systemd asks. Runs on
 /// the daemon's own event loop, so a stuck loop stops the watchdog (outages do not).
-async fn report_status(notifier: Notifier, health: Health, deployments: Deployments, cancel: CancellationToken) {
+async fn report_status(
+    notifier: Notifier,
+    health: Health,
+    deployments: Deployments,
+    cancel: CancellationToken,
+) {
     let mut status = tokio::time::interval(Duration::from_secs(1));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
@@ -265,10 +284,14 @@ fn raise_nofile_limit() {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             let wanted = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                tracing::warn!(soft = limit.rlim_cur, "cannot raise the open-files limit; workers may fail to start past it");
+                tracing::warn!(
+                    soft = limit.rlim_cur,
+                    "cannot raise the open-files limit; workers may fail to start past it"
+                );
             }
         }
     }

@@ -198,7 +198,13 @@ impl Deployments {
         let (nudge, evict, busy, last_active, has_worker) = {
             let entries = self.entries();
             let Some(e) = entries.get(&name) else { return };
-            (e.nudge.clone(), e.evict.clone(), e.busy.clone(), e.last_active.clone(), e.has_worker.clone())
+            (
+                e.nudge.clone(),
+                e.evict.clone(),
+                e.busy.clone(),
+                e.last_active.clone(),
+                e.has_worker.clone(),
+            )
         };
         let this = self.clone();
         self.inner.tasks.spawn(async move {
@@ -325,7 +331,8 @@ impl Owner<'_> {
         let ctx = self.ctx();
         // Another daemon that owned it and did not let go may still run its worker, unaware
         // that its lock session is gone (see lock::LOSS_NOTICED_WITHIN).
-        let unreleased = ctx.store.owner_of(&self.name).await.ok().flatten().is_some_and(|o| o != ctx.daemon_id);
+        let unreleased =
+            ctx.store.owner_of(&self.name).await.ok().flatten().is_some_and(|o| o != ctx.daemon_id);
         let takeover = match ctx.store.take_over(&self.name, self.epoch(), &ctx.daemon_id).await {
             Ok(t) => t,
             Err(e) => {
@@ -341,7 +348,10 @@ impl Owner<'_> {
                 .fail_pending(&self.name, self.epoch(), false, &|_| {
                     Outcome::error(
                         ErrorCode::WorkerCrashLoop,
-                        format!("the worker keeps dying; restarts back off for another {} s", (ms + 999) / 1000),
+                        format!(
+                            "the worker keeps dying; restarts back off for another {} s",
+                            (ms + 999) / 1000
+                        ),
                     )
                 })
                 .await;
@@ -444,8 +454,16 @@ impl Owner<'_> {
             // The token, not just `draining`: a reply handled in the same poll as SIGTERM (or an
             // owner started during shutdown) must not claim one more turn.
             let claim_more = !draining && !ctx.drain.is_cancelled();
-            if running.is_none() && want_claim && claim_more && worker.as_ref().is_none_or(|w| !w.stop_requested()) {
-                match ctx.store.claim_next(&self.name, self.epoch(), stored_deadline(config.turn.deadline)).await {
+            if running.is_none()
+                && want_claim
+                && claim_more
+                && worker.as_ref().is_none_or(|w| !w.stop_requested())
+            {
+                match ctx
+                    .store
+                    .claim_next(&self.name, self.epoch(), stored_deadline(config.turn.deadline))
+                    .await
+                {
                     Ok(Some(claimed)) => {
                         self.set_busy(true);
                         if worker.is_none() {
@@ -461,7 +479,8 @@ impl Owner<'_> {
                                     tracing::error!(deployment = %self.name, error = %e, "worker could not be started");
                                     ctx.relay.metrics().worker_exit("start_failed");
                                     let message = e.to_string();
-                                    self.fail_all("fast", ErrorCode::WorkerStartFailed, &message).await;
+                                    self.fail_all("fast", ErrorCode::WorkerStartFailed, &message)
+                                        .await;
                                     let _ = ctx.store.record_crash(&self.name).await;
                                     return End::Crashed;
                                 }
@@ -510,8 +529,9 @@ impl Owner<'_> {
             // Also while the provider failed: the deadline it already had still lapses (and the
             // worker is stopped), or a heartbeating worker would hold the conversation forever.
             let deadline = running.as_ref().map(|r| r.deadline + LOCAL_DEADLINE_SLACK);
-            let idle_at = (running.is_none() && worker.as_ref().is_some_and(|w| !w.stop_requested()))
-                .then(|| idle_since + config.worker.idle_timeout);
+            let idle_at = (running.is_none()
+                && worker.as_ref().is_some_and(|w| !w.stop_requested()))
+            .then(|| idle_since + config.worker.idle_timeout);
             tokio::select! {
                 _ = &mut lost => {
                     tracing::error!(deployment = %self.name, "lock session lost: killing the worker now");
@@ -636,7 +656,13 @@ impl Owner<'_> {
             }
         }
         let accepted = now.checked_sub(claimed.waited).unwrap_or(now);
-        Running { envelope: claimed.envelope, accepted, deadline, provider_failed: false, last_extension: now }
+        Running {
+            envelope: claimed.envelope,
+            accepted,
+            deadline,
+            provider_failed: false,
+            last_extension: now,
+        }
     }
 
     async fn on_line(
@@ -650,7 +676,9 @@ impl Owner<'_> {
         let config = &ctx.config;
         match line {
             WorkerLine::Reply { message_id, .. } | WorkerLine::Error { message_id, .. }
-                if running.as_ref().is_none_or(|r| r.envelope.message_id.as_str() != message_id) =>
+                if running
+                    .as_ref()
+                    .is_none_or(|r| r.envelope.message_id.as_str() != message_id) =>
             {
                 tracing::info!(deployment = %self.name, message_id, "reply for a turn that is not pending here; dropped");
             }
@@ -673,11 +701,17 @@ impl Owner<'_> {
                 let now = Instant::now();
                 r.deadline = now + config.turn.deadline;
                 // Debounced; the stored deadline carries the debounce as slack (stored_deadline).
-                if now.duration_since(r.last_extension) >= extension_interval(config.turn.deadline) {
+                if now.duration_since(r.last_extension) >= extension_interval(config.turn.deadline)
+                {
                     r.last_extension = now;
                     if let Err(e) = ctx
                         .store
-                        .extend_deadlines(&self.name, self.epoch(), stored_deadline(config.turn.deadline), config.turn.queue_timeout)
+                        .extend_deadlines(
+                            &self.name,
+                            self.epoch(),
+                            stored_deadline(config.turn.deadline),
+                            config.turn.queue_timeout,
+                        )
                         .await
                     {
                         tracing::warn!(deployment = %self.name, error = %e, "cannot extend deadlines");
@@ -688,7 +722,9 @@ impl Owner<'_> {
                 let Some(r) = running.as_mut() else { return };
                 tracing::info!(deployment = %self.name, code, reason = reason.as_deref().unwrap_or(""), "provider failed; deadline extensions withdrawn");
                 r.provider_failed = true;
-                if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), Some(&code)).await {
+                if let Err(e) =
+                    ctx.store.set_provider_code(&self.name, self.epoch(), Some(&code)).await
+                {
                     tracing::warn!(deployment = %self.name, error = %e, "cannot record provider failure");
                 }
             }
@@ -702,7 +738,12 @@ impl Owner<'_> {
                 }
                 let _ = ctx
                     .store
-                    .extend_deadlines(&self.name, self.epoch(), stored_deadline(config.turn.deadline), config.turn.queue_timeout)
+                    .extend_deadlines(
+                        &self.name,
+                        self.epoch(),
+                        stored_deadline(config.turn.deadline),
+                        config.turn.queue_timeout,
+                    )
                     .await;
             }
         }
@@ -757,7 +798,9 @@ impl Owner<'_> {
         let outcome = |_: &str| Outcome::error(code.clone(), message);
         match ctx.store.fail_pending(&self.name, self.epoch(), running_only, &outcome).await {
             Ok(failed) => ctx.relay.failed(path, failed),
-            Err(e) => tracing::error!(deployment = %self.name, error = %e, "cannot fail pending turns; the deadline sweep will"),
+            Err(e) => {
+                tracing::error!(deployment = %self.name, error = %e, "cannot fail pending turns; the deadline sweep will")
+            }
         }
     }
 }

@@ -92,7 +92,8 @@ pub fn routing_key(organization_id: Option<&str>, deployment: &DeploymentName) -
 impl TerminalEvent {
     pub fn new(envelope: &Envelope, outcome: &Outcome) -> TerminalEvent {
         let null = raw("null");
-        let routing = envelope.routing.as_deref().and_then(|r| RawValue::from_string(r.to_owned()).ok());
+        let routing =
+            envelope.routing.as_deref().and_then(|r| RawValue::from_string(r.to_owned()).ok());
         let default_routing = raw(NULL_ROUTING);
         let (payload, error) = match outcome {
             Outcome::Reply(payload) => (&**payload, None),

@@ -44,7 +44,12 @@ enum Verdict {
     Arm(Box<Turn>),
     /// Missing context: nack without requeue (the inbox dead-letters it to the retry path).
     Refuse,
-    Park { code: ErrorCode, reason: String, attempt: u32, ident: Option<Box<Ident>> },
+    Park {
+        code: ErrorCode,
+        reason: String,
+        attempt: u32,
+        ident: Option<Box<Ident>>,
+    },
 }
 
 /// What an error event about a turn that never ran needs.
@@ -113,7 +118,12 @@ impl Intake {
         }
     }
 
-    async fn consume(&self, session: &Arc<Session>, mut consumer: Consumer, cancel: &CancellationToken) -> Result<(), BatchError> {
+    async fn consume(
+        &self,
+        session: &Arc<Session>,
+        mut consumer: Consumer,
+        cancel: &CancellationToken,
+    ) -> Result<(), BatchError> {
         let max = usize::from(self.config.amqp.prefetch);
         let mut batch = Vec::with_capacity(max);
         loop {
@@ -136,7 +146,11 @@ impl Intake {
         }
     }
 
-    async fn handle_batch(&self, session: &Session, batch: &mut Vec<Delivery>) -> Result<(), BatchError> {
+    async fn handle_batch(
+        &self,
+        session: &Session,
+        batch: &mut Vec<Delivery>,
+    ) -> Result<(), BatchError> {
         let config = &self.config;
         let verdicts: Vec<Verdict> = batch.iter().map(|d| self.judge(d)).collect();
         let turns: Vec<&Turn> = verdicts
@@ -185,8 +199,14 @@ impl Intake {
         let fresh = armed.iter().filter(|a| **a).count() as u64;
         metrics.received("armed", fresh);
         metrics.received("duplicate", armed.len() as u64 - fresh);
-        metrics.received("refused", verdicts.iter().filter(|v| matches!(v, Verdict::Refuse)).count() as u64);
-        metrics.received("parked", verdicts.iter().filter(|v| matches!(v, Verdict::Park { .. })).count() as u64);
+        metrics.received(
+            "refused",
+            verdicts.iter().filter(|v| matches!(v, Verdict::Refuse)).count() as u64,
+        );
+        metrics.received(
+            "parked",
+            verdicts.iter().filter(|v| matches!(v, Verdict::Park { .. })).count() as u64,
+        );
         let mut remote = Vec::new();
         for name in rung {
             if !self.deployments.nudge(&name) {
@@ -196,7 +216,9 @@ impl Intake {
         for (delivery, verdict) in batch.drain(..).zip(&verdicts) {
             match verdict {
                 Verdict::Refuse => {
-                    delivery.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+                    delivery
+                        .nack(BasicNackOptions { requeue: false, ..Default::default() })
+                        .await?;
                 }
                 _ => {
                     delivery.ack(BasicAckOptions::default()).await?;
@@ -224,7 +246,8 @@ impl Intake {
         };
         if config.session.store == SessionStore::Snapshot {
             if let Some(field) = turn.missing_context() {
-                let previous = refusals(&delivery.properties, &Names::new(&config.amqp.prefix).inbox());
+                let previous =
+                    refusals(&delivery.properties, &Names::new(&config.amqp.prefix).inbox());
                 let attempt = previous + 1;
                 if attempt >= config.intake.max_attempts {
                     let reason = format!(
@@ -234,7 +257,12 @@ impl Intake {
                         conversation_key: turn.conversation_key.clone(),
                         envelope: envelope_of(&turn),
                     };
-                    return Verdict::Park { code: ErrorCode::MissingContext, reason, attempt, ident: Some(Box::new(ident)) };
+                    return Verdict::Park {
+                        code: ErrorCode::MissingContext,
+                        reason,
+                        attempt,
+                        ident: Some(Box::new(ident)),
+                    };
                 }
                 tracing::debug!(message_id = %turn.message_id, field, attempt, "refused: missing context; requeued with delay");
                 return Verdict::Refuse;
@@ -257,8 +285,10 @@ impl Intake {
         headers.insert("x-turnd-code".into(), long_string(code.as_str()));
         headers.insert("x-turnd-reason".into(), long_string(reason));
         headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
-        let properties = delivery.properties.clone().with_headers(headers.clone()).with_delivery_mode(2);
-        let confirm = session.publish("", &names.parked(), false, &delivery.data, properties).await?;
+        let properties =
+            delivery.properties.clone().with_headers(headers.clone()).with_delivery_mode(2);
+        let confirm =
+            session.publish("", &names.parked(), false, &delivery.data, properties).await?;
         Session::confirmed(confirm, "parked queue").await?;
         tracing::warn!(code = code.as_str(), reason, "turn parked");
         self.store
@@ -275,7 +305,11 @@ impl Intake {
             .await?;
         if let Some(ident) = ident {
             let outcome = Outcome::error(code.clone(), reason);
-            if let Some(committed) = self.store.finish_unarmed(&ident.envelope, &ident.conversation_key, &outcome).await? {
+            if let Some(committed) = self
+                .store
+                .finish_unarmed(&ident.envelope, &ident.conversation_key, &outcome)
+                .await?
+            {
                 self.deployments.ctx().relay.send(vec![committed]);
             }
         }
@@ -338,7 +372,9 @@ pub fn refusals(properties: &BasicProperties, inbox: &str) -> u32 {
             AMQPValue::FieldTable(t) => Some(t),
             _ => None,
         })
-        .filter(|t| field_str(t, "queue") == Some(inbox) && field_str(t, "reason") == Some("rejected"))
+        .filter(|t| {
+            field_str(t, "queue") == Some(inbox) && field_str(t, "reason") == Some("rejected")
+        })
         .filter_map(|t| match t.inner().get("count") {
             Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
             Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
@@ -363,7 +399,9 @@ fn headers_json(headers: &FieldTable) -> String {
         use serde_json::Value as J;
         match v {
             AMQPValue::Boolean(b) => J::Bool(*b),
-            AMQPValue::LongString(s) => J::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::LongString(s) => {
+                J::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
             AMQPValue::ShortString(s) => J::String(s.as_str().to_owned()),
             AMQPValue::LongLongInt(n) => J::from(*n),
             AMQPValue::LongInt(n) => J::from(*n),
@@ -372,11 +410,16 @@ fn headers_json(headers: &FieldTable) -> String {
             AMQPValue::ShortUInt(n) => J::from(*n),
             AMQPValue::Timestamp(n) => J::from(*n),
             AMQPValue::FieldArray(a) => J::Array(a.as_slice().iter().map(value).collect()),
-            AMQPValue::FieldTable(t) => J::Object(t.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect()),
+            AMQPValue::FieldTable(t) => J::Object(
+                t.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect(),
+            ),
             other => J::String(format!("{other:?}")),
         }
     }
-    serde_json::Value::Object(headers.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect()).to_string()
+    serde_json::Value::Object(
+        headers.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect(),
+    )
+    .to_string()
 }
 
 /// Moves turns the inbox dead-lettered (refusals) into the delay queue for their attempt:
@@ -404,7 +447,8 @@ pub async fn run_retry(config: Arc<Config>, broker: Broker, cancel: Cancellation
                 d = consumer.next() => d,
             };
             let Some(Ok(delivery)) = next else { break };
-            let k = refusals(&delivery.properties, &names.inbox()).clamp(1, config.intake.max_attempts.saturating_sub(1).max(1));
+            let k = refusals(&delivery.properties, &names.inbox())
+                .clamp(1, config.intake.max_attempts.saturating_sub(1).max(1));
             let queue = names.retry_delay(k);
             let mut headers = delivery.properties.headers().clone().unwrap_or_default();
             if !headers.contains_key(ORIGINAL_KEY) {

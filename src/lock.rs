@@ -59,10 +59,16 @@ pub struct Held {
 type AcquireReply = oneshot::Sender<Result<Option<Held>, LockError>>;
 
 enum Request {
-    Acquire { key: i64, reply: AcquireReply },
+    Acquire {
+        key: i64,
+        reply: AcquireReply,
+    },
     /// `done` (if any) is told once the lock is free (or dropped when the session is gone,
     /// which freed it too).
-    Release { held: Held, done: Option<oneshot::Sender<()>> },
+    Release {
+        held: Held,
+        done: Option<oneshot::Sender<()>>,
+    },
 }
 
 /// A handle on the lock session; cheap to clone.
@@ -84,7 +90,14 @@ impl LockSession {
         let (generation_tx, generation) = watch::channel(0);
         let (healthy_tx, healthy) = watch::channel(false);
         let (held_tx, held) = watch::channel(0);
-        let task = Task { options, rx, generation: generation_tx, healthy: healthy_tx, held_count: held_tx, held: HashSet::new() };
+        let task = Task {
+            options,
+            rx,
+            generation: generation_tx,
+            healthy: healthy_tx,
+            held_count: held_tx,
+            held: HashSet::new(),
+        };
         (LockSession { requests, generation, healthy, held }, task.run(cancel))
     }
 
@@ -167,7 +180,10 @@ impl Task {
                     backoff = Duration::from_millis(100);
                     self.generation.send_modify(|g| *g += 1);
                     self.healthy.send_replace(true);
-                    tracing::info!(generation = *self.generation.borrow(), "lock session connected");
+                    tracing::info!(
+                        generation = *self.generation.borrow(),
+                        "lock session connected"
+                    );
                     let reason = self.serve(conn, &cancel).await;
                     self.healthy.send_replace(false);
                     self.held.clear();
@@ -176,7 +192,9 @@ impl Task {
                     self.generation.send_modify(|g| *g += 1);
                     match reason {
                         None => return,
-                        Some(e) => tracing::error!(error = %e, "lock session lost; its workers are stopped and it reconnects"),
+                        Some(e) => {
+                            tracing::error!(error = %e, "lock session lost; its workers are stopped and it reconnects")
+                        }
                     }
                 }
                 Err(e) => {
@@ -208,7 +226,11 @@ impl Task {
     }
 
     /// Serves requests until the connection fails (Some(error)) or `cancel` (None).
-    async fn serve(&mut self, mut conn: PgConnection, cancel: &CancellationToken) -> Option<sqlx::Error> {
+    async fn serve(
+        &mut self,
+        mut conn: PgConnection,
+        cancel: &CancellationToken,
+    ) -> Option<sqlx::Error> {
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(BATCH);
@@ -238,7 +260,11 @@ impl Task {
     }
 
     /// Releases any of `keys` this backend holds without this session knowing it.
-    async fn release_strays(&self, conn: &mut PgConnection, keys: &[i64]) -> Result<(), sqlx::Error> {
+    async fn release_strays(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[i64],
+    ) -> Result<(), sqlx::Error> {
         // A bigint advisory key shows in pg_locks as classid (high half), objid (low half).
         let held: Vec<i64> = sqlx::query_scalar(
             "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks
@@ -257,7 +283,11 @@ impl Task {
         Ok(())
     }
 
-    async fn handle(&mut self, conn: &mut PgConnection, batch: &mut Vec<Request>) -> Result<(), sqlx::Error> {
+    async fn handle(
+        &mut self,
+        conn: &mut PgConnection,
+        batch: &mut Vec<Request>,
+    ) -> Result<(), sqlx::Error> {
         let generation = *self.generation.borrow();
         let mut acquire: Vec<(i64, AcquireReply)> = Vec::new();
         let mut release: Vec<i64> = Vec::new();
@@ -327,7 +357,10 @@ impl Task {
                 {
                     // The asker is gone: let the lock go again right away.
                     self.held.remove(&h.key);
-                    sqlx::query("SELECT pg_advisory_unlock($1)").bind(h.key).execute(&mut *conn).await?;
+                    sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(h.key)
+                        .execute(&mut *conn)
+                        .await?;
                 }
             }
         }

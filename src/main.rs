@@ -40,7 +40,9 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Migrate(_) => cli::migrate(&config).await.map(|()| ExitCode::SUCCESS),
-            Command::Status { json, .. } => cli::status(&config, *json).await.map(|()| ExitCode::SUCCESS),
+            Command::Status { json, .. } => {
+                cli::status(&config, *json).await.map(|()| ExitCode::SUCCESS)
+            }
             Command::Send(args) => cli::send(&config, args).await,
             Command::Parked { action, .. } => cli::parked(&config, action).await,
             Command::CheckConfig(_) => Ok(ExitCode::SUCCESS),

@@ -70,7 +70,9 @@ impl Metrics {
             turns_received: Family::default(),
             terminal_events: Family::default(),
             // 1 ms … ~16 s, doubling: covers a cached echo and a slow model call.
-            turn_latency: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)),
+            turn_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
             live_workers: Gauge::default(),
             owned_deployments: Gauge::default(),
             worker_spawns: Counter::default(),
@@ -84,19 +86,59 @@ impl Metrics {
             up: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("turns_received", "Inbox deliveries by intake outcome", m.turns_received.clone());
-        registry.register("terminal_events", "Terminal events committed, by kind and code", m.terminal_events.clone());
-        registry.register("turn_latency_seconds", "Accept to terminal commit", m.turn_latency.clone());
-        registry.register("live_workers", "Worker processes alive on this daemon", m.live_workers.clone());
-        registry.register("owned_deployments", "Deployments whose lock this daemon holds", m.owned_deployments.clone());
+        registry.register(
+            "turns_received",
+            "Inbox deliveries by intake outcome",
+            m.turns_received.clone(),
+        );
+        registry.register(
+            "terminal_events",
+            "Terminal events committed, by kind and code",
+            m.terminal_events.clone(),
+        );
+        registry.register(
+            "turn_latency_seconds",
+            "Accept to terminal commit",
+            m.turn_latency.clone(),
+        );
+        registry.register(
+            "live_workers",
+            "Worker processes alive on this daemon",
+            m.live_workers.clone(),
+        );
+        registry.register(
+            "owned_deployments",
+            "Deployments whose lock this daemon holds",
+            m.owned_deployments.clone(),
+        );
         registry.register("worker_spawns", "Worker processes started", m.worker_spawns.clone());
         registry.register("worker_exits", "Worker exits by reason", m.worker_exits.clone());
-        registry.register("locks_held", "Advisory locks held on the lock session", m.locks_held.clone());
-        registry.register("lock_contention", "Lock attempts that found the lock held elsewhere", m.lock_contention.clone());
+        registry.register(
+            "locks_held",
+            "Advisory locks held on the lock session",
+            m.locks_held.clone(),
+        );
+        registry.register(
+            "lock_contention",
+            "Lock attempts that found the lock held elsewhere",
+            m.lock_contention.clone(),
+        );
         registry.register("turns_failed", "Pending turns failed, by path", m.turns_failed.clone());
-        registry.register("outbox_backlog", "Terminal events not yet published (cluster-wide)", m.outbox_backlog.clone());
-        registry.register("events_published", "Terminal events published to the replies exchange", m.events_published.clone());
-        registry.register("oldest_pending_seconds", "Age of the oldest pending turn (cluster-wide)", m.oldest_pending_seconds.clone());
+        registry.register(
+            "outbox_backlog",
+            "Terminal events not yet published (cluster-wide)",
+            m.outbox_backlog.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Terminal events published to the replies exchange",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "oldest_pending_seconds",
+            "Age of the oldest pending turn (cluster-wide)",
+            m.oldest_pending_seconds.clone(),
+        );
         registry.register("up", "1 when the component is healthy", m.up.clone());
         // Known label values start at 0, so every family the dashboard and the alert rules use
         // is exported from the start (an empty family prints nothing) and rate() has a baseline.
@@ -106,7 +148,8 @@ impl Metrics {
         for reason in ["requested", "died", "start_failed", "lock_lost"] {
             m.worker_exits.get_or_create(&ReasonLabel { reason }).inc_by(0);
         }
-        for path in ["fast", "sweep", "takeover", "timeout", "shutdown", "lock_lost", "crash_loop"] {
+        for path in ["fast", "sweep", "takeover", "timeout", "shutdown", "lock_lost", "crash_loop"]
+        {
             m.turns_failed.get_or_create(&PathLabel { path }).inc_by(0);
         }
         Metrics { registry, ..m }

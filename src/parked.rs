@@ -28,7 +28,12 @@ pub struct ReplayResult {
 /// Republishes each parked turn once. The claim in the database comes first, so two operators
 /// (or one command naming an id twice) never publish a turn twice; a failed publish undoes
 /// the claim.
-pub async fn replay(config: &Config, store: &Store, ids: &[i64], who: &str) -> Result<Vec<ReplayResult>, ParkedError> {
+pub async fn replay(
+    config: &Config,
+    store: &Store,
+    ids: &[i64],
+    who: &str,
+) -> Result<Vec<ReplayResult>, ParkedError> {
     let (connection, publisher) = broker::connect(config, "turnd parked replay").await?;
     let names = Names::new(&config.amqp.prefix);
     let mut results = Vec::with_capacity(ids.len());
@@ -90,7 +95,9 @@ async fn publish(publisher: &lapin::Channel, names: &Names, p: &Parked) -> Resul
 /// x-death…), so a replayed turn starts with a fresh attempt count.
 fn replay_headers(json: &str) -> FieldTable {
     let mut table = FieldTable::default();
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(json) else { return table };
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(json) else {
+        return table;
+    };
     for (k, v) in map {
         if k.starts_with("x-") {
             continue;
@@ -115,7 +122,9 @@ mod tests {
 
     #[test]
     fn replay_drops_bookkeeping_headers_and_keeps_the_producers() {
-        let t = replay_headers(r#"{"x-death":[{"count":3}],"x-turnd-code":"MISSING_CONTEXT","tenant":"acme","n":5}"#);
+        let t = replay_headers(
+            r#"{"x-death":[{"count":3}],"x-turnd-code":"MISSING_CONTEXT","tenant":"acme","n":5}"#,
+        );
         let keys: Vec<&str> = t.inner().keys().map(|k| k.as_str()).collect();
         assert_eq!(keys, vec!["n", "tenant"]);
     }

@@ -48,7 +48,8 @@ impl RelayHandle {
 
     pub fn send(&self, events: Vec<Committed>) {
         for e in events {
-            let labels = EventLabels { kind: e.event.kind, code: e.event.code.clone().unwrap_or_default() };
+            let labels =
+                EventLabels { kind: e.event.kind, code: e.event.code.clone().unwrap_or_default() };
             self.metrics.terminal_events.get_or_create(&labels).inc();
             // If the relay is gone the row stays unpublished and another daemon catches it up.
             let _ = self.tx.send(e);
@@ -143,7 +144,10 @@ impl Relay {
             let properties = json_properties()
                 .with_correlation_id(ShortString::from(row.message_id))
                 .with_message_id(ShortString::from(row.event_id));
-            match session.publish(&self.exchange, row.routing_key, false, row.body.as_bytes(), properties).await {
+            match session
+                .publish(&self.exchange, row.routing_key, false, row.body.as_bytes(), properties)
+                .await
+            {
                 Ok(c) => confirms.push((row.id, c)),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot publish terminal event; will retry from the outbox");
@@ -158,7 +162,9 @@ impl Relay {
                     self.metrics.events_published.inc();
                     ids.push(id);
                 }
-                Err(e) => tracing::warn!(error = %e, "terminal event not confirmed; will retry from the outbox"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "terminal event not confirmed; will retry from the outbox")
+                }
             }
         }
         Some(ids)
@@ -170,13 +176,14 @@ impl Relay {
             return;
         }
         loop {
-            let (mut tx, rows) = match self.store.lock_unpublished(CATCH_UP_MIN_AGE, BATCH as i64).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(error = %e, "outbox catch-up unavailable");
-                    return;
-                }
-            };
+            let (mut tx, rows) =
+                match self.store.lock_unpublished(CATCH_UP_MIN_AGE, BATCH as i64).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "outbox catch-up unavailable");
+                        return;
+                    }
+                };
             if rows.is_empty() {
                 return;
             }
@@ -192,7 +199,10 @@ impl Relay {
                 .collect();
             let Some(ids) = self.publish(&refs).await else { return };
             let full = ids.len() == rows.len();
-            if Store::mark_published_in(&mut tx, &ids).await.is_err() || tx.commit().await.is_err() || !full {
+            if Store::mark_published_in(&mut tx, &ids).await.is_err()
+                || tx.commit().await.is_err()
+                || !full
+            {
                 return;
             }
             if rows.len() < BATCH {

@@ -201,7 +201,9 @@ impl Store {
         let mut armed: std::collections::HashSet<(String, String)> = armed.into_iter().collect();
         Ok(turns
             .iter()
-            .map(|t| armed.remove(&(t.deployment.as_str().to_owned(), t.message_id.as_str().to_owned())))
+            .map(|t| {
+                armed.remove(&(t.deployment.as_str().to_owned(), t.message_id.as_str().to_owned()))
+            })
             .collect())
     }
 
@@ -312,11 +314,9 @@ impl Store {
             epoch,
         )
         .await?;
-        let failed = finish_pending(
-            &mut tx,
-            stale,
-            &|_| Outcome::error(ErrorCode::WorkerDied, "the worker went with its daemon's lock"),
-        )
+        let failed = finish_pending(&mut tx, stale, &|_| {
+            Outcome::error(ErrorCode::WorkerDied, "the worker went with its daemon's lock")
+        })
         .await?;
         tx.commit().await?;
         let meta = Some(DeploymentMeta { organization_id, agent_id, conversation_key });
@@ -747,7 +747,10 @@ impl Store {
 
 fn timeout_outcome(state: &str) -> Outcome {
     if state == "queued" {
-        Outcome::error(ErrorCode::TurnTimeout, "the turn waited longer than turn.queue_timeout for its worker")
+        Outcome::error(
+            ErrorCode::TurnTimeout,
+            "the turn waited longer than turn.queue_timeout for its worker",
+        )
     } else {
         Outcome::error(ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline")
     }
@@ -971,7 +974,12 @@ const PARKED_COLUMNS: &str = "id, code, reason, deployment, message_id, attempts
 
 impl Store {
     /// Parked turns, newest first; `code` filters, `since` keeps those parked within it.
-    pub async fn parked_list(&self, code: Option<&str>, since: Option<Duration>, limit: i64) -> Result<Vec<Parked>> {
+    pub async fn parked_list(
+        &self,
+        code: Option<&str>,
+        since: Option<Duration>,
+        limit: i64,
+    ) -> Result<Vec<Parked>> {
         let sql = format!(
             "SELECT {PARKED_COLUMNS} FROM turnd_parked
              WHERE ($1::text IS NULL OR code = $1)
@@ -1000,8 +1008,11 @@ impl Store {
             "UPDATE turnd_parked SET replayed_at = now(), replayed_by = $2
              WHERE id = $1 AND replayed_at IS NULL RETURNING {PARKED_COLUMNS}"
         );
-        let parked: Option<Parked> =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(who).fetch_optional(&mut *tx).await?;
+        let parked: Option<Parked> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(who)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some(p) = &parked {
             if let (Some(d), Some(m)) = (&p.deployment, &p.message_id) {
                 sqlx::query("DELETE FROM turnd_turns WHERE deployment = $1 AND message_id = $2 AND state = 'done'")
@@ -1030,7 +1041,12 @@ impl Store {
     }
 
     /// Deletes parked records by id, or by code and/or age. Returns how many.
-    pub async fn parked_purge(&self, ids: &[i64], code: Option<&str>, older_than: Option<Duration>) -> Result<u64> {
+    pub async fn parked_purge(
+        &self,
+        ids: &[i64],
+        code: Option<&str>,
+        older_than: Option<Duration>,
+    ) -> Result<u64> {
         Ok(sqlx::query(
             "DELETE FROM turnd_parked
              WHERE (cardinality($1::bigint[]) = 0 OR id = ANY($1))

@@ -60,7 +60,11 @@ impl Sweep {
                 }
             }
         }
-        match self.store.adoption_candidates(self.config.sweep.adoption_delay, ADOPT_PER_ROUND).await {
+        match self
+            .store
+            .adoption_candidates(self.config.sweep.adoption_delay, ADOPT_PER_ROUND)
+            .await
+        {
             Ok(names) => {
                 let orphans: Vec<DeploymentName> = names
                     .into_iter()
@@ -69,7 +73,10 @@ impl Sweep {
                     .filter(|n| !self.deployments.nudge(n))
                     .collect();
                 if !orphans.is_empty() {
-                    tracing::debug!(count = orphans.len(), "trying to adopt deployments with waiting turns");
+                    tracing::debug!(
+                        count = orphans.len(),
+                        "trying to adopt deployments with waiting turns"
+                    );
                     self.deployments.ensure_owners(orphans).await;
                 }
             }

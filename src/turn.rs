@@ -19,14 +19,8 @@ pub const MAX_RUN_ID: u64 = i64::MAX as u64;
 
 /// Fields that identify a turn (its messageId and deployment); a duplicate of one of these at
 /// the top level makes the identification ambiguous, so no error reply is addressed from it.
-const IDENTITY_FIELDS: [&str; 6] = [
-    "messageId",
-    "agentId",
-    "organizationId",
-    "conversationId",
-    "channelId",
-    "userId",
-];
+const IDENTITY_FIELDS: [&str; 6] =
+    ["messageId", "agentId", "organizationId", "conversationId", "channelId", "userId"];
 
 // ---------------------------------------------------------------------------------------------
 // Identifiers
@@ -89,17 +83,10 @@ string_newtype!(
 impl MessageId {
     pub fn parse(s: &str) -> Result<Self, String> {
         if s.is_empty() || s.len() > 255 {
-            return Err(format!(
-                "messageId {} must be 1-255 bytes, is {} bytes",
-                echo(s),
-                s.len()
-            ));
+            return Err(format!("messageId {} must be 1-255 bytes, is {} bytes", echo(s), s.len()));
         }
         if s.chars().any(char::is_control) {
-            return Err(format!(
-                "messageId {} must not contain control characters",
-                echo(s)
-            ));
+            return Err(format!("messageId {} must not contain control characters", echo(s)));
         }
         Ok(Self(s.to_owned()))
     }
@@ -110,10 +97,7 @@ impl AgentId {
         if is_identifier(s) {
             Ok(Self(s.to_owned()))
         } else {
-            Err(format!(
-                "agentId {} must match ^[A-Za-z0-9_-]{{1,64}}$",
-                echo(s)
-            ))
+            Err(format!("agentId {} must match ^[A-Za-z0-9_-]{{1,64}}$", echo(s)))
         }
     }
 }
@@ -121,10 +105,7 @@ impl AgentId {
 impl OrganizationId {
     pub fn parse(s: &str) -> Result<Self, String> {
         if !is_identifier(s) {
-            return Err(format!(
-                "organizationId {} must match ^[A-Za-z0-9_-]{{1,64}}$",
-                echo(s)
-            ));
+            return Err(format!("organizationId {} must match ^[A-Za-z0-9_-]{{1,64}}$", echo(s)));
         }
         if s == "_" {
             return Err(
@@ -146,19 +127,12 @@ impl DeploymentName {
     /// Validates the shape `<agentId>-<16 lowercase hex digits>` (e.g. a name given on the
     /// command line). It cannot check the hash itself.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "deployment {} must be <agentId>-<16 lowercase hex digits>",
-                echo(s)
-            )
-        };
+        let bad = || format!("deployment {} must be <agentId>-<16 lowercase hex digits>", echo(s));
         let Some((agent, hash)) = s.rsplit_once('-') else {
             return Err(bad());
         };
         let hex_ok = hash.len() == 16
-            && hash
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !hex_ok || !is_identifier(agent) {
             return Err(bad());
         }
@@ -213,8 +187,7 @@ impl fmt::Display for Epoch {
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `<agentId>-<h>`, `<h>` the first 16 lowercase hex digits of
@@ -322,10 +295,7 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
         return Err(e);
     }
     let text = std::str::from_utf8(body).map_err(|e| {
-        InvalidTurn::bare(format!(
-            "turn is not valid UTF-8 (at byte {})",
-            e.valid_up_to()
-        ))
+        InvalidTurn::bare(format!("turn is not valid UTF-8 (at byte {})", e.valid_up_to()))
     })?;
     // serde_json's recursion limit (128) turns deep nesting into an error, not a stack
     // overflow.
@@ -343,9 +313,8 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
     let message_id = field(&obj, "messageId")
         .map(|v| as_str("messageId", v).and_then(MessageId::parse))
         .transpose();
-    let agent_id = field(&obj, "agentId")
-        .map(|v| as_str("agentId", v).and_then(AgentId::parse))
-        .transpose();
+    let agent_id =
+        field(&obj, "agentId").map(|v| as_str("agentId", v).and_then(AgentId::parse)).transpose();
     let organization_id = field(&obj, "organizationId")
         .map(|v| as_str("organizationId", v).and_then(OrganizationId::parse))
         .transpose();
@@ -358,10 +327,7 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
     let platform_metadata = match field(&obj, "platformMetadata") {
         None => Ok(None),
         Some(v @ Value::Object(_)) => Ok(Some(v)),
-        Some(v) => Err(format!(
-            "platformMetadata must be an object, is {}",
-            json_type(v)
-        )),
+        Some(v) => Err(format!("platformMetadata must be an object, is {}", json_type(v))),
     };
     let run_id = field(&obj, "runId").map(run_id_rule).transpose();
 
@@ -434,9 +400,7 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
     let routing = match routing {
         Ok(r) => r,
         Err(e) => {
-            return Err(InvalidTurn::bare(format!(
-                "turn could not be re-serialised: {e}"
-            )));
+            return Err(InvalidTurn::bare(format!("turn could not be re-serialised: {e}")));
         }
     };
 
@@ -500,8 +464,7 @@ fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
 }
 
 fn as_str<'a>(name: &str, v: &'a Value) -> Result<&'a str, String> {
-    v.as_str()
-        .ok_or_else(|| format!("{name} must be a string, is {}", json_type(v)))
+    v.as_str().ok_or_else(|| format!("{name} must be a string, is {}", json_type(v)))
 }
 
 fn conversation_id_rule(s: &str) -> Result<String, String> {
@@ -514,10 +477,7 @@ fn conversation_id_rule(s: &str) -> Result<String, String> {
         ));
     }
     if s.chars().any(char::is_control) {
-        return Err(format!(
-            "conversationId {} must not contain control characters",
-            echo(s)
-        ));
+        return Err(format!("conversationId {} must not contain control characters", echo(s)));
     }
     Ok(s.to_owned())
 }
@@ -529,11 +489,7 @@ fn short_string(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, 
     };
     let s = as_str(name, v)?;
     if s.len() > 256 {
-        return Err(format!(
-            "{name} {} must be at most 256 bytes, is {} bytes",
-            echo(s),
-            s.len()
-        ));
+        return Err(format!("{name} {} must be at most 256 bytes, is {} bytes", echo(s), s.len()));
     }
     Ok(Some(s.to_owned()))
 }
@@ -553,10 +509,7 @@ fn run_id_rule(v: &Value) -> Result<u64, String> {
     match n.as_u64() {
         Some(0) => Err("runId 0 must be > 0".to_owned()),
         Some(id) if id <= MAX_RUN_ID => Ok(id),
-        _ => Err(format!(
-            "runId {} is too large (at most {MAX_RUN_ID})",
-            echo(&text)
-        )),
+        _ => Err(format!("runId {} is too large (at most {MAX_RUN_ID})", echo(&text))),
     }
 }
 
@@ -575,11 +528,7 @@ fn json_type(v: &Value) -> &'static str {
 fn echo(s: &str) -> String {
     let mut chars = s.chars();
     let head: String = chars.by_ref().take(ECHO_CHARS).collect();
-    if chars.next().is_some() {
-        format!("{head:?}…")
-    } else {
-        format!("{head:?}")
-    }
+    if chars.next().is_some() { format!("{head:?}…") } else { format!("{head:?}") }
 }
 
 /// The JSON text on one line: whitespace outside strings removed, everything else byte for
@@ -625,11 +574,7 @@ impl DuplicateKey {
         if self.depth == 1 {
             format!("duplicate key {} in the turn", echo(&self.key))
         } else {
-            format!(
-                "duplicate key {} in a nested object (depth {})",
-                echo(&self.key),
-                self.depth
-            )
+            format!("duplicate key {} in a nested object (depth {})", echo(&self.key), self.depth)
         }
     }
 
@@ -645,10 +590,7 @@ impl DuplicateKey {
 /// never panics, whatever the input.
 fn find_duplicate_key(text: &str) -> Option<DuplicateKey> {
     enum Frame {
-        Object {
-            keys: HashSet<String>,
-            expect_key: bool,
-        },
+        Object { keys: HashSet<String>, expect_key: bool },
         Array,
     }
     let bytes = text.as_bytes();
@@ -656,10 +598,7 @@ fn find_duplicate_key(text: &str) -> Option<DuplicateKey> {
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         match b {
-            b'{' => stack.push(Frame::Object {
-                keys: HashSet::new(),
-                expect_key: true,
-            }),
+            b'{' => stack.push(Frame::Object { keys: HashSet::new(), expect_key: true }),
             b'[' => stack.push(Frame::Array),
             b'}' | b']' => {
                 stack.pop();
@@ -671,13 +610,7 @@ fn find_duplicate_key(text: &str) -> Option<DuplicateKey> {
             }
             b'"' => {
                 let depth = stack.len();
-                let want_key = matches!(
-                    stack.last(),
-                    Some(Frame::Object {
-                        expect_key: true,
-                        ..
-                    })
-                );
+                let want_key = matches!(stack.last(), Some(Frame::Object { expect_key: true, .. }));
                 let (key, end) = scan_string(text, i + 1, want_key);
                 if let (Some(Frame::Object { keys, expect_key }), Some(key)) =
                     (stack.last_mut(), key)
@@ -908,9 +841,7 @@ mod tests {
         );
         for d in [&d1, &d2, &d3] {
             assert!(
-                d.as_str()
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                d.as_str().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             );
             assert_eq!(d.as_str().len(), "agent_X-1".len() + 17);
             assert!(DeploymentName::parse(d.as_str()).is_ok());
@@ -932,10 +863,7 @@ mod tests {
         assert!(DeploymentName::parse("a/b-0123456789abcdef").is_err());
         let d = DeploymentName::from_trusted("a1-0123456789abcdef".into());
         // printf 'turnd.lock\0a1-0123456789abcdef' | sha256sum → 58ff044dfd19b688...
-        assert_eq!(
-            d.lock_key(),
-            i64::from_be_bytes(0x58ff044dfd19b688u64.to_be_bytes())
-        );
+        assert_eq!(d.lock_key(), i64::from_be_bytes(0x58ff044dfd19b688u64.to_be_bytes()));
         assert_ne!(
             d.lock_key(),
             DeploymentName::from_trusted("a1-0123456789abcdee".into()).lock_key()
@@ -985,16 +913,12 @@ mod tests {
     fn message_id_rules() {
         let long = "x".repeat(255);
         assert_eq!(
-            ok(&format!(
-                r#"{{"messageId":"{long}","agentId":"a","userId":"u"}}"#
-            ))
-            .message_id
-            .as_str(),
+            ok(&format!(r#"{{"messageId":"{long}","agentId":"a","userId":"u"}}"#))
+                .message_id
+                .as_str(),
             long
         );
-        let e = bad(&format!(
-            r#"{{"messageId":"{long}y","agentId":"a","userId":"u"}}"#
-        ));
+        let e = bad(&format!(r#"{{"messageId":"{long}y","agentId":"a","userId":"u"}}"#));
         assert!(e.reason.starts_with("messageId"), "{}", e.reason);
         assert!(e.reason.contains('…'), "{}", e.reason);
         assert!(e.reason.len() < 200, "{}", e.reason);
@@ -1015,9 +939,7 @@ mod tests {
             assert!(e.deployment.is_some());
         }
         assert_eq!(
-            ok(r#"{"messageId":"ünï code/ok:1","agentId":"a","userId":"u"}"#)
-                .message_id
-                .as_str(),
+            ok(r#"{"messageId":"ünï code/ok:1","agentId":"a","userId":"u"}"#).message_id.as_str(),
             "ünï code/ok:1"
         );
     }
@@ -1025,9 +947,7 @@ mod tests {
     #[test]
     fn agent_id_rules() {
         let a64 = "A".repeat(64);
-        ok(&format!(
-            r#"{{"messageId":"m","agentId":"{a64}","userId":"u"}}"#
-        ));
+        ok(&format!(r#"{{"messageId":"m","agentId":"{a64}","userId":"u"}}"#));
         ok(r#"{"messageId":"m","agentId":"a-Z_0","userId":"u"}"#);
         for body in [
             r#"{"messageId":"m","userId":"u"}"#,
@@ -1043,24 +963,16 @@ mod tests {
             assert!(e.deployment.is_none());
             assert_eq!(e.message_id.as_ref().map(MessageId::as_str), Some("m"));
         }
-        let e = bad(&format!(
-            r#"{{"messageId":"m","agentId":"{a64}A","userId":"u"}}"#
-        ));
+        let e = bad(&format!(r#"{{"messageId":"m","agentId":"{a64}A","userId":"u"}}"#));
         assert!(e.reason.starts_with("agentId"));
         let e = bad(r#"{"messageId":"m","agentId":"../x","userId":"u"}"#);
-        assert_eq!(
-            e.reason,
-            r#"agentId "../x" must match ^[A-Za-z0-9_-]{1,64}$"#
-        );
+        assert_eq!(e.reason, r#"agentId "../x" must match ^[A-Za-z0-9_-]{1,64}$"#);
     }
 
     #[test]
     fn organization_id_rules() {
         let t = ok(&with(r#","organizationId":"org-1_A""#));
-        assert_eq!(
-            t.organization_id.as_ref().map(OrganizationId::as_str),
-            Some("org-1_A")
-        );
+        assert_eq!(t.organization_id.as_ref().map(OrganizationId::as_str), Some("org-1_A"));
         let t = ok(&with(r#","organizationId":null"#));
         assert_eq!(t.organization_id, None);
         for extra in [
@@ -1070,15 +982,8 @@ mod tests {
             r#","organizationId":true"#,
         ] {
             let e = bad(&with(extra));
-            assert!(
-                e.reason.starts_with("organizationId"),
-                "{extra}: {}",
-                e.reason
-            );
-            assert!(
-                e.deployment.is_none(),
-                "an invalid org must not yield a deployment"
-            );
+            assert!(e.reason.starts_with("organizationId"), "{extra}: {}", e.reason);
+            assert!(e.deployment.is_none(), "an invalid org must not yield a deployment");
             assert!(e.organization_id.is_none());
             assert!(e.message_id.is_some());
         }
@@ -1089,20 +994,14 @@ mod tests {
     #[test]
     fn conversation_id_rules() {
         let c256 = "c".repeat(256);
-        ok(&format!(
-            r#"{{"messageId":"m","agentId":"a","conversationId":"{c256}"}}"#
-        ));
+        ok(&format!(r#"{{"messageId":"m","agentId":"a","conversationId":"{c256}"}}"#));
         for body in [
             format!(r#"{{"messageId":"m","agentId":"a","conversationId":"{c256}c","userId":"u"}}"#),
             r#"{"messageId":"m","agentId":"a","conversationId":"a\tb","userId":"u"}"#.to_owned(),
             r#"{"messageId":"m","agentId":"a","conversationId":7,"userId":"u"}"#.to_owned(),
         ] {
             let e = bad(&body);
-            assert!(
-                e.reason.starts_with("conversationId"),
-                "{body}: {}",
-                e.reason
-            );
+            assert!(e.reason.starts_with("conversationId"), "{body}: {}", e.reason);
             // the invalid conversationId comes first in precedence: no deployment
             assert!(e.deployment.is_none());
             assert!(e.conversation_id.is_none());
@@ -1133,9 +1032,8 @@ mod tests {
 
     #[test]
     fn routing_is_compact_with_nulls() {
-        let t = ok(&with(
-            r#","platform":"slack","platformMetadata":{"z":1,"a":1.50},"userId":"u""#,
-        ));
+        let t =
+            ok(&with(r#","platform":"slack","platformMetadata":{"z":1,"a":1.50},"userId":"u""#));
         assert_eq!(
             t.routing,
             r#"{"userId":"u","channelId":null,"platform":"slack","platformMetadata":{"z":1,"a":1.50}}"#
@@ -1150,10 +1048,7 @@ mod tests {
     #[test]
     fn run_id_rules() {
         assert_eq!(ok(&with(r#","runId":1"#)).run_id, Some(1));
-        assert_eq!(
-            ok(&with(r#","runId":9223372036854775807"#)).run_id,
-            Some(MAX_RUN_ID)
-        );
+        assert_eq!(ok(&with(r#","runId":9223372036854775807"#)).run_id, Some(MAX_RUN_ID));
         assert_eq!(ok(&with(r#","runId":null"#)).run_id, None);
         assert_eq!(ok(&with("")).run_id, None);
         for v in [
@@ -1177,10 +1072,7 @@ mod tests {
             assert_eq!(e.message_id.as_ref().map(MessageId::as_str), Some("m1"));
             assert_eq!(e.agent_id.as_ref().map(AgentId::as_str), Some("a1"));
             assert_eq!(e.conversation_id.as_deref(), Some("c1"));
-            assert_eq!(
-                e.deployment,
-                Some(deployment_name(None, &agent("a1"), "c1"))
-            );
+            assert_eq!(e.deployment, Some(deployment_name(None, &agent("a1"), "c1")));
             assert!(e.routing.is_some());
             assert!(!e.too_large);
         }
@@ -1191,14 +1083,8 @@ mod tests {
         let e = bad(
             r#"{"messageId":"m","agentId":"a1","organizationId":"o1","conversationId":"c1","userId":"u","platform":"p","runId":0}"#,
         );
-        assert_eq!(
-            e.deployment.as_ref().map(DeploymentName::as_str),
-            Some("a1-95804e53b4c4505d")
-        );
-        assert_eq!(
-            e.organization_id.as_ref().map(OrganizationId::as_str),
-            Some("o1")
-        );
+        assert_eq!(e.deployment.as_ref().map(DeploymentName::as_str), Some("a1-95804e53b4c4505d"));
+        assert_eq!(e.organization_id.as_ref().map(OrganizationId::as_str), Some("o1"));
         assert_eq!(
             e.routing.as_deref(),
             Some(r#"{"userId":"u","channelId":null,"platform":"p","platformMetadata":null}"#)
@@ -1213,13 +1099,7 @@ mod tests {
 
     #[test]
     fn payload_is_any_json() {
-        for p in [
-            "1",
-            "\"x\"",
-            "[1,{\"a\":null}]",
-            "{\"text\":\"hi\"}",
-            "true",
-        ] {
+        for p in ["1", "\"x\"", "[1,{\"a\":null}]", "{\"text\":\"hi\"}", "true"] {
             ok(&with(&format!(r#","payload":{p}"#)));
         }
     }
@@ -1227,10 +1107,7 @@ mod tests {
     #[test]
     fn missing_context() {
         assert_eq!(ok(&with("")).missing_context(), None);
-        assert_eq!(
-            ok(&with(r#","runId":3"#)).missing_context(),
-            Some("organizationId")
-        );
+        assert_eq!(ok(&with(r#","runId":3"#)).missing_context(), Some("organizationId"));
         let t = ok(r#"{"messageId":"m","agentId":"a","userId":"u","runId":3}"#);
         assert_eq!(t.missing_context(), Some("organizationId"));
         let t =
@@ -1265,17 +1142,7 @@ mod tests {
 
     #[test]
     fn not_json_not_object_not_utf8() {
-        for body in [
-            "",
-            "{",
-            "nope",
-            "{\"a\":1} x",
-            "{\"a\":01}",
-            "[]",
-            "\"s\"",
-            "null",
-            "1",
-        ] {
+        for body in ["", "{", "nope", "{\"a\":1} x", "{\"a\":01}", "[]", "\"s\"", "null", "1"] {
             let e = bad(body);
             assert!(!e.too_large);
             assert!(e.message_id.is_none() && e.deployment.is_none());
@@ -1301,11 +1168,7 @@ mod tests {
         let body = with(&format!(r#","payload":{}"#, "{\"a\":".repeat(100_000)));
         parse(body.as_bytes(), usize::MAX).unwrap_err();
         // within the limit: fine
-        let body = with(&format!(
-            r#","payload":{}1{}"#,
-            "[".repeat(100),
-            "]".repeat(100)
-        ));
+        let body = with(&format!(r#","payload":{}1{}"#, "[".repeat(100), "]".repeat(100)));
         ok(&body);
     }
 
@@ -1321,11 +1184,7 @@ mod tests {
         let e = bad(r#"{"messageId":"m","agentId":"a","userId":"u","userId":"v"}"#);
         assert!(e.message_id.is_none() && e.deployment.is_none());
         let e = bad(r#"{"messageId":"m","agentId":"a","userId":"u","messageId":"n"}"#);
-        assert!(
-            e.reason.contains("duplicate key \"messageId\""),
-            "{}",
-            e.reason
-        );
+        assert!(e.reason.contains("duplicate key \"messageId\""), "{}", e.reason);
         assert!(e.message_id.is_none() && e.deployment.is_none());
         // nested, in arrays, escaped
         for extra in [
@@ -1346,12 +1205,8 @@ mod tests {
         ok(&with(
             r#","payload":[{"k":1},{"k":1}],"x":{"k":{"k":"k"}},"y":["k","k"],"z":{"a":"a","b":"a"}"#,
         ));
-        ok(&with(
-            r#","payload":{"a\\":1,"a":2,"a\"":3,"\\\"":4,"{":"}","[":"]",",":":"}"#,
-        ));
-        ok(&with(
-            r#","payload":{"a":{},"b":[],"c":[{}],"d":{"a":{"b":{}}},"a2":1}"#,
-        ));
+        ok(&with(r#","payload":{"a\\":1,"a":2,"a\"":3,"\\\"":4,"{":"}","[":"]",",":":"}"#));
+        ok(&with(r#","payload":{"a":{},"b":[],"c":[{}],"d":{"a":{"b":{}}},"a2":1}"#));
     }
 
     #[test]

@@ -15,17 +15,13 @@ const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "console-test-token-7f3a";
 
 async fn get_json(port: u16, path: &str) -> Value {
-    let (status, body) = http_get(port, path)
-        .await
-        .unwrap_or_else(|| panic!("GET {path} answers"));
+    let (status, body) = http_get(port, path).await.unwrap_or_else(|| panic!("GET {path} answers"));
     assert_eq!(status, 200, "GET {path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
 }
 
 async fn get_page(port: u16, path: &str) -> (u16, String) {
-    http_get(port, path)
-        .await
-        .unwrap_or_else(|| panic!("GET {path} answers"))
+    http_get(port, path).await.unwrap_or_else(|| panic!("GET {path} answers"))
 }
 
 /// Polls the parked list until it has `n` records; returns them (newest first).
@@ -90,11 +86,7 @@ async fn api_and_console_show_the_cluster_and_actions_need_the_token() {
     assert!(row["epoch"].as_i64().unwrap() > 0);
     for q in ["conv-live", "CONSOLE-AG", "org1", &deployment[..10]] {
         let found = get_json(port, &format!("/api/v1/deployments?q={q}")).await;
-        assert_eq!(
-            found["deployments"].as_array().unwrap().len(),
-            1,
-            "q={q}: {found}"
-        );
+        assert_eq!(found["deployments"].as_array().unwrap().len(), 1, "q={q}: {found}");
     }
     let none = get_json(port, "/api/v1/deployments?q=no-such-thing").await;
     assert_eq!(none["deployments"].as_array().unwrap().len(), 0);
@@ -131,18 +123,9 @@ async fn api_and_console_show_the_cluster_and_actions_need_the_token() {
     let detail: Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(detail["body"]["messageId"], "bad-1");
     assert_eq!(detail["body"]["agentId"], "../x");
-    assert!(
-        detail["body"]["payload"]
-            .as_str()
-            .unwrap()
-            .contains("show_payloads"),
-        "{detail}"
-    );
+    assert!(detail["body"]["payload"].as_str().unwrap().contains("show_payloads"), "{detail}");
     assert_eq!(detail["payload_hidden"], true);
-    assert_eq!(
-        detail["headers"]["x-turnd-code"], "INVALID_TURN",
-        "{detail}"
-    );
+    assert_eq!(detail["headers"]["x-turnd-code"], "INVALID_TURN", "{detail}");
     let (status, _) = get_page(port, "/api/v1/parked/999999").await;
     assert_eq!(status, 404);
 
@@ -151,16 +134,11 @@ async fn api_and_console_show_the_cluster_and_actions_need_the_token() {
     let (status, body) = http_post(port, &replay, None).await.expect("POST answers");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("bearer token"), "{body}");
-    let (status, _) = http_post(port, &replay, Some("wrong-token-9c1"))
-        .await
-        .unwrap();
+    let (status, _) = http_post(port, &replay, Some("wrong-token-9c1")).await.unwrap();
     assert_eq!(status, 403);
     let (status, body) = http_post(port, &replay, Some(TOKEN)).await.unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["result"],
-        "replayed"
-    );
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["result"], "replayed");
     let (status, body) = http_post(port, &replay, Some(TOKEN)).await.unwrap();
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("already_replayed"));
@@ -192,10 +170,7 @@ async fn api_and_console_show_the_cluster_and_actions_need_the_token() {
     assert_eq!(status, 200);
     assert!(detail_page.contains("INVALID_TURN") && detail_page.contains("bad-1"));
     assert!(detail_page.contains("payload hidden"));
-    assert!(
-        !detail_page.contains("payload-secret-456"),
-        "payload leaked on the page"
-    );
+    assert!(!detail_page.contains("payload-secret-456"), "payload leaked on the page");
     let (status, _) = get_page(port, "/parked/999999").await;
     assert_eq!(status, 404);
 
@@ -208,24 +183,12 @@ async fn api_and_console_show_the_cluster_and_actions_need_the_token() {
     assert!(body.contains("purged"));
     let (status, _) = http_post(port, &purge, Some(TOKEN)).await.unwrap();
     assert_eq!(status, 404);
-    assert_eq!(
-        get_json(port, "/api/v1/parked").await["parked"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(get_json(port, "/api/v1/parked").await["parked"].as_array().unwrap().len(), 1);
 
     let log = cluster.daemon_log(0);
-    assert!(
-        log.contains("console action refused"),
-        "refusals are logged"
-    );
+    assert!(log.contains("console action refused"), "refusals are logged");
     assert!(!log.contains(TOKEN), "the admin token must never be logged");
-    assert!(
-        !log.contains("wrong-token-9c1"),
-        "a presented token must never be logged"
-    );
+    assert!(!log.contains("wrong-token-9c1"), "a presented token must never be logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,29 +209,18 @@ async fn without_an_admin_token_actions_are_refused_and_not_offered() {
 
     for action in ["replay", "purge"] {
         for token in [None, Some("anything")] {
-            let (status, body) = http_post(port, &format!("/api/v1/parked/{id}/{action}"), token)
-                .await
-                .unwrap();
+            let (status, body) =
+                http_post(port, &format!("/api/v1/parked/{id}/{action}"), token).await.unwrap();
             assert_eq!(status, 403, "{action} with {token:?}: {body}");
             assert!(body.contains("not configured"), "{body}");
         }
     }
-    assert_eq!(
-        wait_parked(port, 1).await[0]["replayed_by"],
-        Value::Null,
-        "nothing happened"
-    );
+    assert_eq!(wait_parked(port, 1).await[0]["replayed_by"], Value::Null, "nothing happened");
     let (_, page) = get_page(port, "/").await;
     assert!(page.contains("read-only"));
-    assert!(
-        !page.contains("data-action=\""),
-        "no buttons without a token"
-    );
+    assert!(!page.contains("data-action=\""), "no buttons without a token");
     let (_, detail) = get_page(port, &format!("/parked/{id}")).await;
-    assert!(
-        detail.contains("visible-payload-789"),
-        "http.show_payloads = true shows the payload"
-    );
+    assert!(detail.contains("visible-payload-789"), "http.show_payloads = true shows the payload");
     assert!(!detail.contains("data-action=\""));
     assert_eq!(
         get_json(port, &format!("/api/v1/parked/{id}")).await["body"]["payload"]["text"],
@@ -334,10 +286,7 @@ async fn the_dashboard_and_alert_rules_name_only_exported_metrics() {
     let rules =
         std::fs::read_to_string(repo("deploy/prometheus/turnd-alerts.yml")).expect("alert rules");
     let parsed: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
-    assert!(
-        parsed["panels"].as_array().is_some_and(|p| !p.is_empty()),
-        "the dashboard has panels"
-    );
+    assert!(parsed["panels"].as_array().is_some_and(|p| !p.is_empty()), "the dashboard has panels");
 
     let mut cluster = Cluster::new().await;
     let port = free_port();
@@ -345,11 +294,7 @@ async fn the_dashboard_and_alert_rules_name_only_exported_metrics() {
     cluster.start_daemon(&[]).await;
     let mut client = cluster.client().await;
     let ok = turn("metrics", "c1", json!({}));
-    let err = turn(
-        "metrics",
-        "c2",
-        json!({"action": "error", "code": "SOME_CODE"}),
-    );
+    let err = turn("metrics", "c2", json!({"action": "error", "code": "SOME_CODE"}));
     client.publish(&ok).await;
     client.publish(&err).await;
     client.wait_for(&[mid(&ok), mid(&err)], T).await;
@@ -381,11 +326,7 @@ async fn the_dashboard_and_alert_rules_name_only_exported_metrics() {
             }
         }
     }
-    assert!(
-        missing.is_empty(),
-        "{}\nexported families: {exported:?}",
-        missing.join("\n")
-    );
+    assert!(missing.is_empty(), "{}\nexported families: {exported:?}", missing.join("\n"));
     assert!(checked >= 10, "only {checked} names checked");
 }
 
@@ -394,28 +335,19 @@ fn metric_names_are_found_in_promql() {
     let names = metric_names(
         r#"{"expr":"histogram_quantile(0.99, sum by (le) (rate(turnd_turn_latency_seconds_bucket[5m])))"} up{job="turnd"} xturnd_no"#,
     );
-    assert_eq!(
-        names.into_iter().collect::<Vec<_>>(),
-        ["turnd_turn_latency_seconds_bucket"]
-    );
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), ["turnd_turn_latency_seconds_bucket"]);
     assert_eq!(
         family_of("turnd_turn_latency_seconds_bucket"),
         ("turnd_turn_latency_seconds", Some("histogram"))
     );
-    assert_eq!(
-        family_of("turnd_worker_spawns_total"),
-        ("turnd_worker_spawns", Some("counter"))
-    );
+    assert_eq!(family_of("turnd_worker_spawns_total"), ("turnd_worker_spawns", Some("counter")));
     assert_eq!(family_of("turnd_up"), ("turnd_up", None));
 }
 
 /// promtool from PATH, or `PROMTOOL` (scripts/test.sh extracts it from Debian's prometheus
 /// package into target/tools when it is missing).
 fn promtool() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PROMTOOL")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file())
-    {
+    if let Some(p) = std::env::var_os("PROMTOOL").map(PathBuf::from).filter(|p| p.is_file()) {
         return Some(p);
     }
     let local = repo("target/tools/prometheus/usr/bin/promtool");

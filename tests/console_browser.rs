@@ -40,12 +40,9 @@ fn find(candidates: &[&str]) -> Option<PathBuf> {
 
 /// The browser and its driver, or why the test cannot run here.
 fn browser_binaries() -> Result<(PathBuf, PathBuf), String> {
-    let chromium = find(&[
-        "/usr/lib/chromium/chromium",
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-    ])
-    .ok_or("chromium is not installed (Debian package `chromium`)")?;
+    let chromium =
+        find(&["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"])
+            .ok_or("chromium is not installed (Debian package `chromium`)")?;
     let driver = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"])
         .ok_or("chromedriver is not installed (Debian package `chromium-driver`)")?;
     Ok((chromium, driver))
@@ -62,17 +59,10 @@ async fn start_driver(driver: &Path, log: &Path) -> Driver {
         .spawn()
         .expect("start chromedriver");
     let profile = tempfile::tempdir().expect("profile dir");
-    let d = Driver {
-        child,
-        port,
-        profile: profile.path().to_path_buf(),
-        _profile: profile,
-    };
+    let d = Driver { child, port, profile: profile.path().to_path_buf(), _profile: profile };
     // (chromedriver refuses HTTP/1.0, so no http_get here: a TCP connect says it listens.)
     wait_for_async(T, "chromedriver to listen", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
     })
     .await;
     d
@@ -96,10 +86,7 @@ async fn connect(driver: &Driver, chromium: &Path) -> Browser {
     caps.insert("browserName".into(), json!("chrome"));
     // Prompts stay open until the test answers them.
     caps.insert("unhandledPromptBehavior".into(), json!("ignore"));
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({ "binary": chromium, "args": args }),
-    );
+    caps.insert("goog:chromeOptions".into(), json!({ "binary": chromium, "args": args }));
     ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
         .connect(&format!("http://127.0.0.1:{}", driver.port))
@@ -151,10 +138,8 @@ async fn wait_prompt(b: &Browser) -> String {
 }
 
 async fn click_replay(b: &Browser) {
-    let button = b
-        .find(Locator::Css("#detail button[data-action=replay]"))
-        .await
-        .expect("a Replay button");
+    let button =
+        b.find(Locator::Css("#detail button[data-action=replay]")).await.expect("a Replay button");
     button.click().await.expect("click Replay");
 }
 
@@ -183,29 +168,19 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
                              "runId": 3, "payload": {"text": "parked, then answered"}});
     client.publish(&parked_turn).await;
     client.wait_for(&["needs-context".into()], T).await;
-    assert_eq!(
-        client.event("needs-context").unwrap().code(),
-        "MISSING_CONTEXT"
-    );
+    assert_eq!(client.event("needs-context").unwrap().code(), "MISSING_CONTEXT");
     // ...and the operator fixes the cause: this cluster does not need shared snapshots.
     let status = cluster.daemons[0].terminate(T).await;
     assert!(status.is_some_and(|s| s.success()), "d0 stops cleanly");
-    cluster
-        .start_daemon(&[("TURND_SESSION__STORE", "file")])
-        .await;
+    cluster.start_daemon(&[("TURND_SESSION__STORE", "file")]).await;
 
     let live = turn("browser-agent", "c-live", json!({"text": "hello"}));
-    let failing = turn(
-        "browser-agent",
-        "c-failing",
-        json!({"action": "error", "code": "UPSTREAM_TIMEOUT"}),
-    );
+    let failing =
+        turn("browser-agent", "c-failing", json!({"action": "error", "code": "UPSTREAM_TIMEOUT"}));
     client.publish(&live).await;
     client.publish(&failing).await;
     client.wait_for(&[mid(&live), mid(&failing)], T).await;
-    client
-        .publish_raw(br#"{"messageId":"bad-agent","agentId":"../x","payload":{}}"#)
-        .await;
+    client.publish_raw(br#"{"messageId":"bad-agent","agentId":"../x","payload":{}}"#).await;
     let deployment = deployment_of(&live);
     let parked = {
         let mut list = Vec::new();
@@ -250,10 +225,7 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
             parked_text.contains("MISSING_CONTEXT") && parked_text.contains("INVALID_TURN"),
             "{parked_text}"
         );
-        assert!(
-            parked_text.contains("organizationId"),
-            "the reason is shown: {parked_text}"
-        );
+        assert!(parked_text.contains("organizationId"), "the reason is shown: {parked_text}");
 
         // Its detail page, through the link.
         b.find(Locator::Css(&format!("a[href='/parked/{id}']")))
@@ -274,22 +246,13 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
             body.contains("needs-context") && body.contains("show_payloads"),
             "payload hidden: {body}"
         );
-        assert!(
-            !body.contains("parked, then answered"),
-            "payload hidden: {body}"
-        );
+        assert!(!body.contains("parked, then answered"), "payload hidden: {body}");
 
         // Replay without the token: the prompt is dismissed, the API refuses, the page says so.
         click_replay(&b).await;
         wait_prompt(&b).await;
         b.dismiss_alert().await.expect("dismiss the prompt");
-        wait_page(
-            T,
-            "a 403 on the page",
-            || text_of(&b, "#flash"),
-            |t| t.contains("403"),
-        )
-        .await;
+        wait_page(T, "a 403 on the page", || text_of(&b, "#flash"), |t| t.contains("403")).await;
         // A wrong token: refused too.
         click_replay(&b).await;
         wait_prompt(&b).await;
@@ -303,9 +266,7 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
         )
         .await;
         assert!(
-            client
-                .event("needs-context")
-                .is_some_and(|e| e.kind() == "error"),
+            client.event("needs-context").is_some_and(|e| e.kind() == "error"),
             "nothing replayed yet"
         );
 
@@ -315,17 +276,11 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
         assert!(prompt.contains("http.admin_token"), "{prompt}");
         b.send_alert_text(TOKEN).await.expect("type the token");
         b.accept_alert().await.expect("accept");
-        wait_page(
-            T,
-            "the replay's outcome",
-            || text_of(&b, "#flash"),
-            |t| t.contains("replayed"),
-        )
-        .await;
+        wait_page(T, "the replay's outcome", || text_of(&b, "#flash"), |t| t.contains("replayed"))
+            .await;
         client
             .wait_until(T, "a reply to the replayed turn", |ev| {
-                ev.iter()
-                    .any(|e| e.message_id() == "needs-context" && e.kind() == "reply")
+                ev.iter().any(|e| e.message_id() == "needs-context" && e.kind() == "reply")
             })
             .await;
         wait_page(
@@ -335,14 +290,9 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
             |t| t.contains("replayed by console"),
         )
         .await;
-        let buttons = b
-            .find_all(Locator::Css("#detail button[data-action=replay]"))
-            .await
-            .expect("find");
-        assert!(
-            buttons.is_empty(),
-            "a replayed turn offers no second replay"
-        );
+        let buttons =
+            b.find_all(Locator::Css("#detail button[data-action=replay]")).await.expect("find");
+        assert!(buttons.is_empty(), "a replayed turn offers no second replay");
 
         // Back on the console: the replayed turn's deployment is live too. Screenshot for the README.
         b.goto(&format!("{base}/")).await.expect("open the console");

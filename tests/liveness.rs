@@ -25,11 +25,7 @@ fn ran(cluster: &Cluster, dep: &str, message_id: &str) -> bool {
 }
 
 fn log_count(cluster: &Cluster, dep: &str, kind: &str) -> usize {
-    cluster
-        .worker_log(dep)
-        .iter()
-        .filter(|l| l[0] == kind)
-        .count()
+    cluster.worker_log(dep).iter().filter(|l| l[0] == kind).count()
 }
 
 fn daemon_log_count(cluster: &Cluster, i: usize, needle: &str) -> usize {
@@ -83,10 +79,7 @@ fn reply_pid(client: &Client, id: &str) -> i64 {
 }
 
 fn error_message(client: &Client, id: &str) -> String {
-    client.event(id).expect("event").body["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned()
+    client.event(id).expect("event").body["error"]["message"].as_str().unwrap_or("").to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,20 +92,13 @@ async fn a_killed_worker_fails_every_pending_turn_at_once_and_a_new_worker_takes
     let hang = turn("a1", "c1", json!({"action": "hang"}));
     let dep = deployment_of(&hang);
     client.publish(&hang).await;
-    wait_until(T, "the hanging turn reached its worker", || {
-        ran(&cluster, &dep, &mid(&hang))
-    })
-    .await;
-    let queued: Vec<Value> = (0..2)
-        .map(|i| turn("a1", "c1", json!({"text": format!("q{i}")})))
-        .collect();
+    wait_until(T, "the hanging turn reached its worker", || ran(&cluster, &dep, &mid(&hang))).await;
+    let queued: Vec<Value> =
+        (0..2).map(|i| turn("a1", "c1", json!({"text": format!("q{i}")}))).collect();
     for q in &queued {
         client.publish(q).await;
     }
-    wait_for_async(T, "both queued turns armed", || async {
-        cluster.pending().await == 3
-    })
-    .await;
+    wait_for_async(T, "both queued turns armed", || async { cluster.pending().await == 3 }).await;
     let pid = cluster.worker_pid(&dep).expect("worker pid file");
     assert!(process_alive(pid));
 
@@ -124,18 +110,11 @@ async fn a_killed_worker_fails_every_pending_turn_at_once_and_a_new_worker_takes
     client.wait_for(&ids, T).await;
     let latency = killed.elapsed();
     eprintln!("worker SIGKILL -> WORKER_DIED for all 3 pending turns received after {latency:?}");
-    assert!(
-        latency < Duration::from_secs(1),
-        "crash fast path took {latency:?}"
-    );
+    assert!(latency < Duration::from_secs(1), "crash fast path took {latency:?}");
     for id in &ids {
         let e = client.event(id).unwrap();
         assert_eq!(e.code(), "WORKER_DIED", "{id}: {}", e.body);
-        assert!(
-            error_message(&client, id).contains("signal 9"),
-            "{}",
-            e.body
-        );
+        assert!(error_message(&client, id).contains("signal 9"), "{}", e.body);
     }
     // The queued turns were failed, never given to anyone.
     for q in &queued {
@@ -146,11 +125,7 @@ async fn a_killed_worker_fails_every_pending_turn_at_once_and_a_new_worker_takes
     let next = turn("a1", "c1", json!({"text": "after"}));
     client.publish(&next).await;
     client.wait_for(&[mid(&next)], T).await;
-    assert_ne!(
-        reply_pid(&client, &mid(&next)),
-        i64::from(pid),
-        "a fresh worker"
-    );
+    assert_ne!(reply_pid(&client, &mid(&next)), i64::from(pid), "a fresh worker");
     assert!(!process_alive(pid));
     let starts: Vec<i64> = cluster
         .worker_log(&dep)
@@ -180,11 +155,7 @@ async fn a_worker_that_exits_without_replying_fails_its_turn_with_worker_died() 
     client.publish(&exit3).await;
     client.wait_for(&[mid(&exit0), mid(&exit3)], T).await;
     // Well before turn.deadline (5 s): the exit itself is noticed.
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
     assert_eq!(client.event(&mid(&exit0)).unwrap().code(), "WORKER_DIED");
     assert!(
         error_message(&client, &mid(&exit0)).contains("code 0"),
@@ -197,10 +168,7 @@ async fn a_worker_that_exits_without_replying_fails_its_turn_with_worker_died() 
     let again = turn("a1", "c1", json!({"text": "still there"}));
     client.publish(&again).await;
     client.wait_for(&[mid(&again)], T).await;
-    assert_eq!(
-        client.event(&mid(&again)).unwrap().body["payload"]["text"],
-        "still there"
-    );
+    assert_eq!(client.event(&mid(&again)).unwrap().body["payload"]["text"], "still there");
     client.drain_for(Duration::from_millis(300)).await;
     assert_exactly_once(&client, &[mid(&exit0), mid(&exit3), mid(&again)]);
 }
@@ -219,19 +187,13 @@ async fn a_worker_that_cannot_be_started_fails_with_worker_start_failed_and_the_
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
             (argv(&[path.to_str().unwrap()]), "ermission denied")
         };
-        let d = cluster
-            .start_daemon(&[("TURND_WORKER__COMMAND", &command)])
-            .await;
+        let d = cluster.start_daemon(&[("TURND_WORKER__COMMAND", &command)]).await;
         let mut client = cluster.client().await;
         let first = turn("a1", "c1", json!({}));
         let started = Instant::now();
         client.publish(&first).await;
         client.wait_for(&[mid(&first)], T).await;
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
         let e = client.event(&mid(&first)).unwrap().clone();
         assert_eq!(e.code(), "WORKER_START_FAILED", "{}", e.body);
         let message = error_message(&client, &mid(&first));
@@ -246,19 +208,9 @@ async fn a_worker_that_cannot_be_started_fails_with_worker_start_failed_and_the_
         client.publish(&other).await;
         client.publish(&same).await;
         client.wait_for(&[mid(&other), mid(&same)], T).await;
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            started.elapsed()
-        );
-        assert_eq!(
-            client.event(&mid(&other)).unwrap().code(),
-            "WORKER_START_FAILED"
-        );
-        assert_eq!(
-            client.event(&mid(&same)).unwrap().code(),
-            "WORKER_START_FAILED"
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert_eq!(client.event(&mid(&other)).unwrap().code(), "WORKER_START_FAILED");
+        assert_eq!(client.event(&mid(&same)).unwrap().code(), "WORKER_START_FAILED");
         assert!(process_alive(pid));
         client.drain_for(Duration::from_millis(300)).await;
         assert_exactly_once(&client, &[mid(&first), mid(&other), mid(&same)]);
@@ -269,37 +221,23 @@ async fn a_worker_that_cannot_be_started_fails_with_worker_start_failed_and_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_times_out_and_is_replaced() {
     let mut cluster = Cluster::new().await;
-    cluster
-        .start_daemon(&[("TURND_TURN__DEADLINE", "1s")])
-        .await;
+    cluster.start_daemon(&[("TURND_TURN__DEADLINE", "1s")]).await;
     let mut client = cluster.client().await;
 
     let hang = turn("a1", "c1", json!({"action": "hang"}));
     let dep = deployment_of(&hang);
     let started = Instant::now();
     client.publish(&hang).await;
-    wait_until(T, "the hanging turn reached its worker", || {
-        ran(&cluster, &dep, &mid(&hang))
-    })
-    .await;
+    wait_until(T, "the hanging turn reached its worker", || ran(&cluster, &dep, &mid(&hang))).await;
     let pid = cluster.worker_pid(&dep).unwrap();
     client.wait_for(&[mid(&hang)], T).await;
     let took = started.elapsed();
     eprintln!("hung turn -> TURN_TIMEOUT after {took:?} (turn.deadline 1s)");
     assert_eq!(client.event(&mid(&hang)).unwrap().code(), "TURN_TIMEOUT");
-    assert!(
-        took >= Duration::from_secs(1),
-        "not before the deadline: {took:?}"
-    );
-    assert!(
-        took < Duration::from_secs(3),
-        "soon after the deadline: {took:?}"
-    );
+    assert!(took >= Duration::from_secs(1), "not before the deadline: {took:?}");
+    assert!(took < Duration::from_secs(3), "soon after the deadline: {took:?}");
     // A hung worker is not given the next turn: it is stopped, and a fresh one answers.
-    wait_until(Duration::from_secs(5), "the hung worker stopped", || {
-        !process_alive(pid)
-    })
-    .await;
+    wait_until(Duration::from_secs(5), "the hung worker stopped", || !process_alive(pid)).await;
     let next = turn("a1", "c1", json!({"text": "next"}));
     client.publish(&next).await;
     client.wait_for(&[mid(&next)], T).await;
@@ -311,9 +249,7 @@ async fn a_hung_worker_times_out_and_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_a_long_turn_alive_past_its_deadline() {
     let mut cluster = Cluster::new().await;
-    cluster
-        .start_daemon(&[("TURND_TURN__DEADLINE", "1s")])
-        .await;
+    cluster.start_daemon(&[("TURND_TURN__DEADLINE", "1s")]).await;
     let mut client = cluster.client().await;
 
     let long = turn(
@@ -328,10 +264,7 @@ async fn heartbeats_keep_a_long_turn_alive_past_its_deadline() {
     let e = client.event(&mid(&long)).unwrap();
     assert_eq!(e.kind(), "reply", "heartbeats kept it alive: {}", e.body);
     assert_eq!(e.body["payload"]["text"], "done");
-    assert!(
-        took >= Duration::from_secs(3),
-        "three deadlines long: {took:?}"
-    );
+    assert!(took >= Duration::from_secs(3), "three deadlines long: {took:?}");
     client.drain_for(Duration::from_millis(1500)).await;
     assert_exactly_once(&client, &[mid(&long)]);
 }
@@ -339,9 +272,7 @@ async fn heartbeats_keep_a_long_turn_alive_past_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_failure_fails_the_turn_with_its_code_despite_heartbeats() {
     let mut cluster = Cluster::new().await;
-    cluster
-        .start_daemon(&[("TURND_TURN__DEADLINE", "1s")])
-        .await;
+    cluster.start_daemon(&[("TURND_TURN__DEADLINE", "1s")]).await;
     let mut client = cluster.client().await;
 
     let failing = turn(
@@ -352,10 +283,7 @@ async fn a_provider_failure_fails_the_turn_with_its_code_despite_heartbeats() {
     let dep = deployment_of(&failing);
     let started = Instant::now();
     client.publish(&failing).await;
-    wait_until(T, "the turn reached its worker", || {
-        ran(&cluster, &dep, &mid(&failing))
-    })
-    .await;
+    wait_until(T, "the turn reached its worker", || ran(&cluster, &dep, &mid(&failing))).await;
     let pid = cluster.worker_pid(&dep).unwrap();
     client.wait_for(&[mid(&failing)], T).await;
     let took = started.elapsed();
@@ -393,11 +321,7 @@ async fn a_reply_after_the_deadline_fired_is_dropped() {
         .await;
     let mut client = cluster.client().await;
 
-    let slow = turn(
-        "a1",
-        "c1",
-        json!({"action": "sleep", "ms": 2500, "text": "late"}),
-    );
+    let slow = turn("a1", "c1", json!({"action": "sleep", "ms": 2500, "text": "late"}));
     let dep = deployment_of(&slow);
     let started = Instant::now();
     client.publish(&slow).await;
@@ -413,11 +337,7 @@ async fn a_reply_after_the_deadline_fired_is_dropped() {
 
     // The late reply is written (and dropped by the daemon) …
     wait_until(T, "the late reply was seen and dropped", || {
-        daemon_log_count(
-            &cluster,
-            0,
-            "reply for a turn that is not pending here; dropped",
-        ) >= 1
+        daemon_log_count(&cluster, 0, "reply for a turn that is not pending here; dropped") >= 1
     })
     .await;
     // … and never becomes a second event, however long we listen.
@@ -443,9 +363,7 @@ async fn a_reply_after_the_deadline_fired_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_is_reaped_without_failing_anything_and_a_fresh_one_answers_next() {
     let mut cluster = Cluster::new().await;
-    cluster
-        .start_daemon(&[("TURND_WORKER__IDLE_TIMEOUT", "500ms")])
-        .await;
+    cluster.start_daemon(&[("TURND_WORKER__IDLE_TIMEOUT", "500ms")]).await;
     let mut client = cluster.client().await;
 
     let first = turn("a1", "c1", json!({"text": "one"}));
@@ -454,22 +372,14 @@ async fn an_idle_worker_is_reaped_without_failing_anything_and_a_fresh_one_answe
     client.wait_for(&[mid(&first)], T).await;
     let answered = Instant::now();
     let pid = reply_pid(&client, &mid(&first)) as i32;
-    wait_until(Duration::from_secs(5), "the idle worker stopped", || {
-        !process_alive(pid)
-    })
-    .await;
+    wait_until(Duration::from_secs(5), "the idle worker stopped", || !process_alive(pid)).await;
     let idle_for = answered.elapsed();
     eprintln!("idle worker gone {idle_for:?} after its last reply (idle_timeout 500ms)");
-    assert!(
-        idle_for >= Duration::from_millis(400),
-        "not before idle_timeout: {idle_for:?}"
-    );
+    assert!(idle_for >= Duration::from_millis(400), "not before idle_timeout: {idle_for:?}");
     // It was asked to stop (stdin closed and SIGTERM: the worker logs its exit, possibly once
     // for each) and nothing failed.
-    wait_until(Duration::from_secs(2), "exit logged", || {
-        log_count(&cluster, &dep, "exit") >= 1
-    })
-    .await;
+    wait_until(Duration::from_secs(2), "exit logged", || log_count(&cluster, &dep, "exit") >= 1)
+        .await;
     wait_for_async(Duration::from_secs(5), "worker record cleared", || async {
         leader_pid(&cluster, &dep).await.is_none()
     })
@@ -478,26 +388,15 @@ async fn an_idle_worker_is_reaped_without_failing_anything_and_a_fresh_one_answe
     assert_exactly_once(&client, &[mid(&first)]);
 
     // A turn longer than idle_timeout is never reaped mid-way.
-    let long = turn(
-        "a1",
-        "c1",
-        json!({"action": "sleep", "ms": 1500, "text": "long"}),
-    );
+    let long = turn("a1", "c1", json!({"action": "sleep", "ms": 1500, "text": "long"}));
     let quick = turn("a1", "c1", json!({"text": "right after"}));
     client.publish(&long).await;
     client.publish(&quick).await;
     client.wait_for(&[mid(&long), mid(&quick)], T).await;
     let p2 = reply_pid(&client, &mid(&long));
     assert_ne!(p2, i64::from(pid), "a fresh worker");
-    assert_eq!(
-        reply_pid(&client, &mid(&quick)),
-        p2,
-        "the same worker answered both"
-    );
-    assert_eq!(
-        client.event(&mid(&long)).unwrap().body["payload"]["text"],
-        "long"
-    );
+    assert_eq!(reply_pid(&client, &mid(&quick)), p2, "the same worker answered both");
+    assert_eq!(client.event(&mid(&long)).unwrap().body["payload"]["text"], "long");
     assert_eq!(log_count(&cluster, &dep, "start"), 2);
     client.drain_for(Duration::from_millis(300)).await;
     assert_exactly_once(&client, &[mid(&first), mid(&long), mid(&quick)]);
@@ -508,12 +407,7 @@ async fn a_worker_that_ignores_sigterm_is_killed_after_stop_timeout() {
     let mut cluster = Cluster::new().await;
     // The test worker leaves on stdin EOF, which a stop also sends; so the group leader is a
     // shell that ignores SIGTERM and lingers after the worker exits, like a stuck wrapper.
-    let command = argv(&[
-        "/bin/sh",
-        "-c",
-        "trap '' TERM; \"$0\"; exec sleep 600",
-        test_worker(),
-    ]);
+    let command = argv(&["/bin/sh", "-c", "trap '' TERM; \"$0\"; exec sleep 600", test_worker()]);
     cluster
         .start_daemon(&[
             ("TURND_WORKER__COMMAND", &command),
@@ -529,34 +423,22 @@ async fn a_worker_that_ignores_sigterm_is_killed_after_stop_timeout() {
     client.publish(&first).await;
     client.wait_for(&[mid(&first)], T).await;
     let answered = Instant::now();
-    let leader = leader_pid(&cluster, &dep)
-        .await
-        .expect("the daemon records the worker's pid");
+    let leader = leader_pid(&cluster, &dep).await.expect("the daemon records the worker's pid");
     assert!(process_alive(leader));
-    assert_ne!(
-        i64::from(leader),
-        reply_pid(&client, &mid(&first)),
-        "the leader is the wrapper"
-    );
+    assert_ne!(i64::from(leader), reply_pid(&client, &mid(&first)), "the leader is the wrapper");
 
     // The idle stop begins; a turn that arrives while the worker is being stopped is answered
     // by a fresh worker as soon as the old one is gone, not left for adoption.
     wait_until(Duration::from_secs(5), "idle stop started", || {
-        daemon_log_count(
-            &cluster,
-            0,
-            "worker idle for worker.idle_timeout; stopping it",
-        ) == 1
+        daemon_log_count(&cluster, 0, "worker idle for worker.idle_timeout; stopping it") == 1
     })
     .await;
     let during = turn("a1", "c1", json!({"text": "during the stop"}));
     client.publish(&during).await;
 
-    wait_until(
-        Duration::from_secs(10),
-        "the TERM-ignoring worker is gone",
-        || !process_alive(leader),
-    )
+    wait_until(Duration::from_secs(10), "the TERM-ignoring worker is gone", || {
+        !process_alive(leader)
+    })
     .await;
     let gone = answered.elapsed();
     eprintln!(
@@ -566,10 +448,7 @@ async fn a_worker_that_ignores_sigterm_is_killed_after_stop_timeout() {
         gone >= Duration::from_millis(1800),
         "SIGTERM alone did not stop it, SIGKILL came after stop_timeout: {gone:?}"
     );
-    assert!(
-        gone <= Duration::from_millis(4000),
-        "SIGKILL came soon after stop_timeout: {gone:?}"
-    );
+    assert!(gone <= Duration::from_millis(4000), "SIGKILL came soon after stop_timeout: {gone:?}");
     assert!(daemon_log_count(&cluster, 0, "worker ignored SIGTERM; killing it") >= 1);
 
     client.wait_for(&[mid(&during)], T).await;
@@ -598,30 +477,17 @@ async fn a_hung_worker_that_ignores_sigterm_is_killed_after_stop_timeout() {
     let hang = turn("a1", "c1", json!({"action": "hang"}));
     let dep = deployment_of(&hang);
     client.publish(&hang).await;
-    wait_until(T, "the hanging turn reached its worker", || {
-        ran(&cluster, &dep, &mid(&hang))
-    })
-    .await;
+    wait_until(T, "the hanging turn reached its worker", || ran(&cluster, &dep, &mid(&hang))).await;
     let pid = cluster.worker_pid(&dep).unwrap();
     client.wait_for(&[mid(&hang)], T).await;
     let timed_out = Instant::now();
     assert_eq!(client.event(&mid(&hang)).unwrap().code(), "TURN_TIMEOUT");
-    wait_until(Duration::from_secs(10), "the hung worker is gone", || {
-        !process_alive(pid)
-    })
-    .await;
+    wait_until(Duration::from_secs(10), "the hung worker is gone", || !process_alive(pid)).await;
     let gone = timed_out.elapsed();
     eprintln!("hung TERM-ignoring worker gone {gone:?} after TURN_TIMEOUT (stop_timeout 1500ms)");
-    assert!(
-        gone >= Duration::from_millis(1200),
-        "SIGKILL only after stop_timeout: {gone:?}"
-    );
+    assert!(gone >= Duration::from_millis(1200), "SIGKILL only after stop_timeout: {gone:?}");
     assert!(gone <= Duration::from_millis(3500), "{gone:?}");
-    assert_eq!(
-        log_count(&cluster, &dep, "exit"),
-        0,
-        "it never left on its own"
-    );
+    assert_eq!(log_count(&cluster, &dep, "exit"), 0, "it never left on its own");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,37 +496,22 @@ async fn sigterm_lets_the_running_turn_finish_and_leaves_the_queued_one_for_the_
     let d = cluster.start_daemon(&[]).await; // shutdown.grace 5 s
     let mut client = cluster.client().await;
 
-    let running = turn(
-        "a1",
-        "c1",
-        json!({"action": "sleep", "ms": 1000, "text": "finished"}),
-    );
+    let running = turn("a1", "c1", json!({"action": "sleep", "ms": 1000, "text": "finished"}));
     let queued = turn("a1", "c1", json!({"text": "later"}));
     let dep = deployment_of(&running);
     client.publish(&running).await;
-    wait_until(T, "the first turn is running", || {
-        ran(&cluster, &dep, &mid(&running))
-    })
-    .await;
+    wait_until(T, "the first turn is running", || ran(&cluster, &dep, &mid(&running))).await;
     client.publish(&queued).await;
-    wait_for_async(T, "the second turn is armed", || async {
-        cluster.pending().await == 2
-    })
-    .await;
+    wait_for_async(T, "the second turn is armed", || async { cluster.pending().await == 2 }).await;
     let pid = cluster.worker_pid(&dep).unwrap();
 
     let signalled = Instant::now();
-    let status = cluster.daemons[d]
-        .terminate(Duration::from_secs(15))
-        .await
-        .expect("the daemon exited");
+    let status =
+        cluster.daemons[d].terminate(Duration::from_secs(15)).await.expect("the daemon exited");
     let took = signalled.elapsed();
     eprintln!("daemon exited {took:?} after SIGTERM with {status}");
     assert!(status.success(), "exit status {status}");
-    assert!(
-        took < Duration::from_secs(5),
-        "within shutdown.grace: {took:?}"
-    );
+    assert!(took < Duration::from_secs(5), "within shutdown.grace: {took:?}");
     assert!(!process_alive(pid), "no worker outlives its daemon");
 
     client.wait_for(&[mid(&running)], T).await;
@@ -677,10 +528,7 @@ async fn sigterm_lets_the_running_turn_finish_and_leaves_the_queued_one_for_the_
 
     cluster.restart(d).await;
     client.wait_for(&[mid(&queued)], T).await;
-    assert_eq!(
-        client.event(&mid(&queued)).unwrap().body["payload"]["text"],
-        "later"
-    );
+    assert_eq!(client.event(&mid(&queued)).unwrap().body["payload"]["text"], "later");
     assert_ne!(reply_pid(&client, &mid(&queued)), i64::from(pid));
     client.drain_for(Duration::from_millis(300)).await;
     assert_exactly_once(&client, &[mid(&running), mid(&queued)]);
@@ -704,10 +552,7 @@ async fn a_crash_looping_worker_backs_off_and_its_turns_fail_fast() {
         let took = sent.elapsed();
         let code = client.event(&mid(&t)).unwrap().code().to_owned();
         eprintln!("crash turn {i}: {code} after {took:?}");
-        assert!(
-            took < Duration::from_secs(2),
-            "turn {i} ended fast: {took:?}"
-        );
+        assert!(took < Duration::from_secs(2), "turn {i} ended fast: {took:?}");
         codes.push(code);
         ids.push(mid(&t));
     }
@@ -717,37 +562,24 @@ async fn a_crash_looping_worker_backs_off_and_its_turns_fail_fast() {
         turnd::store::CRASH_THRESHOLD as usize,
         "crashes up to the threshold first: {codes:?}"
     );
-    assert!(
-        codes[died..].iter().all(|c| c == "WORKER_CRASH_LOOP"),
-        "then the guard: {codes:?}"
-    );
+    assert!(codes[died..].iter().all(|c| c == "WORKER_CRASH_LOOP"), "then the guard: {codes:?}");
     let starts = log_count(&cluster, &dep, "start");
     assert_eq!(starts, died, "no worker was started while backing off");
-    assert!(
-        starts < ids.len(),
-        "fewer starts ({starts}) than turns ({})",
-        ids.len()
-    );
+    assert!(starts < ids.len(), "fewer starts ({starts}) than turns ({})", ids.len());
     let message = error_message(&client, ids.last().unwrap());
     assert!(message.contains("back"), "{message}");
 
     // The record is in PostgreSQL: another daemon honours the back-off too.
     let d1 = cluster.start_daemon(&[]).await;
-    let status = cluster.daemons[0]
-        .terminate(Duration::from_secs(15))
-        .await
-        .expect("first daemon exited");
+    let status =
+        cluster.daemons[0].terminate(Duration::from_secs(15)).await.expect("first daemon exited");
     assert!(status.success());
     let t = turn("a1", "c1", json!({"action": "crash"}));
     let sent = Instant::now();
     client.publish(&t).await;
     client.wait_for(&[mid(&t)], T).await;
     assert_eq!(client.event(&mid(&t)).unwrap().code(), "WORKER_CRASH_LOOP");
-    assert!(
-        sent.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        sent.elapsed()
-    );
+    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
     assert!(cluster.daemon_log(d1).contains("turnd ready"));
     assert_eq!(
         log_count(&cluster, &dep, "start"),
@@ -764,10 +596,7 @@ async fn a_crash_looping_worker_backs_off_and_its_turns_fail_fast() {
     .fetch_one(&cluster.pool)
     .await
     .unwrap();
-    assert!(
-        until > 0.0 && until < 310.0,
-        "a bounded back-off is in force: {until}"
-    );
+    assert!(until > 0.0 && until < 310.0, "a bounded back-off is in force: {until}");
     wait_for_async(Duration::from_secs(30), "the back-off is over", || async {
         sqlx::query_scalar::<_, bool>(
             "SELECT backoff_until < now() FROM turnd_deployments WHERE deployment = $1",
@@ -781,10 +610,7 @@ async fn a_crash_looping_worker_backs_off_and_its_turns_fail_fast() {
     let healthy = turn("a1", "c1", json!({"text": "better now"}));
     client.publish(&healthy).await;
     client.wait_for(&[mid(&healthy)], T).await;
-    assert_eq!(
-        client.event(&mid(&healthy)).unwrap().body["payload"]["text"],
-        "better now"
-    );
+    assert_eq!(client.event(&mid(&healthy)).unwrap().body["payload"]["text"], "better now");
     client.drain_for(Duration::from_millis(300)).await;
     ids.push(mid(&healthy));
     assert_exactly_once(&client, &ids);
@@ -809,10 +635,8 @@ async fn garbage_on_stdout_is_logged_and_ignored() {
     let mut client = cluster.client().await;
 
     let id = uuid::Uuid::new_v4().to_string();
-    let oversized_reply = format!(
-        r#"{{"type":"reply","messageId":"{id}","payload":"{}"}}"#,
-        "y".repeat(3000)
-    );
+    let oversized_reply =
+        format!(r#"{{"type":"reply","messageId":"{id}","payload":"{}"}}"#, "y".repeat(3000));
     let lines = vec![
         "not json at all".to_owned(),
         r#"{"type":"heartbeat""#.to_owned(),
@@ -835,10 +659,7 @@ async fn garbage_on_stdout_is_logged_and_ignored() {
     client.wait_for(std::slice::from_ref(&id), T).await;
     let e = client.event(&id).unwrap();
     assert_eq!(e.kind(), "reply", "{}", e.body);
-    assert_eq!(
-        e.body["payload"]["text"], "survived",
-        "the real reply, not the over-long one"
-    );
+    assert_eq!(e.body["payload"]["text"], "survived", "the real reply, not the over-long one");
     let pid = reply_pid(&client, &id);
 
     // Ten bad lines from the worker, one from its wrapper.
@@ -884,15 +705,11 @@ async fn a_worker_that_never_reads_stdin_cannot_wedge_its_deployment() {
     client.wait_for(&[mid(&big)], T).await;
     assert_eq!(client.event(&mid(&big)).unwrap().code(), "TURN_TIMEOUT");
     // Its owner is not stuck writing to it: the worker is stopped like any hung worker …
-    wait_until(Duration::from_secs(5), "the silent worker stopped", || {
-        !process_alive(leader)
-    })
-    .await;
+    wait_until(Duration::from_secs(5), "the silent worker stopped", || !process_alive(leader))
+        .await;
     // … and the daemon shuts down promptly.
-    let status = cluster.daemons[d]
-        .terminate(Duration::from_secs(10))
-        .await
-        .expect("daemon exited");
+    let status =
+        cluster.daemons[d].terminate(Duration::from_secs(10)).await.expect("daemon exited");
     assert!(status.success());
     client.drain_for(Duration::from_millis(300)).await;
     assert_exactly_once(&client, &[mid(&big)]);
@@ -920,11 +737,9 @@ async fn heartbeats_from_an_idle_worker_do_not_keep_it_alive() {
     client.wait_for(&[mid(&t)], T).await;
     let answered = Instant::now();
     let pid = reply_pid(&client, &mid(&t)) as i32;
-    wait_until(
-        Duration::from_secs(5),
-        "the idle (but heartbeating) worker stopped",
-        || !process_alive(pid),
-    )
+    wait_until(Duration::from_secs(5), "the idle (but heartbeating) worker stopped", || {
+        !process_alive(pid)
+    })
     .await;
     let idle_for = answered.elapsed();
     eprintln!(
@@ -941,9 +756,7 @@ async fn heartbeats_from_an_idle_worker_do_not_keep_it_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_workers_the_least_recently_used_idle_worker_is_evicted() {
     let mut cluster = Cluster::new().await;
-    cluster
-        .start_daemon(&[("TURND_WORKER__MAX_WORKERS", "1")])
-        .await;
+    cluster.start_daemon(&[("TURND_WORKER__MAX_WORKERS", "1")]).await;
     let mut client = cluster.client().await;
 
     let c1 = turn("a1", "c1", json!({}));
@@ -955,17 +768,10 @@ async fn at_max_workers_the_least_recently_used_idle_worker_is_evicted() {
     let sent = Instant::now();
     client.publish(&c2).await;
     client.wait_for(&[mid(&c2)], T).await;
-    assert!(
-        sent.elapsed() < Duration::from_secs(2),
-        "no wait for adoption: {:?}",
-        sent.elapsed()
-    );
+    assert!(sent.elapsed() < Duration::from_secs(2), "no wait for adoption: {:?}", sent.elapsed());
     let p2 = reply_pid(&client, &mid(&c2)) as i32;
     assert_ne!(p1, p2);
-    wait_until(Duration::from_secs(5), "the evicted worker stopped", || {
-        !process_alive(p1)
-    })
-    .await;
+    wait_until(Duration::from_secs(5), "the evicted worker stopped", || !process_alive(p1)).await;
     assert!(process_alive(p2), "the new one stays");
 
     let again = turn("a1", "c1", json!({}));
@@ -973,12 +779,8 @@ async fn at_max_workers_the_least_recently_used_idle_worker_is_evicted() {
     client.wait_for(&[mid(&again)], T).await;
     let p3 = reply_pid(&client, &mid(&again)) as i32;
     assert_ne!(p3, p1);
-    wait_until(
-        Duration::from_secs(5),
-        "the second worker evicted in turn",
-        || !process_alive(p2),
-    )
-    .await;
+    wait_until(Duration::from_secs(5), "the second worker evicted in turn", || !process_alive(p2))
+        .await;
     client.drain_for(Duration::from_millis(300)).await;
     assert_exactly_once(&client, &[mid(&c1), mid(&c2), mid(&again)]);
 }
@@ -986,31 +788,21 @@ async fn at_max_workers_the_least_recently_used_idle_worker_is_evicted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_still_running_when_the_grace_is_over_gets_worker_stopped() {
     let mut cluster = Cluster::new().await;
-    let d = cluster
-        .start_daemon(&[("TURND_SHUTDOWN__GRACE", "1s")])
-        .await;
+    let d = cluster.start_daemon(&[("TURND_SHUTDOWN__GRACE", "1s")]).await;
     let mut client = cluster.client().await;
     let long = turn("a1", "c1", json!({"action": "sleep", "ms": 30000}));
     let dep = deployment_of(&long);
     client.publish(&long).await;
-    wait_until(T, "the turn is running", || {
-        ran(&cluster, &dep, &mid(&long))
-    })
-    .await;
+    wait_until(T, "the turn is running", || ran(&cluster, &dep, &mid(&long))).await;
     let pid = cluster.worker_pid(&dep).unwrap();
 
     let signalled = Instant::now();
-    let status = cluster.daemons[d]
-        .terminate(Duration::from_secs(15))
-        .await
-        .expect("the daemon exited");
+    let status =
+        cluster.daemons[d].terminate(Duration::from_secs(15)).await.expect("the daemon exited");
     let took = signalled.elapsed();
     eprintln!("daemon with a 30 s turn exited {took:?} after SIGTERM (grace 1s)");
     assert!(status.success(), "{status}");
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
     assert!(!process_alive(pid));
     client.wait_for(&[mid(&long)], T).await;
     assert_eq!(client.event(&mid(&long)).unwrap().code(), "WORKER_STOPPED");
@@ -1029,24 +821,14 @@ async fn a_worker_dies_with_its_daemon_and_its_turn_fails_when_the_deployment_is
     let hang = turn("a1", "c1", json!({"action": "hang"}));
     let dep = deployment_of(&hang);
     client.publish(&hang).await;
-    wait_until(T, "the turn is running", || {
-        ran(&cluster, &dep, &mid(&hang))
-    })
-    .await;
+    wait_until(T, "the turn is running", || ran(&cluster, &dep, &mid(&hang))).await;
     let pid = cluster.worker_pid(&dep).unwrap();
 
     let killed = Instant::now();
     cluster.daemons[d].kill();
-    wait_until(
-        Duration::from_secs(2),
-        "the worker died with its daemon",
-        || !process_alive(pid),
-    )
-    .await;
-    eprintln!(
-        "worker gone {:?} after its daemon was SIGKILLed",
-        killed.elapsed()
-    );
+    wait_until(Duration::from_secs(2), "the worker died with its daemon", || !process_alive(pid))
+        .await;
+    eprintln!("worker gone {:?} after its daemon was SIGKILLed", killed.elapsed());
 
     cluster.restart(d).await;
     let next = turn("a1", "c1", json!({"text": "after"}));
@@ -1094,11 +876,7 @@ done"#;
         "the turn was alive: its last heartbeat was less than a deadline ago: {}",
         e.body
     );
-    assert!(
-        sent.elapsed() >= Duration::from_secs(2),
-        "{:?}",
-        sent.elapsed()
-    );
+    assert!(sent.elapsed() >= Duration::from_secs(2), "{:?}", sent.elapsed());
     client.drain_for(Duration::from_millis(500)).await;
     assert_exactly_once(&client, &[mid(&t)]);
 }

@@ -50,9 +50,18 @@ async fn metrics_move_and_readyz_follows_the_database() {
     all.push(mid(&bad));
     client.wait_for(&all, T).await;
     let (_, after) = http_get(port, "/metrics").await.expect("metrics");
-    assert_eq!(metric(&after, "turnd_turns_received_total{outcome=\"armed\"}") - metric(&before, "turnd_turns_received_total{outcome=\"armed\"}"), 4.0, "{after}");
+    assert_eq!(
+        metric(&after, "turnd_turns_received_total{outcome=\"armed\"}")
+            - metric(&before, "turnd_turns_received_total{outcome=\"armed\"}"),
+        4.0,
+        "{after}"
+    );
     assert!(metric(&after, "turnd_terminal_events_total{kind=\"reply\"") >= 3.0, "{after}");
-    assert_eq!(metric(&after, "turnd_terminal_events_total{kind=\"error\",code=\"BAD_THING\"}"), 1.0, "{after}");
+    assert_eq!(
+        metric(&after, "turnd_terminal_events_total{kind=\"error\",code=\"BAD_THING\"}"),
+        1.0,
+        "{after}"
+    );
     assert!(metric(&after, "turnd_worker_spawns_total") >= 4.0);
     assert!(metric(&after, "turnd_turn_latency_seconds_count") >= 4.0, "{after}");
     assert_eq!(metric(&after, "turnd_up{component=\"database\"}"), 1.0);
@@ -95,7 +104,12 @@ async fn status_json_shows_owner_epoch_and_pending_from_another_process() {
             .expect("run turnd status");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-        let d = v["deployments"].as_array().unwrap().iter().find(|d| d["deployment"] == dep.as_str()).cloned();
+        let d = v["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["deployment"] == dep.as_str())
+            .cloned();
         let ok = d.as_ref().is_some_and(|d| d["running"] == 1 && d["queued"] == 1);
         if ok {
             found = Some((v, d.unwrap()));
@@ -110,7 +124,12 @@ async fn status_json_shows_owner_epoch_and_pending_from_another_process() {
     assert!(v["pending"]["queued"].as_i64().unwrap() >= 1);
     assert!(v["pending"]["oldest_age_s"].as_f64().is_some());
     // The human table names the same things.
-    let out = Command::new(turnd_bin()).args(["status"]).env_clear().env("TURND_DATABASE__URL", &cluster.db_url).output().unwrap();
+    let out = Command::new(turnd_bin())
+        .args(["status"])
+        .env_clear()
+        .env("TURND_DATABASE__URL", &cluster.db_url)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&dep) && text.contains("d0"), "{text}");
     client.wait_for(&[mid(&running), mid(&queued)], T).await;
@@ -138,7 +157,9 @@ async fn sd_notify_ready_after_serving_and_stopping_on_sigterm() {
     assert_eq!(first, "READY=1", "READY=1 is the first notification");
     client.wait_for(&[mid(&t)], T).await;
     let mut seen = Vec::new();
-    while !(seen.iter().any(|m: &String| m.starts_with("STATUS=")) && seen.iter().any(|m| m == "WATCHDOG=1")) {
+    while !(seen.iter().any(|m: &String| m.starts_with("STATUS="))
+        && seen.iter().any(|m| m == "WATCHDOG=1"))
+    {
         seen.push(recv(&sock));
     }
     cluster.daemons[0].signal(libc::SIGTERM);
@@ -155,11 +176,15 @@ async fn sd_notify_ready_after_serving_and_stopping_on_sigterm() {
 #[test]
 fn systemd_unit_passes_systemd_analyze_verify() {
     let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
-        eprintln!("SKIPPED: systemd-analyze is not installed (Debian package `systemd`); scripts/test.sh installs it on CI");
+        eprintln!(
+            "SKIPPED: systemd-analyze is not installed (Debian package `systemd`); scripts/test.sh installs it on CI"
+        );
         return;
     };
     assert!(out.status.success());
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/turnd.service")).unwrap();
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/turnd.service"))
+            .unwrap();
     // verify checks that ExecStart exists: point it at the binary under test.
     let unit = unit.replace("/usr/local/bin/turnd", turnd_bin());
     let dir = tempfile::tempdir().unwrap();
@@ -167,14 +192,26 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !stderr.contains("turnd.service:"), "systemd-analyze verify: {stderr}");
+    assert!(
+        out.status.success() && !stderr.contains("turnd.service:"),
+        "systemd-analyze verify: {stderr}"
+    );
 }
 
 #[test]
 fn bad_config_exits_2_naming_the_key_and_secrets_are_redacted() {
     let run = |envs: &[(&str, &str)]| {
-        let out = Command::new(turnd_bin()).arg("check-config").env_clear().envs(envs.iter().copied()).output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = Command::new(turnd_bin())
+            .arg("check-config")
+            .env_clear()
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, _, err) = run(&[("TURND_WORKER__NO_SUCH_KEY", "1")]);
     assert_eq!(code, Some(2));
@@ -188,7 +225,12 @@ fn bad_config_exits_2_naming_the_key_and_secrets_are_redacted() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("turnd.toml");
     std::fs::write(&file, "[amqp]\nprefetch = \"many\"\n").unwrap();
-    let out = Command::new(turnd_bin()).args(["check-config", "--config"]).arg(&file).env_clear().output().unwrap();
+    let out = Command::new(turnd_bin())
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .env_clear()
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("amqp.prefetch"));
     let (code, out, _) = run(&[
@@ -198,7 +240,10 @@ fn bad_config_exits_2_naming_the_key_and_secrets_are_redacted() {
     ]);
     assert_eq!(code, Some(0));
     assert!(out.contains("postgres://turnd:***@db.example/turnd"), "{out}");
-    assert!(!out.contains("s3cret") && !out.contains("hunter2") && !out.contains("tok-123456"), "{out}");
+    assert!(
+        !out.contains("s3cret") && !out.contains("hunter2") && !out.contains("tok-123456"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +264,8 @@ async fn json_logs_carry_deployment_and_message_id_and_no_secrets() {
     let dep = deployment_of(&t);
     let mut with_dep = 0;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
         if v["deployment"] == dep.as_str() {
             with_dep += 1;
         }

@@ -19,7 +19,8 @@ fn turnd(cluster: &Cluster, args: &[&str]) -> (i32, String) {
         .env("TURND_LOG__LEVEL", "warn")
         .output()
         .expect("run turnd");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -53,7 +54,11 @@ async fn parked_turns_are_listed_replayed_once_and_purged() {
     let (code, out) = turnd(&cluster, &["parked", "replay", &id, &id, "--by", "alice"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(out.matches("replayed").count(), 1, "{out}");
-    client.wait_until(T, "a second MISSING_CONTEXT event after the replay", |ev| ev.iter().filter(|e| e.message_id() == "no-org").count() == 2).await;
+    client
+        .wait_until(T, "a second MISSING_CONTEXT event after the replay", |ev| {
+            ev.iter().filter(|e| e.message_id() == "no-org").count() == 2
+        })
+        .await;
     let (_, out) = turnd(&cluster, &["parked", "list", "--json"]);
     let list: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(list.len(), 2);

@@ -59,7 +59,9 @@ async fn a_turn_gets_exactly_one_reply_and_duplicates_never_run_twice() {
     assert_eq!(by["m-1"].len(), 1, "one event for m-1");
     assert_eq!(by[&mid(&slow)].len(), 1, "one event for the pending duplicate");
     assert_eq!(client.events.len(), 2);
-    let runs = |dep: &str, id: &str| cluster.worker_log(dep).iter().filter(|l| l[0] == "turn" && l[3] == id).count();
+    let runs = |dep: &str, id: &str| {
+        cluster.worker_log(dep).iter().filter(|l| l[0] == "turn" && l[3] == id).count()
+    };
     assert_eq!(runs(&dep, "m-1"), 1);
     assert_eq!(runs(&deployment_of(&slow), &mid(&slow)), 1);
     assert_eq!(cluster.pending().await, 0);
@@ -72,7 +74,8 @@ async fn one_worker_per_conversation_in_order_and_tenants_apart() {
     cluster.start_daemon(&[]).await;
     let mut client = cluster.client().await;
 
-    let turns: Vec<_> = (0..20).map(|i| turn("a1", "c1", json!({"text": format!("t{i}")}))).collect();
+    let turns: Vec<_> =
+        (0..20).map(|i| turn("a1", "c1", json!({"text": format!("t{i}")}))).collect();
     for t in &turns {
         client.publish(t).await;
     }
@@ -138,9 +141,21 @@ async fn the_worker_environment_holds_only_the_contract_variables() {
     assert!(env["TURND_EPOCH"].as_str().unwrap().parse::<i64>().unwrap() > 0);
     assert_eq!(env["HOME"], env["TURND_WORKSPACE"]);
     let allowed = [
-        "PATH", "HOME", "LANG", "FOO", "FROM_CONFIG", "TURND_DEPLOYMENT", "TURND_AGENT_ID",
-        "TURND_ORGANIZATION_ID", "TURND_CONVERSATION_ID", "TURND_EPOCH", "TURND_WORKSPACE",
-        "TURND_TURN_DEADLINE_MS", "TURND_PROTOCOL", "TEST_WORKER_LOG", "TEST_WORKER_EXCLUSIVE",
+        "PATH",
+        "HOME",
+        "LANG",
+        "FOO",
+        "FROM_CONFIG",
+        "TURND_DEPLOYMENT",
+        "TURND_AGENT_ID",
+        "TURND_ORGANIZATION_ID",
+        "TURND_CONVERSATION_ID",
+        "TURND_EPOCH",
+        "TURND_WORKSPACE",
+        "TURND_TURN_DEADLINE_MS",
+        "TURND_PROTOCOL",
+        "TEST_WORKER_LOG",
+        "TEST_WORKER_EXCLUSIVE",
         "TEST_WORKER_PIDFILE_DIR",
     ];
     for k in env.keys() {
@@ -177,11 +192,26 @@ async fn invalid_turns_are_parked_with_a_reason_and_the_daemon_keeps_serving() {
     // Six parked, each with code and a reason naming the field.
     let ch = client.conn.create_channel().await.unwrap();
     let parked = format!("{}.parked", cluster.prefix);
-    ch.queue_declare(parked.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
-    let mut consumer = ch.basic_consume(parked.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    ch.queue_declare(
+        parked.as_str().into(),
+        QueueDeclareOptions { passive: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            parked.as_str().into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let mut reasons = Vec::new();
     while reasons.len() < 6 {
-        let d = tokio::time::timeout(T, consumer.next()).await.expect("parked turns").unwrap().unwrap();
+        let d =
+            tokio::time::timeout(T, consumer.next()).await.expect("parked turns").unwrap().unwrap();
         let h = d.properties.headers().clone().unwrap();
         let get = |k: &str| match h.inner().get(k) {
             Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
@@ -194,9 +224,17 @@ async fn invalid_turns_are_parked_with_a_reason_and_the_daemon_keeps_serving() {
     for needle in ["JSON", "messageId", "agentId", "runId", "bytes"] {
         assert!(all.contains(needle), "some reason names {needle}: {all}");
     }
-    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM turnd_parked WHERE code = 'INVALID_TURN'")
-        .fetch_one(&cluster.pool).await.unwrap();
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM turnd_parked WHERE code = 'INVALID_TURN'")
+            .fetch_one(&cluster.pool)
+            .await
+            .unwrap();
     assert_eq!(recorded, 6);
     client.drain_for(Duration::from_millis(500)).await;
-    assert_eq!(client.events.len(), 2, "only identifiable turns get an error reply: {:?}", client.events);
+    assert_eq!(
+        client.events.len(),
+        2,
+        "only identifiable turns get an error reply: {:?}",
+        client.events
+    );
 }

@@ -113,11 +113,7 @@ fn main() {
         let reply = Reply {
             kind: "reply",
             message_id: &turn.message_id,
-            payload: Echo {
-                text,
-                turns: answered,
-                deployment: &deployment,
-            },
+            payload: Echo { text, turns: answered, deployment: &deployment },
         };
 
         out.clear();

@@ -152,12 +152,8 @@ fn main() {
         take_exclusive(&dir, &file_stem, pid);
     }
 
-    let mut worker = Worker {
-        pid,
-        out: io::stdout().lock(),
-        buf: Vec::with_capacity(256),
-        seen: 0,
-    };
+    let mut worker =
+        Worker { pid, out: io::stdout().lock(), buf: Vec::with_capacity(256), seen: 0 };
     let mut input = io::stdin().lock();
     let mut line = String::new();
     let null = null_raw();
@@ -215,10 +211,7 @@ fn main() {
             }
             let _ = err.flush();
         }
-        let action = payload
-            .get("action")
-            .and_then(Value::as_str)
-            .unwrap_or("reply");
+        let action = payload.get("action").and_then(Value::as_str).unwrap_or("reply");
         if action == "echo" {
             let raw = line.trim_end_matches(['\n', '\r']);
             worker.send_json(&ReplyLine {
@@ -237,17 +230,9 @@ impl Worker {
         match action {
             "reply" => self.reply(message_id, epoch, payload),
             "error" => {
-                let error = payload
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("test error");
+                let error = payload.get("error").and_then(Value::as_str).unwrap_or("test error");
                 let code = payload.get("code").and_then(Value::as_str);
-                self.send_json(&ErrorLine {
-                    kind: "error",
-                    message_id,
-                    error,
-                    code,
-                });
+                self.send_json(&ErrorLine { kind: "error", message_id, error, code });
             }
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
@@ -283,11 +268,7 @@ impl Worker {
                     .get("reason")
                     .and_then(Value::as_str)
                     .unwrap_or("test provider failure");
-                self.send_json(&ProviderFailedLine {
-                    kind: "provider_failed",
-                    code,
-                    reason,
-                });
+                self.send_json(&ProviderFailedLine { kind: "provider_failed", code, reason });
                 let interval = ms(payload, "interval_ms", 100).max(Duration::from_millis(1));
                 let recover = get_u64(payload, "recover_after_ms").map(Duration::from_millis);
                 let start = Instant::now();
@@ -308,10 +289,7 @@ impl Worker {
                 self.reply(message_id, epoch, payload);
             }
             "garbage" => {
-                let newline = !payload
-                    .get("no_newline")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                let newline = !payload.get("no_newline").and_then(Value::as_bool).unwrap_or(false);
                 let lines = payload.get("lines").and_then(Value::as_array);
                 for line in lines.into_iter().flatten().filter_map(Value::as_str) {
                     self.buf.clear();
@@ -364,11 +342,7 @@ impl Worker {
                         )
                     })
                     .collect();
-                self.send_json(&ReplyLine {
-                    kind: "reply",
-                    message_id,
-                    payload: env,
-                });
+                self.send_json(&ReplyLine { kind: "reply", message_id, payload: env });
             }
             "random" => {
                 let chosen = pick_random(payload);
@@ -400,12 +374,7 @@ impl Worker {
         self.send_json(&ReplyLine {
             kind: "reply",
             message_id,
-            payload: ReplyPayload {
-                text,
-                pid: self.pid,
-                epoch,
-                n: self.seen,
-            },
+            payload: ReplyPayload { text, pid: self.pid, epoch, n: self.seen },
         });
     }
 
@@ -460,12 +429,7 @@ fn pick_random(payload: &Value) -> &'static str {
         target -= weight;
     }
     // Rounding: the last action with a positive weight.
-    ACTIONS
-        .iter()
-        .zip(weights)
-        .rev()
-        .find(|(_, w)| *w > 0.0)
-        .map_or("reply", |(a, _)| a)
+    ACTIONS.iter().zip(weights).rev().find(|(_, w)| *w > 0.0).map_or("reply", |(a, _)| a)
 }
 
 fn splitmix64(seed: u64) -> u64 {
@@ -506,10 +470,7 @@ fn env_dir(name: &str) -> Option<std::path::PathBuf> {
 }
 
 fn open_append(path: &std::path::Path) -> io::Result<i32> {
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)?;
+    let file = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
     Ok(file.into_raw_fd())
 }
 
@@ -556,16 +517,10 @@ fn take_exclusive(dir: &std::path::Path, stem: &str, pid: u32) {
         eprintln!("test-worker: flock {}: {err}", path.display());
         return;
     }
-    eprintln!(
-        "test-worker: VIOLATION: {} is held by another live worker",
-        path.display()
-    );
+    eprintln!("test-worker: VIOLATION: {} is held by another live worker", path.display());
     match open_append(&dir.join("violations.log")) {
         Ok(vfd) => {
-            write_once(
-                vfd,
-                format!("VIOLATION {pid} {}\n", unix_nanos()).as_bytes(),
-            );
+            write_once(vfd, format!("VIOLATION {pid} {}\n", unix_nanos()).as_bytes());
             // SAFETY: closing the fd we just opened.
             unsafe { libc::close(vfd) };
         }
@@ -575,15 +530,10 @@ fn take_exclusive(dir: &std::path::Path, stem: &str, pid: u32) {
 
 /// CLOCK_REALTIME in nanoseconds; async-signal-safe.
 fn unix_nanos() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime fills the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    (ts.tv_sec as u64)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec as u64)
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
 }
 
 /// SIGTERM with `TEST_WORKER_LOG`: write `exit <pid> <unix_nanos>` and `_exit(0)`.

@@ -46,13 +46,10 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/api/v1/parked/{id}", get(parked_show))
         .route("/api/v1/parked/{id}/replay", post(replay))
         .route("/api/v1/parked/{id}/purge", post(purge))
-        .layer(axum::middleware::map_response(
-            |mut r: Response| async move {
-                r.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                r
-            },
-        ))
+        .layer(axum::middleware::map_response(|mut r: Response| async move {
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }))
 }
 
 // ---- errors -----------------------------------------------------------------------------------
@@ -132,15 +129,8 @@ pub(super) async fn deployments_view(
     limit: i64,
 ) -> Result<Deployments, StoreError> {
     let q = q.map(str::trim).filter(|q| !q.is_empty());
-    let deployments = s
-        .store()
-        .console_deployments(q, s.config.turn.deadline, limit)
-        .await?;
-    Ok(Deployments {
-        q: q.map(str::to_owned),
-        limit,
-        deployments,
-    })
+    let deployments = s.store().console_deployments(q, s.config.turn.deadline, limit).await?;
+    Ok(Deployments { q: q.map(str::to_owned), limit, deployments })
 }
 
 #[derive(Debug, Serialize)]
@@ -164,17 +154,13 @@ pub(super) async fn turns_view(s: &AppState) -> Result<Turns, StoreError> {
     let pending = ["queued", "running"]
         .into_iter()
         .map(|state| {
-            found
-                .iter()
-                .find(|p| p.state == state)
-                .cloned()
-                .unwrap_or(PendingByState {
-                    state: state.to_owned(),
-                    count: 0,
-                    oldest_age_s: None,
-                    oldest_deployment: None,
-                    oldest_message_id: None,
-                })
+            found.iter().find(|p| p.state == state).cloned().unwrap_or(PendingByState {
+                state: state.to_owned(),
+                count: 0,
+                oldest_age_s: None,
+                oldest_deployment: None,
+                oldest_message_id: None,
+            })
         })
         .collect();
     Ok(Turns {
@@ -232,13 +218,7 @@ pub(super) async fn parked_detail(
     let (body, payload_hidden) = shown_body(&parked.body, s.config.http.show_payloads);
     let headers =
         serde_json::from_str(&parked.headers).unwrap_or_else(|_| parked.headers.clone().into());
-    Ok(Some(ParkedDetail {
-        body_bytes: parked.body.len(),
-        headers,
-        body,
-        payload_hidden,
-        parked,
-    }))
+    Ok(Some(ParkedDetail { body_bytes: parked.body.len(), headers, body, payload_hidden, parked }))
 }
 
 /// The body as shown: all of it with `show_payloads`; otherwise a JSON object keeps every field
@@ -334,10 +314,7 @@ async fn replay(
     authorize(&s, &headers, &extensions, "replay", id)?;
     let who = operator_name(q.by.as_deref())?;
     let mut results = parked::replay(&s.config, s.store(), &[id], &who).await?;
-    let result = results.pop().unwrap_or(ReplayResult {
-        id,
-        result: "not_found".to_owned(),
-    });
+    let result = results.pop().unwrap_or(ReplayResult { id, result: "not_found".to_owned() });
     let status = match result.result.as_str() {
         "replayed" => StatusCode::OK,
         "already_replayed" => StatusCode::CONFLICT,
@@ -358,19 +335,12 @@ async fn purge(
     if n == 0 {
         return Ok((
             StatusCode::NOT_FOUND,
-            Json(ReplayResult {
-                id,
-                result: "not_found".to_owned(),
-            }),
+            Json(ReplayResult { id, result: "not_found".to_owned() }),
         )
             .into_response());
     }
     tracing::info!(id, peer = %peer(&extensions), "parked turn purged through the API");
-    Ok(Json(ReplayResult {
-        id,
-        result: "purged".to_owned(),
-    })
-    .into_response())
+    Ok(Json(ReplayResult { id, result: "purged".to_owned() }).into_response())
 }
 
 // ---- helpers -----------------------------------------------------------------------------------
@@ -379,21 +349,16 @@ fn limit(asked: Option<i64>, default: i64) -> Result<i64, ApiError> {
     match asked {
         None => Ok(default),
         Some(n) if (1..=MAX_ROWS).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::BadRequest(format!(
-            "limit {n}: must be between 1 and {MAX_ROWS}"
-        ))),
+        Some(n) => {
+            Err(ApiError::BadRequest(format!("limit {n}: must be between 1 and {MAX_ROWS}")))
+        }
     }
 }
 
 fn operator_name(by: Option<&str>) -> Result<String, ApiError> {
-    let by = by
-        .map(str::trim)
-        .filter(|b| !b.is_empty())
-        .unwrap_or("http");
+    let by = by.map(str::trim).filter(|b| !b.is_empty()).unwrap_or("http");
     if by.chars().count() > 64 || by.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(
-            "by: at most 64 printable characters".to_owned(),
-        ));
+        return Err(ApiError::BadRequest("by: at most 64 printable characters".to_owned()));
     }
     Ok(by.to_owned())
 }
@@ -409,10 +374,7 @@ fn peer(extensions: &Extensions) -> String {
 pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// Actions need http.admin_token as a bearer token: 403 without one configured, and for a
@@ -460,11 +422,7 @@ mod tests {
         assert_eq!(v["runId"], 7);
         assert!(!v.to_string().contains("secret"));
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(
-            keys,
-            ["messageId", "agentId", "payload", "runId"],
-            "field order kept"
-        );
+        assert_eq!(keys, ["messageId", "agentId", "payload", "runId"], "field order kept");
 
         let (v, hidden) = shown_body(body, true);
         assert!(!hidden);
@@ -489,20 +447,11 @@ mod tests {
     fn bearer_tokens_are_parsed_strictly() {
         let mut h = HeaderMap::new();
         assert_eq!(bearer(&h), None);
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer s3cret"),
-        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
         assert_eq!(bearer(&h), Some("s3cret"));
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("bearer  s3cret "),
-        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  s3cret "));
         assert_eq!(bearer(&h), Some("s3cret"));
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Basic czNjcmV0"),
-        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic czNjcmV0"));
         assert_eq!(bearer(&h), None);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
         assert_eq!(bearer(&h), None);

@@ -31,9 +31,7 @@ const NOSCRIPT_REFRESH: u32 = 10;
 const MAX_BODY_SHOWN: usize = 64 * 1024;
 
 pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/", get(index))
-        .route("/parked/{id}", get(parked_page))
+    Router::new().route("/", get(index)).route("/parked/{id}", get(parked_page))
 }
 
 // ---- pages -------------------------------------------------------------------------------------
@@ -56,11 +54,9 @@ struct Overview {
 async fn overview(s: &AppState, q: Option<&str>) -> Result<Overview, StoreError> {
     let deployments = api::deployments_view(s, q, api::DEFAULT_DEPLOYMENTS).await?;
     let all_deployments = match deployments.q {
-        Some(_) => Some(
-            api::deployments_view(s, None, api::DEFAULT_DEPLOYMENTS)
-                .await?
-                .deployments,
-        ),
+        Some(_) => {
+            Some(api::deployments_view(s, None, api::DEFAULT_DEPLOYMENTS).await?.deployments)
+        }
         None => None,
     };
     Ok(Overview {
@@ -97,10 +93,7 @@ async fn parked_page(State(s): State<AppState>, Path(id): Path<i64>) -> Response
     match api::parked_detail(&s, id).await {
         Ok(Some(d)) => {
             let title = format!("turnd · parked #{id} {}", d.parked.code);
-            respond(
-                StatusCode::OK,
-                page(&s, &nonce, &title, parked_detail(&s, &d)),
-            )
+            respond(StatusCode::OK, page(&s, &nonce, &title, parked_detail(&s, &d)))
         }
         Ok(None) => {
             let body = html! { main { section.wide {
@@ -123,10 +116,7 @@ fn unavailable(s: &AppState, nonce: &str, e: &StoreError) -> Response {
         p { "The page retries by itself. Intake pauses while the database is down; "
             "/readyz on each daemon says which dependency is down." }
     } } };
-    respond(
-        StatusCode::SERVICE_UNAVAILABLE,
-        page(s, nonce, "turnd · database unavailable", body),
-    )
+    respond(StatusCode::SERVICE_UNAVAILABLE, page(s, nonce, "turnd · database unavailable", body))
 }
 
 /// Security headers: the CSP allows only this response's own style and script (by nonce),
@@ -142,14 +132,8 @@ fn respond(status: StatusCode, (nonce, markup): (String, Markup)) -> Response {
         h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     r
 }
 
@@ -241,10 +225,7 @@ fn attention(s: &AppState, v: &Overview) -> Vec<(Level, Markup)> {
     let mut items = Vec::new();
     let live: Vec<_> = v.cluster.daemons.iter().filter(|d| d.live).collect();
     if live.is_empty() {
-        items.push((
-            Level::Bad,
-            html! { "No live daemon: nothing takes turns from the inbox." },
-        ));
+        items.push((Level::Bad, html! { "No live daemon: nothing takes turns from the inbox." }));
     }
     for d in v.cluster.daemons.iter().filter(|d| !d.live) {
         items.push((
@@ -260,20 +241,15 @@ fn attention(s: &AppState, v: &Overview) -> Vec<(Level, Markup)> {
             "Daemon " b { (d.id) } " is not ready: a dependency is down (its /readyz says which)."
         }));
     }
-    let deployments = v
-        .all_deployments
-        .as_ref()
-        .unwrap_or(&v.deployments.deployments);
+    let deployments = v.all_deployments.as_ref().unwrap_or(&v.deployments.deployments);
     for d in deployments.iter().filter(|d| d.backoff_left_s.is_some()) {
         items.push((Level::Bad, html! {
             "Deployment " a href=(search_href(&d.deployment)) { (d.deployment) } " is in a worker crash loop ("
             (d.crash_count) " deaths): next start in " (age(d.backoff_left_s.unwrap_or(0.0))) "."
         }));
     }
-    let unowned: Vec<_> = deployments
-        .iter()
-        .filter(|d| d.owner.is_none() && d.queued + d.running > 0)
-        .collect();
+    let unowned: Vec<_> =
+        deployments.iter().filter(|d| d.owner.is_none() && d.queued + d.running > 0).collect();
     if let Some(first) = unowned.first() {
         let wait = first.oldest_pending_age_s.unwrap_or(0.0);
         let level = if wait > s.config.sweep.adoption_delay.as_secs_f64() * 2.0 {
@@ -305,12 +281,7 @@ fn attention(s: &AppState, v: &Overview) -> Vec<(Level, Markup)> {
             "(broker down, or the relays are behind)."
         }));
     }
-    let waiting: Vec<_> = v
-        .parked
-        .by_code
-        .iter()
-        .filter(|p| p.not_replayed > 0)
-        .collect();
+    let waiting: Vec<_> = v.parked.by_code.iter().filter(|p| p.not_replayed > 0).collect();
     if !waiting.is_empty() {
         let total: i64 = waiting.iter().map(|p| p.not_replayed).sum();
         items.push((
@@ -325,13 +296,7 @@ fn attention(s: &AppState, v: &Overview) -> Vec<(Level, Markup)> {
         ));
     }
     let mut errors: Vec<(&str, i64)> = Vec::new();
-    for b in v
-        .turns
-        .terminal_events
-        .buckets
-        .iter()
-        .filter(|b| b.kind == "error")
-    {
+    for b in v.turns.terminal_events.buckets.iter().filter(|b| b.kind == "error") {
         match errors.iter_mut().find(|(c, _)| *c == b.code) {
             Some((_, n)) => *n += b.count,
             None => errors.push((&b.code, b.count)),
@@ -358,12 +323,7 @@ fn attention_section(s: &AppState, v: &Overview) -> Markup {
     let items = attention(s, v);
     let problems = items.iter().any(|(l, _)| *l != Level::Info);
     let live = v.cluster.daemons.iter().filter(|d| d.live).count();
-    let owned = v
-        .cluster
-        .daemons
-        .iter()
-        .map(|d| d.owned_deployments)
-        .sum::<i64>();
+    let owned = v.cluster.daemons.iter().map(|d| d.owned_deployments).sum::<i64>();
     html! {
         section.wide #attention data-live {
             h2 { "Attention" }
@@ -570,11 +530,7 @@ fn parked_detail(s: &AppState, d: &ParkedDetail) -> Markup {
     let actions = s.config.http.admin_token.is_some();
     let body = pretty(&d.body);
     let cut = body.len() > MAX_BODY_SHOWN;
-    let shown = if cut {
-        &body[..floor_char_boundary(&body, MAX_BODY_SHOWN)]
-    } else {
-        &body[..]
-    };
+    let shown = if cut { &body[..floor_char_boundary(&body, MAX_BODY_SHOWN)] } else { &body[..] };
     html! {
         main {
             section.wide #detail data-live {
@@ -633,27 +589,20 @@ const CHART_H: u32 = 96;
 /// Room above the bars for the scale.
 const CHART_TOP: u32 = 12;
 const REPLY_COLOR: &str = "#3f8f5a";
-const ERROR_COLORS: [&str; 8] = [
-    "#c0392b", "#e67e22", "#8e44ad", "#d4ac0d", "#2c6fbb", "#a04000", "#7f8c8d", "#e84393",
-];
+const ERROR_COLORS: [&str; 8] =
+    ["#c0392b", "#e67e22", "#8e44ad", "#d4ac0d", "#2c6fbb", "#a04000", "#7f8c8d", "#e84393"];
 
 /// The series of the chart: replies first, then error codes by count.
 fn series(buckets: &[EventBucket]) -> Vec<(String, String, i64, &'static str)> {
     let mut out: Vec<(String, String, i64, &'static str)> = Vec::new();
     for b in buckets {
-        match out
-            .iter_mut()
-            .find(|(k, c, _, _)| *k == b.kind && *c == b.code)
-        {
+        match out.iter_mut().find(|(k, c, _, _)| *k == b.kind && *c == b.code) {
             Some(s) => s.2 += b.count,
             None => out.push((b.kind.clone(), b.code.clone(), b.count, "")),
         }
     }
     out.sort_by(|a, b| {
-        (a.0 != "reply")
-            .cmp(&(b.0 != "reply"))
-            .then(b.2.cmp(&a.2))
-            .then(a.1.cmp(&b.1))
+        (a.0 != "reply").cmp(&(b.0 != "reply")).then(b.2.cmp(&a.2)).then(a.1.cmp(&b.1))
     });
     let mut errors = 0;
     for s in &mut out {
@@ -668,11 +617,7 @@ fn series(buckets: &[EventBucket]) -> Vec<(String, String, i64, &'static str)> {
 }
 
 fn series_name(kind: &str, code: &str) -> String {
-    if code.is_empty() {
-        kind.to_owned()
-    } else {
-        code.to_owned()
-    }
+    if code.is_empty() { kind.to_owned() } else { code.to_owned() }
 }
 
 /// One bar of the chart: its tooltip and its stacked segments (y, height, colour).
@@ -694,11 +639,7 @@ fn chart(buckets: &[EventBucket]) -> Markup {
             .sum()
     };
     let total = |bucket: u32| -> i64 {
-        buckets
-            .iter()
-            .filter(|b| b.bucket as u32 == bucket)
-            .map(|b| b.count)
-            .sum()
+        buckets.iter().filter(|b| b.bucket as u32 == bucket).map(|b| b.count).sum()
     };
     let max = (0..n).map(total).max().unwrap_or(0).max(1);
     let plot_h = CHART_H - 14;
@@ -720,11 +661,7 @@ fn chart(buckets: &[EventBucket]) -> Markup {
                     segments.push((y, h, *color));
                 }
             }
-            Bar {
-                x: slot_i * slot + 2,
-                title,
-                segments,
-            }
+            Bar { x: slot_i * slot + 2, title, segments }
         })
         .collect();
     html! {
@@ -774,11 +711,7 @@ fn legend(buckets: &[EventBucket]) -> Markup {
 
 /// A compact duration: 0s, 42s, 3m 07s, 2h 05m, 3d 4h.
 pub(super) fn age(secs: f64) -> String {
-    let s = if secs.is_finite() && secs > 0.0 {
-        secs as u64
-    } else {
-        0
-    };
+    let s = if secs.is_finite() && secs > 0.0 { secs as u64 } else { 0 };
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m {:02}s", s / 60, s % 60),
@@ -823,12 +756,7 @@ fn now_hms() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    format!(
-        "{:02}:{:02}:{:02}",
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60
-    )
+    format!("{:02}:{:02}:{:02}", secs / 3600 % 24, secs / 60 % 60, secs % 60)
 }
 
 #[cfg(test)]
@@ -836,12 +764,7 @@ mod tests {
     use super::*;
 
     fn bucket(bucket: i32, kind: &str, code: &str, count: i64) -> EventBucket {
-        EventBucket {
-            bucket,
-            kind: kind.to_owned(),
-            code: code.to_owned(),
-            count,
-        }
+        EventBucket { bucket, kind: kind.to_owned(), code: code.to_owned(), count }
     }
 
     #[test]

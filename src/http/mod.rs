@@ -77,10 +77,7 @@ impl Health {
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("cannot listen on http.listen {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// What every handler gets: the health checks (and through them the store and the metrics)
@@ -145,10 +142,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let h = &s.health;
     h.check().await;
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         h.metrics.encode(),
     )
 }
@@ -161,11 +155,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         ok(r.broker),
         ok(r.lock_session)
     );
-    let status = if r.ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if r.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body)
 }
 

@@ -137,9 +137,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub async fn spawn(spawner: &Spawner, spec: &WorkerSpec, who: &Identity<'_>) -> Result<Worker, SpawnError> {
+    pub async fn spawn(
+        spawner: &Spawner,
+        spec: &WorkerSpec,
+        who: &Identity<'_>,
+    ) -> Result<Worker, SpawnError> {
         let dir = workspace(&spec.state_dir, who.organization_id, who.agent_id);
-        make_workspace(&dir).map_err(|source| SpawnError::Workspace { path: dir.clone(), source })?;
+        make_workspace(&dir)
+            .map_err(|source| SpawnError::Workspace { path: dir.clone(), source })?;
         let mut argv = spec.sandbox_prefix.clone();
         argv.extend(spec.command.iter().cloned());
         let mut env = spec.base_env.clone();
@@ -162,7 +167,14 @@ impl Worker {
         let stdin = child.stdin.take();
         let (tx, events) = mpsc::channel(64);
         let (control, control_rx) = mpsc::unbounded_channel();
-        let io = tokio::spawn(io_task(child, pid, who.deployment.clone(), spec.max_line_bytes, tx, control_rx));
+        let io = tokio::spawn(io_task(
+            child,
+            pid,
+            who.deployment.clone(),
+            spec.max_line_bytes,
+            tx,
+            control_rx,
+        ));
         Ok(Worker { pid, stdin, events, control, io: Some(io), stop_requested: false })
     }
 
@@ -252,8 +264,12 @@ async fn io_task(
             let mut buf = Vec::new();
             while let Ok(Some(line)) = read_line(&mut reader, &mut buf, 16 * 1024).await {
                 match line {
-                    Ok(text) => tracing::info!(deployment = %deployment, pid, "worker stderr: {}", String::from_utf8_lossy(text).trim_end()),
-                    Err(len) => tracing::warn!(deployment = %deployment, pid, len, "worker stderr line too long; dropped"),
+                    Ok(text) => {
+                        tracing::info!(deployment = %deployment, pid, "worker stderr: {}", String::from_utf8_lossy(text).trim_end())
+                    }
+                    Err(len) => {
+                        tracing::warn!(deployment = %deployment, pid, len, "worker stderr line too long; dropped")
+                    }
                 }
             }
         }
@@ -275,7 +291,9 @@ async fn io_task(
                         }
                     }
                     Ok(Some(Err(len))) => {
-                        let msg = format!("line of {len}+ bytes exceeds worker.max_line_bytes ({max_line_bytes})");
+                        let msg = format!(
+                            "line of {len}+ bytes exceeds worker.max_line_bytes ({max_line_bytes})"
+                        );
                         if events.send(WorkerEvent::Invalid(msg)).await.is_err() {
                             break;
                         }
@@ -432,8 +450,13 @@ mod tests {
         while let Some(line) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
             got.push(line.map(<[u8]>::to_vec));
         }
-        let want: Vec<Result<Vec<u8>, usize>> =
-            vec![Ok(b"12345678".to_vec()), Err(9), Ok(b"ab".to_vec()), Ok(b"\xff\xfe\x00".to_vec()), Err(13)];
+        let want: Vec<Result<Vec<u8>, usize>> = vec![
+            Ok(b"12345678".to_vec()),
+            Err(9),
+            Ok(b"ab".to_vec()),
+            Ok(b"\xff\xfe\x00".to_vec()),
+            Err(13),
+        ];
         assert_eq!(got, want);
     }
 
@@ -465,9 +488,19 @@ mod tests {
         false
     }
 
-    async fn spawn_sh(spawner: &Spawner, state_dir: &Path, script: &str) -> Result<Worker, SpawnError> {
+    async fn spawn_sh(
+        spawner: &Spawner,
+        state_dir: &Path,
+        script: &str,
+    ) -> Result<Worker, SpawnError> {
         let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
-        let who = Identity { deployment: &name, agent_id: "unit", organization_id: None, conversation_key: "c", epoch: Epoch::new(1) };
+        let who = Identity {
+            deployment: &name,
+            agent_id: "unit",
+            organization_id: None,
+            conversation_key: "c",
+            epoch: Epoch::new(1),
+        };
         let spec = WorkerSpec {
             command: ["/bin/sh", "-c", script].map(str::to_owned).to_vec(),
             base_env: base_env(std::env::vars().filter(|(k, _)| k == "PATH"), &BTreeMap::new()),
@@ -497,10 +530,14 @@ mod tests {
         assert!(alive(bg));
         let started = std::time::Instant::now();
         w.stop(Duration::from_millis(400));
-        let status = tokio::time::timeout(Duration::from_secs(5), w.wait()).await.expect("stopped in time");
+        let status =
+            tokio::time::timeout(Duration::from_secs(5), w.wait()).await.expect("stopped in time");
         let took = started.elapsed();
         assert_eq!(status.unwrap().0, "killed by signal 9");
-        assert!(took >= Duration::from_millis(350), "SIGTERM was ignored, so it took the timeout: {took:?}");
+        assert!(
+            took >= Duration::from_millis(350),
+            "SIGTERM was ignored, so it took the timeout: {took:?}"
+        );
         assert!(took < Duration::from_secs(3), "{took:?}");
         assert!(gone_soon(bg).await, "the group went with it");
         assert!(w.stop_requested());
@@ -515,11 +552,18 @@ mod tests {
         let mut w = spawn_sh(&spawner, dir.path(), script).await.unwrap();
         let mut events = Vec::new();
         let started = std::time::Instant::now();
-        while let Some(e) = tokio::time::timeout(Duration::from_secs(5), w.next_event()).await.expect("events in time") {
+        while let Some(e) = tokio::time::timeout(Duration::from_secs(5), w.next_event())
+            .await
+            .expect("events in time")
+        {
             events.push(e);
         }
         // The orphan kept stdout open: the drain after the exit is bounded.
-        assert!(started.elapsed() < DRAIN_AFTER_EXIT + Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < DRAIN_AFTER_EXIT + Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(matches!(events.first(), Some(WorkerEvent::Invalid(_))), "{events:?}");
         match events.last() {
             Some(WorkerEvent::Exited(status)) => assert_eq!(status.0, "exited with code 3"),
@@ -534,7 +578,13 @@ mod tests {
         let spawner = Spawner::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
-        let who = Identity { deployment: &name, agent_id: "unit", organization_id: None, conversation_key: "c", epoch: Epoch::new(1) };
+        let who = Identity {
+            deployment: &name,
+            agent_id: "unit",
+            organization_id: None,
+            conversation_key: "c",
+            epoch: Epoch::new(1),
+        };
         let spec = WorkerSpec {
             command: vec!["/nonexistent/worker".to_owned()],
             base_env: BTreeMap::new(),

@@ -62,27 +62,12 @@ impl PartialEq for WorkerLine {
     fn eq(&self, other: &Self) -> bool {
         use WorkerLine::*;
         match (self, other) {
+            (Reply { message_id: a, payload: p }, Reply { message_id: b, payload: q }) => {
+                a == b && p.get() == q.get()
+            }
             (
-                Reply {
-                    message_id: a,
-                    payload: p,
-                },
-                Reply {
-                    message_id: b,
-                    payload: q,
-                },
-            ) => a == b && p.get() == q.get(),
-            (
-                Error {
-                    message_id: a,
-                    error: e,
-                    code: c,
-                },
-                Error {
-                    message_id: b,
-                    error: f,
-                    code: d,
-                },
+                Error { message_id: a, error: e, code: c },
+                Error { message_id: b, error: f, code: d },
             ) => a == b && e == f && c == d,
             (Heartbeat, Heartbeat) | (ProviderRecovered, ProviderRecovered) => true,
             (ProviderFailed { code: a, reason: r }, ProviderFailed { code: b, reason: s }) => {
@@ -109,11 +94,7 @@ pub enum ProtocolError {
     #[error("{kind} line without messageId")]
     MissingMessageId { kind: &'static str },
     #[error("{kind} line: {field} {detail}")]
-    InvalidField {
-        kind: &'static str,
-        field: &'static str,
-        detail: String,
-    },
+    InvalidField { kind: &'static str, field: &'static str, detail: String },
 }
 
 /// The fields we look at; anything else on the line is ignored. A key repeated on the line is
@@ -139,12 +120,10 @@ pub fn parse_line(line: &[u8]) -> Result<WorkerLine, ProtocolError> {
     match line.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
         _ => {
-            return Err(
-                match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
-                    Ok(_) => ProtocolError::NotObject,
-                    Err(e) => ProtocolError::NotJson(e.to_string()),
-                },
-            );
+            return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
+                Ok(_) => ProtocolError::NotObject,
+                Err(e) => ProtocolError::NotJson(e.to_string()),
+            });
         }
     }
     let raw: RawLine<'_> =
@@ -168,10 +147,7 @@ pub fn parse_line(line: &[u8]) -> Result<WorkerLine, ProtocolError> {
                 Some(p) => p.to_owned(),
                 None => RawValue::NULL.to_owned(),
             };
-            Ok(WorkerLine::Reply {
-                message_id,
-                payload,
-            })
+            Ok(WorkerLine::Reply { message_id, payload })
         }
         "error" => {
             let message_id = message_id("error", raw.message_id)?;
@@ -224,8 +200,7 @@ fn valid_code(v: Option<Value>) -> Option<String> {
         Some(Value::String(s))
             if !s.is_empty()
                 && s.len() <= 64
-                && s.bytes()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
+                && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
         {
             Some(s)
         }
@@ -279,11 +254,7 @@ fn truncate(mut s: String, max: usize) -> String {
 fn echo(s: &str) -> String {
     let mut chars = s.chars();
     let head: String = chars.by_ref().take(64).collect();
-    if chars.next().is_some() {
-        format!("{head:?}…")
-    } else {
-        format!("{head:?}")
-    }
+    if chars.next().is_some() { format!("{head:?}…") } else { format!("{head:?}") }
 }
 
 #[cfg(test)]
@@ -310,10 +281,7 @@ mod tests {
         assert_eq!(v["epoch"], 7);
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         let line = turn_line(Epoch::new(i64::MAX), "{}");
-        assert_eq!(
-            line,
-            b"{\"type\":\"turn\",\"epoch\":9223372036854775807,\"turn\":{}}\n"
-        );
+        assert_eq!(line, b"{\"type\":\"turn\",\"epoch\":9223372036854775807,\"turn\":{}}\n");
     }
 
     #[test]
@@ -333,10 +301,7 @@ mod tests {
             r#"{"type":"reply","messageId":"m1","payload":null}"#,
         ] {
             match p(line).unwrap() {
-                WorkerLine::Reply {
-                    message_id,
-                    payload,
-                } => {
+                WorkerLine::Reply { message_id, payload } => {
                     assert_eq!(message_id, "m1");
                     assert_eq!(payload.get(), "null");
                 }
@@ -348,10 +313,7 @@ mod tests {
             p(
                 "{\"payload\":\"x\",\"extra\":[1,2],\"messageId\":\"m\\u0031\",\"type\":\"reply\"}\r"
             ),
-            Ok(WorkerLine::Reply {
-                message_id: "m1".into(),
-                payload: raw("\"x\""),
-            })
+            Ok(WorkerLine::Reply { message_id: "m1".into(), payload: raw("\"x\"") })
         );
         assert_eq!(
             p(r#"{"type":"reply","payload":1}"#),
@@ -363,17 +325,11 @@ mod tests {
         );
         assert!(matches!(
             p(r#"{"type":"reply","messageId":5}"#),
-            Err(ProtocolError::InvalidField {
-                field: "messageId",
-                ..
-            })
+            Err(ProtocolError::InvalidField { field: "messageId", .. })
         ));
         assert!(matches!(
             p(r#"{"type":"reply","messageId":""}"#),
-            Err(ProtocolError::InvalidField {
-                field: "messageId",
-                ..
-            })
+            Err(ProtocolError::InvalidField { field: "messageId", .. })
         ));
     }
 
@@ -389,11 +345,7 @@ mod tests {
         );
         assert_eq!(
             p(r#"{"type":"error","messageId":"m1","error":"boom"}"#),
-            Ok(WorkerLine::Error {
-                message_id: "m1".into(),
-                error: "boom".into(),
-                code: None,
-            })
+            Ok(WorkerLine::Error { message_id: "m1".into(), error: "boom".into(), code: None })
         );
         // invalid codes → None (WORKER_ERROR), text kept
         for code in [
@@ -406,14 +358,8 @@ mod tests {
             &format!("\"{}\"", "A".repeat(65)),
         ] {
             assert_eq!(
-                p(&format!(
-                    r#"{{"type":"error","messageId":"m1","error":"boom","code":{code}}}"#
-                )),
-                Ok(WorkerLine::Error {
-                    message_id: "m1".into(),
-                    error: "boom".into(),
-                    code: None,
-                }),
+                p(&format!(r#"{{"type":"error","messageId":"m1","error":"boom","code":{code}}}"#)),
+                Ok(WorkerLine::Error { message_id: "m1".into(), error: "boom".into(), code: None }),
                 "{code}"
             );
         }
@@ -425,11 +371,7 @@ mod tests {
         // missing or structured error text: still a terminal error
         assert_eq!(
             p(r#"{"type":"error","messageId":"m1"}"#),
-            Ok(WorkerLine::Error {
-                message_id: "m1".into(),
-                error: String::new(),
-                code: None,
-            })
+            Ok(WorkerLine::Error { message_id: "m1".into(), error: String::new(), code: None })
         );
         assert_eq!(
             p(r#"{"type":"error","messageId":"m1","error":{"detail":1.50}}"#),
@@ -468,10 +410,7 @@ mod tests {
             p(r#" {"type":"heartbeat","messageId":"m","progress":0.5} "#),
             Ok(WorkerLine::Heartbeat)
         );
-        assert_eq!(
-            p(r#"{"type":"provider_recovered"}"#),
-            Ok(WorkerLine::ProviderRecovered)
-        );
+        assert_eq!(p(r#"{"type":"provider_recovered"}"#), Ok(WorkerLine::ProviderRecovered));
         assert_eq!(
             p(r#"{"type":"provider_failed","code":"PROVIDER_QUOTA_EXHAUSTED","reason":"429"}"#),
             Ok(WorkerLine::ProviderFailed {
@@ -481,17 +420,11 @@ mod tests {
         );
         assert_eq!(
             p(r#"{"type":"provider_failed"}"#),
-            Ok(WorkerLine::ProviderFailed {
-                code: "PROVIDER_FAILED".into(),
-                reason: None,
-            })
+            Ok(WorkerLine::ProviderFailed { code: "PROVIDER_FAILED".into(), reason: None })
         );
         assert_eq!(
             p(r#"{"type":"provider_failed","code":"bad code","reason":null}"#),
-            Ok(WorkerLine::ProviderFailed {
-                code: "PROVIDER_FAILED".into(),
-                reason: None,
-            })
+            Ok(WorkerLine::ProviderFailed { code: "PROVIDER_FAILED".into(), reason: None })
         );
         let long = "r".repeat(5000);
         assert!(matches!(
@@ -506,14 +439,8 @@ mod tests {
         assert!(matches!(p("   "), Err(ProtocolError::NotJson(_))));
         assert!(matches!(p("hello"), Err(ProtocolError::NotJson(_))));
         assert!(matches!(p("{"), Err(ProtocolError::NotJson(_))));
-        assert!(matches!(
-            p(r#"{"type":"heartbeat"} x"#),
-            Err(ProtocolError::NotJson(_))
-        ));
-        assert!(matches!(
-            p(r#"{"type":"heartbeat"}{}"#),
-            Err(ProtocolError::NotJson(_))
-        ));
+        assert!(matches!(p(r#"{"type":"heartbeat"} x"#), Err(ProtocolError::NotJson(_))));
+        assert!(matches!(p(r#"{"type":"heartbeat"}{}"#), Err(ProtocolError::NotJson(_))));
         assert_eq!(p("[]"), Err(ProtocolError::NotObject));
         assert_eq!(p(r#"["reply","m1"]"#), Err(ProtocolError::NotObject));
         assert_eq!(p("42"), Err(ProtocolError::NotObject));
@@ -522,23 +449,15 @@ mod tests {
         assert_eq!(p("{}"), Err(ProtocolError::MissingType));
         assert_eq!(p(r#"{"type":null}"#), Err(ProtocolError::MissingType));
         assert_eq!(p(r#"{"type":1}"#), Err(ProtocolError::TypeNotString));
-        assert_eq!(
-            p(r#"{"type":"x"}"#),
-            Err(ProtocolError::UnknownType("\"x\"".into()))
-        );
-        assert_eq!(
-            p(r#"{"type":"x"}"#).unwrap_err().to_string(),
-            r#"unknown type "x""#
-        );
+        assert_eq!(p(r#"{"type":"x"}"#), Err(ProtocolError::UnknownType("\"x\"".into())));
+        assert_eq!(p(r#"{"type":"x"}"#).unwrap_err().to_string(), r#"unknown type "x""#);
         assert_eq!(
             p(r#"{"type":"reply"}"#).unwrap_err().to_string(),
             "reply line without messageId"
         );
         // the unknown type is echoed bounded and escaped
         let long = format!("{}\\n", "t".repeat(500));
-        let e = p(&format!(r#"{{"type":"{long}"}}"#))
-            .unwrap_err()
-            .to_string();
+        let e = p(&format!(r#"{{"type":"{long}"}}"#)).unwrap_err().to_string();
         assert!(e.len() < 100 && !e.contains('\n'), "{e}");
         // duplicate keys on the line are a protocol error
         assert!(matches!(
@@ -567,19 +486,13 @@ mod tests {
         );
         assert!(matches!(
             parse_line(nested.as_bytes()),
-            Err(ProtocolError::InvalidField {
-                field: "payload",
-                ..
-            })
+            Err(ProtocolError::InvalidField { field: "payload", .. })
         ));
         // 100 levels, with brackets inside strings that must not count
         let payload = format!("{}\"[{{\\\"]\"{}", "[{\"a\":".repeat(50), "}]".repeat(50));
         let ok_depth = format!(r#"{{"type":"reply","messageId":"m","payload":{payload}}}"#);
         assert!(
-            matches!(
-                parse_line(ok_depth.as_bytes()),
-                Ok(WorkerLine::Reply { .. })
-            ),
+            matches!(parse_line(ok_depth.as_bytes()), Ok(WorkerLine::Reply { .. })),
             "{ok_depth}"
         );
         let too_deep = format!(

@@ -18,7 +18,9 @@ pub fn prefix(config: &WorkerConfig) -> Vec<String> {
     let prefix = systemd_run_argv(config);
     match probe(&prefix) {
         Ok(()) => {
-            tracing::info!("workers run in transient systemd scopes (worker.sandbox = systemd-run)");
+            tracing::info!(
+                "workers run in transient systemd scopes (worker.sandbox = systemd-run)"
+            );
             prefix
         }
         Err(why) => {
@@ -32,7 +34,8 @@ pub fn prefix(config: &WorkerConfig) -> Vec<String> {
 }
 
 pub fn systemd_run_argv(config: &WorkerConfig) -> Vec<String> {
-    let mut argv: Vec<String> = ["systemd-run", "--scope", "--quiet", "--collect"].map(String::from).into();
+    let mut argv: Vec<String> =
+        ["systemd-run", "--scope", "--quiet", "--collect"].map(String::from).into();
     let l = &config.limits;
     let mut property = |p: String| {
         argv.push("-p".to_owned());
@@ -58,7 +61,11 @@ pub fn systemd_run_argv(config: &WorkerConfig) -> Vec<String> {
 
 fn probe(prefix: &[String]) -> Result<(), String> {
     let mut cmd = Command::new(&prefix[0]);
-    cmd.args(&prefix[1..]).arg("true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(&prefix[1..])
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     match cmd.output() {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().chars().take(200).collect()),

@@ -59,7 +59,9 @@ impl Spawner {
         dir: PathBuf,
     ) -> Result<Child, SpawnError> {
         let (reply, rx) = oneshot::channel();
-        self.requests.send(Request { argv, env, dir, reply }).map_err(|_| SpawnError::SpawnerGone)?;
+        self.requests
+            .send(Request { argv, env, dir, reply })
+            .map_err(|_| SpawnError::SpawnerGone)?;
         rx.await.map_err(|_| SpawnError::SpawnerGone)?
     }
 }

@@ -54,21 +54,15 @@ impl Cluster {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_name = format!("turnd_t_{suffix}");
         let prefix = format!("t{suffix}");
-        let mut admin = PgConnection::connect(PG_ADMIN)
-            .await
-            .expect("connect to PostgreSQL as postgres");
+        let mut admin =
+            PgConnection::connect(PG_ADMIN).await.expect("connect to PostgreSQL as postgres");
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&mut admin)
             .await
             .expect("create test database");
         let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
-        let pool = PgPool::connect(&db_url)
-            .await
-            .expect("connect to test database");
-        turnd::store::MIGRATOR
-            .run(&pool)
-            .await
-            .expect("migrate test database");
+        let pool = PgPool::connect(&db_url).await.expect("connect to test database");
+        turnd::store::MIGRATOR.run(&pool).await.expect("migrate test database");
         let dir = tempfile::tempdir().expect("tempdir");
         for sub in ["log", "excl", "pid", "state"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
@@ -80,14 +74,8 @@ impl Cluster {
             ("TURND_DATABASE__MAX_CONNECTIONS".into(), "6".into()),
             ("TURND_AMQP__PREFIX".into(), prefix.clone()),
             ("TURND_AMQP__URL".into(), AMQP.into()),
-            (
-                "TURND_DAEMON__STATE_DIR".into(),
-                d.join("state").display().to_string(),
-            ),
-            (
-                "TURND_WORKER__COMMAND".into(),
-                format!("[\"{}\"]", test_worker()),
-            ),
+            ("TURND_DAEMON__STATE_DIR".into(), d.join("state").display().to_string()),
+            ("TURND_WORKER__COMMAND".into(), format!("[\"{}\"]", test_worker())),
             ("TURND_HTTP__LISTEN".into(), String::new()),
             ("TURND_SWEEP__INTERVAL".into(), "300ms".into()),
             ("TURND_SWEEP__ADOPTION_DELAY".into(), "1s".into()),
@@ -97,29 +85,14 @@ impl Cluster {
             ("TURND_SHUTDOWN__GRACE".into(), "5s".into()),
             ("TURND_WORKER__STOP_TIMEOUT".into(), "1s".into()),
             ("TURND_LOG__LEVEL".into(), "turnd=trace,info".into()),
-            (
-                "TURND_WORKER_ENV_TEST_WORKER_LOG".into(),
-                d.join("log").display().to_string(),
-            ),
-            (
-                "TURND_WORKER_ENV_TEST_WORKER_EXCLUSIVE".into(),
-                d.join("excl").display().to_string(),
-            ),
+            ("TURND_WORKER_ENV_TEST_WORKER_LOG".into(), d.join("log").display().to_string()),
+            ("TURND_WORKER_ENV_TEST_WORKER_EXCLUSIVE".into(), d.join("excl").display().to_string()),
             (
                 "TURND_WORKER_ENV_TEST_WORKER_PIDFILE_DIR".into(),
                 d.join("pid").display().to_string(),
             ),
         ];
-        Cluster {
-            db_name,
-            db_url,
-            prefix,
-            dir: Some(dir),
-            root,
-            pool,
-            env,
-            daemons: Vec::new(),
-        }
+        Cluster { db_name, db_url, prefix, dir: Some(dir), root, pool, env, daemons: Vec::new() }
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -143,12 +116,7 @@ impl Cluster {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         let log = self.root.join(format!("{id}.log"));
-        let mut daemon = Daemon {
-            id,
-            child: None,
-            log,
-            env,
-        };
+        let mut daemon = Daemon { id, child: None, log, env };
         daemon.spawn().await;
         self.daemons.push(daemon);
         i
@@ -181,9 +149,7 @@ impl Cluster {
     pub fn worker_log(&self, deployment: &str) -> Vec<Vec<String>> {
         let text = std::fs::read_to_string(self.path("log").join(format!("{deployment}.log")))
             .unwrap_or_default();
-        text.lines()
-            .map(|l| l.split(' ').map(str::to_owned).collect())
-            .collect()
+        text.lines().map(|l| l.split(' ').map(str::to_owned).collect()).collect()
     }
 
     /// Every worker-side exclusivity violation recorded.
@@ -292,10 +258,7 @@ impl Drop for Cluster {
         let prefix = self.prefix.clone();
         // Async cleanup on a thread of its own: Drop may run inside a runtime.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async {
@@ -321,16 +284,11 @@ pub async fn delete_topology(prefix: &str) {
     let Ok(ch) = conn.create_channel().await else {
         return;
     };
-    let mut queues = vec![
-        format!("{prefix}.inbox"),
-        format!("{prefix}.retry"),
-        format!("{prefix}.parked"),
-    ];
+    let mut queues =
+        vec![format!("{prefix}.inbox"), format!("{prefix}.retry"), format!("{prefix}.parked")];
     queues.extend((1..10).map(|k| format!("{prefix}.retry.{k}")));
     for q in queues {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
+        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
     }
     for e in ["turns", "replies", "retry"] {
         let _ = ch
@@ -385,24 +343,15 @@ impl Client {
             .await
             .expect("connect RabbitMQ");
         let publisher = conn.create_channel().await.expect("channel");
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirm mode");
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
         // Declare the topology the way a daemon would, so a publish before any daemon is up
         // is kept; the daemons' declarations are identical.
-        turnd::broker::declare_topology(&publisher, config)
-            .await
-            .expect("declare topology");
+        turnd::broker::declare_topology(&publisher, config).await.expect("declare topology");
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -420,21 +369,12 @@ impl Client {
             .basic_consume(
                 q.name().clone(),
                 "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
             .expect("consume replies");
-        Client {
-            prefix: prefix.to_owned(),
-            conn,
-            publisher,
-            replies,
-            events: Vec::new(),
-        }
+        Client { prefix: prefix.to_owned(), conn, publisher, replies, events: Vec::new() }
     }
 
     /// Publishes raw bytes to `<prefix>.turns` with a confirm.
@@ -453,10 +393,7 @@ impl Client {
             )
             .await
             .expect("publish");
-        assert!(
-            confirm.await.expect("confirm").is_ack(),
-            "broker nacked a turn"
-        );
+        assert!(confirm.await.expect("confirm").is_ack(), "broker nacked a turn");
     }
 
     pub async fn publish(&self, turn: &Value) {
@@ -549,9 +486,7 @@ impl Client {
         let mut map: HashMap<String, Vec<Event>> = HashMap::new();
         for e in &self.events {
             if seen.insert(e.event_id.clone()) {
-                map.entry(e.message_id().to_owned())
-                    .or_default()
-                    .push(e.clone());
+                map.entry(e.message_id().to_owned()).or_default().push(e.clone());
             }
         }
         map
@@ -567,10 +502,7 @@ pub fn config_for(prefix: &str) -> turnd::config::Config {
     let env = vec![
         ("TURND_AMQP__PREFIX".to_owned(), prefix.to_owned()),
         ("TURND_INTAKE__RETRY_DELAY".to_owned(), "200ms".to_owned()),
-        (
-            "TURND_INTAKE__RETRY_MAX_DELAY".to_owned(),
-            "400ms".to_owned(),
-        ),
+        ("TURND_INTAKE__RETRY_MAX_DELAY".to_owned(), "400ms".to_owned()),
     ];
     turnd::config::Config::load_from(Some(Path::new("/dev/null")), env).expect("test config")
 }
@@ -603,10 +535,7 @@ pub fn deployment_of(turn: &Value) -> String {
 pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -619,10 +548,7 @@ where
 {
     let start = Instant::now();
     while !cond().await {
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -630,12 +556,7 @@ where
 pub fn process_alive(pid: i32) -> bool {
     // Zombies count as dead: look at the state in /proc.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -652,9 +573,7 @@ pub struct Proxy {
 impl Proxy {
     pub async fn start(target_port: u16) -> Proxy {
         use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("proxy bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().expect("addr").port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
@@ -676,12 +595,7 @@ impl Proxy {
                 conns2.lock().unwrap().push(task.abort_handle());
             }
         });
-        Proxy {
-            port,
-            cut,
-            conns,
-            accept,
-        }
+        Proxy { port, cut, conns, accept }
     }
 
     /// Drops every connection and refuses new ones.
@@ -714,20 +628,12 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     .await
     .ok()?
     .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Some((status, body))
 }
 
@@ -749,9 +655,7 @@ pub async fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u1
     .await
     .ok()?
     .ok()?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     s.write_all(
         format!("POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n")
             .as_bytes(),
@@ -759,15 +663,9 @@ pub async fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u1
     .await
     .ok()?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Some((status, body))
 }
