@@ -142,10 +142,10 @@ pub fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A doorbell to a deployment nobody owns comes back by design (mandatory publish); lapin
     // would log each one at WARN.
-    if !config.log.level.contains("lapin") {
-        if let Ok(d) = "lapin::returned_messages=error".parse() {
-            filter = filter.add_directive(d);
-        }
+    if !config.log.level.contains("lapin")
+        && let Ok(d) = "lapin::returned_messages=error".parse()
+    {
+        filter = filter.add_directive(d);
     }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {

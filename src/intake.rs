@@ -244,29 +244,28 @@ impl Intake {
                 };
             }
         };
-        if config.session.store == SessionStore::Snapshot {
-            if let Some(field) = turn.missing_context() {
-                let previous =
-                    refusals(&delivery.properties, &Names::new(&config.amqp.prefix).inbox());
-                let attempt = previous + 1;
-                if attempt >= config.intake.max_attempts {
-                    let reason = format!(
-                        "turn has runId but no {field}: a snapshot turn needs its organization and conversation (refused {attempt} times)"
-                    );
-                    let ident = Ident {
-                        conversation_key: turn.conversation_key.clone(),
-                        envelope: envelope_of(&turn),
-                    };
-                    return Verdict::Park {
-                        code: ErrorCode::MissingContext,
-                        reason,
-                        attempt,
-                        ident: Some(Box::new(ident)),
-                    };
-                }
-                tracing::debug!(message_id = %turn.message_id, field, attempt, "refused: missing context; requeued with delay");
-                return Verdict::Refuse;
+        if config.session.store == SessionStore::Snapshot
+            && let Some(field) = turn.missing_context()
+        {
+            let previous = refusals(&delivery.properties, &Names::new(&config.amqp.prefix).inbox());
+            let attempt = previous + 1;
+            if attempt >= config.intake.max_attempts {
+                let reason = format!(
+                    "turn has runId but no {field}: a snapshot turn needs its organization and conversation (refused {attempt} times)"
+                );
+                let ident = Ident {
+                    conversation_key: turn.conversation_key.clone(),
+                    envelope: envelope_of(&turn),
+                };
+                return Verdict::Park {
+                    code: ErrorCode::MissingContext,
+                    reason,
+                    attempt,
+                    ident: Some(Box::new(ident)),
+                };
             }
+            tracing::debug!(message_id = %turn.message_id, field, attempt, "refused: missing context; requeued with delay");
+            return Verdict::Refuse;
         }
         Verdict::Arm(Box::new(turn))
     }

@@ -128,10 +128,10 @@ impl Relay {
                 body: &c.event.body,
             })
             .collect();
-        if let Some(ids) = self.publish(&rows).await {
-            if let Err(e) = self.store.mark_published(&ids).await {
-                tracing::warn!(error = %e, "cannot mark events published; they may be published again");
-            }
+        if let Some(ids) = self.publish(&rows).await
+            && let Err(e) = self.store.mark_published(&ids).await
+        {
+            tracing::warn!(error = %e, "cannot mark events published; they may be published again");
         }
         batch.clear();
     }

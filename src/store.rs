@@ -1013,19 +1013,19 @@ impl Store {
             .bind(who)
             .fetch_optional(&mut *tx)
             .await?;
-        if let Some(p) = &parked {
-            if let (Some(d), Some(m)) = (&p.deployment, &p.message_id) {
-                sqlx::query("DELETE FROM turnd_turns WHERE deployment = $1 AND message_id = $2 AND state = 'done'")
+        if let Some(p) = &parked
+            && let (Some(d), Some(m)) = (&p.deployment, &p.message_id)
+        {
+            sqlx::query("DELETE FROM turnd_turns WHERE deployment = $1 AND message_id = $2 AND state = 'done'")
                     .bind(d)
                     .bind(m)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("DELETE FROM turnd_outbox WHERE deployment = $1 AND message_id = $2")
-                    .bind(d)
-                    .bind(m)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            sqlx::query("DELETE FROM turnd_outbox WHERE deployment = $1 AND message_id = $2")
+                .bind(d)
+                .bind(m)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(parked)

@@ -79,8 +79,7 @@ mod tests {
 
     #[test]
     fn argv_carries_the_limits_and_loopback_only_network() {
-        let mut c = WorkerConfig::default();
-        c.sandbox = Sandbox::SystemdRun;
+        let mut c = WorkerConfig { sandbox: Sandbox::SystemdRun, ..Default::default() };
         c.limits.memory_max = Some("512M".into());
         c.limits.tasks_max = Some(64);
         let argv = systemd_run_argv(&c).join(" ");
