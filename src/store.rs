@@ -692,14 +692,7 @@ impl Store {
     // ---- relay -----------------------------------------------------------------------------
 
     pub async fn mark_published(&self, ids: &[i64]) -> Result<()> {
-        sqlx::query(
-            "UPDATE turnd_outbox SET published_at = now(), body = NULL
-             WHERE id = ANY($1) AND published_at IS NULL",
-        )
-        .bind(ids)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        mark_published(&self.pool, ids).await
     }
 
     /// Locks a batch of unpublished events at least `min_age` old (younger ones are still in
@@ -737,12 +730,20 @@ impl Store {
         tx: &mut Transaction<'static, Postgres>,
         ids: &[i64],
     ) -> Result<()> {
-        sqlx::query("UPDATE turnd_outbox SET published_at = now(), body = NULL WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+        mark_published(&mut **tx, ids).await
     }
+}
+
+/// Records events as published and drops their bodies (retention keeps key and time only).
+async fn mark_published<'e>(executor: impl sqlx::PgExecutor<'e>, ids: &[i64]) -> Result<()> {
+    sqlx::query(
+        "UPDATE turnd_outbox SET published_at = now(), body = NULL
+         WHERE id = ANY($1) AND published_at IS NULL",
+    )
+    .bind(ids)
+    .execute(executor)
+    .await?;
+    Ok(())
 }
 
 fn timeout_outcome(state: &str) -> Outcome {

@@ -620,17 +620,18 @@ impl Drop for Proxy {
 
 /// GET http://127.0.0.1:<port><path> → (status, body), with a plain HTTP/1.0 request.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    http_exchange(port, &request, Duration::from_secs(10)).await
+}
+
+/// Sends one HTTP/1.0 request and reads the whole response → (status, body).
+async fn http_exchange(port: u16, request: &str, within: Duration) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let mut s = tokio::time::timeout(Duration::from_secs(5), connect).await.ok()?.ok()?;
+    s.write_all(request.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    tokio::time::timeout(within, s.read_to_end(&mut buf)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
@@ -647,25 +648,8 @@ pub fn free_port() -> u16 {
 /// POST http://127.0.0.1:<port><path> with an empty body and, when given, an
 /// `Authorization: Bearer <token>` header → (status, body).
 pub async fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    .ok()?
-    .ok()?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    s.write_all(
-        format!("POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await.ok()?.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Some((status, body))
+    let request =
+        format!("POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n");
+    http_exchange(port, &request, Duration::from_secs(30)).await
 }
