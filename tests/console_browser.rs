@@ -138,9 +138,24 @@ async fn wait_prompt(b: &Browser) -> String {
 }
 
 async fn click_replay(b: &Browser) {
-    let button =
-        b.find(Locator::Css("#detail button[data-action=replay]")).await.expect("a Replay button");
-    button.click().await.expect("click Replay");
+    click(b, "#detail button[data-action=replay]").await;
+}
+
+/// Finds and clicks `css`. The page swaps its live parts every few seconds: an element found
+/// just before a swap is stale by the click, so it is found again and retried (bounded).
+async fn click(b: &Browser, css: &str) {
+    let start = Instant::now();
+    loop {
+        let element =
+            b.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("find {css}: {e:?}"));
+        match element.click().await {
+            Ok(_) => return,
+            Err(e) if start.elapsed() < T && format!("{e:?}").contains("StaleElementReference") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("click {css}: {e:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,12 +243,7 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
         assert!(parked_text.contains("organizationId"), "the reason is shown: {parked_text}");
 
         // Its detail page, through the link.
-        b.find(Locator::Css(&format!("a[href='/parked/{id}']")))
-            .await
-            .expect("link to the detail")
-            .click()
-            .await
-            .expect("click");
+        click(&b, &format!("a[href='/parked/{id}']")).await;
         wait_page(
             T,
             "the detail page",
