@@ -486,23 +486,28 @@ impl Owner<'_> {
                                 }
                             }
                         }
-                        running = Some(self.give(worker.as_mut(), claimed).await);
-                        if let Some(pid) = spawned.take() {
-                            // After the turn is written (off the cold path's critical section):
-                            // record the worker, and restart the stored deadline from the spawn
-                            // — a spawn that waited behind many others (thousands of
+                        let give = self.give(worker.as_mut(), claimed);
+                        running = Some(match spawned.take() {
+                            // While the turn is being written (off the cold path's critical
+                            // section): record the worker, and restart the stored deadline from
+                            // the spawn — a spawn that waited behind many others (thousands of
                             // deployments starting at once) must not eat into it, or the sweep
                             // fails a turn whose worker has only just started.
-                            let _ = tokio::join!(
-                                ctx.store.set_worker(&self.name, self.epoch(), Some(pid)),
-                                ctx.store.extend_deadlines(
-                                    &self.name,
-                                    self.epoch(),
-                                    stored_deadline(config.turn.deadline),
-                                    config.turn.queue_timeout
-                                ),
-                            );
-                        }
+                            Some(pid) => {
+                                let (running, _, _) = tokio::join!(
+                                    give,
+                                    ctx.store.set_worker(&self.name, self.epoch(), Some(pid)),
+                                    ctx.store.extend_deadlines(
+                                        &self.name,
+                                        self.epoch(),
+                                        stored_deadline(config.turn.deadline),
+                                        config.turn.queue_timeout
+                                    ),
+                                );
+                                running
+                            }
+                            None => give.await,
+                        });
                     }
                     Ok(None) => {
                         want_claim = false;
