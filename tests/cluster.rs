@@ -36,29 +36,10 @@ fn assert_one_event_each(client: &Client, ids: &[String]) -> HashMap<String, Eve
     one
 }
 
-/// A log without its ANSI colour sequences.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The lines of a daemon's log that mention `needle` and the turn `message_id`.
 fn log_lines_about(log: &str, needle: &str, message_id: &str) -> usize {
     let field = format!("message_id={message_id}");
-    plain(log)
+    strip_ansi(log)
         .lines()
         .filter(|l| l.contains(needle))
         .filter(|l| l.split_whitespace().any(|w| w == field))

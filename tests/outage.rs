@@ -127,23 +127,6 @@ async fn ready(queue: &str) -> u32 {
     n
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out.trim().to_owned()
-}
-
 async fn readyz(port: u16) -> Option<u16> {
     http_get(port, "/readyz").await.map(|(s, _)| s)
 }

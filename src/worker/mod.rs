@@ -493,6 +493,17 @@ mod tests {
         state_dir: &Path,
         script: &str,
     ) -> Result<Worker, SpawnError> {
+        let command = ["/bin/sh", "-c", script].map(str::to_owned).to_vec();
+        let env = base_env(std::env::vars().filter(|(k, _)| k == "PATH"), &BTreeMap::new());
+        spawn_argv(spawner, state_dir, command, env).await
+    }
+
+    async fn spawn_argv(
+        spawner: &Spawner,
+        state_dir: &Path,
+        command: Vec<String>,
+        base_env: BTreeMap<String, String>,
+    ) -> Result<Worker, SpawnError> {
         let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
         let who = Identity {
             deployment: &name,
@@ -502,8 +513,8 @@ mod tests {
             epoch: Epoch::new(1),
         };
         let spec = WorkerSpec {
-            command: ["/bin/sh", "-c", script].map(str::to_owned).to_vec(),
-            base_env: base_env(std::env::vars().filter(|(k, _)| k == "PATH"), &BTreeMap::new()),
+            command,
+            base_env,
             state_dir: state_dir.to_path_buf(),
             max_line_bytes: 1024,
             turn_deadline: Duration::from_secs(5),
@@ -577,23 +588,8 @@ mod tests {
     async fn a_missing_program_is_a_spawn_error_naming_it() {
         let spawner = Spawner::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
-        let who = Identity {
-            deployment: &name,
-            agent_id: "unit",
-            organization_id: None,
-            conversation_key: "c",
-            epoch: Epoch::new(1),
-        };
-        let spec = WorkerSpec {
-            command: vec!["/nonexistent/worker".to_owned()],
-            base_env: BTreeMap::new(),
-            state_dir: dir.path().to_path_buf(),
-            max_line_bytes: 1024,
-            turn_deadline: Duration::from_secs(5),
-            sandbox_prefix: Vec::new(),
-        };
-        let err = Worker::spawn(&spawner, &spec, &who).await.unwrap_err();
+        let command = vec!["/nonexistent/worker".to_owned()];
+        let err = spawn_argv(&spawner, dir.path(), command, BTreeMap::new()).await.unwrap_err();
         assert!(matches!(err, SpawnError::Exec { .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/worker"), "{err}");
     }

@@ -653,3 +653,21 @@ pub async fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u1
         format!("POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n");
     http_exchange(port, &request, Duration::from_secs(30)).await
 }
+
+/// A log line without its terminal colour codes (CSI: ESC [ parameters final-byte).
+pub fn strip_ansi(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
