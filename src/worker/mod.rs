@@ -6,6 +6,7 @@
 //! and reports everything as [`WorkerEvent`]s, `Exited` always last.
 
 pub mod protocol;
+mod reaper;
 pub mod sandbox;
 mod spawner;
 
@@ -16,11 +17,13 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin};
+use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub use protocol::WorkerLine;
+use reaper::ExitReceiver;
+use spawner::Spawned;
 pub use spawner::Spawner;
 
 use crate::turn::{DeploymentName, Epoch};
@@ -129,7 +132,7 @@ enum Control {
 #[derive(Debug)]
 pub struct Worker {
     pub pid: u32,
-    stdin: Option<ChildStdin>,
+    stdin: Option<pipe::Sender>,
     events: mpsc::Receiver<WorkerEvent>,
     control: mpsc::UnboundedSender<Control>,
     io: Option<JoinHandle<()>>,
@@ -162,20 +165,26 @@ impl Worker {
         ] {
             env.insert(k.to_owned(), v);
         }
-        let mut child = spawner.spawn(argv, env, dir).await?;
-        let pid = child.id().unwrap_or(0);
-        let stdin = child.stdin.take();
+        let Spawned { pid, stdin, stdout, stderr, exit } = spawner.spawn(argv, env, dir).await?;
+        // From here the process is ours to stop whatever fails: the guard kills its group.
+        let process = Process { pid, exit, exited: false };
+        let pid = pid as u32;
+        let registered = |source| SpawnError::Exec { program: argv0(spec), source };
+        let stdin = pipe::Sender::from_owned_fd(stdin).map_err(registered)?;
+        let stdout = pipe::Receiver::from_owned_fd(stdout).map_err(registered)?;
+        let stderr = pipe::Receiver::from_owned_fd(stderr).map_err(registered)?;
         let (tx, events) = mpsc::channel(64);
         let (control, control_rx) = mpsc::unbounded_channel();
         let io = tokio::spawn(io_task(
-            child,
-            pid,
+            process,
+            stdout,
+            stderr,
             who.deployment.clone(),
             spec.max_line_bytes,
             tx,
             control_rx,
         ));
-        Ok(Worker { pid, stdin, events, control, io: Some(io), stop_requested: false })
+        Ok(Worker { pid, stdin: Some(stdin), events, control, io: Some(io), stop_requested: false })
     }
 
     /// Writes one protocol line. An error means the worker is going away; its exit follows.
@@ -244,23 +253,67 @@ fn signal_group(pid: u32, signal: libc::c_int) {
     }
 }
 
+/// The worker's process until it is reaped; dropped before that (runtime shutdown, a failed
+/// set-up), it kills the group so no worker outlives its handle.
+struct Process {
+    pid: libc::pid_t,
+    exit: ExitReceiver,
+    exited: bool,
+}
+
+impl Process {
+    /// SIGKILL to the leader and its group.
+    fn kill(&self) {
+        signal_group(self.pid as u32, libc::SIGKILL);
+        // SAFETY: kill only sends a signal; the pid is not reused before we reap it.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
+
+    /// Cancel-safe: resolves once, with the exit status.
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if self.exited {
+            return Err(io::Error::other("already waited for"));
+        }
+        let status =
+            (&mut self.exit).await.unwrap_or_else(|_| Err(io::Error::other("reaper gone")));
+        self.exited = true;
+        status
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if !self.exited {
+            self.kill();
+        }
+    }
+}
+
+/// Protocol lines arrive in bursts of at most a few; long lines grow the line buffer, not this.
+const STDOUT_BUFFER: usize = 8 * 1024;
+const STDERR_BUFFER: usize = 4 * 1024;
+
+fn argv0(spec: &WorkerSpec) -> String {
+    spec.sandbox_prefix.first().or(spec.command.first()).cloned().unwrap_or_default()
+}
+
 /// After the leader exited: bounded drain of what it wrote before dying.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 async fn io_task(
-    mut child: Child,
-    pid: u32,
+    mut process: Process,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
     deployment: DeploymentName,
     max_line_bytes: usize,
     events: mpsc::Sender<WorkerEvent>,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
+    let pid = process.pid as u32;
     let (stderr_done_tx, stderr_done) = oneshot::channel::<()>();
     let stderr_task = async {
-        if let Some(stderr) = stderr {
-            let mut reader = BufReader::new(stderr);
+        {
+            let mut reader = BufReader::with_capacity(STDERR_BUFFER, stderr);
             let mut buf = Vec::new();
             while let Ok(Some(line)) = read_line(&mut reader, &mut buf, 16 * 1024).await {
                 match line {
@@ -276,8 +329,8 @@ async fn io_task(
         let _ = stderr_done_tx.send(());
     };
     let stdout_task = async {
-        if let Some(stdout) = stdout {
-            let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+        {
+            let mut reader = BufReader::with_capacity(STDOUT_BUFFER, stdout);
             let mut buf = Vec::with_capacity(1024);
             loop {
                 match read_line(&mut reader, &mut buf, max_line_bytes).await {
@@ -308,7 +361,7 @@ async fn io_task(
         loop {
             let kill_at = stopping.map(tokio::time::sleep_until);
             tokio::select! {
-                status = child.wait() => return status,
+                status = process.wait() => return status,
                 cmd = control.recv() => match cmd {
                     Some(Control::Stop(timeout)) => {
                         signal_group(pid, libc::SIGTERM);
@@ -316,9 +369,8 @@ async fn io_task(
                         stopping = Some(stopping.map_or(at, |s| s.min(at)));
                     }
                     Some(Control::Kill) | None => {
-                        signal_group(pid, libc::SIGKILL);
-                        let _ = child.start_kill();
-                        return child.wait().await;
+                        process.kill();
+                        return process.wait().await;
                     }
                 },
                 _ = async { match kill_at { Some(s) => s.await, None => std::future::pending().await } } => {
@@ -582,6 +634,31 @@ mod tests {
         }
         assert!(!w.stop_requested());
         assert!(gone_soon(background_pid(dir.path())).await, "its group is killed after the exit");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_starts_with_default_signals_an_empty_mask_and_its_own_group() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // A bare program name, found in the worker's PATH.
+        let command = [
+            "sh",
+            "-c",
+            "grep -E '^(SigIgn|SigBlk)' /proc/$$/status > sig; ps -o pgid= -p $$ > pgid; exit 0",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let env = base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new());
+        let mut w = spawn_argv(&spawner, dir.path(), command, env).await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(5), w.wait()).await.unwrap();
+        assert_eq!(status.unwrap().0, "exited with code 0");
+        let ws = workspace(dir.path(), None, "unit");
+        let sig = std::fs::read_to_string(ws.join("sig")).unwrap();
+        // Rust ignores SIGPIPE in the daemon; a worker must not inherit that.
+        assert!(sig.contains("SigIgn:\t0000000000000000"), "{sig}");
+        assert!(sig.contains("SigBlk:\t0000000000000000"), "{sig}");
+        let pgid: u32 = std::fs::read_to_string(ws.join("pgid")).unwrap().trim().parse().unwrap();
+        assert_eq!(pgid, w.pid, "leader of its own process group");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

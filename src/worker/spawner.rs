@@ -1,26 +1,44 @@
-//! Spawns worker processes from one thread that lives as long as the daemon.
+//! Starts worker processes from one thread that lives as long as the daemon.
 //!
-//! PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process: a
-//! worker spawned from a tokio blocking-pool thread dies when that thread retires. So every
+//! A worker must die with the daemon (PR_SET_PDEATHSIG), which needs code between fork and
+//! exec, so `posix_spawn` is out; and `fork()` copies the page tables of a daemon holding
+//! thousands of deployments (milliseconds each, and the daemon's CPU at bring-up). So the child
+//! is made the way `posix_spawn` makes it: `clone(CLONE_VM | CLONE_VFORK)` on a small stack of
+//! its own, running only async-signal-safe calls before `execve`.
+//!
+//! PR_SET_PDEATHSIG fires when the *thread* that made the child exits, not the process: a
+//! worker made from a tokio blocking-pool thread would die when that thread retires. So every
 //! spawn happens on this dedicated thread, and the child checks right after `prctl` that its
-//! parent is still the daemon (it may have died between fork and prctl).
+//! parent is still the daemon.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 
-use tokio::process::Child;
 use tokio::sync::oneshot;
 
 use super::SpawnError;
+use super::reaper::{ExitReceiver, Reaper};
+
+/// A started child: the daemon's ends of its stdio pipes, and its exit.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub exit: ExitReceiver,
+}
 
 struct Request {
     argv: Vec<String>,
     env: BTreeMap<String, String>,
     dir: PathBuf,
-    reply: oneshot::Sender<Result<Child, SpawnError>>,
+    reply: oneshot::Sender<Result<Spawned, SpawnError>>,
 }
 
 /// Handle on the spawner thread; cheap to clone.
@@ -35,17 +53,22 @@ impl std::fmt::Debug for Request {
     }
 }
 
+/// The child's stack: it runs a few system calls and `execve`, nothing more.
+const CHILD_STACK_BYTES: usize = 64 * 1024;
+
 impl Spawner {
-    /// Starts the thread; it ends when every handle is dropped. Must be called inside the
-    /// tokio runtime (children are registered with its reactor).
-    pub fn start() -> std::io::Result<Spawner> {
-        let runtime = tokio::runtime::Handle::current();
+    /// Starts the thread; it ends when every handle is dropped.
+    pub fn start() -> io::Result<Spawner> {
+        let reaper = Reaper::get()?;
         let (requests, rx) = std_mpsc::channel::<Request>();
         std::thread::Builder::new().name("turnd-spawner".into()).spawn(move || {
-            let _guard = runtime.enter();
             let daemon_pid = std::process::id() as libc::pid_t;
+            let mut stack = vec![0u8; CHILD_STACK_BYTES];
             while let Ok(req) = rx.recv() {
-                let result = spawn_one(&req.argv, &req.env, &req.dir, daemon_pid);
+                let program = req.argv.first().cloned().unwrap_or_default();
+                let result =
+                    spawn_one(&req.argv, &req.env, &req.dir, daemon_pid, reaper, &mut stack)
+                        .map_err(|source| SpawnError::Exec { program, source });
                 let _ = req.reply.send(result);
             }
         })?;
@@ -57,7 +80,7 @@ impl Spawner {
         argv: Vec<String>,
         env: BTreeMap<String, String>,
         dir: PathBuf,
-    ) -> Result<Child, SpawnError> {
+    ) -> Result<Spawned, SpawnError> {
         let (reply, rx) = oneshot::channel();
         self.requests
             .send(Request { argv, env, dir, reply })
@@ -66,36 +89,212 @@ impl Spawner {
     }
 }
 
+/// Everything the child reads, prepared before `clone`: it may not allocate.
+#[repr(C)]
+struct ChildArgs {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    dir: *const libc::c_char,
+    /// Become the child's fds 0, 1, 2; each ≥ 3, so no dup2 overwrites another.
+    stdio: [RawFd; 3],
+    daemon_pid: libc::pid_t,
+    /// Set by the child when a step before (or the) `execve` failed.
+    errno: libc::c_int,
+}
+
 fn spawn_one(
     argv: &[String],
     env: &BTreeMap<String, String>,
-    dir: &PathBuf,
+    dir: &Path,
     daemon_pid: libc::pid_t,
-) -> Result<Child, SpawnError> {
-    let program = argv.first().cloned().unwrap_or_default();
-    let mut cmd = std::process::Command::new(&program);
-    cmd.args(argv.iter().skip(1))
-        .env_clear()
-        .envs(env)
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // A process group of its own: stopping it stops whatever it started.
-        .process_group(0);
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != daemon_pid {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
+    reaper: &'static Reaper,
+    stack: &mut [u8],
+) -> io::Result<Spawned> {
+    let program = argv.first().map(String::as_str).unwrap_or_default();
+    let path = cstring(resolve(program, env.get("PATH").map(String::as_str))?.as_os_str())?;
+    let argv = argv.iter().map(|a| cstring(OsStr::new(a))).collect::<io::Result<Vec<_>>>()?;
+    let envp = env
+        .iter()
+        .map(|(k, v)| cstring(OsStr::new(&format!("{k}={v}"))))
+        .collect::<io::Result<Vec<_>>>()?;
+    let dir = cstring(dir.as_os_str())?;
+    let argv_ptrs = null_terminated(&argv);
+    let envp_ptrs = null_terminated(&envp);
+
+    let (stdin_child, stdin) = pipe()?;
+    let (stdout, stdout_child) = pipe()?;
+    let (stderr, stderr_child) = pipe()?;
+    let mut args = ChildArgs {
+        path: path.as_ptr(),
+        argv: argv_ptrs.as_ptr(),
+        envp: envp_ptrs.as_ptr(),
+        dir: dir.as_ptr(),
+        stdio: [stdin_child.as_raw_fd(), stdout_child.as_raw_fd(), stderr_child.as_raw_fd()],
+        daemon_pid,
+        errno: 0,
+    };
+    // The stack grows down; its top, 16-byte aligned as the ABI wants.
+    let top = stack.as_mut_ptr_range().end as usize & !15;
+
+    // Held across clone: the reaper finds this child even if it exits at once.
+    let registration = reaper.begin();
+    // No signal handler may run in the child while it shares our memory: block them all
+    // here (the child inherits the mask, resets handlers, then unblocks).
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset operations on local sets; clone runs `child` on `stack`, which outlives
+    // it (CLONE_VFORK: we resume only after the child's execve or _exit), with `args` alive.
+    let pid = unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let pid = libc::clone(
+            child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&raw mut args).cast(),
+        );
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        pid
+    };
+    if pid == -1 {
+        return Err(io::Error::last_os_error());
     }
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.kill_on_drop(true);
-    cmd.spawn().map_err(|source| SpawnError::Exec { program, source })
+    // SAFETY: the child wrote it (if at all) before we resumed; volatile so it is re-read.
+    let errno = unsafe { std::ptr::read_volatile(&raw const args.errno) };
+    if errno != 0 {
+        drop(registration);
+        let mut status = 0;
+        // SAFETY: reaps our own failed child; it has already exited.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let exit = registration.register(pid);
+    Ok(Spawned { pid, stdin, stdout, stderr, exit })
+}
+
+/// Runs in the new process, on its own stack, in our memory, until `execve`: only
+/// async-signal-safe calls, no allocation, no locks.
+extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's ChildArgs, alive and unchanged while we run.
+    unsafe {
+        let args = &mut *arg.cast::<ChildArgs>();
+        // Default dispositions: the daemon's handlers are not the worker's, and Rust's
+        // ignored SIGPIPE would survive execve. The raw call, as libc refuses the signals it
+        // reserves for itself (32, 33), which may be ignored too.
+        let default = [0u64; 4]; // kernel struct sigaction: SIG_DFL, no flags, empty mask
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), 0usize, 8usize);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            fail(args);
+        }
+        // The daemon died before prctl: nobody would kill us.
+        if libc::getppid() != args.daemon_pid {
+            libc::_exit(1);
+        }
+        // A process group of its own: stopping it stops whatever it started.
+        if libc::setpgid(0, 0) != 0 {
+            fail(args);
+        }
+        for (target, fd) in args.stdio.iter().enumerate() {
+            if libc::dup2(*fd, target as libc::c_int) == -1 {
+                fail(args);
+            }
+        }
+        if libc::chdir(args.dir) != 0 {
+            fail(args);
+        }
+        libc::execve(args.path, args.argv, args.envp);
+        fail(args)
+    }
+}
+
+/// Records errno for the parent and ends the child.
+unsafe fn fail(args: &mut ChildArgs) -> ! {
+    // SAFETY: errno is this thread's; `args` is shared with the suspended parent.
+    unsafe {
+        let errno = *libc::__errno_location();
+        std::ptr::write_volatile(
+            &raw mut args.errno,
+            if errno == 0 { libc::EINVAL } else { errno },
+        );
+        libc::_exit(127)
+    }
+}
+
+/// The program as `execve` wants it: a path with a slash is taken as given (relative ones
+/// from the daemon's directory, not the workspace); a bare name is looked up in the worker's
+/// PATH, as a shell would.
+fn resolve(program: &str, path_var: Option<&str>) -> io::Result<PathBuf> {
+    if program.contains('/') {
+        return std::path::absolute(program);
+    }
+    let search = path_var.unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    for dir in search.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(program);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("not found in PATH {search}")))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn cstring(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} contains a NUL byte"))
+    })
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
+}
+
+/// A close-on-exec pipe (read end, write end), both numbered ≥ 3.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((above_stdio(r)?, above_stdio(w)?))
+}
+
+/// A daemon started with 0, 1 or 2 closed could get them from pipe2; the child's dup2 onto
+/// 0..2 must never overwrite one of its own sources.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_names_are_found_in_the_workers_path() {
+        assert_eq!(resolve("sh", Some("/nonexistent:/bin")).unwrap(), Path::new("/bin/sh"));
+        let err = resolve("no-such-program-here", Some("/bin")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("/bin"), "{err}");
+        assert!(resolve("./w", None).unwrap().is_absolute());
+    }
 }

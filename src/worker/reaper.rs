@@ -1,0 +1,154 @@
+//! Collects the exit status of every worker process, for the whole daemon process.
+//!
+//! One thread per process (workers come from several spawners in tests) blocks in
+//! `waitid(P_ALL, WNOWAIT)`, so an exit is seen the moment it happens without a descriptor per
+//! child (a pidfd each would cost 5,000 descriptors at 5,000 workers). It reaps only children
+//! registered with it and leaves any other child of the process to whoever spawned it.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+/// How a registered child ended; an error when it could not be waited for.
+pub(super) type ExitReceiver = oneshot::Receiver<io::Result<ExitStatus>>;
+
+type Waiters = HashMap<libc::pid_t, oneshot::Sender<io::Result<ExitStatus>>>;
+
+pub(super) struct Reaper {
+    waiters: Mutex<Waiters>,
+    registered: Condvar,
+}
+
+/// While a spawner holds this, the reaper cannot look a pid up: a child that exits at once
+/// is still found once registered.
+pub(super) struct Registration<'a> {
+    reaper: &'static Reaper,
+    waiters: MutexGuard<'a, Waiters>,
+}
+
+impl Registration<'_> {
+    pub(super) fn register(mut self, pid: libc::pid_t) -> ExitReceiver {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.insert(pid, tx);
+        drop(self.waiters);
+        self.reaper.registered.notify_one();
+        rx
+    }
+}
+
+/// Not a child the reaper knows yet (another spawner's, or being registered): look again after
+/// this, reaping the known ones by pid meanwhile.
+const FOREIGN_CHILD_BACKOFF: Duration = Duration::from_millis(5);
+
+impl Reaper {
+    /// The process's reaper, started on first use.
+    pub(super) fn get() -> io::Result<&'static Reaper> {
+        static REAPER: OnceLock<&'static Reaper> = OnceLock::new();
+        static START: Mutex<()> = Mutex::new(());
+        if let Some(r) = REAPER.get() {
+            return Ok(r);
+        }
+        let _once = START.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = REAPER.get() {
+            return Ok(r);
+        }
+        let reaper: &'static Reaper = Box::leak(Box::new(Reaper {
+            waiters: Mutex::new(HashMap::new()),
+            registered: Condvar::new(),
+        }));
+        std::thread::Builder::new().name("turnd-reaper".into()).spawn(move || reaper.run())?;
+        let _ = REAPER.set(reaper);
+        Ok(reaper)
+    }
+
+    pub(super) fn begin(&'static self) -> Registration<'static> {
+        Registration { reaper: self, waiters: self.lock() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Waiters> {
+        // The map stays consistent whatever a panicking holder did: inserts and removes only.
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) {
+        loop {
+            {
+                let mut waiters = self.lock();
+                while waiters.is_empty() {
+                    waiters = self.registered.wait(waiters).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child waitable.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let r =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if r == -1 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // No children at all: whatever is registered and gone was reaped by
+                    // someone else.
+                    Some(libc::ECHILD) => collect_by_pid(&mut self.lock()),
+                    _ => std::thread::sleep(FOREIGN_CHILD_BACKOFF),
+                }
+                continue;
+            }
+            // SAFETY: filled in by a successful waitid with WEXITED.
+            let pid = unsafe { info.si_pid() };
+            let mut waiters = self.lock();
+            match waiters.remove(&pid) {
+                Some(tx) => {
+                    drop(waiters);
+                    let _ = tx.send(reap(pid, 0).map(|(_, s)| s));
+                }
+                None => {
+                    // Someone else's child: its owner reaps it. Ours may be behind it in the
+                    // kernel's list, so collect them by pid before looking again.
+                    collect_by_pid(&mut waiters);
+                    drop(waiters);
+                    std::thread::sleep(FOREIGN_CHILD_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+/// Reaps the registered children that are gone, one `waitpid` each.
+fn collect_by_pid(waiters: &mut Waiters) {
+    waiters.retain(|&pid, tx| {
+        let ended = match reap(pid, libc::WNOHANG) {
+            Ok((false, _)) => return true,
+            Ok((true, status)) => Ok(status),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                Err(io::Error::other("reaped by another waiter"))
+            }
+            Err(_) => return true,
+        };
+        // A sender is consumed by send: swap in a closed one.
+        let (closed, _) = oneshot::channel();
+        let _ = std::mem::replace(tx, closed).send(ended);
+        false
+    });
+}
+
+/// `waitpid(pid, flags)`: (reaped, status).
+fn reap(pid: libc::pid_t, flags: libc::c_int) -> io::Result<(bool, ExitStatus)> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes only into `status`.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r == -1 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        return Ok((r == pid, ExitStatus::from_raw(status)));
+    }
+}
