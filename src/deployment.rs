@@ -402,7 +402,8 @@ impl Owner<'_> {
                 return;
             };
             last = Some(session.clone());
-            match session.consume_thread(&self.name).await {
+            // Boxed: a one-off, and the biggest future the owner would otherwise carry while idle.
+            match Box::pin(session.consume_thread(&self.name)).await {
                 Ok((channel, consumer)) => {
                     let nudge = self.nudge.clone();
                     let ended = Arc::new(Notify::new());
@@ -494,19 +495,24 @@ impl Owner<'_> {
                             // deployments starting at once) must not eat into it, or the sweep
                             // fails a turn whose worker has only just started.
                             Some(pid) => {
-                                let (running, _, _) = tokio::join!(
-                                    give,
-                                    ctx.store.set_worker(&self.name, self.epoch(), Some(pid)),
-                                    ctx.store.extend_deadlines(
-                                        &self.name,
-                                        self.epoch(),
-                                        stored_deadline(config.turn.deadline),
-                                        config.turn.queue_timeout
-                                    ),
-                                );
+                                // Boxed, as once per worker: the three futures side by side
+                                // would otherwise size the owner for its whole life.
+                                let (running, _, _) = Box::pin(async {
+                                    tokio::join!(
+                                        give,
+                                        ctx.store.set_worker(&self.name, self.epoch(), Some(pid)),
+                                        ctx.store.extend_deadlines(
+                                            &self.name,
+                                            self.epoch(),
+                                            stored_deadline(config.turn.deadline),
+                                            config.turn.queue_timeout
+                                        ),
+                                    )
+                                })
+                                .await;
                                 running
                             }
-                            None => give.await,
+                            None => Box::pin(give).await,
                         });
                     }
                     Ok(None) => {
@@ -553,7 +559,8 @@ impl Owner<'_> {
                 }
                 _ = self.nudge.notified() => want_claim = true,
                 event = next_event(worker.as_mut()) => match event {
-                    Some(WorkerEvent::Line(line)) => self.on_line(line, &mut running, &mut want_claim, &mut idle_since).await,
+                    // Boxed: the commit inside is the owner's largest future, and it is idle most of the time.
+                    Some(WorkerEvent::Line(line)) => Box::pin(self.on_line(line, &mut running, &mut want_claim, &mut idle_since)).await,
                     Some(WorkerEvent::Invalid(msg)) => {
                         tracing::warn!(deployment = %self.name, "worker wrote a line that is not protocol, ignored: {msg}");
                     }

@@ -274,6 +274,17 @@ impl Store {
         epoch: Epoch,
         owner: &str,
     ) -> Result<Takeover> {
+        // Boxed, like fail_pending: a transaction's future is ~9 KB, and inline it would size
+        // every deployment task that may await it, idle or not.
+        Box::pin(self.take_over_tx(deployment, epoch, owner)).await
+    }
+
+    async fn take_over_tx(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        owner: &str,
+    ) -> Result<Takeover> {
         let mut tx = self.pool.begin().await?;
         let meta: Option<(Option<String>, String, String)> = sqlx::query_as(
             "SELECT organization_id, agent_id, conversation_key FROM turnd_turns
@@ -445,6 +456,16 @@ impl Store {
     /// Fails pending turns of a deployment this daemon owns under `epoch`, in one transaction:
     /// every pending turn (`running_only = false`, the crash fast path) or just the running one.
     pub async fn fail_pending(
+        &self,
+        deployment: &DeploymentName,
+        epoch: Epoch,
+        running_only: bool,
+        outcome: &(dyn Fn(&str) -> Outcome + Sync),
+    ) -> Result<Vec<Committed>> {
+        Box::pin(self.fail_pending_tx(deployment, epoch, running_only, outcome)).await
+    }
+
+    async fn fail_pending_tx(
         &self,
         deployment: &DeploymentName,
         epoch: Epoch,

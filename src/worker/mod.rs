@@ -5,6 +5,7 @@
 //! task that reads stdout (protocol lines, in order), stderr (logged) and waits for the exit,
 //! and reports everything as [`WorkerEvent`]s, `Exited` always last.
 
+mod lines;
 pub mod protocol;
 mod reaper;
 pub mod sandbox;
@@ -16,11 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use lines::{LazyBufReader, read_line};
 pub use protocol::WorkerLine;
 use reaper::ExitReceiver;
 use spawner::Spawned;
@@ -133,7 +135,9 @@ enum Control {
 pub struct Worker {
     pub pid: u32,
     stdin: Option<pipe::Sender>,
-    events: mpsc::Receiver<WorkerEvent>,
+    /// Boxed: a channel keeps a block of 32 slots from the start, 2 KiB of WorkerEvents
+    /// per idle worker; 256 bytes of boxes.
+    events: mpsc::Receiver<Box<WorkerEvent>>,
     control: mpsc::UnboundedSender<Control>,
     io: Option<JoinHandle<()>>,
     stop_requested: bool,
@@ -197,7 +201,7 @@ impl Worker {
 
     /// The next event; `Exited` is the last, after which this returns None.
     pub async fn next_event(&mut self) -> Option<WorkerEvent> {
-        let event = self.events.recv().await;
+        let event = self.events.recv().await.map(|e| *e);
         if event.is_none()
             && let Some(io) = self.io.take()
         {
@@ -289,10 +293,6 @@ impl Drop for Process {
     }
 }
 
-/// Protocol lines arrive in bursts of at most a few; long lines grow the line buffer, not this.
-const STDOUT_BUFFER: usize = 8 * 1024;
-const STDERR_BUFFER: usize = 4 * 1024;
-
 fn argv0(spec: &WorkerSpec) -> String {
     spec.sandbox_prefix.first().or(spec.command.first()).cloned().unwrap_or_default()
 }
@@ -306,14 +306,14 @@ async fn io_task(
     stderr: pipe::Receiver,
     deployment: DeploymentName,
     max_line_bytes: usize,
-    events: mpsc::Sender<WorkerEvent>,
+    events: mpsc::Sender<Box<WorkerEvent>>,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let pid = process.pid as u32;
     let (stderr_done_tx, stderr_done) = oneshot::channel::<()>();
     let stderr_task = async {
         {
-            let mut reader = BufReader::with_capacity(STDERR_BUFFER, stderr);
+            let mut reader = LazyBufReader::new(stderr);
             let mut buf = Vec::new();
             while let Ok(Some(line)) = read_line(&mut reader, &mut buf, 16 * 1024).await {
                 match line {
@@ -330,7 +330,7 @@ async fn io_task(
     };
     let stdout_task = async {
         {
-            let mut reader = BufReader::with_capacity(STDOUT_BUFFER, stdout);
+            let mut reader = LazyBufReader::new(stdout);
             let mut buf = Vec::with_capacity(1024);
             loop {
                 match read_line(&mut reader, &mut buf, max_line_bytes).await {
@@ -339,7 +339,7 @@ async fn io_task(
                             Ok(parsed) => WorkerEvent::Line(parsed),
                             Err(e) => WorkerEvent::Invalid(e.to_string()),
                         };
-                        if events.send(event).await.is_err() {
+                        if events.send(Box::new(event)).await.is_err() {
                             break;
                         }
                     }
@@ -347,7 +347,7 @@ async fn io_task(
                         let msg = format!(
                             "line of {len}+ bytes exceeds worker.max_line_bytes ({max_line_bytes})"
                         );
-                        if events.send(WorkerEvent::Invalid(msg)).await.is_err() {
+                        if events.send(Box::new(WorkerEvent::Invalid(msg))).await.is_err() {
                             break;
                         }
                     }
@@ -406,75 +406,12 @@ async fn io_task(
     };
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, drain).await;
     drop(stderr_done);
-    let _ = events.send(WorkerEvent::Exited(ExitStatusText::from(status))).await;
-}
-
-/// Reads one line into `buf` without ever holding more than `max` bytes. Returns
-/// Some(Ok(line)) without the newline, Some(Err(len)) for an over-long line (skipped up to
-/// its newline), None at EOF. A last line without a newline is returned at EOF.
-async fn read_line<'a, R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    buf: &'a mut Vec<u8>,
-    max: usize,
-) -> io::Result<Option<Result<&'a [u8], usize>>> {
-    buf.clear();
-    let mut overflow = 0usize;
-    loop {
-        let chunk = reader.fill_buf().await?;
-        if chunk.is_empty() {
-            return Ok(if overflow > 0 {
-                Some(Err(overflow))
-            } else if buf.is_empty() {
-                None
-            } else {
-                Some(Ok(&buf[..]))
-            });
-        }
-        let (used, done) = match memchr(chunk) {
-            Some(i) => (i + 1, Some(i)),
-            None => (chunk.len(), None),
-        };
-        let take = done.unwrap_or(used);
-        if overflow == 0 && buf.len() + take <= max {
-            buf.extend_from_slice(&chunk[..take]);
-        } else {
-            overflow = overflow.max(buf.len()) + take;
-            buf.clear();
-        }
-        reader.consume(used);
-        if done.is_some() {
-            if overflow > 0 {
-                return Ok(Some(Err(overflow)));
-            }
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
-            }
-            return Ok(Some(Ok(&buf[..])));
-        }
-    }
-}
-
-fn memchr(haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|&b| b == b'\n')
+    let _ = events.send(Box::new(WorkerEvent::Exited(ExitStatusText::from(status)))).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn read_line_bounds_memory_and_skips_long_lines() {
-        let data = b"short\nthis line is far too long\nok\nlast".to_vec();
-        let mut reader = BufReader::with_capacity(4, &data[..]);
-        let mut buf = Vec::new();
-        let mut got = Vec::new();
-        while let Some(line) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
-            got.push(line.map(|l| String::from_utf8_lossy(l).into_owned()));
-        }
-        // The over-long line's length excludes its newline, like the lines returned.
-        assert_eq!(got, vec![Ok("short".into()), Err(25), Ok("ok".into()), Ok("last".into())]);
-        assert!(buf.capacity() < 64);
-    }
 
     #[test]
     fn worker_env_is_only_path_lang_passthrough_and_config() {
@@ -491,25 +428,6 @@ mod tests {
         assert_eq!(keys, vec!["FOO", "LANG", "PATH", "X"]);
         assert_eq!(env["FOO"], "bar");
         assert_eq!(env["PATH"], "/p");
-    }
-
-    #[tokio::test]
-    async fn read_line_handles_exact_fits_crlf_binary_and_a_long_last_line() {
-        let data = b"12345678\n123456789\nab\r\n\xff\xfe\x00\n0123456789abc".to_vec();
-        let mut reader = BufReader::with_capacity(3, &data[..]);
-        let mut buf = Vec::new();
-        let mut got: Vec<Result<Vec<u8>, usize>> = Vec::new();
-        while let Some(line) = read_line(&mut reader, &mut buf, 8).await.unwrap() {
-            got.push(line.map(<[u8]>::to_vec));
-        }
-        let want: Vec<Result<Vec<u8>, usize>> = vec![
-            Ok(b"12345678".to_vec()),
-            Err(9),
-            Ok(b"ab".to_vec()),
-            Ok(b"\xff\xfe\x00".to_vec()),
-            Err(13),
-        ];
-        assert_eq!(got, want);
     }
 
     #[test]

@@ -449,9 +449,12 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
     let max = levels.last().copied().unwrap_or(2);
     let label =
         format!("scale {}", levels.iter().map(ToString::to_string).collect::<Vec<_>>().join(","));
+    // Where a new conversation's time goes at each size.
+    let wlog = WorkerLog::new()?;
     let extra = [
         ("TURND_WORKER__MAX_WORKERS", (max + 64).to_string()),
         ("TURND_WORKER__IDLE_TIMEOUT", "1h".to_owned()),
+        wlog.env(),
     ];
     let (lt, lw, window, probes) =
         (a.latency_turns, a.latency_warmup, a.bring_up_window, a.cold_probes);
@@ -472,8 +475,8 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 let need = base.fds as f64 + per * level as f64;
                 if need > limit as f64 {
                     let note = format!(
-                        "turnd holds about {per:.1} file descriptors per live deployment (pipes \
-                         and a pidfd per worker); {level} need about {need:.0}, more than its \
+                        "turnd holds about {per:.1} file descriptors per live deployment (its \
+                         stdin, stdout and stderr pipes); {level} need about {need:.0}, more than its \
                          RLIMIT_NOFILE {limit}: expect WORKER_START_FAILED \"Too many open \
                          files\" (systemd: LimitNOFILE=)"
                     );
@@ -509,6 +512,7 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
             let lat_cpu = lat_meter.stop();
             // What one more conversation costs at this size (lock + spawn + reply).
             let mut cold = Vec::with_capacity(probes);
+            let mut measured = Vec::with_capacity(probes);
             for p in 0..probes {
                 let conv = format!("p{li}-{p:04}");
                 let turn = maker.make(&conv, format!("{conv}-00000"), "reply")?;
@@ -516,9 +520,12 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 client.publish_confirmed(&turn).await?;
                 client.wait_for(&turn.message_id).await?;
                 cold.extend(client.latency(&turn.message_id).map(nanos));
+                measured.push((turn.message_id, turn.deployment));
             }
             live += probes;
             let cold = Dist::new(cold);
+            let (cold_phases, cold_phases_human) = wlog.phases(client, &measured, true);
+            notes.push(format!("a new conversation at {level}: {cold_phases_human}"));
             let added = batch.len().max(1);
             let kb_per_deployment = (snap.rss_kb as f64 - base.rss_kb as f64) / (level - 1).max(1) as f64;
             fds_per_deployment = Some((snap.fds as f64 - base.fds as f64) / (level - 1).max(1) as f64);
@@ -578,6 +585,7 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 "latency": lat.json(),
                 "latency_cpu": lat_cpu.json((lw + lt) as usize),
                 "new_conversation": cold.json(),
+                "new_conversation_phases": cold_phases,
                 "perf_data": perf,
                 "perf_data_bring_up": perf_up,
             }));
