@@ -329,10 +329,6 @@ impl Owner<'_> {
 
     async fn run(&self) -> End {
         let ctx = self.ctx();
-        // Another daemon that owned it and did not let go may still run its worker, unaware
-        // that its lock session is gone (see lock::LOSS_NOTICED_WITHIN).
-        let unreleased =
-            ctx.store.owner_of(&self.name).await.ok().flatten().is_some_and(|o| o != ctx.daemon_id);
         let takeover = match ctx.store.take_over(&self.name, self.epoch(), &ctx.daemon_id).await {
             Ok(t) => t,
             Err(e) => {
@@ -341,6 +337,9 @@ impl Owner<'_> {
             }
         };
         ctx.relay.failed("takeover", takeover.failed);
+        // Another daemon that owned it and did not let go may still run its worker, unaware
+        // that its lock session is gone (see lock::LOSS_NOTICED_WITHIN).
+        let unreleased = takeover.previous_owner.is_some_and(|o| o != ctx.daemon_id);
         let Some(meta) = takeover.meta else { return End::Done };
         if let Some(ms) = takeover.backoff_ms {
             let failed = ctx
@@ -447,6 +446,7 @@ impl Owner<'_> {
         let mut running: Option<Running> = None;
         let mut spawned: Option<u32> = None;
         let mut want_claim = true;
+        let mut first_claim = true;
         let mut idle_since = Instant::now();
         let mut draining = false;
         let lost = ctx.locks.lost(self.held.generation);
@@ -460,31 +460,42 @@ impl Owner<'_> {
                 && claim_more
                 && worker.as_ref().is_none_or(|w| !w.stop_requested())
             {
-                match ctx
-                    .store
-                    .claim_next(&self.name, self.epoch(), stored_deadline(config.turn.deadline))
-                    .await
-                {
+                let claim = ctx.store.claim_next(
+                    &self.name,
+                    self.epoch(),
+                    stored_deadline(config.turn.deadline),
+                );
+                // A new owner almost always has a turn waiting: its worker starts while the
+                // first claim runs, off the cold path. Only the first, or a worker stopped for
+                // idleness would be started again and again for nothing.
+                let (claim, started) = if first_claim && worker.is_none() {
+                    let (c, w) =
+                        Box::pin(async { tokio::join!(claim, self.start_worker(who)) }).await;
+                    (c, Some(w))
+                } else {
+                    (claim.await, None)
+                };
+                let speculative = std::mem::take(&mut first_claim) && started.is_some();
+                if let Some(started) = started {
+                    match started {
+                        Ok(w) => {
+                            spawned = Some(w.pid);
+                            worker = Some(w);
+                        }
+                        // The claim may have taken a turn: fail_all answers it with the rest.
+                        Err(message) => return self.start_failed(&message).await,
+                    }
+                }
+                match claim {
                     Ok(Some(claimed)) => {
                         self.set_busy(true);
                         if worker.is_none() {
-                            match Worker::spawn(&ctx.spawner, &ctx.spec, who).await {
+                            match self.start_worker(who).await {
                                 Ok(w) => {
-                                    tracing::debug!(deployment = %self.name, pid = w.pid, epoch = self.epoch().get(), "worker started");
-                                    ctx.relay.metrics().worker_spawns.inc();
                                     spawned = Some(w.pid);
-                                    self.has_worker.store(true, Ordering::Relaxed);
                                     worker = Some(w);
                                 }
-                                Err(e) => {
-                                    tracing::error!(deployment = %self.name, error = %e, "worker could not be started");
-                                    ctx.relay.metrics().worker_exit("start_failed");
-                                    let message = e.to_string();
-                                    self.fail_all("fast", ErrorCode::WorkerStartFailed, &message)
-                                        .await;
-                                    let _ = ctx.store.record_crash(&self.name).await;
-                                    return End::Crashed;
-                                }
+                                Err(message) => return self.start_failed(&message).await,
                             }
                         }
                         let give = self.give(worker.as_mut(), claimed);
@@ -519,8 +530,11 @@ impl Owner<'_> {
                         want_claim = false;
                         self.set_busy(false);
                         idle_since = Instant::now();
-                        if worker.is_none() {
-                            return End::Done;
+                        match worker.as_mut() {
+                            None => return End::Done,
+                            // Started for a turn that was not there after all.
+                            Some(w) if speculative => w.stop(config.worker.stop_timeout),
+                            Some(_) => {}
                         }
                     }
                     Err(e) => {
@@ -642,6 +656,30 @@ impl Owner<'_> {
                 }
             }
         }
+    }
+
+    async fn start_worker(&self, who: &Identity<'_>) -> Result<Worker, String> {
+        let ctx = self.ctx();
+        match Worker::spawn(&ctx.spawner, &ctx.spec, who).await {
+            Ok(w) => {
+                tracing::debug!(deployment = %self.name, pid = w.pid, epoch = self.epoch().get(), "worker started");
+                ctx.relay.metrics().worker_spawns.inc();
+                self.has_worker.store(true, Ordering::Relaxed);
+                Ok(w)
+            }
+            Err(e) => {
+                tracing::error!(deployment = %self.name, error = %e, "worker could not be started");
+                ctx.relay.metrics().worker_exit("start_failed");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// A worker that cannot start fails every pending turn and counts as a crash.
+    async fn start_failed(&self, message: &str) -> End {
+        self.fail_all("fast", ErrorCode::WorkerStartFailed, message).await;
+        let _ = self.ctx().store.record_crash(&self.name).await;
+        End::Crashed
     }
 
     /// Writes a claimed turn to the worker. The write is bounded by the turn's deadline: a

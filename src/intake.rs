@@ -171,23 +171,47 @@ impl Intake {
         } else {
             self.store.arm(&turns, config.turn.queue_timeout).await?
         };
-        // Doorbells for what was armed, one per deployment per batch.
+        // What was armed, one entry per deployment. A deployment owned here is woken in memory
+        // at once (its turn is committed: the owner may claim it now, before the doorbell's
+        // round trip); one owned nowhere gets its owner sought while the doorbells go out.
         let mut rung: Vec<DeploymentName> = Vec::new();
         for (turn, armed) in turns.iter().zip(&armed) {
             if *armed && !rung.contains(&turn.deployment) {
                 rung.push(turn.deployment.clone());
             }
         }
+        let remote: Vec<DeploymentName> =
+            rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
+        let seek_owners = async {
+            if !remote.is_empty() {
+                self.deployments.ensure_owners(remote).await;
+            }
+        };
+        let (finished, ()) =
+            tokio::join!(self.finish_batch(session, batch, &verdicts, &armed, &rung), seek_owners);
+        finished
+    }
+
+    /// The rest of a batch once its turns are armed: a doorbell per deployment (for an owner
+    /// on another daemon, or one still taking the lock), parking, then the acks.
+    async fn finish_batch(
+        &self,
+        session: &Session,
+        batch: &mut Vec<Delivery>,
+        verdicts: &[Verdict],
+        armed: &[bool],
+        rung: &[DeploymentName],
+    ) -> Result<(), BatchError> {
         let mut confirms = Vec::with_capacity(rung.len());
-        for name in &rung {
+        for name in rung {
             let queue = session.names.thread(name);
             let properties = BasicProperties::default().with_delivery_mode(1);
             // Mandatory: a doorbell to a queue that is gone (no owner) comes back instead of
-            // vanishing; ensure_owners below takes care of the ownerless.
+            // vanishing; ensure_owners takes care of the ownerless.
             confirms.push(session.publish("", &queue, true, b"", properties).await?);
         }
         // Parked turns: the parked queue (confirmed), the record, the error event.
-        for (delivery, verdict) in batch.iter().zip(&verdicts) {
+        for (delivery, verdict) in batch.iter().zip(verdicts) {
             if let Verdict::Park { code, reason, attempt, ident } = verdict {
                 self.park(session, delivery, code, reason, *attempt, ident.as_deref()).await?;
             }
@@ -207,13 +231,7 @@ impl Intake {
             "parked",
             verdicts.iter().filter(|v| matches!(v, Verdict::Park { .. })).count() as u64,
         );
-        let mut remote = Vec::new();
-        for name in rung {
-            if !self.deployments.nudge(&name) {
-                remote.push(name);
-            }
-        }
-        for (delivery, verdict) in batch.drain(..).zip(&verdicts) {
+        for (delivery, verdict) in batch.drain(..).zip(verdicts) {
             match verdict {
                 Verdict::Refuse => {
                     delivery
@@ -224,9 +242,6 @@ impl Intake {
                     delivery.ack(BasicAckOptions::default()).await?;
                 }
             }
-        }
-        if !remote.is_empty() {
-            self.deployments.ensure_owners(remote).await;
         }
         Ok(())
     }

@@ -71,6 +71,9 @@ pub struct Takeover {
     pub failed: Vec<Committed>,
     /// Set while the deployment's crash-loop back-off lasts (milliseconds left).
     pub backoff_ms: Option<i64>,
+    /// The daemon recorded as owner before this takeover: None when it was released cleanly
+    /// (or never owned).
+    pub previous_owner: Option<String>,
 }
 
 /// A pending turn failed on some path, with what its event needs.
@@ -286,16 +289,23 @@ impl Store {
         owner: &str,
     ) -> Result<Takeover> {
         let mut tx = self.pool.begin().await?;
-        let meta: Option<(Option<String>, String, String)> = sqlx::query_as(
-            "SELECT organization_id, agent_id, conversation_key FROM turnd_turns
+        let meta: Option<(Option<String>, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT organization_id, agent_id, conversation_key,
+                    (SELECT owner FROM turnd_deployments WHERE deployment = $1)
+             FROM turnd_turns
              WHERE deployment = $1 ORDER BY state = 'done', seq DESC LIMIT 1",
         )
         .bind(deployment.as_str())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((organization_id, agent_id, conversation_key)) = meta else {
+        let Some((organization_id, agent_id, conversation_key, previous_owner)) = meta else {
             tx.commit().await?;
-            return Ok(Takeover { meta: None, failed: Vec::new(), backoff_ms: None });
+            return Ok(Takeover {
+                meta: None,
+                failed: Vec::new(),
+                backoff_ms: None,
+                previous_owner: None,
+            });
         };
         let backoff_ms: Option<Option<i64>> = sqlx::query_scalar(
             "INSERT INTO turnd_deployments (deployment, organization_id, agent_id,
@@ -332,7 +342,7 @@ impl Store {
         tx.commit().await?;
         let meta = Some(DeploymentMeta { organization_id, agent_id, conversation_key });
         let backoff_ms = backoff_ms.flatten().filter(|ms| *ms > 0);
-        Ok(Takeover { meta, failed, backoff_ms })
+        Ok(Takeover { meta, failed, backoff_ms, previous_owner })
     }
 
     /// Claims the oldest queued turn of the deployment for `epoch`, unless a newer epoch owns
@@ -556,16 +566,6 @@ impl Store {
             .await?;
         }
         Ok(ms)
-    }
-
-    /// The daemon recorded as the deployment's owner: None when it was released cleanly
-    /// (or never owned). Read before [`Store::take_over`] replaces it.
-    pub async fn owner_of(&self, deployment: &DeploymentName) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT owner FROM turnd_deployments WHERE deployment = $1")
-            .bind(deployment.as_str())
-            .fetch_optional(&self.pool)
-            .await?
-            .flatten())
     }
 
     /// The owner lets go (after its worker exited, before the advisory lock is released).
