@@ -185,7 +185,7 @@ struct ScaleCli {
     #[arg(long, default_value_t = 256)]
     bring_up_window: usize,
     /// New conversations started one at a time at each level (spawn cost at that size).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 50)]
     cold_probes: usize,
 }
 
@@ -337,7 +337,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     latency_warmup: 30,
                     alter_system: a.alter_system,
                     bring_up_window: a.scale_bring_up_window,
-                    cold_probes: 20,
+                    cold_probes: 50,
                 }));
             }
             steps

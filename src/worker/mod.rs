@@ -555,7 +555,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_worker_starts_with_default_signals_an_empty_mask_and_its_own_group() {
+    async fn a_worker_starts_with_default_signals_in_its_own_group_holding_only_its_stdio() {
         let spawner = Spawner::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
         // A bare program name, found in the worker's PATH.
@@ -577,6 +577,20 @@ mod tests {
         assert!(sig.contains("SigBlk:\t0000000000000000"), "{sig}");
         let pgid: u32 = std::fs::read_to_string(ws.join("pgid")).unwrap().trim().parse().unwrap();
         assert_eq!(pgid, w.pid, "leader of its own process group");
+        // Nothing of the daemon's (database and broker sockets, other workers' pipes), even
+        // with a descriptor open that is not close-on-exec.
+        let leaky = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
+        unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&leaky), libc::F_SETFD, 0) };
+        let command = vec!["/bin/sleep".to_owned(), "30".to_owned()];
+        let mut w = spawn_argv(&spawner, dir.path(), command, BTreeMap::new()).await.unwrap();
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        w.kill();
+        assert_eq!(fds.len(), 3, "{fds:?}");
+        assert!(["0", "1", "2"].iter().all(|n| fds.iter().any(|f| f == n)), "{fds:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

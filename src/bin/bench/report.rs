@@ -267,6 +267,23 @@ fn scale_rows(b: &mut Builder, t: &Value) {
             verdict,
         });
         b.target("scale latency p50 ratio", ratio, Some(SCALE_LATENCY_RATIO_MAX), verdict);
+        // A new conversation is on the turn path too (lock, spawn, first reply).
+        let cold = |l: &Value| num(l, "/new_conversation/p50_ms");
+        let ratio = match (cold(&levels[last]), cold(&levels[0])) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let verdict = ratio.map(|r| r <= SCALE_LATENCY_RATIO_MAX);
+        b.rows.push(Row {
+            label: b.label.clone(),
+            metric: format!("new conversation p50 at {hi} ÷ at {lo}"),
+            turnd: ratio.map_or("?".into(), |r| format!("{r:.2}")),
+            floor: String::new(),
+            ratio: String::new(),
+            target: format!("≤ {SCALE_LATENCY_RATIO_MAX:.1}"),
+            verdict,
+        });
+        b.target("scale new conversation p50 ratio", ratio, Some(SCALE_LATENCY_RATIO_MAX), verdict);
     }
     if let Some(skipped) = t["skipped_levels"].as_array().filter(|s| !s.is_empty()) {
         b.rows.push(Row {
