@@ -52,7 +52,7 @@ pub enum DaemonError {
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let daemon_id = config.daemon.id.clone();
-    raise_nofile_limit();
+    raise_nofile_limit(config.worker.max_workers);
     let store = Store::connect(&config.database, &daemon_id)?;
     let background = CancellationToken::new();
 
@@ -278,21 +278,36 @@ async fn warn_lock_capacity(store: &Store, config: &Config) {
     }
 }
 
-/// Each live worker costs the daemon three pipe descriptors (and a consumer, a lock): raise the
-/// soft open-files limit to the hard one, as a daemon holding thousands of workers needs.
-fn raise_nofile_limit() {
+/// Each live worker costs the daemon three pipe descriptors.
+const FDS_PER_WORKER: u64 = 3;
+/// Database and broker connections, the HTTP listener, logs: what the daemon needs besides.
+const FDS_OWN: u64 = 256;
+
+/// Raises the soft open-files limit to the hard one, as a daemon holding thousands of workers
+/// needs, and says so when even that is short of `worker.max_workers` (each one past it fails
+/// with WORKER_START_FAILED "Too many open files").
+fn raise_nofile_limit(max_workers: usize) {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
             let wanted = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                tracing::warn!(
-                    soft = limit.rlim_cur,
-                    "cannot raise the open-files limit; workers may fail to start past it"
-                );
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                limit.rlim_cur = limit.rlim_max;
             }
         }
+    }
+    let needed = (max_workers as u64).saturating_mul(FDS_PER_WORKER).saturating_add(FDS_OWN);
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            limit = limit.rlim_cur,
+            needed,
+            "worker.max_workers = {max_workers} needs about {needed} open files ({FDS_PER_WORKER} per \
+             worker), more than this daemon may open: workers past the limit fail with \
+             WORKER_START_FAILED; raise LimitNOFILE= (the unit sets 65536) or lower worker.max_workers"
+        );
     }
 }

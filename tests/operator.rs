@@ -273,3 +273,23 @@ async fn json_logs_carry_deployment_and_message_id_and_no_secrets() {
     assert!(with_dep >= 1, "some log lines name the deployment as a field: {log}");
     assert!(!log.contains("s3cret-pw"), "the database password leaked into the log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cap_beyond_the_open_files_limit_is_named_at_start() {
+    let mut cluster = Cluster::new().await;
+    // Three descriptors per worker: a million workers need more than any test machine allows.
+    let i = cluster.start_daemon(&[("TURND_WORKER__MAX_WORKERS", "1000000")]).await;
+    wait_until(T, "the open-files warning", || {
+        let log = strip_ansi(&cluster.daemon_log(i));
+        log.contains("worker.max_workers = 1000000 needs about 3000256 open files")
+            && log.contains("LimitNOFILE=")
+    })
+    .await;
+    // A cap that fits says nothing.
+    let j = cluster.start_daemon(&[("TURND_WORKER__MAX_WORKERS", "8")]).await;
+    let mut client = cluster.client().await;
+    let t = turn("fd", "c", json!({}));
+    client.publish(&t).await;
+    client.wait_for(&[mid(&t)], T).await;
+    assert!(!strip_ansi(&cluster.daemon_log(j)).contains("open files"));
+}
