@@ -223,7 +223,10 @@ impl Deployments {
                 last_active,
                 has_worker,
             };
-            let end = owner.run().await;
+            let end = match panic_message(owner.run()).await {
+                Ok(end) => end,
+                Err(message) => owner.panicked(&message).await,
+            };
             this.finish(name, held, end).await;
         });
     }
@@ -687,6 +690,19 @@ impl Owner<'_> {
         End::Crashed
     }
 
+    /// A bug, not an input: the task's state is gone, but the deployment must not stay
+    /// registered (it would never be adopted) nor its turns wait for the sweep.
+    async fn panicked(&self, message: &str) -> End {
+        tracing::error!(deployment = %self.name, "deployment task panicked: {message}; failing its turns and releasing it");
+        self.ctx().relay.metrics().worker_exit("panic");
+        // The worker's handle went with the unwinding, and its I/O task SIGKILLs the group on
+        // that: give the kill a moment before the lock can go to another daemon.
+        tokio::time::sleep(PANIC_KILL_GRACE).await;
+        self.has_worker.store(false, Ordering::Relaxed);
+        self.fail_all("panic", ErrorCode::WorkerDied, "the daemon hit an internal error").await;
+        End::Crashed
+    }
+
     /// Writes a claimed turn to the worker. The write is bounded by the turn's deadline: a
     /// worker that does not read its stdin (a turn larger than the pipe) is as hung as one that
     /// does not answer, and the deadline branch then stops it. Shutdown's hard stop and the loss
@@ -860,6 +876,21 @@ impl Owner<'_> {
     }
 }
 
+/// After a deployment task panicked: time for its worker's group to be killed.
+const PANIC_KILL_GRACE: Duration = Duration::from_millis(500);
+
+/// Runs `fut`, turning a panic into its message.
+async fn panic_message<T>(fut: impl Future<Output = T>) -> Result<T, String> {
+    use futures_lite::FutureExt;
+    std::panic::AssertUnwindSafe(fut).catch_unwind().await.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned())
+    })
+}
+
 async fn next_event(worker: Option<&mut Worker>) -> Option<WorkerEvent> {
     match worker {
         Some(w) => w.next_event().await,
@@ -871,5 +902,26 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_a_deployment_task_becomes_its_message() {
+        assert_eq!(panic_message(async { 7 }).await, Ok(7));
+        let formatted = panic_message(async {
+            let n = 3;
+            if n == 3 {
+                panic!("bad state {n}");
+            }
+        });
+        assert_eq!(formatted.await, Err("bad state 3".to_owned()));
+        let fixed = panic_message(async { std::panic::panic_any("fixed text") });
+        assert_eq!(fixed.await.unwrap_err(), "fixed text");
+        let other = panic_message(async { std::panic::panic_any(42u8) });
+        assert_eq!(other.await.unwrap_err(), "a panic without a message");
     }
 }

@@ -145,10 +145,11 @@ impl Metrics {
         for outcome in ["armed", "duplicate", "refused", "parked"] {
             m.turns_received.get_or_create(&OutcomeLabel { outcome }).inc_by(0);
         }
-        for reason in ["requested", "died", "start_failed", "lock_lost"] {
+        for reason in ["requested", "died", "start_failed", "lock_lost", "panic"] {
             m.worker_exits.get_or_create(&ReasonLabel { reason }).inc_by(0);
         }
-        for path in ["fast", "sweep", "takeover", "timeout", "shutdown", "lock_lost", "crash_loop"]
+        for path in
+            ["fast", "sweep", "takeover", "timeout", "shutdown", "lock_lost", "crash_loop", "panic"]
         {
             m.turns_failed.get_or_create(&PathLabel { path }).inc_by(0);
         }
