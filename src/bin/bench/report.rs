@@ -255,35 +255,26 @@ fn scale_rows(b: &mut Builder, t: &Value) {
     }
     if levels.len() >= 2 {
         let (lo, hi) = (&levels[0]["deployments"], &levels[last]["deployments"]);
-        let ratio = num(t, "/latency_ratio_p50");
-        let verdict = ratio.map(|r| r <= SCALE_LATENCY_RATIO_MAX);
-        b.rows.push(Row {
-            label: b.label.clone(),
-            metric: format!("latency p50 at {hi} ÷ at {lo}"),
-            turnd: ratio.map_or("?".into(), |r| format!("{r:.2}")),
-            floor: String::new(),
-            ratio: num(t, "/latency_ratio_p99").map_or(String::new(), |r| format!("p99 {r:.2}")),
-            target: format!("≤ {SCALE_LATENCY_RATIO_MAX:.1}"),
-            verdict,
-        });
-        b.target("scale latency p50 ratio", ratio, Some(SCALE_LATENCY_RATIO_MAX), verdict);
+        let p99 = num(t, "/latency_ratio_p99").map_or(String::new(), |r| format!("p99 {r:.2}"));
+        let latency = num(t, "/latency_ratio_p50");
+        b.scale_ratio_row(
+            &format!("latency p50 at {hi} ÷ at {lo}"),
+            "scale latency p50 ratio",
+            latency,
+            p99,
+        );
         // A new conversation is on the turn path too (lock, spawn, first reply).
         let cold = |l: &Value| num(l, "/new_conversation/p50_ms");
-        let ratio = match (cold(&levels[last]), cold(&levels[0])) {
+        let new_conversation = match (cold(&levels[last]), cold(&levels[0])) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
         };
-        let verdict = ratio.map(|r| r <= SCALE_LATENCY_RATIO_MAX);
-        b.rows.push(Row {
-            label: b.label.clone(),
-            metric: format!("new conversation p50 at {hi} ÷ at {lo}"),
-            turnd: ratio.map_or("?".into(), |r| format!("{r:.2}")),
-            floor: String::new(),
-            ratio: String::new(),
-            target: format!("≤ {SCALE_LATENCY_RATIO_MAX:.1}"),
-            verdict,
-        });
-        b.target("scale new conversation p50 ratio", ratio, Some(SCALE_LATENCY_RATIO_MAX), verdict);
+        b.scale_ratio_row(
+            &format!("new conversation p50 at {hi} ÷ at {lo}"),
+            "scale new conversation p50 ratio",
+            new_conversation,
+            String::new(),
+        );
     }
     if let Some(skipped) = t["skipped_levels"].as_array().filter(|s| !s.is_empty()) {
         b.rows.push(Row {
@@ -310,6 +301,28 @@ struct Builder {
 }
 
 impl Builder {
+    /// A figure at the largest scale level over the same at the smallest, judged against the
+    /// issue's turn-path bound.
+    fn scale_ratio_row(
+        &mut self,
+        metric: &str,
+        target_name: &str,
+        ratio: Option<f64>,
+        extra: String,
+    ) {
+        let verdict = ratio.map(|r| r <= SCALE_LATENCY_RATIO_MAX);
+        self.rows.push(Row {
+            label: self.label.clone(),
+            metric: metric.to_owned(),
+            turnd: ratio.map_or("?".into(), |r| format!("{r:.2}")),
+            floor: String::new(),
+            ratio: extra,
+            target: format!("≤ {SCALE_LATENCY_RATIO_MAX:.1}"),
+            verdict,
+        });
+        self.target(target_name, ratio, Some(SCALE_LATENCY_RATIO_MAX), verdict);
+    }
+
     fn target(&mut self, name: &str, value: Option<f64>, limit: Option<f64>, pass: Option<bool>) {
         self.targets.push(json!({ "target": name, "value": value, "limit": limit, "pass": pass }));
     }
