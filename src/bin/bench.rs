@@ -296,6 +296,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         settle: Duration::from_millis(cli.settle_ms),
         perf: cli.perf.clone(),
         daemon_env: cli.daemon_env.clone(),
+        floor: cli.floor.clone(),
     };
     if let Mode::Cleanup = cli.mode {
         return cleanup(&s).await.map(|()| ExitCode::SUCCESS);

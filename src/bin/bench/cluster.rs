@@ -37,6 +37,9 @@ pub struct Settings {
     pub perf: Option<PathBuf>,
     /// Extra TURND_* overrides for every daemon (after the harness's own).
     pub daemon_env: Vec<(String, String)>,
+    /// A built floor-bench (--floor): the scale mode measures its latency at each level too,
+    /// to tell what the broker and database carrying N deployments cost everyone.
+    pub floor: Option<PathBuf>,
 }
 
 /// How the daemon ended.

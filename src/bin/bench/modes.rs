@@ -526,6 +526,22 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
             let cold = Dist::new(cold);
             let (cold_phases, cold_phases_human) = wlog.phases(client, &measured, true);
             notes.push(format!("a new conversation at {level}: {cold_phases_human}"));
+            // The bare steps beside this many live deployments: what the services' load costs
+            // any client, turnd or not.
+            let floor = match &s.floor {
+                Some(path) => {
+                    eprintln!("turnd-bench: floor-bench latency beside {level} live deployments …");
+                    let args = ["latency", "--turns", "200", "--warmup", "20"].map(str::to_owned);
+                    match crate::floor::run(path, &s.amqp_url, &args).await {
+                        Ok(v) => v.pointer("/round_trip").cloned(),
+                        Err(e) => {
+                            notes.push(format!("floor-bench latency at {level}: {e:#}"));
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
             let added = batch.len().max(1);
             let kb_per_deployment = (snap.rss_kb as f64 - base.rss_kb as f64) / (level - 1).max(1) as f64;
             fds_per_deployment = Some((snap.fds as f64 - base.fds as f64) / (level - 1).max(1) as f64);
@@ -586,6 +602,7 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 "latency_cpu": lat_cpu.json((lw + lt) as usize),
                 "new_conversation": cold.json(),
                 "new_conversation_phases": cold_phases,
+                "floor_latency": floor,
                 "perf_data": perf,
                 "perf_data_bring_up": perf_up,
             }));

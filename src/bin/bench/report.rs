@@ -252,16 +252,30 @@ fn scale_rows(b: &mut Builder, t: &Value) {
             &at("new conversation p50 / p99"),
             pair(l, "/new_conversation/p50_ms", "/new_conversation/p99_ms"),
         ));
+        if l["floor_latency"].is_object() {
+            b.rows.push(Row::info(
+                &b.label.clone(),
+                &at("floor-bench latency p50 / p99 beside them"),
+                pair(l, "/floor_latency/p50_ms", "/floor_latency/p99_ms"),
+            ));
+        }
     }
     if levels.len() >= 2 {
         let (lo, hi) = (&levels[0]["deployments"], &levels[last]["deployments"]);
+        // The same ratio for floor-bench, when it ran beside each level: how much of the
+        // growth the loaded services cause for any client.
+        let floor = |l: &Value| num(l, "/floor_latency/p50_ms");
+        let floor_growth = match (floor(&levels[last]), floor(&levels[0])) {
+            (Some(a), Some(b)) if b > 0.0 => format!("; floor-bench p50 {:.2}", a / b),
+            _ => String::new(),
+        };
         let p99 = num(t, "/latency_ratio_p99").map_or(String::new(), |r| format!("p99 {r:.2}"));
         let latency = num(t, "/latency_ratio_p50");
         b.scale_ratio_row(
             &format!("latency p50 at {hi} ÷ at {lo}"),
             "scale latency p50 ratio",
             latency,
-            p99,
+            format!("{p99}{floor_growth}"),
         );
         // A new conversation is on the turn path too (lock, spawn, first reply).
         let cold = |l: &Value| num(l, "/new_conversation/p50_ms");
@@ -273,7 +287,7 @@ fn scale_rows(b: &mut Builder, t: &Value) {
             &format!("new conversation p50 at {hi} ÷ at {lo}"),
             "scale new conversation p50 ratio",
             new_conversation,
-            String::new(),
+            floor_growth.trim_start_matches("; ").to_owned(),
         );
     }
     if let Some(skipped) = t["skipped_levels"].as_array().filter(|s| !s.is_empty()) {
