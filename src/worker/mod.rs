@@ -558,39 +558,43 @@ mod tests {
     async fn a_worker_starts_with_default_signals_in_its_own_group_holding_only_its_stdio() {
         let spawner = Spawner::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        // A bare program name, found in the worker's PATH.
-        let command = [
-            "sh",
-            "-c",
-            "grep -E '^(SigIgn|SigBlk)' /proc/$$/status > sig; ps -o pgid= -p $$ > pgid; exit 0",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let env = base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new());
-        let mut w = spawn_argv(&spawner, dir.path(), command, env).await.unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(5), w.wait()).await.unwrap();
-        assert_eq!(status.unwrap().0, "exited with code 0");
-        let ws = workspace(dir.path(), None, "unit");
-        let sig = std::fs::read_to_string(ws.join("sig")).unwrap();
-        // Rust ignores SIGPIPE in the daemon; a worker must not inherit that.
-        assert!(sig.contains("SigIgn:\t0000000000000000"), "{sig}");
-        assert!(sig.contains("SigBlk:\t0000000000000000"), "{sig}");
-        let pgid: u32 = std::fs::read_to_string(ws.join("pgid")).unwrap().trim().parse().unwrap();
-        assert_eq!(pgid, w.pid, "leader of its own process group");
-        // Nothing of the daemon's (database and broker sockets, other workers' pipes), even
-        // with a descriptor open that is not close-on-exec.
+        // Nothing of the daemon's (database and broker sockets, other workers' pipes) may
+        // reach a worker, even a descriptor that is not close-on-exec.
         let leaky = std::fs::File::open("/dev/null").unwrap();
         // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
         unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&leaky), libc::F_SETFD, 0) };
-        let command = vec!["/bin/sleep".to_owned(), "30".to_owned()];
-        let mut w = spawn_argv(&spawner, dir.path(), command, BTreeMap::new()).await.unwrap();
+        // A bare program name, found in the worker's PATH. `sleep` leaves its mask alone (a
+        // shell blocks every signal around its own forks, so it cannot report its own).
+        let command = vec!["sleep".to_owned(), "30".to_owned()];
+        let env = base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new());
+        let mut w = spawn_argv(&spawner, dir.path(), command, env).await.unwrap();
+        // Spawn returns after the child's execve (CLONE_VFORK): this is sleep's own state.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.pid)).unwrap();
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         w.kill();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("?")
+                .to_owned()
+        };
+        // Rust ignores SIGPIPE in the daemon, and the spawner blocks every signal around the
+        // clone: a worker inherits neither.
+        assert_eq!(field("SigIgn:"), "0000000000000000", "{status}");
+        assert_eq!(field("SigBlk:"), "0000000000000000", "{status}");
+        // /proc/<pid>/stat: "pid (comm) state ppid pgrp …"
+        let pgrp: u32 =
+            stat.rsplit(')').next().unwrap().split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert_eq!(pgrp, w.pid, "leader of its own process group");
         assert_eq!(fds.len(), 3, "{fds:?}");
         assert!(["0", "1", "2"].iter().all(|n| fds.iter().any(|f| f == n)), "{fds:?}");
+        drop(leaky);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -505,9 +505,11 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
             let snap = Snapshot::take(cluster).await;
             let lat_meter = Meter::start(Some(cluster.pid()));
             let perf = Perf::start(s, cluster.pid(), &format!("scale {level} latency"));
-            let lat = one_at_a_time(cluster, client, &mut maker, "lat0", &format!("m{li}-"), lw, lt)
-                .await?
-                .round_trip;
+            let warm = one_at_a_time(cluster, client, &mut maker, "lat0", &format!("m{li}-"), lw, lt)
+                .await?;
+            let (warm_phases, warm_phases_human) = wlog.phases(client, &warm.measured, false);
+            notes.push(format!("a turn of a live conversation at {level}: {warm_phases_human}"));
+            let lat = warm.round_trip;
             let perf = Perf::stop(perf).await;
             let lat_cpu = lat_meter.stop();
             // What one more conversation costs at this size (lock + spawn + reply).
@@ -602,6 +604,7 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 "latency_cpu": lat_cpu.json((lw + lt) as usize),
                 "new_conversation": cold.json(),
                 "new_conversation_phases": cold_phases,
+                "latency_phases": warm_phases,
                 "floor_latency": floor,
                 "perf_data": perf,
                 "perf_data_bring_up": perf_up,
