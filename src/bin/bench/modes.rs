@@ -515,16 +515,20 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
             // What one more conversation costs at this size (lock + spawn + reply).
             let mut cold = Vec::with_capacity(probes);
             let mut measured = Vec::with_capacity(probes);
-            for p in 0..probes {
+            // A few first, unmeasured, as in the cold mode: the first new conversations after a
+            // bring-up or a latency window paid for caches the rest find warm.
+            for p in 0..COLD_PROBE_WARMUP + probes {
                 let conv = format!("p{li}-{p:04}");
                 let turn = maker.make(&conv, format!("{conv}-00000"), "reply")?;
                 cluster.deployments.insert(turn.deployment.clone());
                 client.publish_confirmed(&turn).await?;
                 client.wait_for(&turn.message_id).await?;
-                cold.extend(client.latency(&turn.message_id).map(nanos));
-                measured.push((turn.message_id, turn.deployment));
+                if p >= COLD_PROBE_WARMUP {
+                    cold.extend(client.latency(&turn.message_id).map(nanos));
+                    measured.push((turn.message_id, turn.deployment));
+                }
             }
-            live += probes;
+            live += COLD_PROBE_WARMUP + probes;
             let cold = Dist::new(cold);
             let (cold_phases, cold_phases_human) = wlog.phases(client, &measured, true);
             notes.push(format!("a new conversation at {level}: {cold_phases_human}"));
@@ -653,6 +657,9 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
     })
     .await
 }
+
+/// New conversations started and not measured before the scale mode's probes at each level.
+const COLD_PROBE_WARMUP: usize = 5;
 
 /// The soft RLIMIT_NOFILE of a process, from /proc/<pid>/limits.
 fn nofile_limit(pid: u32) -> Option<u64> {
