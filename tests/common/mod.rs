@@ -286,6 +286,8 @@ pub async fn delete_topology(prefix: &str) {
     };
     let mut queues =
         vec![format!("{prefix}.inbox"), format!("{prefix}.retry"), format!("{prefix}.parked")];
+    // The outage tests' durable reply queue (tests/outage.rs).
+    queues.push(format!("{prefix}.outage-replies"));
     queues.extend((1..10).map(|k| format!("{prefix}.retry.{k}")));
     for q in queues {
         let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
