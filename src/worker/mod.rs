@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use lines::{LazyBufReader, read_line};
@@ -310,49 +310,43 @@ async fn io_task(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let pid = process.pid as u32;
-    let (stderr_done_tx, stderr_done) = oneshot::channel::<()>();
     let stderr_task = async {
-        {
-            let mut reader = LazyBufReader::new(stderr);
-            let mut buf = Vec::new();
-            while let Ok(Some(line)) = read_line(&mut reader, &mut buf, 16 * 1024).await {
-                match line {
-                    Ok(text) => {
-                        tracing::info!(deployment = %deployment, pid, "worker stderr: {}", String::from_utf8_lossy(text).trim_end())
-                    }
-                    Err(len) => {
-                        tracing::warn!(deployment = %deployment, pid, len, "worker stderr line too long; dropped")
-                    }
+        let mut reader = LazyBufReader::new(stderr);
+        let mut buf = Vec::new();
+        while let Ok(Some(line)) = read_line(&mut reader, &mut buf, 16 * 1024).await {
+            match line {
+                Ok(text) => {
+                    tracing::info!(deployment = %deployment, pid, "worker stderr: {}", String::from_utf8_lossy(text).trim_end())
+                }
+                Err(len) => {
+                    tracing::warn!(deployment = %deployment, pid, len, "worker stderr line too long; dropped")
                 }
             }
         }
-        let _ = stderr_done_tx.send(());
     };
     let stdout_task = async {
-        {
-            let mut reader = LazyBufReader::new(stdout);
-            let mut buf = Vec::with_capacity(1024);
-            loop {
-                match read_line(&mut reader, &mut buf, max_line_bytes).await {
-                    Ok(Some(Ok(line))) => {
-                        let event = match protocol::parse_line(line) {
-                            Ok(parsed) => WorkerEvent::Line(parsed),
-                            Err(e) => WorkerEvent::Invalid(e.to_string()),
-                        };
-                        if events.send(Box::new(event)).await.is_err() {
-                            break;
-                        }
+        let mut reader = LazyBufReader::new(stdout);
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            match read_line(&mut reader, &mut buf, max_line_bytes).await {
+                Ok(Some(Ok(line))) => {
+                    let event = match protocol::parse_line(line) {
+                        Ok(parsed) => WorkerEvent::Line(parsed),
+                        Err(e) => WorkerEvent::Invalid(e.to_string()),
+                    };
+                    if events.send(Box::new(event)).await.is_err() {
+                        break;
                     }
-                    Ok(Some(Err(len))) => {
-                        let msg = format!(
-                            "line of {len}+ bytes exceeds worker.max_line_bytes ({max_line_bytes})"
-                        );
-                        if events.send(Box::new(WorkerEvent::Invalid(msg))).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
                 }
+                Ok(Some(Err(len))) => {
+                    let msg = format!(
+                        "line of {len}+ bytes exceeds worker.max_line_bytes ({max_line_bytes})"
+                    );
+                    if events.send(Box::new(WorkerEvent::Invalid(msg))).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
             }
         }
     };
@@ -405,7 +399,6 @@ async fn io_task(
         }
     };
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, drain).await;
-    drop(stderr_done);
     let _ = events.send(Box::new(WorkerEvent::Exited(ExitStatusText::from(status)))).await;
 }
 

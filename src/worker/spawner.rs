@@ -359,18 +359,18 @@ fn dup_onto(source: RawFd, target: RawFd) -> io::Result<()> {
     }
 }
 
-/// A close-on-exec pipe (read end, write end), both numbered ≥ 3.
+/// A close-on-exec pipe (read end, write end).
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills `fds` with two new descriptors we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((above_stdio(r)?, above_stdio(w)?))
+    // Any numbers will do, 0..2 included: the child's ends reach it through the slots.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// A daemon started with 0, 1 or 2 closed could get them from pipe2; the child's dup2 onto
+/// A daemon started with 0, 1 or 2 closed could get them for a slot; the child's dup2 onto
 /// 0..2 must never overwrite one of its own sources.
 fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() > 2 {
