@@ -30,7 +30,7 @@
 //!
 //! 5,000 live deployments need PostgreSQL's lock table to hold 5,000 advisory locks
 //! (max_locks_per_transaction; `scale --alter-system` raises it, effective after a restart)
-//! and about 4 file descriptors per worker in the daemon (RLIMIT_NOFILE, inherited from the
+//! and 3 file descriptors per worker in the daemon (RLIMIT_NOFILE, inherited from the
 //! harness); `scale` says so before it runs into either.
 
 #[path = "bench/client.rs"]
@@ -173,7 +173,7 @@ struct ScaleCli {
     #[arg(long, value_delimiter = ',', default_value = "50,5000")]
     deployments: Vec<usize>,
     /// Latency turns measured at each level.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     latency_turns: u32,
     #[arg(long, default_value_t = 30)]
     latency_warmup: u32,
@@ -185,8 +185,13 @@ struct ScaleCli {
     #[arg(long, default_value_t = 256)]
     bring_up_window: usize,
     /// New conversations started one at a time at each level (spawn cost at that size).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     cold_probes: usize,
+    /// Rounds the latency turns and new conversations are split into at each level; with
+    /// --floor each round is followed by floor-bench's latency, and the ratios are judged on
+    /// the median turnd ÷ floor-bench (the machine's drift between levels cancels).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 #[derive(Args)]
@@ -204,7 +209,7 @@ struct AllArgs {
     crash_trials: usize,
     #[arg(long, value_delimiter = ',', default_value = "50,5000")]
     scale_deployments: Vec<usize>,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     scale_latency_turns: u32,
     /// New conversations in flight while bringing deployments up (0: all at once).
     #[arg(long, default_value_t = 256)]
@@ -338,7 +343,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     latency_warmup: 30,
                     alter_system: a.alter_system,
                     bring_up_window: a.scale_bring_up_window,
-                    cold_probes: 50,
+                    cold_probes: 100,
+                    rounds: 5,
                 }));
             }
             steps
@@ -526,6 +532,7 @@ async fn run_step(s: &Settings, step: &Step) -> Result<Measured> {
                 alter_system: a.alter_system,
                 bring_up_window: a.bring_up_window,
                 cold_probes: a.cold_probes,
+                rounds: a.rounds,
             };
             modes::scale(s, &args).await
         }

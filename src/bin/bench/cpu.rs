@@ -78,6 +78,20 @@ impl Meter {
 }
 
 impl Usage {
+    /// Adds a later window's usage: the scale mode meters its latency windows, not the probes
+    /// and floor-bench runs between them.
+    pub fn add(&mut self, other: &Usage) {
+        self.wall_s += other.wall_s;
+        self.machine_s += other.machine_s;
+        self.bench_s += other.bench_s;
+        self.turnd_s += other.turnd_s;
+        self.workers_s += other.workers_s;
+        self.postgres_s += other.postgres_s;
+        self.rabbitmq_s += other.rabbitmq_s;
+        self.other_s += other.other_s;
+        self.kernel_s += other.kernel_s;
+    }
+
     /// Share of the whole machine (all cores) that other processes used.
     pub fn others_share(&self) -> f64 {
         self.other_s / (self.wall_s * self.cores as f64).max(f64::EPSILON)

@@ -12,8 +12,9 @@ use tokio::process::{Child, Command};
 
 use crate::client::{Client, ExactlyOnce, Turn, Turns};
 use crate::cluster::{Cluster, Settings, admin_connection};
-use crate::cpu::Meter;
-use crate::stats::{Dist, short};
+use crate::cpu::{Meter, Usage};
+use crate::report::num;
+use crate::stats::{Dist, ms, short, short_ms};
 
 /// What one mode produced.
 pub struct Measured {
@@ -184,8 +185,12 @@ struct WorkerLog {
 
 impl WorkerLog {
     fn new() -> Result<WorkerLog> {
-        let dir = std::env::temp_dir()
-            .join(format!("turnd-bench-wlog-{}", uuid::Uuid::new_v4().simple()));
+        // In memory where the machine has it: a worker's first line creates its file, and on
+        // a disk that waits behind the journal's commit of PostgreSQL's fsyncs (up to 200 ms
+        // seen at 5,000 files), which would time the disk, not turnd.
+        let shm = std::path::Path::new("/dev/shm");
+        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        let dir = base.join(format!("turnd-bench-wlog-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         Ok(WorkerLog { dir })
     }
@@ -431,6 +436,9 @@ pub struct ScaleArgs {
     pub bring_up_window: usize,
     /// New conversations started one at a time at each level.
     pub cold_probes: usize,
+    /// Rounds the latency turns and new conversations are split into at each level, each
+    /// followed by a floor-bench latency run when `--floor` is given.
+    pub rounds: usize,
 }
 
 pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
@@ -456,8 +464,8 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
         ("TURND_WORKER__IDLE_TIMEOUT", "1h".to_owned()),
         wlog.env(),
     ];
-    let (lt, lw, window, probes) =
-        (a.latency_turns, a.latency_warmup, a.bring_up_window, a.cold_probes);
+    let (lt, lw, window, probes, rounds) =
+        (a.latency_turns, a.latency_warmup, a.bring_up_window, a.cold_probes, a.rounds.max(1));
     run(s, "scale", label, &extra, async |cluster, client| {
         let mut maker = Turns::default();
         // Deployment 1 of N: the conversation latency is measured on.
@@ -503,51 +511,66 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
             // Measure a quiet daemon: every worker up (spawns may trail the replies).
             let quiet = workers_settle(cluster, level).await;
             let snap = Snapshot::take(cluster).await;
-            let lat_meter = Meter::start(Some(cluster.pid()));
+            // Latency, new conversations and (with --floor) floor-bench's latency in interleaved
+            // rounds: this machine drifts by more than the 20% being judged within a minute, so
+            // every round pairs turnd with the bare steps measured seconds apart.
             let perf = Perf::start(s, cluster.pid(), &format!("scale {level} latency"));
-            let warm = one_at_a_time(cluster, client, &mut maker, "lat0", &format!("m{li}-"), lw, lt)
-                .await?;
-            let (warm_phases, warm_phases_human) = wlog.phases(client, &warm.measured, false);
-            notes.push(format!("a turn of a live conversation at {level}: {warm_phases_human}"));
-            let lat = warm.round_trip;
-            let perf = Perf::stop(perf).await;
-            let lat_cpu = lat_meter.stop();
-            // What one more conversation costs at this size (lock + spawn + reply).
-            let mut cold = Vec::with_capacity(probes);
-            let mut measured = Vec::with_capacity(probes);
-            // A few first, unmeasured, as in the cold mode: the first new conversations after a
-            // bring-up or a latency window paid for caches the rest find warm.
-            for p in 0..COLD_PROBE_WARMUP + probes {
-                let conv = format!("p{li}-{p:04}");
-                let turn = maker.make(&conv, format!("{conv}-00000"), "reply")?;
-                cluster.deployments.insert(turn.deployment.clone());
-                client.publish_confirmed(&turn).await?;
-                client.wait_for(&turn.message_id).await?;
-                if p >= COLD_PROBE_WARMUP {
-                    cold.extend(client.latency(&turn.message_id).map(nanos));
-                    measured.push((turn.message_id, turn.deployment));
+            let mut lat_cpu: Option<Usage> = None;
+            let mut warm_measured = Vec::with_capacity(lt as usize);
+            let mut cold_measured = Vec::with_capacity(probes);
+            let mut round_figures = Vec::with_capacity(rounds);
+            for r in 0..rounds {
+                let meter = Meter::start(Some(cluster.pid()));
+                let warmup = if r == 0 { lw } else { ROUND_WARMUP };
+                let tag = format!("m{li}r{r}-");
+                let warm = one_at_a_time(cluster, client, &mut maker, "lat0", &tag, warmup, share(lt as usize, rounds, r) as u32)
+                    .await?;
+                let used = meter.stop();
+                match &mut lat_cpu {
+                    Some(u) => u.add(&used),
+                    None => lat_cpu = Some(used),
                 }
-            }
-            live += COLD_PROBE_WARMUP + probes;
-            let cold = Dist::new(cold);
-            let (cold_phases, cold_phases_human) = wlog.phases(client, &measured, true);
-            notes.push(format!("a new conversation at {level}: {cold_phases_human}"));
-            // The bare steps beside this many live deployments: what the services' load costs
-            // any client, turnd or not.
-            let floor = match &s.floor {
-                Some(path) => {
-                    eprintln!("turnd-bench: floor-bench latency beside {level} live deployments …");
-                    let args = ["latency", "--turns", "200", "--warmup", "20"].map(str::to_owned);
-                    match crate::floor::run(path, &s.amqp_url, &args).await {
-                        Ok(v) => v.pointer("/round_trip").cloned(),
-                        Err(e) => {
-                            notes.push(format!("floor-bench latency at {level}: {e:#}"));
-                            None
-                        }
+                warm_measured.extend(warm.measured);
+                // What one more conversation costs at this size (lock + spawn + reply). A few
+                // first, unmeasured, as in the cold mode: the first new conversations after a
+                // bring-up or a latency window paid for caches the rest find warm.
+                let skip = if r == 0 { COLD_PROBE_WARMUP } else { 0 };
+                let mut cold = Vec::with_capacity(probes);
+                for p in 0..skip + share(probes, rounds, r) {
+                    let conv = format!("p{li}-{r}-{p:04}");
+                    let turn = maker.make(&conv, format!("{conv}-00000"), "reply")?;
+                    cluster.deployments.insert(turn.deployment.clone());
+                    client.publish_confirmed(&turn).await?;
+                    client.wait_for(&turn.message_id).await?;
+                    live += 1;
+                    if p >= skip {
+                        cold.extend(client.latency(&turn.message_id).map(nanos));
+                        cold_measured.push((turn.message_id, turn.deployment));
                     }
                 }
-                None => None,
+                // The bare steps beside this many live deployments: what the services' load and
+                // the machine's state at this moment cost any client, turnd or not.
+                let floor = match &s.floor {
+                    Some(path) => floor_latency(path, &s.amqp_url, level, r, &mut notes).await,
+                    None => None,
+                };
+                round_figures.push(Round {
+                    latency_p50: warm.round_trip.p50,
+                    new_conversation_p50: Dist::new(cold).p50,
+                    floor,
+                });
+            }
+            let perf = Perf::stop(perf).await;
+            let lat_cpu = lat_cpu.unwrap_or_else(|| Meter::start(None).stop());
+            let pooled = |measured: &[(String, String)]| {
+                Dist::new(measured.iter().filter_map(|(m, _)| client.latency(m).map(nanos)).collect())
             };
+            let (lat, cold) = (pooled(&warm_measured), pooled(&cold_measured));
+            let (warm_phases, warm_phases_human) = wlog.phases(client, &warm_measured, false);
+            notes.push(format!("a turn of a live conversation at {level}: {warm_phases_human}"));
+            let (cold_phases, cold_phases_human) = wlog.phases(client, &cold_measured, true);
+            notes.push(format!("a new conversation at {level}: {cold_phases_human}"));
+            notes.push(format!("rounds at {level}: {}", Round::human(&round_figures)));
             let added = batch.len().max(1);
             let kb_per_deployment = (snap.rss_kb as f64 - base.rss_kb as f64) / (level - 1).max(1) as f64;
             fds_per_deployment = Some((snap.fds as f64 - base.fds as f64) / (level - 1).max(1) as f64);
@@ -605,28 +628,28 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 "thread_queues": snap.queues.map(|q| q.0),
                 "thread_queue_consumers": snap.queues.map(|q| q.1),
                 "latency": lat.json(),
-                "latency_cpu": lat_cpu.json((lw + lt) as usize),
+                "latency_cpu": lat_cpu.json((lw + lt + ROUND_WARMUP * (rounds as u32 - 1)) as usize),
                 "new_conversation": cold.json(),
                 "new_conversation_phases": cold_phases,
                 "latency_phases": warm_phases,
-                "floor_latency": floor,
+                "rounds": round_figures.iter().map(Round::json).collect::<Vec<_>>(),
+                "floor_latency": Round::floor_median(&round_figures),
                 "perf_data": perf,
                 "perf_data_bring_up": perf_up,
             }));
         }
-        let first = &out[0]["latency"];
-        let last = &out[out.len() - 1]["latency"];
-        let ratio = |k: &str| match (last[k].as_f64(), first[k].as_f64()) {
+        let (first, last) = (&out[0], &out[out.len() - 1]);
+        let ratio = |path: &str| match (num(last, path), num(first, path)) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
         };
         let summary = format!(
             "{} deployments on one daemon: lock connections {}, RSS {:.1} kB/deployment, latency p50 {:.2}× and p99 {:.2}× that with {}",
             max,
-            out[out.len() - 1]["lock_connections"],
-            out[out.len() - 1]["rss_kb_per_deployment"].as_f64().unwrap_or(f64::NAN),
-            ratio("p50_ms").unwrap_or(f64::NAN),
-            ratio("p99_ms").unwrap_or(f64::NAN),
+            last["lock_connections"],
+            last["rss_kb_per_deployment"].as_f64().unwrap_or(f64::NAN),
+            ratio("/latency/p50_ms").unwrap_or(f64::NAN),
+            ratio("/latency/p99_ms").unwrap_or(f64::NAN),
             levels[0]
         );
         Ok(Partial {
@@ -645,8 +668,11 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 },
                 "latency_turns": lt,
                 "latency_warmup": lw,
-                "latency_ratio_p50": ratio("p50_ms"),
-                "latency_ratio_p99": ratio("p99_ms"),
+                "rounds": rounds,
+                "latency_ratio_p50": ratio("/latency/p50_ms"),
+                "latency_ratio_p99": ratio("/latency/p99_ms"),
+                "new_conversation_ratio_p50": ratio("/new_conversation/p50_ms"),
+                "floor_latency_ratio_p50": ratio("/floor_latency/p50_ms"),
                 "skipped_levels": skipped,
                 "daemon_nofile_limit": fd_limit,
                 "capacity_note": capacity_note,
@@ -660,6 +686,110 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
 
 /// New conversations started and not measured before the scale mode's probes at each level.
 const COLD_PROBE_WARMUP: usize = 5;
+/// Unmeasured turns before each scale latency round after the first.
+const ROUND_WARMUP: u32 = 5;
+/// floor-bench latency turns (and warm-up) per scale round.
+const FLOOR_ROUND_TURNS: u32 = 100;
+const FLOOR_ROUND_WARMUP: u32 = 10;
+
+/// Round `r`'s share of `total` split over `rounds` (the first rounds take the remainder).
+fn share(total: usize, rounds: usize, r: usize) -> usize {
+    let rounds = rounds.max(1);
+    total / rounds + usize::from(r < total % rounds)
+}
+
+/// One scale round at one level: turnd's p50s and floor-bench's latency right after.
+struct Round {
+    latency_p50: u64,
+    new_conversation_p50: u64,
+    /// floor-bench's round trip (p50_ms, p99_ms …), when it ran.
+    floor: Option<Value>,
+}
+
+impl Round {
+    fn floor_p50_ms(&self) -> Option<f64> {
+        self.floor.as_ref().and_then(|f| num(f, "/p50_ms")).filter(|v| *v > 0.0)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "latency_p50_ms": ms(self.latency_p50),
+            "new_conversation_p50_ms": ms(self.new_conversation_p50),
+            "floor_latency": self.floor,
+        })
+    }
+
+    fn human(rounds: &[Round]) -> String {
+        let each: Vec<String> = rounds
+            .iter()
+            .map(|r| {
+                let floor = r
+                    .floor_p50_ms()
+                    .map_or(String::new(), |f| format!(", floor-bench {}", short_ms(f)));
+                format!(
+                    "latency {}, new conversation {}{floor}",
+                    short(r.latency_p50),
+                    short(r.new_conversation_p50)
+                )
+            })
+            .collect();
+        format!("p50 per round: {}", each.join("; "))
+    }
+
+    /// The median over rounds of floor-bench's p50 and p99 (null when it did not run).
+    fn floor_median(rounds: &[Round]) -> Value {
+        let of = |path: &str| {
+            median(
+                rounds.iter().filter_map(|r| r.floor.as_ref().and_then(|f| num(f, path))).collect(),
+            )
+        };
+        match (of("/p50_ms"), of("/p99_ms")) {
+            (Some(p50), Some(p99)) => {
+                json!({ "p50_ms": p50, "p99_ms": p99, "runs": rounds.iter().filter(|r| r.floor.is_some()).count() })
+            }
+            _ => Value::Null,
+        }
+    }
+}
+
+/// The median (mean of the middle two for an even count); None for no values.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// floor-bench's latency mode beside `level` live deployments, round `r`; a failure is a note.
+async fn floor_latency(
+    path: &std::path::Path,
+    amqp_url: &str,
+    level: usize,
+    r: usize,
+    notes: &mut Vec<String>,
+) -> Option<Value> {
+    eprintln!(
+        "turnd-bench: floor-bench latency beside {level} live deployments (round {}) …",
+        r + 1
+    );
+    let args = [
+        "latency".to_owned(),
+        "--turns".to_owned(),
+        FLOOR_ROUND_TURNS.to_string(),
+        "--warmup".to_owned(),
+        FLOOR_ROUND_WARMUP.to_string(),
+    ];
+    match crate::floor::run(path, amqp_url, &args).await {
+        Ok(v) => v.pointer("/round_trip").cloned(),
+        Err(e) => {
+            notes.push(format!("floor-bench latency at {level}, round {}: {e:#}", r + 1));
+            None
+        }
+    }
+}
 
 /// The soft RLIMIT_NOFILE of a process, from /proc/<pid>/limits.
 fn nofile_limit(pid: u32) -> Option<u64> {
@@ -1072,5 +1202,38 @@ impl Perf {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_share_every_turn() {
+        let shares: Vec<usize> = (0..5).map(|r| share(53, 5, r)).collect();
+        assert_eq!(shares, [11, 11, 11, 10, 10]);
+        assert_eq!(share(7, 0, 0), 7, "no rounds is one round");
+    }
+
+    #[test]
+    fn median_of_rounds() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn floor_bench_median_over_rounds() {
+        let round = |floor_ms: Option<f64>| Round {
+            latency_p50: 1_000_000,
+            new_conversation_p50: 2_000_000,
+            floor: floor_ms.map(|f| json!({ "p50_ms": f, "p99_ms": 2.0 * f })),
+        };
+        let rounds = [round(Some(4.0)), round(None), round(Some(2.0)), round(Some(3.0))];
+        let m = Round::floor_median(&rounds);
+        assert_eq!((m["p50_ms"].as_f64(), m["p99_ms"].as_f64()), (Some(3.0), Some(6.0)));
+        assert_eq!(m["runs"], 3);
+        assert_eq!(Round::floor_median(&[round(None)]), Value::Null, "no floor-bench, no median");
     }
 }

@@ -255,39 +255,44 @@ fn scale_rows(b: &mut Builder, t: &Value) {
         if l["floor_latency"].is_object() {
             b.rows.push(Row::info(
                 &b.label.clone(),
-                &at("floor-bench latency p50 / p99 beside them"),
+                &at(&format!(
+                    "floor-bench latency p50 / p99 beside them (median of {})",
+                    l["floor_latency"]["runs"]
+                )),
                 pair(l, "/floor_latency/p50_ms", "/floor_latency/p99_ms"),
             ));
         }
     }
     if levels.len() >= 2 {
         let (lo, hi) = (&levels[0]["deployments"], &levels[last]["deployments"]);
-        // The same ratio for floor-bench, when it ran beside each level: how much of the
-        // growth the loaded services cause for any client.
-        let floor = |l: &Value| num(l, "/floor_latency/p50_ms");
-        let floor_growth = match (floor(&levels[last]), floor(&levels[0])) {
-            (Some(a), Some(b)) if b > 0.0 => format!("; floor-bench p50 {:.2}", a / b),
+        // The same ratio for floor-bench, run beside each level between turnd's rounds: how
+        // far the machine moved and the loaded services slowed any client. Shown, not used to
+        // correct the verdict: on a machine that swings ±25% from one second to the next the
+        // correction adds floor-bench's own noise to turnd's.
+        let floor = num(t, "/floor_latency_ratio_p50");
+        let rounds = t["rounds"].as_u64().unwrap_or(1);
+        let context = |raw: Option<f64>| match (raw, floor) {
+            (Some(r), Some(f)) if f > 0.0 => format!(
+                "floor-bench {f:.2} beside them (median of {rounds}); net of it {:.2}",
+                r / f
+            ),
             _ => String::new(),
         };
-        let p99 = num(t, "/latency_ratio_p99").map_or(String::new(), |r| format!("p99 {r:.2}"));
         let latency = num(t, "/latency_ratio_p50");
+        let p99 = num(t, "/latency_ratio_p99").map_or(String::new(), |r| format!("p99 {r:.2}; "));
         b.scale_ratio_row(
             &format!("latency p50 at {hi} ÷ at {lo}"),
             "scale latency p50 ratio",
             latency,
-            format!("{p99}{floor_growth}"),
+            format!("{p99}{}", context(latency)),
         );
         // A new conversation is on the turn path too (lock, spawn, first reply).
-        let cold = |l: &Value| num(l, "/new_conversation/p50_ms");
-        let new_conversation = match (cold(&levels[last]), cold(&levels[0])) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
-        };
+        let new_conversation = num(t, "/new_conversation_ratio_p50");
         b.scale_ratio_row(
             &format!("new conversation p50 at {hi} ÷ at {lo}"),
             "scale new conversation p50 ratio",
             new_conversation,
-            floor_growth.trim_start_matches("; ").to_owned(),
+            context(new_conversation),
         );
     }
     if let Some(skipped) = t["skipped_levels"].as_array().filter(|s| !s.is_empty()) {
