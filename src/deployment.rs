@@ -376,7 +376,13 @@ impl Owner<'_> {
             }
         }
         let doorbells = CancellationToken::new();
-        let bell = self.doorbell(doorbells.clone());
+        // The thread queue is declared and consumed once the first turn is over (or there was
+        // none): declaring it beside a new conversation's spawn and first turn made the
+        // broker's work for it part of the first reply's wait. Nothing is missed meanwhile: the
+        // owner claims again after each turn, local turns wake it in memory, and a fresh
+        // consumer looks once.
+        let first_turn_over = Notify::new();
+        let bell = self.doorbell(doorbells.clone(), &first_turn_over);
         tokio::pin!(bell);
         let who = Identity {
             deployment: &self.name,
@@ -386,7 +392,7 @@ impl Owner<'_> {
             epoch: self.epoch(),
         };
         let end = tokio::select! {
-            end = self.serve(&who) => end,
+            end = self.serve(&who, &first_turn_over) => end,
             _ = &mut bell => End::Done,
         };
         doorbells.cancel();
@@ -395,8 +401,12 @@ impl Owner<'_> {
     }
 
     /// Consumes the thread queue for as long as the deployment is owned, across broker
-    /// reconnects; each doorbell wakes the owner.
-    async fn doorbell(&self, stop: CancellationToken) {
+    /// reconnects, from when `first_turn_over` is told; each doorbell wakes the owner.
+    async fn doorbell(&self, stop: CancellationToken, first_turn_over: &Notify) {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = first_turn_over.notified() => {}
+        }
         let broker = &self.ctx().broker;
         let mut last: Option<Arc<crate::broker::Session>> = None;
         loop {
@@ -447,7 +457,7 @@ impl Owner<'_> {
         }
     }
 
-    async fn serve(&self, who: &Identity<'_>) -> End {
+    async fn serve(&self, who: &Identity<'_>, first_turn_over: &Notify) -> End {
         let ctx = self.ctx();
         let config = &ctx.config;
         let mut worker: Option<Worker> = None;
@@ -459,7 +469,12 @@ impl Owner<'_> {
         let mut draining = false;
         let lost = ctx.locks.lost(self.held.generation);
         tokio::pin!(lost);
+        let mut bell_started = false;
         loop {
+            if !bell_started && !first_claim && running.is_none() {
+                first_turn_over.notify_one();
+                bell_started = true;
+            }
             // The token, not just `draining`: a reply handled in the same poll as SIGTERM (or an
             // owner started during shutdown) must not claim one more turn.
             let claim_more = !draining && !ctx.drain.is_cancelled();
