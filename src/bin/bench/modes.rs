@@ -460,7 +460,9 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
     // Where a new conversation's time goes at each size.
     let wlog = WorkerLog::new()?;
     let extra = [
-        ("TURND_WORKER__MAX_WORKERS", (max + 64).to_string()),
+        // Room for every probe: at the cap each new conversation would evict an idle worker
+        // (and scan the registry for it), which is not what this mode measures.
+        ("TURND_WORKER__MAX_WORKERS", (max + COLD_PROBE_WARMUP + a.cold_probes + 64).to_string()),
         ("TURND_WORKER__IDLE_TIMEOUT", "1h".to_owned()),
         wlog.env(),
     ];
@@ -512,8 +514,8 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
             let quiet = workers_settle(cluster, level).await;
             let snap = Snapshot::take(cluster).await;
             // Latency, new conversations and (with --floor) floor-bench's latency in interleaved
-            // rounds: this machine drifts by more than the 20% being judged within a minute, so
-            // every round pairs turnd with the bare steps measured seconds apart.
+            // rounds: on this machine a burst moves one round's samples, not a level's, and
+            // floor-bench runs in the same seconds as turnd (how far the machine moved).
             let perf = Perf::start(s, cluster.pid(), &format!("scale {level} latency"));
             let mut lat_cpu: Option<Usage> = None;
             let mut warm_measured = Vec::with_capacity(lt as usize);
@@ -523,8 +525,9 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 let meter = Meter::start(Some(cluster.pid()));
                 let warmup = if r == 0 { lw } else { ROUND_WARMUP };
                 let tag = format!("m{li}r{r}-");
-                let warm = one_at_a_time(cluster, client, &mut maker, "lat0", &tag, warmup, share(lt as usize, rounds, r) as u32)
-                    .await?;
+                let turns = share(lt as usize, rounds, r) as u32;
+                let warm =
+                    one_at_a_time(cluster, client, &mut maker, "lat0", &tag, warmup, turns).await?;
                 let used = meter.stop();
                 match &mut lat_cpu {
                     Some(u) => u.add(&used),
