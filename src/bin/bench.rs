@@ -10,7 +10,8 @@
 //! - `crash`: a hanging turn's worker is SIGKILLed; kill → WORKER_DIED event;
 //! - `scale`: N live deployments on one daemon (ascending levels on one daemon): bring-up
 //!   time, daemon RSS per deployment, lock-session and database connections, AMQP connections
-//!   and channels, thread queues, and latency and new-conversation cost at each level.
+//!   and channels, thread queues, and latency and new-conversation cost at each level, measured
+//!   in rounds with floor-bench's latency between them (`--rounds`).
 //!
 //! With `--floor <floor-bench>` it runs floor-bench's matching mode right before each turnd
 //! mode and prints each ratio against the targets of issue 7; `--repeat K` alternates K pairs
