@@ -105,7 +105,8 @@ struct Cli {
     #[arg(long = "daemon-env", global = true, value_name = "KEY=VALUE", value_parser = key_value)]
     daemon_env: Vec<(String, String)>,
     /// Run each mode (and its floor-bench counterpart) this many times, alternating, and
-    /// report the median of each figure (scale runs once): steadier ratios on a shared machine.
+    /// report the median of each figure (scale: of its ratios; its per-level rows are from its
+    /// first run): steadier ratios on a shared machine.
     #[arg(long, global = true, default_value_t = 1)]
     repeat: usize,
     /// Exit 2 when a target FAILs (exactly-once violations and errors always exit 1).
@@ -375,8 +376,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     let repeat = cli.repeat.max(1);
     for step in steps {
         let label = step.label();
-        // scale is one long run; the others repeat, each turnd run right after its floor run.
-        let runs = if matches!(step, Step::Scale(_)) { 1 } else { repeat };
+        // Each turnd run right after its floor run; scale runs floor-bench inside its levels.
+        let runs = repeat;
         let mut measured: Vec<Measured> = Vec::new();
         let mut floor_main: Vec<Result<Value, String>> = Vec::new();
         let mut floor_spawn: Vec<Result<Value, String>> = Vec::new();

@@ -271,12 +271,18 @@ fn scale_rows(b: &mut Builder, t: &Value) {
         // correction adds floor-bench's own noise to turnd's.
         let floor = num(t, "/floor_latency_ratio_p50");
         let rounds = t["rounds"].as_u64().unwrap_or(1);
+        // With --repeat, these ratios are medians over whole scale runs (the rows above are
+        // the first run's).
+        let runs = match t["runs"].as_array().map(Vec::len) {
+            Some(n) if n > 1 => format!("median of {n} runs; "),
+            _ => String::new(),
+        };
         let context = |raw: Option<f64>| match (raw, floor) {
             (Some(r), Some(f)) if f > 0.0 => format!(
-                "floor-bench {f:.2} beside them (median of {rounds}); net of it {:.2}",
+                "{runs}floor-bench {f:.2} beside them (median of {rounds}); net of it {:.2}",
                 r / f
             ),
-            _ => String::new(),
+            _ => runs.trim_end_matches("; ").to_owned(),
         };
         let latency = num(t, "/latency_ratio_p50");
         let p99 = num(t, "/latency_ratio_p99").map_or(String::new(), |r| format!("p99 {r:.2}; "));
