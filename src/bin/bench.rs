@@ -190,8 +190,8 @@ struct ScaleCli {
     #[arg(long, default_value_t = 100)]
     cold_probes: usize,
     /// Rounds the latency turns and new conversations are split into at each level; with
-    /// --floor each round is followed by floor-bench's latency, and the ratios are judged on
-    /// the median turnd ÷ floor-bench (the machine's drift between levels cancels).
+    /// --floor each round is followed by floor-bench's latency, whose ratio between levels is
+    /// printed beside turnd's (the verdict stays on turnd's own ratio).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
 }
@@ -377,13 +377,12 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     for step in steps {
         let label = step.label();
         // Each turnd run right after its floor run; scale runs floor-bench inside its levels.
-        let runs = repeat;
         let mut measured: Vec<Measured> = Vec::new();
         let mut floor_main: Vec<Result<Value, String>> = Vec::new();
         let mut floor_spawn: Vec<Result<Value, String>> = Vec::new();
         let mut failure: Option<String> = None;
-        for r in 0..runs {
-            let tag = if runs > 1 { format!(" [run {}/{runs}]", r + 1) } else { String::new() };
+        for r in 0..repeat {
+            let tag = if repeat > 1 { format!(" [run {}/{repeat}]", r + 1) } else { String::new() };
             match &step {
                 Step::Throughput(c, n) => {
                     let (c, n) = (c.to_string(), n.to_string());
