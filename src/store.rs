@@ -279,9 +279,19 @@ impl Store {
     ) -> Result<Takeover> {
         // Boxed, like fail_pending: a transaction's future is ~9 KB, and inline it would size
         // every deployment task that may await it, idle or not.
-        Box::pin(self.take_over_tx(deployment, epoch, owner)).await
+        Box::pin(async {
+            // The common case in one round trip (a new conversation's path; the transaction
+            // took five): nothing runs under an older epoch, so nothing needs failing.
+            match take_over_statement(&self.pool, deployment, epoch, owner, false).await? {
+                TakeoverRow::Stale => self.take_over_tx(deployment, epoch, owner).await,
+                row => Ok(row.into_takeover(Vec::new())),
+            }
+        })
+        .await
     }
 
+    /// A take-over that finds turns still running under an older epoch fails them in the
+    /// transaction that moves the epoch.
     async fn take_over_tx(
         &self,
         deployment: &DeploymentName,
@@ -289,45 +299,7 @@ impl Store {
         owner: &str,
     ) -> Result<Takeover> {
         let mut tx = self.pool.begin().await?;
-        let meta: Option<(Option<String>, String, String, Option<String>)> = sqlx::query_as(
-            "SELECT organization_id, agent_id, conversation_key,
-                    (SELECT owner FROM turnd_deployments WHERE deployment = $1)
-             FROM turnd_turns
-             WHERE deployment = $1 ORDER BY state = 'done', seq DESC LIMIT 1",
-        )
-        .bind(deployment.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((organization_id, agent_id, conversation_key, previous_owner)) = meta else {
-            tx.commit().await?;
-            return Ok(Takeover {
-                meta: None,
-                failed: Vec::new(),
-                backoff_ms: None,
-                previous_owner: None,
-            });
-        };
-        let backoff_ms: Option<Option<i64>> = sqlx::query_scalar(
-            "INSERT INTO turnd_deployments (deployment, organization_id, agent_id,
-                 conversation_key, epoch, owner, since)
-             VALUES ($1, $2, $3, $4, $5, $6, now())
-             ON CONFLICT (deployment) DO UPDATE
-                SET epoch = EXCLUDED.epoch,
-                    owner = EXCLUDED.owner, since = now(), worker_pid = NULL,
-                    worker_started_at = NULL
-                -- A late takeover under an older epoch changes nothing: the fence never
-                -- moves back and the current owner's record stays.
-                WHERE turnd_deployments.epoch < EXCLUDED.epoch
-             RETURNING (EXTRACT(EPOCH FROM (backoff_until - now())) * 1000)::bigint",
-        )
-        .bind(deployment.as_str())
-        .bind(&organization_id)
-        .bind(&agent_id)
-        .bind(&conversation_key)
-        .bind(epoch.get())
-        .bind(owner)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let row = take_over_statement(&mut *tx, deployment, epoch, owner, true).await?;
         let stale = pending_rows(
             &mut tx,
             "WHERE deployment = $1 AND state = 'running' AND epoch < $2",
@@ -340,9 +312,7 @@ impl Store {
         })
         .await?;
         tx.commit().await?;
-        let meta = Some(DeploymentMeta { organization_id, agent_id, conversation_key });
-        let backoff_ms = backoff_ms.flatten().filter(|ms| *ms > 0);
-        Ok(Takeover { meta, failed, backoff_ms, previous_owner })
+        Ok(row.into_takeover(failed))
     }
 
     /// Claims the oldest queued turn of the deployment for `epoch`, unless a newer epoch owns
@@ -776,6 +746,91 @@ fn timeout_outcome(state: &str) -> Outcome {
     } else {
         Outcome::error(ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline")
     }
+}
+
+/// What the take-over statement found.
+enum TakeoverRow {
+    /// The deployment has no turn record at all (nothing to do).
+    NoTurns,
+    /// A turn runs under an older epoch and the statement was not forced: nothing written.
+    Stale,
+    Taken {
+        meta: DeploymentMeta,
+        previous_owner: Option<String>,
+        backoff_ms: Option<i64>,
+    },
+}
+
+impl TakeoverRow {
+    fn into_takeover(self, failed: Vec<Committed>) -> Takeover {
+        match self {
+            TakeoverRow::Taken { meta, previous_owner, backoff_ms } => Takeover {
+                meta: Some(meta),
+                failed,
+                backoff_ms: backoff_ms.filter(|ms| *ms > 0),
+                previous_owner,
+            },
+            TakeoverRow::NoTurns | TakeoverRow::Stale => {
+                Takeover { meta: None, failed, backoff_ms: None, previous_owner: None }
+            }
+        }
+    }
+}
+
+/// Records `epoch` and `owner` for the deployment (never moving the epoch back) and reads what
+/// the owner needs: the conversation's identity from its newest turn, the owner recorded
+/// before (the statement's snapshot predates its own write), the crash-loop back-off left.
+/// Unless `force`, writes nothing when a turn still runs under an older epoch.
+async fn take_over_statement<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    deployment: &DeploymentName,
+    epoch: Epoch,
+    owner: &str,
+    force: bool,
+) -> Result<TakeoverRow> {
+    type Row = (Option<String>, String, String, Option<String>, bool, Option<i64>);
+    let row: Option<Row> = sqlx::query_as(
+        "WITH meta AS (
+             SELECT organization_id, agent_id, conversation_key FROM turnd_turns
+             WHERE deployment = $1 ORDER BY state = 'done', seq DESC LIMIT 1),
+         stale AS (
+             SELECT EXISTS (SELECT 1 FROM turnd_turns
+                            WHERE deployment = $1 AND state = 'running' AND epoch < $2) AS any),
+         up AS (
+             INSERT INTO turnd_deployments (deployment, organization_id, agent_id,
+                 conversation_key, epoch, owner, since)
+             SELECT $1, organization_id, agent_id, conversation_key, $2, $3, now()
+             FROM meta, stale WHERE $4 OR NOT stale.any
+             ON CONFLICT (deployment) DO UPDATE
+                SET epoch = EXCLUDED.epoch,
+                    owner = EXCLUDED.owner, since = now(), worker_pid = NULL,
+                    worker_started_at = NULL
+                -- A late takeover under an older epoch changes nothing: the fence never
+                -- moves back and the current owner's record stays.
+                WHERE turnd_deployments.epoch < EXCLUDED.epoch
+             RETURNING (EXTRACT(EPOCH FROM (backoff_until - now())) * 1000)::bigint AS ms)
+         SELECT meta.organization_id, meta.agent_id, meta.conversation_key,
+                (SELECT owner FROM turnd_deployments WHERE deployment = $1),
+                stale.any, (SELECT ms FROM up)
+         FROM meta, stale",
+    )
+    .bind(deployment.as_str())
+    .bind(epoch.get())
+    .bind(owner)
+    .bind(force)
+    .fetch_optional(executor)
+    .await?;
+    Ok(match row {
+        None => TakeoverRow::NoTurns,
+        Some((.., true, _)) if !force => TakeoverRow::Stale,
+        Some((organization_id, agent_id, conversation_key, previous_owner, _, backoff_ms)) => {
+            TakeoverRow::Taken {
+                meta: DeploymentMeta { organization_id, agent_id, conversation_key },
+                previous_owner,
+                backoff_ms,
+            }
+        }
+    })
 }
 
 async fn pending_rows(

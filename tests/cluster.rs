@@ -337,12 +337,14 @@ async fn a_stale_epoch_reply_is_refused_while_the_current_owner_commits() {
     // The old owner takes the deployment and starts f-1.
     let first = store.take_over(&dep, old, "old-daemon").await.unwrap();
     assert!(first.meta.is_some() && first.failed.is_empty() && first.backoff_ms.is_none());
+    assert_eq!(first.previous_owner, None, "never owned before");
     let c1 = store.claim_next(&dep, old, deadline).await.unwrap().expect("old owner claims f-1");
     assert_eq!(c1.envelope.message_id.as_str(), "f-1");
 
     // A newer epoch takes over: f-1, still running under the old epoch, fails at once.
     let second = store.take_over(&dep, new, "new-daemon").await.unwrap();
     assert_eq!(second.failed.len(), 1, "the stale running turn is failed by the takeover");
+    assert_eq!(second.previous_owner.as_deref(), Some("old-daemon"), "the owner before this one");
     let failed = &second.failed[0].event;
     assert_eq!(failed.message_id.as_str(), "f-1");
     assert_eq!(failed.kind, "error");
@@ -423,6 +425,19 @@ async fn a_stale_epoch_reply_is_refused_while_the_current_owner_commits() {
     );
     assert!(store.claim_next(&dep, old, deadline).await.unwrap().is_none());
     assert_eq!(cluster.pending().await, 0);
+
+    // A newer take-over with nothing running (the one-statement path) moves the fence and
+    // reports the owner before it.
+    let third = store.take_over(&dep, Epoch::new(3), "third-daemon").await.unwrap();
+    assert!(third.meta.is_some() && third.failed.is_empty());
+    assert_eq!(third.previous_owner.as_deref(), Some("new-daemon"));
+    let (epoch, owner): (i64, Option<String>) =
+        sqlx::query_as("SELECT epoch, owner FROM turnd_deployments WHERE deployment = $1")
+            .bind(dep.as_str())
+            .fetch_one(&cluster.pool)
+            .await
+            .unwrap();
+    assert_eq!((epoch, owner.as_deref()), (3, Some("third-daemon")));
 }
 
 // ---- 2. one worker per deployment while a daemon is killed and restarted -------------------
