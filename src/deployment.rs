@@ -124,24 +124,9 @@ impl Deployments {
     /// lock (batched on the lock session) and starts a task for each lock won. A lock held
     /// elsewhere means that daemon's owner consumes the doorbell.
     pub async fn ensure_owners(&self, names: Vec<DeploymentName>) {
-        let won = self.acquire(names).await;
-        self.start_owners(won);
-    }
-
-    /// True when this daemon owns the deployment or is trying its lock.
-    pub fn is_local(&self, name: &DeploymentName) -> bool {
-        self.entries().contains_key(name)
-    }
-
-    /// The first half of [`Self::ensure_owners`]: reserves a slot for each deployment not
-    /// owned here and tries their locks. Every lock won must be handed to
-    /// [`Self::start_owners`] (the slot stays reserved until then). Intake runs this beside
-    /// arming a new conversation's turn, and starts the owners once the turn is committed
-    /// (a take-over reads it).
-    pub async fn acquire(&self, names: Vec<DeploymentName>) -> Vec<(DeploymentName, Held)> {
         let ctx = &self.inner.ctx;
         if ctx.drain.is_cancelled() {
-            return Vec::new();
+            return;
         }
         let mut wanted = Vec::new();
         {
@@ -160,13 +145,16 @@ impl Deployments {
             }
         }
         if wanted.is_empty() {
-            return Vec::new();
+            return;
         }
         let attempts: Vec<_> = wanted.iter().map(|n| ctx.locks.try_acquire(n.lock_key())).collect();
-        let mut won = Vec::new();
-        for (name, attempt) in wanted.into_iter().zip(attempts) {
-            match attempt.await {
-                Ok(Some(held)) => won.push((name, held)),
+        let mut results = Vec::with_capacity(attempts.len());
+        for a in attempts {
+            results.push(a.await);
+        }
+        for (name, result) in wanted.into_iter().zip(results) {
+            match result {
+                Ok(Some(held)) => self.start(name, held),
                 Ok(None) => {
                     ctx.relay.metrics().lock_contention.inc();
                     self.entries().remove(&name);
@@ -176,14 +164,6 @@ impl Deployments {
                     self.entries().remove(&name);
                 }
             }
-        }
-        won
-    }
-
-    /// Starts an owner task for each lock [`Self::acquire`] won.
-    pub fn start_owners(&self, won: Vec<(DeploymentName, Held)>) {
-        for (name, held) in won {
-            self.start(name, held);
         }
     }
 

@@ -160,50 +160,28 @@ impl Intake {
                 _ => None,
             })
             .collect();
-        // Deployments no daemon here owns yet (mostly new conversations): their locks are
-        // tried while the turns are armed, and their owners start once the turns are
-        // committed (a take-over reads them). An owner started for a duplicate finds nothing
-        // queued and stops.
-        let mut seeking: Vec<DeploymentName> = Vec::new();
-        for turn in &turns {
-            if !seeking.contains(&turn.deployment) && !self.deployments.is_local(&turn.deployment) {
-                seeking.push(turn.deployment.clone());
+        let armed = if turns.is_empty() {
+            // Refusing counts an attempt and parking needs its record: neither while
+            // PostgreSQL is away (CONTRACT §4). Arming proves the database by itself; a batch
+            // of refusals alone must ask, or it would be refused over and over in the outage.
+            if !verdicts.is_empty() {
+                self.store.ping().await?;
             }
-        }
-        let arm = async {
-            if turns.is_empty() {
-                // Refusing counts an attempt and parking needs its record: neither while
-                // PostgreSQL is away (CONTRACT §4). Arming proves the database by itself; a
-                // batch of refusals alone must ask, or it would be refused over and over in
-                // the outage.
-                if !verdicts.is_empty() {
-                    self.store.ping().await?;
-                }
-                Ok(Vec::new())
-            } else {
-                self.store.arm(&turns, config.turn.queue_timeout).await
-            }
+            Vec::new()
+        } else {
+            self.store.arm(&turns, config.turn.queue_timeout).await?
         };
-        let (armed, won) = tokio::join!(arm, self.deployments.acquire(seeking.clone()));
-        // Also when arming failed: each lock won must go to an owner, which finds what is
-        // queued, if anything, and otherwise lets go.
-        self.deployments.start_owners(won);
-        let armed = armed?;
         // What was armed, one entry per deployment. A deployment owned here is woken in memory
         // at once (its turn is committed: the owner may claim it now, before the doorbell's
-        // round trip); one whose owner here stopped meanwhile gets its owner sought while the
-        // doorbells go out.
+        // round trip); one owned nowhere gets its owner sought while the doorbells go out.
         let mut rung: Vec<DeploymentName> = Vec::new();
         for (turn, armed) in turns.iter().zip(&armed) {
             if *armed && !rung.contains(&turn.deployment) {
                 rung.push(turn.deployment.clone());
             }
         }
-        let remote: Vec<DeploymentName> = rung
-            .iter()
-            .filter(|name| !seeking.contains(name) && !self.deployments.nudge(name))
-            .cloned()
-            .collect();
+        let remote: Vec<DeploymentName> =
+            rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
         let seek_owners = async {
             if !remote.is_empty() {
                 self.deployments.ensure_owners(remote).await;
