@@ -180,6 +180,9 @@ impl Intake {
                 rung.push(turn.deployment.clone());
             }
         }
+        // Only now, after the commit, are locks tried: an owner on another daemon that is
+        // letting go looks for queued turns once its lock is free (`Deployments::finish`), and
+        // a lock it refused before this commit could leave the turn to adoption.
         let remote: Vec<DeploymentName> =
             rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
         let seek_owners = async {
