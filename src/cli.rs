@@ -13,7 +13,7 @@ use lapin::types::{FieldTable, ShortString};
 
 use crate::broker::{self, Names, Session, json_properties};
 use crate::config::{Config, ConfigError, LogFormat};
-use crate::store::Store;
+use crate::store::{self, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,6 +69,7 @@ pub enum ParkedAction {
         /// Only those parked within this long (e.g. 1h)
         #[arg(long, value_parser = humantime::parse_duration)]
         since: Option<Duration>,
+        /// At most this many (lists stop at 1000)
         #[arg(long, default_value_t = 100)]
         limit: i64,
         #[arg(long)]
@@ -180,7 +181,15 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             d.id, d.hostname, d.pid, d.ready, d.live_workers, d.owned_deployments
         );
     }
-    println!("DEPLOYMENTS ({})", status.deployments.len());
+    if status.owned_deployments > status.deployments.len() as i64 {
+        println!(
+            "DEPLOYMENTS ({}, the first {} by name; the console searches them all)",
+            status.owned_deployments,
+            status.deployments.len()
+        );
+    } else {
+        println!("DEPLOYMENTS ({})", status.deployments.len());
+    }
     println!(
         "  {:<36} {:<24} {:>8} {:>9} {:>7} {:>7}",
         "DEPLOYMENT", "OWNER", "EPOCH", "SINCE", "QUEUED", "RUNNING"
@@ -298,6 +307,12 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
     let store = Store::connect(&config.database, &config.daemon.id)?;
     match action {
         ParkedAction::List { code, since, limit, json } => {
+            if *limit > store::MAX_LIST_ROWS {
+                eprintln!(
+                    "--limit {limit}: lists stop at {} rows; narrow with --code or --since",
+                    store::MAX_LIST_ROWS
+                );
+            }
             let rows = store.parked_list(code.as_deref(), *since, *limit).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -320,12 +335,13 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
             }
         }
         ParkedAction::Show { id, json } => {
-            let Some(p) = store.parked_get(*id).await? else { bail!("no parked turn {id}") };
-            let body = String::from_utf8_lossy(&p.body).into_owned();
+            let Some(turn) = store.parked_get(*id).await? else { bail!("no parked turn {id}") };
+            let body = String::from_utf8_lossy(&turn.body).into_owned();
+            let p = &turn.parked;
             if *json {
-                let mut v = serde_json::to_value(&p)?;
+                let mut v = serde_json::to_value(p)?;
                 v["body"] = body.into();
-                v["headers"] = serde_json::from_str(&p.headers).unwrap_or_default();
+                v["headers"] = serde_json::from_str(&turn.headers).unwrap_or_default();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
@@ -338,20 +354,14 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                     p.attempts,
                     p.age_s,
                     p.replayed_by.as_deref().unwrap_or("-"),
-                    p.headers,
+                    turn.headers,
                     body
                 );
             }
         }
         ParkedAction::Replay { ids, code, since, by } => {
             let ids = match code {
-                Some(code) => store
-                    .parked_list(Some(code), *since, i64::MAX)
-                    .await?
-                    .into_iter()
-                    .filter(|p| p.replayed_by.is_none())
-                    .map(|p| p.id)
-                    .collect(),
+                Some(code) => store.parked_replayable_ids(code, *since).await?,
                 None => ids.clone(),
             };
             if ids.is_empty() {

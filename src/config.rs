@@ -14,7 +14,7 @@
 //!    (`worker.idle_timeout: invalid duration …`);
 //! 4. [`Config::validate`] checks ranges and cross-key rules, again naming the key.
 //!
-//! Secrets (`database.url`, `amqp.url`, `http.admin_token`) live in redacting types
+//! Secrets (`database.url`, `amqp.url`, `http.admin_token`, `http.read_token`) live in redacting types
 //! ([`SecretUrl`], [`Secret`]): `Debug`, `Display` and `Serialize` print `***` for the password,
 //! and only `.expose()` gives the real value.
 //!
@@ -202,15 +202,37 @@ impl Secret {
         &self.0
     }
 
-    /// Whether `candidate` equals the secret, comparing in time that depends only on the
-    /// lengths (for bearer tokens).
+    /// Whether `candidate` equals the secret (for bearer tokens), in constant time: both are
+    /// hashed first and the digests compared without an early exit, so the time depends on
+    /// neither the position of the first wrong byte nor the secret's length.
     pub fn matches(&self, candidate: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
-        if a.len() != b.len() {
-            return false;
-        }
-        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        use sha2::{Digest, Sha256};
+        let a: [u8; 32] = Sha256::digest(self.0.as_bytes()).into();
+        let b: [u8; 32] = Sha256::digest(candidate.as_bytes()).into();
+        constant_time_eq(&a, &b)
     }
+
+    /// HMAC-SHA256 of `message` keyed with the secret (RFC 2104): a value that proves
+    /// knowledge of the secret without containing it (the console's session cookie).
+    pub fn mac(&self, message: &[u8]) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        const BLOCK: usize = 64;
+        let mut key = [0u8; BLOCK];
+        if self.0.len() > BLOCK {
+            key[..32].copy_from_slice(&Sha256::digest(self.0.as_bytes()));
+        } else {
+            key[..self.0.len()].copy_from_slice(self.0.as_bytes());
+        }
+        let pad = |byte: u8| key.map(|k| k ^ byte);
+        let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+        Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+    }
+}
+
+/// Whether two digests are equal, looking at every byte whatever the first difference.
+pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 impl fmt::Debug for Secret {
@@ -610,6 +632,16 @@ pub struct HttpConfig {
     /// A secret: keep it in the environment file as `TURND_HTTP__ADMIN_TOKEN`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<Secret>,
+    /// When set, the console pages and every `/api/v1/` read need it (or the admin token):
+    /// as a bearer token, or entered once on the page's login form. `/metrics`, `/healthz`
+    /// and `/readyz` never need it. A secret, like `admin_token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_token: Option<Secret>,
+    /// A second listener serving only `/metrics`, `/healthz` and `/readyz` (e.g.
+    /// `0.0.0.0:9188` for probes and scraping while `listen` stays on loopback); `None` (an
+    /// empty string in TOML, the default) has none.
+    #[serde(with = "listen_addr")]
+    pub ops_listen: Option<SocketAddr>,
     /// Whether the console shows turn payloads.
     pub show_payloads: bool,
 }
@@ -619,6 +651,8 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
             admin_token: None,
+            read_token: None,
+            ops_listen: None,
             show_payloads: false,
         }
     }
@@ -744,7 +778,16 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
     ("reply", &[("retention", Kind::Text)]),
     ("sweep", &[("interval", Kind::Text), ("adoption_delay", Kind::Text)]),
     ("shutdown", &[("grace", Kind::Text)]),
-    ("http", &[("listen", Kind::Text), ("admin_token", Kind::Text), ("show_payloads", Kind::Toml)]),
+    (
+        "http",
+        &[
+            ("listen", Kind::Text),
+            ("admin_token", Kind::Text),
+            ("read_token", Kind::Text),
+            ("ops_listen", Kind::Text),
+            ("show_payloads", Kind::Toml),
+        ],
+    ),
     ("log", &[("format", Kind::Text), ("level", Kind::Text)]),
 ];
 
@@ -881,8 +924,8 @@ impl Config {
         build(table, None, std::iter::empty())
     }
 
-    /// The effective configuration as TOML, with the passwords of URLs and the admin token
-    /// shown as `***`. Durations are written in humantime form (`"10m"`, `"7days"`).
+    /// The effective configuration as TOML, with the passwords of URLs and the tokens
+    /// (`http.admin_token`, `http.read_token`) shown as `***`. Durations are written in humantime form (`"10m"`, `"7days"`).
     pub fn redacted_toml(&self) -> String {
         toml::to_string(self)
             .unwrap_or_else(|e| format!("# the configuration cannot be shown as TOML: {e}\n"))
@@ -1056,6 +1099,37 @@ impl Config {
                 "http.admin_token",
                 "must not be empty; leave the key out to disable console actions".into(),
             );
+        }
+        if let Some(token) = &self.http.read_token {
+            let t = token.expose();
+            if t.is_empty() {
+                return invalid(
+                    "http.read_token",
+                    "must not be empty; leave the key out to keep console reads open".into(),
+                );
+            }
+            // It travels in an Authorization header and a form field: visible ASCII only.
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return invalid(
+                    "http.read_token",
+                    "must be printable ASCII without spaces (it is sent as a bearer token)".into(),
+                );
+            }
+        }
+        if let (Some(ops), Some(listen)) = (self.http.ops_listen, self.http.listen) {
+            let overlap = ops.ip() == listen.ip()
+                || ops.ip().is_unspecified()
+                || listen.ip().is_unspecified();
+            if ops.port() != 0 && ops.port() == listen.port() && overlap {
+                return invalid(
+                    "http.ops_listen",
+                    format!(
+                        "{ops} and http.listen {listen} cannot both listen on port {}; give \
+                         http.ops_listen a port of its own (e.g. 9188)",
+                        ops.port()
+                    ),
+                );
+            }
         }
 
         // log
@@ -1334,6 +1408,8 @@ mod tests {
         assert_eq!(c.shutdown.grace, Duration::from_secs(30));
         assert_eq!(c.http.listen, Some("127.0.0.1:9187".parse().unwrap()));
         assert_eq!(c.http.admin_token, None);
+        assert_eq!(c.http.read_token, None);
+        assert_eq!(c.http.ops_listen, None);
         assert!(!c.http.show_payloads);
         assert_eq!(c.log.format, LogFormat::Pretty);
         assert_eq!(c.log.level, "info");
@@ -1363,6 +1439,8 @@ mod tests {
                 ("TURND_WORKER__LIMITS", r#"{ memory_max = "2G", tasks_max = 64 }"#),
                 ("TURND_HTTP__LISTEN", ""),
                 ("TURND_HTTP__ADMIN_TOKEN", "tok"),
+                ("TURND_HTTP__READ_TOKEN", "read-tok"),
+                ("TURND_HTTP__OPS_LISTEN", "0.0.0.0:9188"),
                 ("TURND_HTTP__SHOW_PAYLOADS", "true"),
                 ("TURND_LOG__FORMAT", "json"),
             ],
@@ -1383,6 +1461,8 @@ mod tests {
         assert_eq!(c.worker.limits.tasks_max, Some(64));
         assert_eq!(c.http.listen, None);
         assert_eq!(c.http.admin_token.as_ref().map(Secret::expose), Some("tok"));
+        assert_eq!(c.http.read_token.as_ref().map(Secret::expose), Some("read-tok"));
+        assert_eq!(c.http.ops_listen, Some("0.0.0.0:9188".parse().unwrap()));
         assert!(c.http.show_payloads);
         assert_eq!(c.log.format, LogFormat::Json);
     }
@@ -1471,6 +1551,35 @@ mod tests {
         assert_eq!(key, "worker.command");
         let (key, _) = err_key(load("[http]\nlisten = \"localhost\"\n", &[]));
         assert_eq!(key, "http.listen");
+        let (key, msg) = err_key(load("", &[("TURND_HTTP__OPS_LISTEN", "*:9188")]));
+        assert_eq!(key, "http.ops_listen");
+        assert!(msg.contains("TURND_HTTP__OPS_LISTEN"), "{msg}");
+    }
+
+    #[test]
+    fn the_ops_listener_needs_a_port_of_its_own() {
+        for (listen, ops) in [
+            ("127.0.0.1:9187", "127.0.0.1:9187"),
+            ("127.0.0.1:9187", "0.0.0.0:9187"),
+            ("0.0.0.0:9187", "10.0.0.1:9187"),
+            ("[::]:9187", "127.0.0.1:9187"),
+        ] {
+            let toml = format!("[http]\nlisten = \"{listen}\"\nops_listen = \"{ops}\"\n");
+            let (key, msg) = err_key(load(&toml, &[]));
+            assert_eq!(key, "http.ops_listen", "{toml}");
+            assert!(msg.contains("port of its own"), "{msg}");
+        }
+        for (listen, ops) in [
+            ("127.0.0.1:9187", "0.0.0.0:9188"),
+            ("127.0.0.1:9187", "10.0.0.1:9187"),
+            ("", "0.0.0.0:9187"),
+            ("127.0.0.1:0", "0.0.0.0:0"),
+        ] {
+            let toml = format!("[http]\nlisten = \"{listen}\"\nops_listen = \"{ops}\"\n");
+            let c = load(&toml, &[]).unwrap_or_else(|e| panic!("{toml}: {e}"));
+            assert_eq!(c.http.ops_listen, Some(ops.parse().unwrap()));
+        }
+        assert_eq!(load("[http]\nops_listen = \"\"\n", &[]).unwrap().http.ops_listen, None);
     }
 
     #[test]
@@ -1521,6 +1630,9 @@ mod tests {
             ("[daemon]\nid = \"\"", "daemon.id"),
             ("[daemon]\nid = \"a\\nb\"", "daemon.id"),
             ("[http]\nadmin_token = \"\"", "http.admin_token"),
+            ("[http]\nread_token = \"\"", "http.read_token"),
+            ("[http]\nread_token = \"with space\"", "http.read_token"),
+            ("[http]\nread_token = \"caf\\u00e9\"", "http.read_token"),
             ("[log]\nlevel = \"turnd=loud\"", "log.level"),
         ] {
             let (key, _) = err_key(load(toml, &[]));
@@ -1560,12 +1672,15 @@ mod tests {
             &[
                 ("TURND_DATABASE__URL", "postgres://u:secret@h/db?sslmode=require&password=qs"),
                 ("TURND_HTTP__ADMIN_TOKEN", "tok3n-value"),
+                ("TURND_HTTP__READ_TOKEN", "r3ad-value"),
             ],
         )
         .unwrap();
         let text = c.redacted_toml();
         assert!(!text.contains("secret"), "{text}");
         assert!(!text.contains("tok3n"), "{text}");
+        assert!(!text.contains("r3ad"), "{text}");
+        assert!(text.contains("read_token = \"***\""), "{text}");
         assert!(!text.contains("=qs"), "{text}");
         assert!(!text.contains("guest:guest"), "{text}");
         assert!(text.contains("postgres://u:***@h/db"), "{text}");
@@ -1573,7 +1688,10 @@ mod tests {
         assert!(text.contains("sslmode=require"), "{text}");
 
         let debug = format!("{c:?}");
-        assert!(!debug.contains("secret") && !debug.contains("tok3n"), "{debug}");
+        assert!(
+            !debug.contains("secret") && !debug.contains("tok3n") && !debug.contains("r3ad"),
+            "{debug}"
+        );
         assert_eq!(
             format!("{}", c.database.url),
             "postgres://u:***@h/db?sslmode=require&password=***"
@@ -1582,6 +1700,34 @@ mod tests {
         let token = c.http.admin_token.as_ref().unwrap();
         assert_eq!(token.expose(), "tok3n-value");
         assert!(token.matches("tok3n-value") && !token.matches("tok3n-valuE"));
+        assert!(!token.matches("tok3n-valu") && !token.matches("") && !token.matches("r3ad-value"));
+    }
+
+    #[test]
+    fn mac_is_hmac_sha256() {
+        // RFC 4231, test cases 1 and 2 (the second has a key shorter than a block).
+        let key = Secret::new(String::from_utf8(vec![0x0b; 20]).unwrap());
+        assert_eq!(
+            hex::encode(key.mac(b"Hi There")),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
+        assert_eq!(
+            hex::encode(Secret::new("Jefe").mac(b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // A key longer than a block is hashed first; one of exactly a block is not (values
+        // from Python's hmac module).
+        assert_eq!(
+            hex::encode(
+                Secret::new("*".repeat(131))
+                    .mac(b"Test Using Larger Than Block-Size Key - Hash Key First")
+            ),
+            "a879fe293ec4822a32e30037ac471452fbecd684d14d8c2b72a0743f6c2f40a6"
+        );
+        assert_eq!(
+            hex::encode(Secret::new("*".repeat(64)).mac(b"m")),
+            "33db77b477fbed80a24d7d01fae5d372acebf47f3fe44d4857c3f6bf79f51811"
+        );
     }
 
     #[test]
@@ -1598,13 +1744,14 @@ mod tests {
         assert!(text.contains("retention = \"7days\""), "{text}");
     }
 
-    /// The example file has every key, and (but for the three commented-out examples) with
+    /// The example file has every key, and (but for the four commented-out examples) with
     /// its default value.
     #[test]
     fn example_file_equals_the_defaults() {
         let mut c = Config::from_toml_str(EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
         let d = Config::default();
         assert_eq!(c.http.admin_token, None);
+        assert_eq!(c.http.read_token, None);
         c.daemon.id = d.daemon.id.clone();
         c.worker.command = d.worker.command.clone();
         assert_eq!(c, d);
@@ -1613,7 +1760,7 @@ mod tests {
     #[test]
     fn example_file_has_every_key() {
         let table: Table = EXAMPLE.parse().unwrap();
-        let commented = ["daemon.id", "worker.command", "http.admin_token"];
+        let commented = ["daemon.id", "worker.command", "http.admin_token", "http.read_token"];
         for (section, keys) in KEYS {
             // the text of this section: from its header to the next one
             let header = format!("\n[{section}]\n");
@@ -1647,6 +1794,7 @@ mod tests {
     fn key_list_matches_the_structs() {
         let mut d = Config::default();
         d.http.admin_token = Some(Secret::new("x"));
+        d.http.read_token = Some(Secret::new("y"));
         let table = Table::try_from(&d).unwrap();
         let from_structs: BTreeSet<(String, String, bool)> = table
             .iter()

@@ -8,6 +8,7 @@
 //!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>)
 //!  ├─ sweep                    (deadlines, adoption, retention, daemon heartbeat)
 //!  ├─ relay                    (outbox → <prefix>.replies)
+//!  ├─ http                     (console listener; the ops listener when configured)
 //!  └─ deployments ──(many)──► deployment task ──► worker process
 //! ```
 //!
@@ -127,9 +128,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         locks: locks.clone(),
         metrics: metrics.clone(),
     };
+    let state = http::AppState::new(health.clone(), config.clone());
     if let Some(addr) = config.http.listen {
-        let state = http::AppState::new(health.clone(), config.clone());
-        tasks.spawn(http::serve(addr, state, background.clone()).await?);
+        tasks.spawn(http::serve(addr, state.clone(), background.clone()).await?);
+    }
+    if let Some(addr) = config.http.ops_listen {
+        tasks.spawn(http::serve_ops(addr, state, background.clone()).await?);
     }
     let notifier = Notifier::from_env();
     warn_lock_capacity(&store, &config).await;

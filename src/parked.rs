@@ -5,7 +5,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::broker::{self, Names, Session, json_properties, long_string};
 use crate::config::Config;
-use crate::store::{Parked, Store, StoreError};
+use crate::store::{ParkedTurn, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParkedError {
@@ -64,19 +64,23 @@ pub async fn replay(
     Ok(results)
 }
 
-async fn publish(publisher: &lapin::Channel, names: &Names, p: &Parked) -> Result<(), ParkedError> {
+async fn publish(
+    publisher: &lapin::Channel,
+    names: &Names,
+    p: &ParkedTurn,
+) -> Result<(), ParkedError> {
     let mut properties = json_properties();
     let headers = replay_headers(&p.headers);
     if !headers.inner().is_empty() {
         properties = properties.with_headers(headers);
     }
-    if let Some(m) = &p.message_id {
+    if let Some(m) = &p.parked.message_id {
         properties = properties.with_message_id(ShortString::from(m.as_str()));
     }
     let confirm = publisher
         .basic_publish(
             names.turns().as_str().into(),
-            p.routing_key.as_str().into(),
+            p.parked.routing_key.as_str().into(),
             lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() },
             &p.body,
             properties,

@@ -30,6 +30,17 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The most rows any list query returns (parked turns, deployments, daemons, event buckets),
+/// whatever limit a caller asks for: a list answers "what is there", never "give me all of
+/// it", so one request cannot make a daemon read and render an unbounded result. Paging past
+/// it is by filter (`code`, `q`, `since`), not by size.
+pub const MAX_LIST_ROWS: i64 = 1000;
+
+/// `asked` clamped to 1..=[`MAX_LIST_ROWS`].
+pub fn list_limit(asked: i64) -> i64 {
+    asked.clamp(1, MAX_LIST_ROWS)
+}
+
 /// Bounded batches keep each sweep transaction short: locks held for milliseconds, not seconds.
 const FAIL_BATCH: i64 = 500;
 /// Crash-loop guard: this many unrequested worker exits within the window start a back-off…
@@ -944,8 +955,12 @@ async fn finish_pending(
 /// The cluster as the database sees it, for `turnd status`.
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
+    /// At most [`MAX_LIST_ROWS`], by id.
     pub daemons: Vec<DaemonStatus>,
+    /// Owned deployments by name, at most [`MAX_LIST_ROWS`] of them…
     pub deployments: Vec<DeploymentStatus>,
+    /// …of this many.
+    pub owned_deployments: i64,
     pub pending: PendingStatus,
     pub unpublished_events: i64,
 }
@@ -993,9 +1008,10 @@ impl Store {
              FROM turnd_daemons d
              WHERE d.stopped_at IS NULL
                AND d.heartbeat_at > now() - $1::bigint * interval '1 millisecond'
-             ORDER BY d.id",
+             ORDER BY d.id LIMIT $2",
         )
         .bind(millis(live_within))
+        .bind(MAX_LIST_ROWS)
         .fetch_all(&self.pool)
         .await?;
         let deployments = sqlx::query_as(
@@ -1006,10 +1022,15 @@ impl Store {
              FROM turnd_deployments d
              LEFT JOIN turnd_turns t ON t.deployment = d.deployment AND t.state <> 'done'
              WHERE d.owner IS NOT NULL
-             GROUP BY d.deployment ORDER BY d.deployment",
+             GROUP BY d.deployment ORDER BY d.deployment LIMIT $1",
         )
+        .bind(MAX_LIST_ROWS)
         .fetch_all(&self.pool)
         .await?;
+        let owned_deployments =
+            sqlx::query_scalar("SELECT count(*) FROM turnd_deployments WHERE owner IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
         let pending = sqlx::query_as(
             "SELECT count(*) FILTER (WHERE state = 'queued') AS queued,
                     count(*) FILTER (WHERE state = 'running') AS running,
@@ -1022,11 +1043,13 @@ impl Store {
             sqlx::query_scalar("SELECT count(*) FROM turnd_outbox WHERE published_at IS NULL")
                 .fetch_one(&self.pool)
                 .await?;
-        Ok(Status { daemons, deployments, pending, unpublished_events })
+        Ok(Status { daemons, deployments, owned_deployments, pending, unpublished_events })
     }
 }
 
-/// A parked turn as recorded for operators.
+/// A parked turn as listed for operators: what it is and why, never its body or headers
+/// (a body may be as large as `intake.max_turn_bytes`, or larger when it was parked for
+/// that; a list of them must stay small). [`Store::parked_get`] gives those.
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct Parked {
     pub id: i64,
@@ -1039,18 +1062,26 @@ pub struct Parked {
     pub age_s: f64,
     pub replayed_by: Option<String>,
     pub replayed_age_s: Option<f64>,
-    #[serde(skip)]
+}
+
+/// One parked turn whole: its record, the original body and the AMQP headers it was parked
+/// with (as JSON).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ParkedTurn {
+    #[sqlx(flatten)]
+    pub parked: Parked,
     pub body: Vec<u8>,
-    #[serde(skip)]
     pub headers: String,
 }
 
+/// The columns of [`Parked`]: no body, no headers.
 const PARKED_COLUMNS: &str = "id, code, reason, deployment, message_id, attempts, routing_key,
     EXTRACT(EPOCH FROM now() - parked_at)::float8 AS age_s, replayed_by,
-    EXTRACT(EPOCH FROM now() - replayed_at)::float8 AS replayed_age_s, body, headers";
+    EXTRACT(EPOCH FROM now() - replayed_at)::float8 AS replayed_age_s";
 
 impl Store {
-    /// Parked turns, newest first; `code` filters, `since` keeps those parked within it.
+    /// Parked turns, newest first; `code` filters, `since` keeps those parked within it; at
+    /// most `limit` (clamped to [`MAX_LIST_ROWS`]). Bodies and headers are not read.
     pub async fn parked_list(
         &self,
         code: Option<&str>,
@@ -1066,32 +1097,52 @@ impl Store {
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(code)
             .bind(since.map(millis))
-            .bind(limit)
+            .bind(list_limit(limit))
             .fetch_all(&self.pool)
             .await?)
     }
 
-    pub async fn parked_get(&self, id: i64) -> Result<Option<Parked>> {
-        let sql = format!("SELECT {PARKED_COLUMNS} FROM turnd_parked WHERE id = $1");
+    /// The ids of the parked turns of `code` not yet replayed (parked within `since`), newest
+    /// first: what `turnd parked replay --code` works through. Ids only, so not capped.
+    pub async fn parked_replayable_ids(
+        &self,
+        code: &str,
+        since: Option<Duration>,
+    ) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM turnd_parked
+             WHERE code = $1 AND replayed_at IS NULL
+               AND ($2::bigint IS NULL OR parked_at > now() - $2::bigint * interval '1 millisecond')
+             ORDER BY id DESC",
+        )
+        .bind(code)
+        .bind(since.map(millis))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// One parked turn with its body and headers: the only query that reads them.
+    pub async fn parked_get(&self, id: i64) -> Result<Option<ParkedTurn>> {
+        let sql = format!("SELECT {PARKED_COLUMNS}, body, headers FROM turnd_parked WHERE id = $1");
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?)
     }
 
     /// Claims a parked turn for replay, once: marks it replayed by `who` and, in the same
     /// transaction, clears the turn's record (its tombstone and its published error event) so
     /// the republished turn is accepted again (CONTRACT §2). None if already replayed.
-    pub async fn parked_claim_replay(&self, id: i64, who: &str) -> Result<Option<Parked>> {
+    pub async fn parked_claim_replay(&self, id: i64, who: &str) -> Result<Option<ParkedTurn>> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "UPDATE turnd_parked SET replayed_at = now(), replayed_by = $2
-             WHERE id = $1 AND replayed_at IS NULL RETURNING {PARKED_COLUMNS}"
+             WHERE id = $1 AND replayed_at IS NULL RETURNING {PARKED_COLUMNS}, body, headers"
         );
-        let parked: Option<Parked> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let parked: Option<ParkedTurn> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(who)
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(p) = &parked
-            && let (Some(d), Some(m)) = (&p.deployment, &p.message_id)
+            && let (Some(d), Some(m)) = (&p.parked.deployment, &p.parked.message_id)
         {
             sqlx::query("DELETE FROM turnd_turns WHERE deployment = $1 AND message_id = $2 AND state = 'done'")
                     .bind(d)
@@ -1231,9 +1282,10 @@ impl Store {
                     (SELECT count(*) FROM turnd_deployments x WHERE x.owner = d.id) AS owned_deployments
              FROM turnd_daemons d
              WHERE d.stopped_at IS NULL AND d.heartbeat_at > now() - interval '1 hour'
-             ORDER BY d.id",
+             ORDER BY d.id LIMIT $2",
         )
         .bind(millis(live_within))
+        .bind(MAX_LIST_ROWS)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -1241,7 +1293,8 @@ impl Store {
     /// Owned deployments and those with pending turns, the longest-waiting first. `q` keeps
     /// those whose organization, agent, conversation key or deployment name contains it
     /// (case-insensitive, no wildcards). `turn_deadline` (turn.deadline) turns a running turn's
-    /// deadline back into the time of its last heartbeat.
+    /// deadline back into the time of its last heartbeat. At most `limit` rows (clamped to
+    /// [`MAX_LIST_ROWS`]).
     pub async fn console_deployments(
         &self,
         q: Option<&str>,
@@ -1290,7 +1343,7 @@ impl Store {
         )
         .bind(q)
         .bind(millis(turn_deadline))
-        .bind(limit)
+        .bind(list_limit(limit))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -1317,7 +1370,8 @@ impl Store {
     /// Terminal events of the last hour in 5-minute buckets by kind and code. Published rows
     /// are found through the `published_at` index and unpublished ones through the backlog
     /// index (an event is published within moments of its commit), so this does not scan
-    /// the whole retention window of the outbox.
+    /// the whole retention window of the outbox. Error codes come from workers, so their
+    /// number is not bounded: at most [`MAX_LIST_ROWS`] rows, the most recent buckets first.
     pub async fn events_by_bucket(&self) -> Result<Vec<EventBucket>> {
         Ok(sqlx::query_as(
             "SELECT floor(EXTRACT(EPOCH FROM now() - created_at) / $1::bigint)::int AS bucket,
@@ -1325,10 +1379,11 @@ impl Store {
              FROM turnd_outbox
              WHERE (published_at > now() - $2::bigint * interval '1 second' OR published_at IS NULL)
                AND created_at > now() - $2::bigint * interval '1 second'
-             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT $3",
         )
         .bind(EVENT_BUCKET_SECONDS)
         .bind(EVENT_WINDOW_SECONDS)
+        .bind(MAX_LIST_ROWS)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -1341,8 +1396,9 @@ impl Store {
                     count(*) FILTER (WHERE replayed_at IS NULL) AS not_replayed,
                     count(*) FILTER (WHERE parked_at > now() - interval '1 hour') AS last_hour,
                     EXTRACT(EPOCH FROM now() - max(parked_at))::float8 AS newest_age_s
-             FROM turnd_parked GROUP BY code ORDER BY code",
+             FROM turnd_parked GROUP BY code ORDER BY code LIMIT $1",
         )
+        .bind(MAX_LIST_ROWS)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -5,14 +5,16 @@
 //! | GET | `/api/v1/cluster` | daemons (id, version, heartbeat age, owned deployments, live workers, ready) |
 //! | GET | `/api/v1/deployments?q=&limit=` | owned deployments and those with pending turns, longest-waiting first |
 //! | GET | `/api/v1/turns` | pending turns by state with the oldest; terminal events per 5 minutes over the hour |
-//! | GET | `/api/v1/parked?code=&limit=` | parked turns, newest first, and counts by code |
+//! | GET | `/api/v1/parked?code=&limit=` | parked turns, newest first (no bodies), and counts by code |
 //! | GET | `/api/v1/parked/{id}` | one parked turn with headers and body (payload hidden unless `http.show_payloads`) |
 //! | POST | `/api/v1/parked/{id}/replay?by=` | republish it once (bearer token) |
 //! | POST | `/api/v1/parked/{id}/purge` | delete its record (bearer token) |
 //!
-//! Reads are open (the listener is on loopback by default). Actions need
-//! `Authorization: Bearer <http.admin_token>`; with no token configured, or a missing or wrong
-//! one, they answer 403. The token is never logged.
+//! Reads are open unless `http.read_token` is set; then they need it or the admin token
+//! (`access.rs`, which answers 401). Actions need `Authorization: Bearer <http.admin_token>`;
+//! with no token configured, or a missing or wrong one, they answer 403. Tokens are never
+//! logged. A `limit` above `store::MAX_LIST_ROWS` is clamped to it (the answer says which
+//! limit applied); one below 1 is a 400.
 
 use std::net::SocketAddr;
 
@@ -27,7 +29,7 @@ use super::AppState;
 use crate::parked::{self, ParkedError, ReplayResult};
 use crate::store::{
     ConsoleDaemon, ConsoleDeployment, EVENT_BUCKET_SECONDS, EVENT_WINDOW_SECONDS, EventBucket,
-    Parked, ParkedByCode, PendingByState, StoreError,
+    MAX_LIST_ROWS, Parked, ParkedByCode, PendingByState, StoreError,
 };
 
 /// What replaces a turn's `payload` when `http.show_payloads` is false.
@@ -35,7 +37,6 @@ pub(super) const PAYLOAD_HIDDEN: &str = "(hidden: set http.show_payloads = true 
 
 pub(super) const DEFAULT_DEPLOYMENTS: i64 = 200;
 pub(super) const DEFAULT_PARKED: i64 = 100;
-const MAX_ROWS: i64 = 1000;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -177,7 +178,10 @@ pub(super) async fn turns_view(s: &AppState) -> Result<Turns, StoreError> {
 #[derive(Debug, Serialize)]
 pub(super) struct ParkedList {
     pub code: Option<String>,
+    /// The limit that applied (the one asked for, clamped to `store::MAX_LIST_ROWS`).
+    pub limit: i64,
     pub by_code: Vec<ParkedByCode>,
+    /// Records only: bodies and headers are in `/api/v1/parked/{id}`.
     pub parked: Vec<Parked>,
 }
 
@@ -189,6 +193,7 @@ pub(super) async fn parked_view(
     let code = code.map(str::trim).filter(|c| !c.is_empty());
     Ok(ParkedList {
         code: code.map(str::to_owned),
+        limit,
         by_code: s.store().parked_by_code().await?,
         parked: s.store().parked_list(code, None, limit).await?,
     })
@@ -212,13 +217,19 @@ pub(super) async fn parked_detail(
     s: &AppState,
     id: i64,
 ) -> Result<Option<ParkedDetail>, StoreError> {
-    let Some(parked) = s.store().parked_get(id).await? else {
+    let Some(turn) = s.store().parked_get(id).await? else {
         return Ok(None);
     };
-    let (body, payload_hidden) = shown_body(&parked.body, s.config.http.show_payloads);
+    let (body, payload_hidden) = shown_body(&turn.body, s.config.http.show_payloads);
     let headers =
-        serde_json::from_str(&parked.headers).unwrap_or_else(|_| parked.headers.clone().into());
-    Ok(Some(ParkedDetail { body_bytes: parked.body.len(), headers, body, payload_hidden, parked }))
+        serde_json::from_str(&turn.headers).unwrap_or_else(|_| turn.headers.clone().into());
+    Ok(Some(ParkedDetail {
+        body_bytes: turn.body.len(),
+        headers,
+        body,
+        payload_hidden,
+        parked: turn.parked,
+    }))
 }
 
 /// The body as shown: all of it with `show_payloads`; otherwise a JSON object keeps every field
@@ -345,13 +356,15 @@ async fn purge(
 
 // ---- helpers -----------------------------------------------------------------------------------
 
+/// A list's `limit`: the default when absent, clamped to [`MAX_LIST_ROWS`] when larger (the
+/// store clamps too; this makes the answer say so), refused when below 1.
 fn limit(asked: Option<i64>, default: i64) -> Result<i64, ApiError> {
     match asked {
-        None => Ok(default),
-        Some(n) if (1..=MAX_ROWS).contains(&n) => Ok(n),
-        Some(n) => {
-            Err(ApiError::BadRequest(format!("limit {n}: must be between 1 and {MAX_ROWS}")))
-        }
+        None => Ok(default.min(MAX_LIST_ROWS)),
+        Some(n) if n >= 1 => Ok(n.min(MAX_LIST_ROWS)),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit {n}: must be at least 1 (at most {MAX_LIST_ROWS} rows are returned)"
+        ))),
     }
 }
 
@@ -465,6 +478,9 @@ mod tests {
         assert!(operator_name(Some(&"x".repeat(65))).is_err());
         assert_eq!(limit(None, 7).unwrap(), 7);
         assert!(limit(Some(0), 7).is_err());
-        assert!(limit(Some(MAX_ROWS + 1), 7).is_err());
+        assert!(limit(Some(-5), 7).is_err());
+        assert_eq!(limit(Some(MAX_LIST_ROWS), 7).unwrap(), MAX_LIST_ROWS);
+        assert_eq!(limit(Some(MAX_LIST_ROWS + 1), 7).unwrap(), MAX_LIST_ROWS);
+        assert_eq!(limit(Some(i64::MAX), 7).unwrap(), MAX_LIST_ROWS);
     }
 }

@@ -1,7 +1,10 @@
 // The console's only script (inline, allowed by its CSP nonce). It does three things:
 // refreshes every element marked data-live from a fresh copy of the same page every few
 // seconds; sends Replay / Purge to /api/v1/ with the admin token as a bearer token (asked for
-// once, kept in sessionStorage for this tab); shows the outcome in #flash.
+// once, kept in sessionStorage for this tab); shows the outcome in #flash. With
+// http.read_token set, the read session is an HttpOnly cookie that the browser sends by
+// itself (this script never sees it); when it lapses, a refresh answers 401 and the page
+// reloads into the login form.
 (() => {
   "use strict";
   const TOKEN = "turnd-admin-token";
@@ -30,6 +33,7 @@
     if (paused || busy || document.hidden) return;
     try {
       const r = await fetch(location.href, { cache: "no-store", headers: { Accept: "text/html" } });
+      if (r.status === 401) { location.reload(); return; }
       const doc = new DOMParser().parseFromString(await r.text(), "text/html");
       for (const el of document.querySelectorAll("[data-live]")) {
         const fresh = doc.getElementById(el.id);
@@ -78,7 +82,9 @@
       const r = await fetch("/api/v1/parked/" + encodeURIComponent(id) + "/" + action + query, { method: "POST", headers });
       let body = {};
       try { body = await r.json(); } catch (_) { /* not JSON */ }
-      if (r.status === 403) {
+      if (r.status === 401) {
+        show("401: the console session has ended. Reload the page to log in again.", false);
+      } else if (r.status === 403) {
         sessionStorage.removeItem(TOKEN);
         show("403 refused: " + (body.error || "forbidden") + ". Click again to enter the token.", false);
       } else if (r.ok) {

@@ -109,6 +109,46 @@ async fn parked_page(State(s): State<AppState>, Path(id): Path<i64>) -> Response
     }
 }
 
+/// The login form, answered with 401 to a page request that lacks the read token (see
+/// `access.rs`). It shows nothing of the cluster, not even its prefix, and runs no script.
+pub(super) fn login_page(s: &AppState, next: &str, problem: Option<&str>) -> Response {
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let hours = super::access::SESSION.as_secs() / 3600;
+    let admin = s.config.http.admin_token.is_some();
+    let markup = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "turnd · log in" }
+                style nonce=(nonce) { (PreEscaped(CSS)) }
+            }
+            body {
+                header { a.brand href="/" { "turnd" } span { "operator console" } }
+                main { section.wide #login {
+                    h2 { "Log in" }
+                    p { "This console needs its read token (" code { "http.read_token" } ")"
+                        @if admin { " or the admin token (" code { "http.admin_token" } ")" } "." }
+                    @if let Some(problem) = problem { p.bad #login-problem { (problem) } }
+                    form method="post" action="/login" {
+                        input type="hidden" name="next" value=(next);
+                        label { "Token " input #token type="password" name="token" autocomplete="off" autofocus required; }
+                        " " button #login-submit type="submit" { "Log in" }
+                    }
+                    p.mute { "The browser then keeps a session cookie for this site for " (hours)
+                        " hours (HttpOnly, SameSite=Strict; it holds a proof of the token, not the token). "
+                        "API clients send " code { "Authorization: Bearer <token>" } " instead." }
+                } }
+            }
+        }
+    };
+    let mut r = respond(StatusCode::UNAUTHORIZED, (nonce, markup));
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"turnd\""));
+    r
+}
+
 fn unavailable(s: &AppState, nonce: &str, e: &StoreError) -> Response {
     let body = html! { main { section.wide #attention data-live {
         h2 { "Database unavailable" }
@@ -159,6 +199,9 @@ fn page(s: &AppState, nonce: &str, title: &str, body: Markup) -> (String, Markup
                         span { "actions: token required " button #forget type="button" { "forget token" } }
                     } @else {
                         span { "read-only (no http.admin_token)" }
+                    }
+                    @if s.config.http.read_token.is_some() {
+                        form #logout method="post" action="/logout" { button type="submit" { "log out" } }
                     }
                     span.spacer {}
                     span #updated { "rendered " (now_hms()) " UTC" }

@@ -1,29 +1,39 @@
-//! The HTTP surface on `http.listen` (loopback by default):
+//! The HTTP surface: the console listener on `http.listen` (loopback by default) and, when
+//! `http.ops_listen` is set, an ops listener for probes and scrapers.
 //!
 //! ```text
-//! /metrics, /healthz, /readyz     this module: Prometheus text, liveness, readiness (503 unless
-//!                                 database, broker and lock session are healthy)
-//! /api/v1/...                     api.rs: the console's views as JSON, and the two actions on
-//!                                 parked turns (replay, purge) behind http.admin_token
-//! /, /parked/{id}                 console.rs: the operator console, server-rendered from the
-//!                                 database (maud templates compiled into the binary)
+//! http.listen       /metrics, /healthz, /readyz   this module: Prometheus text, liveness,
+//!                                                 readiness (503 unless database, broker and
+//!                                                 lock session are healthy); always open
+//!                   /api/v1/...                   api.rs: the console's views as JSON, and the
+//!                                                 two actions on parked turns (replay, purge)
+//!                                                 behind http.admin_token
+//!                   /, /parked/{id}               console.rs: the operator console,
+//!                                                 server-rendered from the database (maud
+//!                                                 templates compiled into the binary)
+//!                   /login, /logout               access.rs: the console's read session
+//!                   every path: the Host check; the API and the pages: http.read_token, when
+//!                   set (access.rs)
+//! http.ops_listen   /metrics, /healthz, /readyz   only these; anything else is 404
 //! ```
 //!
 //! **Architecture invariant**: it never takes a lock or changes a pending turn. The only writes
 //! are the two parked-turn actions, which need the bearer token and go through `parked` and
-//! `store`, the same code as `turnd parked`.
+//! `store`, the same code as `turnd parked`. Lists never read a parked turn's body (only the
+//! one-turn view does) and never return more than `store::MAX_LIST_ROWS` rows.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
+mod access;
 mod api;
 mod console;
 
@@ -76,8 +86,8 @@ impl Health {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("cannot listen on http.listen {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {key} {addr}: {source}")]
+    Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
 }
 
 /// What every handler gets: the health checks (and through them the store and the metrics)
@@ -103,39 +113,90 @@ impl AppState {
     }
 }
 
-/// Every route, for `serve` and for tests.
-pub fn router(state: AppState) -> Router {
+/// `/metrics`, `/healthz`, `/readyz`: open on both listeners.
+fn open_routes() -> Router<AppState> {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+}
+
+/// Every route of the console listener (`http.listen`), for `serve` and for tests.
+pub fn router(state: AppState) -> Router {
+    let gated = Router::new()
         .merge(api::routes())
         .merge(console::routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::require_read));
+    open_routes()
+        .route("/login", post(access::login).layer(DefaultBodyLimit::max(access::MAX_LOGIN_BYTES)))
+        .route("/logout", post(access::logout))
+        .merge(gated)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_host))
         .with_state(state)
 }
 
-/// Binds now (so a bad address fails the start), serves until `cancel`.
+/// The routes of the ops listener (`http.ops_listen`): only `/metrics`, `/healthz`,
+/// `/readyz`; anything else is 404, so opening it to the network exposes no console.
+pub fn ops_router(state: AppState) -> Router {
+    open_routes()
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found: this listener (http.ops_listen) serves only /metrics, /healthz and \
+                 /readyz; the console is on http.listen\n",
+            )
+        })
+        .with_state(state)
+}
+
+/// Binds the console listener now (so a bad address fails the start), serves until `cancel`.
 pub async fn serve(
     addr: SocketAddr,
     state: AppState,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = ()>, HttpError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    let actions = if state.config.http.admin_token.is_some() {
-        "enabled"
-    } else {
-        "disabled (no http.admin_token)"
-    };
-    tracing::info!(%addr, actions, "http listening (console /, /api/v1/, /metrics, /healthz, /readyz)");
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    Ok(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "http server failed");
-        }
+    let http = &state.config.http;
+    let actions =
+        if http.admin_token.is_some() { "enabled" } else { "disabled (no http.admin_token)" };
+    let reads = if http.read_token.is_some() { "token required" } else { "open" };
+    if http.read_token.is_none() && !addr.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "http.listen is not a loopback address and http.read_token is not set: whoever \
+             reaches it reads the console and the API; set http.read_token, or keep http.listen \
+             on loopback and scrape through http.ops_listen"
+        );
+    }
+    let listener = bind("http.listen", addr).await?;
+    tracing::info!(%addr, actions, reads, "http listening (console /, /api/v1/, /metrics, /healthz, /readyz)");
+    Ok(run(listener, router(state), cancel))
+}
+
+/// Binds the ops listener now, serves until `cancel`.
+pub async fn serve_ops(
+    addr: SocketAddr,
+    state: AppState,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = ()>, HttpError> {
+    let listener = bind("http.ops_listen", addr).await?;
+    tracing::info!(%addr, "ops http listening (/metrics, /healthz, /readyz only)");
+    Ok(run(listener, ops_router(state), cancel))
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind {
+        key,
+        addr,
+        source,
     })
+}
+
+async fn run(listener: tokio::net::TcpListener, app: Router, cancel: CancellationToken) {
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "http server failed");
+    }
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
