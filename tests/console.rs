@@ -1,6 +1,8 @@
 //! The operator console and its JSON API (issue 9): views of a live cluster, parked turns with
 //! their payload hidden, token-gated actions; the Grafana dashboard and alert rules name only
-//! metrics a daemon exports, and promtool accepts the rules.
+//! metrics a daemon exports, and promtool accepts the rules. Console access (issue 15): the
+//! read token (bearer or login cookie; the admin token reads too), the ops listener, the Host
+//! check, capped lists that never carry parked bodies.
 
 mod common;
 
@@ -226,6 +228,329 @@ async fn without_an_admin_token_actions_are_refused_and_not_offered() {
         get_json(port, &format!("/api/v1/parked/{id}")).await["body"]["payload"]["text"],
         "visible-payload-789"
     );
+}
+
+// ---- access: read token, ops listener, Host check, list caps (issue 15) ---------------------
+
+const READ: &str = "read-token-test-3b9e";
+const ADMIN: &str = "admin-token-test-8d21";
+
+async fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    request_with_body(port, method, path, headers, b"").await
+}
+
+async fn request_with_body(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    http_request(port, method, path, headers, body)
+        .await
+        .unwrap_or_else(|| panic!("{method} {path} answers"))
+}
+
+/// Logs in through the page's form; returns the response (303 and a cookie when right).
+async fn login(port: u16, token: &str, next: &str) -> HttpResponse {
+    let form = format!("token={token}&next={}", next.replace('/', "%2F").replace('?', "%3F"));
+    let headers = [("Content-Type", "application/x-www-form-urlencoded")];
+    request_with_body(port, "POST", "/login", &headers, form.as_bytes()).await
+}
+
+/// The `name=value` part of a response's Set-Cookie.
+fn cookie_of(r: &HttpResponse) -> String {
+    let set = r.header("set-cookie").unwrap_or_else(|| panic!("a Set-Cookie: {r:?}"));
+    set.split(';').next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_token_guards_console_and_api_reads_but_never_metrics_or_health() {
+    let mut cluster = Cluster::new().await;
+    let port = free_port();
+    let ops = free_port();
+    cluster.set("TURND_HTTP__LISTEN", &format!("127.0.0.1:{port}"));
+    cluster.set("TURND_HTTP__OPS_LISTEN", &format!("127.0.0.1:{ops}"));
+    cluster.set("TURND_HTTP__READ_TOKEN", READ);
+    cluster.set("TURND_HTTP__ADMIN_TOKEN", ADMIN);
+    cluster.start_daemon(&[]).await;
+    let client = cluster.client().await;
+    client.publish_raw(br#"{"messageId":"bad-r","agentId":"../r","payload":{}}"#).await;
+    let read_auth = format!("Bearer {READ}");
+    let admin_auth = format!("Bearer {ADMIN}");
+    let with_read = [("Authorization", read_auth.as_str())];
+    let with_admin = [("Authorization", admin_auth.as_str())];
+    let wrong = [("Authorization", "Bearer wrong-token-5a7c")];
+    let id = wait_for_value(T, "the parked record", || async {
+        let r = request(port, "GET", "/api/v1/parked", &with_read).await;
+        serde_json::from_str::<Value>(&r.body).ok()?["parked"][0]["id"].as_i64()
+    })
+    .await;
+
+    // The API: 401 with a JSON error without a token and with a wrong one; the read token
+    // and the admin token both read.
+    for path in [
+        "/api/v1/cluster".to_owned(),
+        "/api/v1/deployments".to_owned(),
+        "/api/v1/turns".to_owned(),
+        "/api/v1/parked".to_owned(),
+        format!("/api/v1/parked/{id}"),
+    ] {
+        let r = request(port, "GET", &path, &[]).await;
+        assert_eq!(r.status, 401, "GET {path} without a token: {r:?}");
+        let e: Value = serde_json::from_str(&r.body).expect("a JSON error");
+        assert!(e["error"].as_str().unwrap().contains("http.read_token"), "{e}");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"turnd\""));
+        let r = request(port, "GET", &path, &wrong).await;
+        assert_eq!(r.status, 401, "GET {path} with a wrong token");
+        assert!(r.body.contains("wrong bearer token"), "{}", r.body);
+        for auth in [&with_read, &with_admin] {
+            let r = request(port, "GET", &path, auth).await;
+            assert_eq!(r.status, 200, "GET {path} with {auth:?}: {}", r.body);
+            serde_json::from_str::<Value>(&r.body).expect("JSON");
+        }
+    }
+    // Actions: the read gate first (401), then the admin token's own (403 for the read token).
+    let purge = format!("/api/v1/parked/{id}/purge");
+    assert_eq!(request(port, "POST", &purge, &[]).await.status, 401);
+    let r = request(port, "POST", &purge, &with_read).await;
+    assert_eq!(r.status, 403, "the read token is not the admin token: {}", r.body);
+
+    // The pages: the login form (401) without a token, showing nothing of the cluster.
+    for path in ["/".to_owned(), format!("/parked/{id}"), "/?q=x".to_owned()] {
+        let r = request(port, "GET", &path, &[]).await;
+        assert_eq!(r.status, 401, "GET {path}");
+        assert!(r.body.contains("action=\"/login\"") && r.body.contains("name=\"token\""));
+        assert!(
+            r.body.contains(&format!("name=\"next\" value=\"{}\"", path.replace('&', "&amp;"))),
+            "{}",
+            r.body
+        );
+        assert!(!r.body.contains(&cluster.prefix), "the login page shows no cluster detail");
+        assert!(!r.body.contains("bad-r") && !r.body.contains("INVALID_TURN"));
+        let r = request(port, "GET", &path, &with_read).await;
+        assert_eq!(r.status, 200, "GET {path} with the read token");
+    }
+    let r = request(port, "GET", "/", &wrong).await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("wrong"), "{}", r.body);
+
+    // The login form: a wrong token gets the form again; the read token (or the admin
+    // token) a session cookie, HttpOnly and SameSite=Strict, which is not the token.
+    let r = login(port, "wrong-token-5a7c", "/").await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("Wrong token"), "{}", r.body);
+    assert!(r.header("set-cookie").is_none());
+    let r = login(port, READ, &format!("/parked/{id}")).await;
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some(format!("/parked/{id}").as_str()));
+    let set = r.header("set-cookie").unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set.contains(attribute), "{set}");
+    }
+    assert!(!set.contains(READ), "the cookie does not carry the token: {set}");
+    let cookie = cookie_of(&r);
+    let with_cookie = [("Cookie", cookie.as_str())];
+    let r = request(port, "GET", &format!("/parked/{id}"), &with_cookie).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("INVALID_TURN") && r.body.contains("log out"));
+    assert_eq!(request(port, "GET", "/api/v1/turns", &with_cookie).await.status, 200);
+    let r = login(port, ADMIN, "//evil.example/").await;
+    assert_eq!(r.status, 303, "the admin token logs in too");
+    assert_eq!(r.header("location"), Some("/"), "no redirect off the site");
+    let admin_cookie = cookie_of(&r);
+    assert_eq!(request(port, "GET", "/", &[("Cookie", admin_cookie.as_str())]).await.status, 200);
+    // A forged or altered cookie is refused.
+    let (value, mac) = cookie.split_once('.').unwrap();
+    let flipped = if mac.starts_with('0') { "1" } else { "0" };
+    for forged in [format!("{value}.{flipped}{}", &mac[1..]), "turnd_read=99999999999.00".into()] {
+        let r = request(port, "GET", "/", &[("Cookie", forged.as_str())]).await;
+        assert_eq!(r.status, 401, "{forged}");
+    }
+    // The cookie reads; it does not act (actions need the admin bearer token).
+    let r = request(port, "POST", &purge, &with_cookie).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // Log out: the cookie is cleared.
+    let r = request(port, "POST", "/logout", &with_cookie).await;
+    assert_eq!(r.status, 303);
+    assert!(r.header("set-cookie").unwrap().contains("Max-Age=0"));
+
+    // /metrics, /healthz, /readyz need no token, on both listeners.
+    wait_for_async(T, "readyz 200", || async {
+        request(port, "GET", "/readyz", &[]).await.status == 200
+    })
+    .await;
+    for p in [port, ops] {
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let r = request(p, "GET", path, &[]).await;
+            assert_eq!(r.status, 200, "GET {path} on port {p}: {}", r.body);
+        }
+    }
+    // The ops listener serves nothing else, token or not, and checks no Host: probes and
+    // scrapers use pod addresses and names.
+    for path in ["/", "/api/v1/cluster", "/api/v1/parked", &format!("/parked/{id}"), "/metrics/x"] {
+        for auth in [&[][..], &with_admin[..]] {
+            let r = request(ops, "GET", path, auth).await;
+            assert_eq!(r.status, 404, "ops GET {path}: {}", r.body);
+            assert!(r.body.contains("http.ops_listen"), "{}", r.body);
+        }
+    }
+    assert_eq!(request(ops, "POST", "/login", &[]).await.status, 404);
+    assert_eq!(request(ops, "POST", &purge, &with_admin).await.status, 404);
+    let r = request(ops, "GET", "/metrics", &[("Host", "turnd-0.turnd.example:9188")]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("turnd_up"), "the ops listener's metrics are the daemon's");
+
+    // Still there: nothing above purged it.
+    assert_eq!(request(port, "GET", &format!("/api/v1/parked/{id}"), &with_read).await.status, 200);
+    let log = cluster.daemon_log(0);
+    for secret in [READ, ADMIN, "wrong-token-5a7c"] {
+        assert!(!log.contains(secret), "a token reached the log: {secret}");
+    }
+    assert!(log.contains("ops http listening"), "the ops listener says where it listens");
+    assert!(log.contains("console login refused"), "wrong logins are logged (without the token)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_host_is_refused_and_local_names_are_served() {
+    let mut cluster = Cluster::new().await;
+    let port = free_port();
+    cluster.set("TURND_HTTP__LISTEN", &format!("127.0.0.1:{port}"));
+    cluster.start_daemon(&[]).await;
+    let here = format!("127.0.0.1:{port}");
+    let local = format!("localhost:{port}");
+    let v6 = format!("[::1]:{port}");
+    // Reached through a tunnel on another local port, or without a port, or without a Host
+    // (HTTP/1.0 tools; no browser omits it).
+    for host in [here.as_str(), &local, &v6, "localhost:8080", "127.0.0.1", "LOCALHOST", ""] {
+        for path in ["/", "/api/v1/cluster", "/metrics", "/healthz"] {
+            let r = request(port, "GET", path, &[("Host", host)]).await;
+            assert_eq!(r.status, 200, "Host {host:?} GET {path}: {}", r.body);
+        }
+    }
+    // A name that is not ours, or an address it does not listen on (DNS rebinding: a page on
+    // evil.example whose name now points at 127.0.0.1 sends its own name).
+    let evil = format!("evil.example:{port}");
+    let rebound = format!("127.0.0.1.evil.example:{port}");
+    let other_ip = format!("10.9.8.7:{port}");
+    for host in [evil.as_str(), &rebound, &other_ip, "localhost.evil.example", "evil.example"] {
+        for path in ["/", "/parked/1", "/metrics", "/readyz", "/nope"] {
+            let r = request(port, "GET", path, &[("Host", host)]).await;
+            assert_eq!(r.status, 421, "Host {host:?} GET {path}: {}", r.body);
+            assert!(r.body.contains("DNS rebinding") && r.body.contains("127.0.0.1"), "{}", r.body);
+        }
+        let r = request(port, "GET", "/api/v1/turns", &[("Host", host)]).await;
+        assert_eq!(r.status, 421);
+        let e: Value = serde_json::from_str(&r.body).expect("the API's refusal is JSON");
+        assert!(e["error"].as_str().unwrap().contains("Host"), "{e}");
+        let r = request(port, "POST", "/api/v1/parked/1/purge", &[("Host", host)]).await;
+        assert_eq!(r.status, 421, "actions too");
+        assert_eq!(request(port, "POST", "/login", &[("Host", host)]).await.status, 421);
+    }
+}
+
+/// Inserts `n` parked records with `body_bytes`-byte bodies (straight into the table: the
+/// broker would refuse bodies this size, and a thousand parkings through it take minutes).
+async fn insert_parked(cluster: &Cluster, code: &str, n: i64, body_bytes: i32) {
+    sqlx::query(
+        "INSERT INTO turnd_parked (code, reason, body, headers, routing_key, deployment, message_id)
+         SELECT $1, 'inserted by the test', convert_to(repeat('B', $3), 'UTF8'),
+                '{\"x-huge\":\"' || repeat('H', $3) || '\"}', 'turn.test', NULL, 'm-' || i
+         FROM generate_series(1, $2) AS i",
+    )
+    .bind(code)
+    .bind(n)
+    .bind(body_bytes)
+    .execute(&cluster.pool)
+    .await
+    .expect("insert parked records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_capped_and_never_carry_parked_bodies() {
+    let mut cluster = Cluster::new().await;
+    let port = free_port();
+    cluster.set("TURND_HTTP__LISTEN", &format!("127.0.0.1:{port}"));
+    cluster.set("TURND_HTTP__SHOW_PAYLOADS", "true");
+    // 1,200 small records, then 40 with 2 MB bodies and 2 MB headers (160 MB together).
+    insert_parked(&cluster, "SMALL_TEST", 1200, 10).await;
+    insert_parked(&cluster, "HUGE_TEST", 40, 2 << 20).await;
+    cluster.start_daemon(&[]).await;
+
+    // limit=1000000 is clamped to 1,000, and the answer says so.
+    let r = request(port, "GET", "/api/v1/parked?limit=1000000", &[]).await;
+    assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(500)]);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["limit"], 1000);
+    let rows = v["parked"].as_array().unwrap();
+    assert_eq!(rows.len(), 1000);
+    // Newest first: the 40 huge ones lead, and none carries its body or headers.
+    assert_eq!(rows[0]["code"], "HUGE_TEST");
+    assert!(rows[0].get("body").is_none() && rows[0].get("headers").is_none(), "{}", rows[0]);
+    assert!(r.body.len() < 1 << 20, "a list of 1,000 records is {} bytes", r.body.len());
+    assert!(!r.body.contains("BBBBBBBB") && !r.body.contains("HHHHHHHH"));
+    let v = get_json(port, "/api/v1/parked?code=HUGE_TEST&limit=50").await;
+    assert_eq!(v["parked"].as_array().unwrap().len(), 40);
+    assert_eq!(v["limit"], 50);
+    assert!(v.to_string().len() < 64 << 10, "40 huge records list small");
+    let v = get_json(port, "/api/v1/deployments?limit=1000000").await;
+    assert_eq!(v["limit"], 1000);
+    for bad in ["0", "-1"] {
+        let r = request(port, "GET", &format!("/api/v1/parked?limit={bad}"), &[]).await;
+        assert_eq!(r.status, 400, "limit={bad}");
+    }
+
+    // The page lists them small too; one record still shows its whole body.
+    let (status, page) = get_page(port, "/").await;
+    assert_eq!(status, 200);
+    assert!(page.len() < 1 << 20, "the console page is {} bytes", page.len());
+    assert!(page.contains("HUGE_TEST") && !page.contains("BBBBBBBB"));
+    let id = get_json(port, "/api/v1/parked?code=HUGE_TEST&limit=1").await["parked"][0]["id"]
+        .as_i64()
+        .unwrap();
+    let detail = get_json(port, &format!("/api/v1/parked/{id}")).await;
+    assert_eq!(detail["body_bytes"], 2 << 20);
+
+    // `turnd parked list` stops at 1,000 rows too, and says so; its rows carry no body.
+    let out = std::process::Command::new(turnd_bin())
+        .args(["parked", "--config", "/dev/null", "list", "--json", "--limit", "5000"])
+        .env("TURND_DATABASE__URL", &cluster.db_url)
+        .output()
+        .expect("run turnd parked list");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop at 1000"));
+    assert!(out.stdout.len() < 1 << 20, "{} bytes", out.stdout.len());
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows.len(), 1000);
+}
+
+#[test]
+fn check_config_redacts_the_read_token_and_names_the_ops_listen_key() {
+    let run = |envs: &[(&str, &str)]| {
+        let out = std::process::Command::new(turnd_bin())
+            .args(["check-config", "--config", "/dev/null"])
+            .env_clear()
+            .envs(envs.iter().copied())
+            .output()
+            .expect("run turnd check-config");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, out) = run(&[
+        ("TURND_HTTP__READ_TOKEN", "read-s3cret-token"),
+        ("TURND_HTTP__OPS_LISTEN", "127.0.0.1:9188"),
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("read-s3cret-token"), "{out}");
+    assert!(out.contains("read_token = \"***\""), "{out}");
+    assert!(out.contains("ops_listen = \"127.0.0.1:9188\""), "{out}");
+    let (code, out) = run(&[("TURND_HTTP__OPS_LISTEN", "127.0.0.1:9187")]);
+    assert_eq!(code, Some(2));
+    assert!(out.contains("http.ops_listen") && out.contains("port of its own"), "{out}");
+    let (code, out) = run(&[("TURND_HTTP__READ_TOKEN", "")]);
+    assert_eq!(code, Some(2));
+    assert!(out.contains("http.read_token"), "{out}");
 }
 
 // ---- dashboard and alert rules --------------------------------------------------------------

@@ -555,6 +555,22 @@ where
     }
 }
 
+/// Polls `read` every 20 ms until it gives a value; panics after `within`.
+pub async fn wait_for_value<T, F, Fut>(within: Duration, what: &str, mut read: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = read().await {
+            return v;
+        }
+        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn process_alive(pid: i32) -> bool {
     // Zombies count as dead: look at the state in /proc.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -622,22 +638,74 @@ impl Drop for Proxy {
 
 /// GET http://127.0.0.1:<port><path> → (status, body), with a plain HTTP/1.0 request.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    http_exchange(port, &request, Duration::from_secs(10)).await
+    let r = http_request(port, "GET", path, &[], b"").await?;
+    Some((r.status, r.body))
 }
 
-/// Sends one HTTP/1.0 request and reads the whole response → (status, body).
-async fn http_exchange(port: u16, request: &str, within: Duration) -> Option<(u16, String)> {
+/// One HTTP response as [`http_request`] read it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lowercased, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `method path` to 127.0.0.1:<port> as one HTTP/1.0 request with `headers` (plus
+/// `Host: localhost` unless they name a Host; `("Host", "")` sends none) and `body`, and
+/// reads the whole response. None when nothing answers within 10 s (a GET) or 30 s (an
+/// action).
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<HttpResponse> {
+    let mut request = format!("{method} {path} HTTP/1.0\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        request.push_str("Host: localhost\r\n");
+    }
+    for (name, value) in headers {
+        if !(name.eq_ignore_ascii_case("host") && value.is_empty()) {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    if !body.is_empty() || method != "GET" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut raw = request.into_bytes();
+    raw.extend_from_slice(body);
+    let within = Duration::from_secs(if method == "GET" { 10 } else { 30 });
+    http_exchange(port, &raw, within).await
+}
+
+/// Sends one HTTP/1.0 request and reads the whole response.
+async fn http_exchange(port: u16, request: &[u8], within: Duration) -> Option<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
     let mut s = tokio::time::timeout(Duration::from_secs(5), connect).await.ok()?.ok()?;
-    s.write_all(request.as_bytes()).await.ok()?;
+    s.write_all(request).await.ok()?;
     let mut buf = Vec::new();
     tokio::time::timeout(within, s.read_to_end(&mut buf)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Some((status, body))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some(HttpResponse { status, headers, body: body.to_owned() })
 }
 
 pub fn free_port() -> u16 {
@@ -650,10 +718,11 @@ pub fn free_port() -> u16 {
 /// POST http://127.0.0.1:<port><path> with an empty body and, when given, an
 /// `Authorization: Bearer <token>` header → (status, body).
 pub async fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request =
-        format!("POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n");
-    http_exchange(port, &request, Duration::from_secs(30)).await
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> =
+        auth.as_deref().map(|a| ("Authorization", a)).into_iter().collect();
+    let r = http_request(port, "POST", path, &headers, b"").await?;
+    Some((r.status, r.body))
 }
 
 /// A log line without its terminal colour codes (CSI: ESC [ parameters final-byte).
