@@ -333,3 +333,108 @@ async fn console_in_chromium_shows_the_cluster_and_replays_with_the_token() {
         std::panic::resume_unwind(panic);
     }
 }
+
+const READ_TOKEN: &str = "browser-read-token-0e6f";
+
+/// With `http.read_token`: the console asks for it once on a login form, then the session
+/// cookie carries every navigation and refresh (the page's script cannot read it), actions
+/// still need the admin token, and "log out" ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_read_token_the_console_asks_for_it_once_and_keeps_a_session() {
+    let (chromium, chromedriver) = match browser_binaries() {
+        Ok(b) => b,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED with_a_read_token_the_console_asks_for_it_once_and_keeps_a_session: {why}; scripts/test-tools.sh installs it"
+            );
+            return;
+        }
+    };
+    let mut cluster = Cluster::new().await;
+    let port = free_port();
+    cluster.set("TURND_HTTP__LISTEN", &format!("127.0.0.1:{port}"));
+    cluster.set("TURND_HTTP__ADMIN_TOKEN", TOKEN);
+    cluster.set("TURND_HTTP__READ_TOKEN", READ_TOKEN);
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let live = turn("login-agent", "c-live", json!({"text": "hello"}));
+    client.publish(&live).await;
+    client.wait_for(&[mid(&live)], T).await;
+    client.publish_raw(br#"{"messageId":"bad-login","agentId":"../x","payload":{}}"#).await;
+    let deployment = deployment_of(&live);
+    let auth = format!("Bearer {READ_TOKEN}");
+    let id = wait_for_value(T, "the parked record", || async {
+        let r =
+            http_request(port, "GET", "/api/v1/parked", &[("Authorization", &auth)], b"").await?;
+        serde_json::from_str::<Value>(&r.body).ok()?["parked"][0]["id"].as_i64()
+    })
+    .await;
+
+    let driver = start_driver(&chromedriver, &cluster.path("chromedriver.log")).await;
+    let b = connect(&driver, &chromium).await;
+    let result = async {
+        let base = format!("http://127.0.0.1:{port}");
+        // A deep link: the login form, which then returns to it.
+        b.goto(&format!("{base}/parked/{id}")).await.expect("open a detail page");
+        wait_page(T, "the login form", || text_of(&b, "#login"), |t| t.contains("Log in")).await;
+        let page = b.source().await.expect("page source");
+        assert!(!page.contains("bad-login") && !page.contains(&cluster.prefix), "nothing shown");
+        let form_token = b.find(Locator::Css("#token")).await.expect("the token field");
+        form_token.send_keys("not-the-token").await.expect("type");
+        click(&b, "#login-submit").await;
+        wait_page(T, "a wrong token", || text_of(&b, "#login-problem"), |t| t.contains("Wrong"))
+            .await;
+        let form_token = b.find(Locator::Css("#token")).await.expect("the token field");
+        form_token.send_keys(READ_TOKEN).await.expect("type");
+        click(&b, "#login-submit").await;
+        wait_page(
+            T,
+            "the detail page after login",
+            || text_of(&b, "#detail"),
+            |t| t.contains("INVALID_TURN"),
+        )
+        .await;
+        let cookie = b.execute("return document.cookie", vec![]).await.expect("run a script");
+        assert_eq!(cookie, json!(""), "the session cookie is HttpOnly");
+
+        // Navigations and the page's refreshes carry the session.
+        click(&b, "a[href='/#parked']").await;
+        wait_page(
+            T,
+            "the console",
+            || text_of(&b, "#deployments-table"),
+            |t| t.contains(&deployment),
+        )
+        .await;
+        wait_page(T, "a refresh", || text_of(&b, "#updated"), |t| t.starts_with("updated")).await;
+
+        // Actions still need the admin token: the read token is refused, the admin token acts.
+        click(&b, &format!("a[href='/parked/{id}']")).await;
+        let heading = format!("#{id} INVALID_TURN");
+        wait_page(T, "the detail page", || text_of(&b, "#detail"), |t| t.contains(&heading)).await;
+        click(&b, "#detail button[data-action=replay]").await;
+        wait_prompt(&b).await;
+        b.send_alert_text(READ_TOKEN).await.expect("type");
+        b.accept_alert().await.expect("accept");
+        wait_page(T, "a 403", || text_of(&b, "#flash"), |t| t.contains("403")).await;
+        click(&b, "#detail button[data-action=replay]").await;
+        wait_prompt(&b).await;
+        b.send_alert_text(TOKEN).await.expect("type");
+        b.accept_alert().await.expect("accept");
+        wait_page(T, "the replay", || text_of(&b, "#flash"), |t| t.contains("replayed")).await;
+
+        // Log out: back to the form, and the API refuses this browser again.
+        click(&b, "#logout button").await;
+        wait_page(T, "the login form again", || text_of(&b, "#login"), |t| t.contains("Log in"))
+            .await;
+        b.goto(&format!("{base}/api/v1/cluster")).await.expect("open the API");
+        let body = b.find(Locator::Css("body")).await.expect("body").text().await.expect("text");
+        assert!(body.contains("http.read_token"), "{body}");
+    };
+    let outcome = futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(result)).await;
+    let _ = b.close().await;
+    drop(driver);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
