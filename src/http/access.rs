@@ -1,9 +1,9 @@
 //! Who may use the console listener (`http.listen`): the Host check, and the read token.
 //!
 //! ```text
-//! request ─► Host check (every path)  ─► /metrics, /healthz, /readyz   (always open)
-//!                                     ─► /login, /logout               (the session cookie)
-//!                                     ─► read gate ─► /api/v1/…, /, /parked/{id}
+//! request ─► /metrics, /healthz, /readyz                (always open)
+//!         ─► Host check ─► /login, /logout               (the session cookie)
+//!                       ─► read gate ─► /api/v1/…, /, /parked/{id}
 //! ```
 //!
 //! **Host check.** A page on `http://evil.example:9187/` whose name the attacker re-points at
@@ -16,9 +16,10 @@
 //! may map the console to any local port (`ssh -L 8080:127.0.0.1:9187`), and the port is not
 //! what an attacker forges. A request without `Host` (HTTP/1.0 tools; every browser sends
 //! one) is answered. Anything else gets 421 Misdirected Request, which says how to open
-//! the console instead. The ops listener (`http.ops_listen`) has no such check: probes and
-//! scrapers address pods by IP or by any name their platform gives them, and it serves
-//! nothing but metrics and health.
+//! the console instead. `/metrics`, `/healthz` and `/readyz` are not checked, here or on the
+//! ops listener (`http.ops_listen`): probes and scrapers address a pod by IP or by whatever
+//! name their platform gives it, and those three hold nothing the check protects (they are
+//! open, no token, to whoever reaches the port, by contract; the metrics name no tenant).
 //!
 //! **Read token.** With `http.read_token` set, the console pages and every `/api/v1/` request
 //! need it, or the admin token: as `Authorization: Bearer <token>` (API clients, and the

@@ -12,8 +12,8 @@
 //!                                                 server-rendered from the database (maud
 //!                                                 templates compiled into the binary)
 //!                   /login, /logout               access.rs: the console's read session
-//!                   every path: the Host check; the API and the pages: http.read_token, when
-//!                   set (access.rs)
+//!                   the API, the pages, /login, /logout: the Host check; the API and the
+//!                   pages: http.read_token, when set (access.rs)
 //! http.ops_listen   /metrics, /healthz, /readyz   only these; anything else is 404
 //! ```
 //!
@@ -121,18 +121,20 @@ fn open_routes() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-/// Every route of the console listener (`http.listen`), for `serve` and for tests.
+/// Every route of the console listener (`http.listen`), for `serve` and for tests: the open
+/// routes as they are; the console, the API and the login behind the Host check; the console
+/// and the API behind the read token too.
 pub fn router(state: AppState) -> Router {
     let gated = Router::new()
         .merge(api::routes())
         .merge(console::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::require_read));
-    open_routes()
+    let console = Router::new()
         .route("/login", post(access::login).layer(DefaultBodyLimit::max(access::MAX_LOGIN_BYTES)))
         .route("/logout", post(access::logout))
         .merge(gated)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_host))
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::check_host));
+    open_routes().merge(console).with_state(state)
 }
 
 /// The routes of the ops listener (`http.ops_listen`): only `/metrics`, `/healthz`,
