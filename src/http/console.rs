@@ -5,7 +5,8 @@
 //! checked and compiled into the binary, escaped by default). The page refreshes its `data-live`
 //! parts every 5 s with a small inline script (`console.js`; a `<noscript>` meta refresh without
 //! it). Replay and Purge buttons exist only when `http.admin_token` is set; they call the JSON
-//! API (`api.rs`) with the token as a bearer token, asked for once per browser tab.
+//! API (`api.rs`) with the token as a bearer token, asked for once per browser tab. With
+//! `http.read_token` set, a page request without it gets [`login_page`] (see `access.rs`).
 
 use std::fmt::Write as _;
 
