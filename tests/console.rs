@@ -409,6 +409,13 @@ async fn the_read_token_guards_console_and_api_reads_but_never_metrics_or_health
     }
     assert!(log.contains("ops http listening"), "the ops listener says where it listens");
     assert!(log.contains("console login refused"), "wrong logins are logged (without the token)");
+
+    // Both listeners belong to the daemon: SIGTERM stops it cleanly, and both ports close.
+    let status = cluster.daemons[0].terminate(T).await;
+    assert!(status.is_some_and(|s| s.success()), "the daemon stops cleanly: {status:?}");
+    for p in [port, ops] {
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", p)).await.is_err(), "port {p} closed");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,9 @@
 //! `<expiry>.<HMAC-SHA256(read_token, expiry)>`: a copied cookie lapses, changing the token
 //! ends every session, and any daemon with the same token accepts it (no session store).
 //! It is not `Secure` because the listener speaks plain HTTP (loopback, or behind a proxy).
+//! Browsers keep cookies per host, not per port: consoles of clusters with different tokens
+//! tunnelled to the same `localhost` share one cookie, so logging into one logs out of the
+//! other (daemons of one cluster share the token, and so the session).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
