@@ -310,11 +310,11 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                     println!(
                         "{:>8} {:<16} {:>7.0}s {:>4} {:<10} {}",
                         p.id,
-                        p.code,
+                        inert(&p.code),
                         p.age_s,
                         p.attempts,
-                        p.replayed_by.as_deref().unwrap_or("-"),
-                        p.reason
+                        inert(p.replayed_by.as_deref().unwrap_or("-")),
+                        inert(&p.reason)
                     );
                 }
             }
@@ -331,15 +331,15 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                 println!(
                     "id         {}\ncode       {}\nreason     {}\ndeployment {}\nmessageId  {}\nattempts   {}\nage        {:.0}s\nreplayed   {}\nheaders    {}\nbody       {}",
                     p.id,
-                    p.code,
-                    p.reason,
-                    p.deployment.as_deref().unwrap_or("-"),
-                    p.message_id.as_deref().unwrap_or("-"),
+                    inert(&p.code),
+                    inert(&p.reason),
+                    inert(p.deployment.as_deref().unwrap_or("-")),
+                    inert(p.message_id.as_deref().unwrap_or("-")),
                     p.attempts,
                     p.age_s,
-                    p.replayed_by.as_deref().unwrap_or("-"),
-                    p.headers,
-                    body
+                    inert(p.replayed_by.as_deref().unwrap_or("-")),
+                    inert(&p.headers),
+                    inert_lines(&body)
                 );
             }
         }
@@ -382,4 +382,52 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A producer's bytes made safe for the operator's terminal: control characters (C0, DEL, C1:
+/// escape sequences that could retitle the window, rewrite earlier lines or fake a prompt) and
+/// the bidirectional overrides that reorder what is shown are printed as `\u{…}` escapes.
+fn inert(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_except(s, &[])
+}
+
+/// [`inert`], keeping line breaks and tabs (a body spanning lines stays readable).
+fn inert_lines(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_except(s, &['\n', '\t'])
+}
+
+fn escape_except<'a>(s: &'a str, keep: &[char]) -> std::borrow::Cow<'a, str> {
+    let unsafe_char = |c: char| {
+        !keep.contains(&c)
+            && (c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    };
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producer_bytes_cannot_drive_the_terminal() {
+        let hostile = "a\u{1b}]0;pwned\u{7}b\u{1b}[2J\rc\u{9b}31m\u{202e}d\u{7f}";
+        let shown = inert(hostile);
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        assert!(!shown.contains('\u{202e}'));
+        assert!(shown.contains("\\u{1b}]0;pwned\\u{7}"), "{shown}");
+        assert!(matches!(inert("plain ünïcode"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(inert_lines("a\n\tb\u{1b}"), "a\n\tb\\u{1b}");
+        assert_eq!(inert("a\nb"), "a\\u{a}b");
+    }
 }

@@ -28,6 +28,7 @@ use reaper::ExitReceiver;
 use spawner::Spawned;
 pub use spawner::Spawner;
 
+use crate::config::Secret;
 use crate::turn::{DeploymentName, Epoch};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +68,7 @@ pub struct Identity<'a> {
 /// `TURND_WORKER_ENV_<NAME>` as `<NAME>`, plus `worker.env` (which wins).
 pub fn base_env(
     daemon_env: impl IntoIterator<Item = (String, String)>,
-    configured: &BTreeMap<String, String>,
+    configured: &BTreeMap<String, Secret>,
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned());
@@ -81,7 +82,7 @@ pub fn base_env(
             env.insert(name.to_owned(), v);
         }
     }
-    env.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(configured.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())));
     env
 }
 
@@ -415,7 +416,7 @@ mod tests {
             ("TURND_DATABASE__URL".to_owned(), "postgres://secret".to_owned()),
         ];
         let mut configured = BTreeMap::new();
-        configured.insert("X".to_owned(), "1".to_owned());
+        configured.insert("X".to_owned(), Secret::new("1"));
         let env = base_env(daemon, &configured);
         let keys: Vec<&str> = env.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["FOO", "LANG", "PATH", "X"]);
