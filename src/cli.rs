@@ -14,6 +14,7 @@ use lapin::types::{FieldTable, ShortString};
 use crate::broker::{self, Names, Session, json_properties};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::store::Store;
+use crate::untrusted::{inert, inert_lines};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -147,7 +148,13 @@ pub fn init_logging(config: &Config) {
     {
         filter = filter.add_directive(d);
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: under systemd or in a pod the log is a file, and escape
+    // codes there only hide what a grep looks for.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.init(),
@@ -382,52 +389,4 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A producer's bytes made safe for the operator's terminal: control characters (C0, DEL, C1:
-/// escape sequences that could retitle the window, rewrite earlier lines or fake a prompt) and
-/// the bidirectional overrides that reorder what is shown are printed as `\u{…}` escapes.
-fn inert(s: &str) -> std::borrow::Cow<'_, str> {
-    escape_except(s, &[])
-}
-
-/// [`inert`], keeping line breaks and tabs (a body spanning lines stays readable).
-fn inert_lines(s: &str) -> std::borrow::Cow<'_, str> {
-    escape_except(s, &['\n', '\t'])
-}
-
-fn escape_except<'a>(s: &'a str, keep: &[char]) -> std::borrow::Cow<'a, str> {
-    let unsafe_char = |c: char| {
-        !keep.contains(&c)
-            && (c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
-    };
-    if !s.chars().any(unsafe_char) {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 16);
-    for c in s.chars() {
-        if unsafe_char(c) {
-            out.push_str(&c.escape_unicode().to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn producer_bytes_cannot_drive_the_terminal() {
-        let hostile = "a\u{1b}]0;pwned\u{7}b\u{1b}[2J\rc\u{9b}31m\u{202e}d\u{7f}";
-        let shown = inert(hostile);
-        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
-        assert!(!shown.contains('\u{202e}'));
-        assert!(shown.contains("\\u{1b}]0;pwned\\u{7}"), "{shown}");
-        assert!(matches!(inert("plain ünïcode"), std::borrow::Cow::Borrowed(_)));
-        assert_eq!(inert_lines("a\n\tb\u{1b}"), "a\n\tb\\u{1b}");
-        assert_eq!(inert("a\nb"), "a\\u{a}b");
-    }
 }
