@@ -14,6 +14,7 @@ use lapin::types::{FieldTable, ShortString};
 use crate::broker::{self, Names, Session, json_properties};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::store::{self, Store};
+use crate::untrusted::{inert, inert_lines};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -148,7 +149,13 @@ pub fn init_logging(config: &Config) {
     {
         filter = filter.add_directive(d);
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: under systemd or in a pod the log is a file, and escape
+    // codes there only hide what a grep looks for.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.init(),
@@ -325,11 +332,11 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                     println!(
                         "{:>8} {:<16} {:>7.0}s {:>4} {:<10} {}",
                         p.id,
-                        p.code,
+                        inert(&p.code),
                         p.age_s,
                         p.attempts,
-                        p.replayed_by.as_deref().unwrap_or("-"),
-                        p.reason
+                        inert(p.replayed_by.as_deref().unwrap_or("-")),
+                        inert(&p.reason)
                     );
                 }
             }
@@ -347,15 +354,15 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                 println!(
                     "id         {}\ncode       {}\nreason     {}\ndeployment {}\nmessageId  {}\nattempts   {}\nage        {:.0}s\nreplayed   {}\nheaders    {}\nbody       {}",
                     p.id,
-                    p.code,
-                    p.reason,
-                    p.deployment.as_deref().unwrap_or("-"),
-                    p.message_id.as_deref().unwrap_or("-"),
+                    inert(&p.code),
+                    inert(&p.reason),
+                    inert(p.deployment.as_deref().unwrap_or("-")),
+                    inert(p.message_id.as_deref().unwrap_or("-")),
                     p.attempts,
                     p.age_s,
-                    p.replayed_by.as_deref().unwrap_or("-"),
-                    turn.headers,
-                    body
+                    inert(p.replayed_by.as_deref().unwrap_or("-")),
+                    inert(&turn.headers),
+                    inert_lines(&body)
                 );
             }
         }

@@ -14,9 +14,9 @@
 //!    (`worker.idle_timeout: invalid duration …`);
 //! 4. [`Config::validate`] checks ranges and cross-key rules, again naming the key.
 //!
-//! Secrets (`database.url`, `amqp.url`, `http.admin_token`, `http.read_token`) live in redacting types
-//! ([`SecretUrl`], [`Secret`]): `Debug`, `Display` and `Serialize` print `***` for the password,
-//! and only `.expose()` gives the real value.
+//! Secrets (`database.url`, `amqp.url`, `http.admin_token`, `http.read_token`, the values of
+//! `worker.env`) live in redacting types ([`SecretUrl`], [`Secret`]): `Debug`, `Display` and
+//! `Serialize` print `***` for the password, and only `.expose()` gives the real value.
 //!
 //! *Architecture invariant*: this module only reads the environment for `TURND_<SECTION>__<KEY>`
 //! names. `TURND_WORKER_ENV_<NAME>` variables are worker pass-through (CONTRACT §5), never
@@ -488,8 +488,9 @@ pub struct WorkerConfig {
     /// The worker's argv (never run through a shell); default: the bundled demo worker next
     /// to the `turnd` binary.
     pub command: Vec<String>,
-    /// Extra environment variables for every worker.
-    pub env: BTreeMap<String, String>,
+    /// Extra environment variables for every worker. Values are secrets (API keys end up
+    /// here): `check-config` and `Debug` show `***`.
+    pub env: BTreeMap<String, Secret>,
     /// Live workers per daemon; past it the least recently used idle one is stopped.
     pub max_workers: usize,
     /// An idle worker is stopped after this.
@@ -924,8 +925,9 @@ impl Config {
         build(table, None, std::iter::empty())
     }
 
-    /// The effective configuration as TOML, with the passwords of URLs and the tokens
-    /// (`http.admin_token`, `http.read_token`) shown as `***`. Durations are written in humantime form (`"10m"`, `"7days"`).
+    /// The effective configuration as TOML, with the passwords of URLs, the tokens
+    /// (`http.admin_token`, `http.read_token`) and the values of `worker.env` shown as `***`.
+    /// Durations are written in humantime form (`"10m"`, `"7days"`).
     pub fn redacted_toml(&self) -> String {
         toml::to_string(self)
             .unwrap_or_else(|e| format!("# the configuration cannot be shown as TOML: {e}\n"))
@@ -1038,7 +1040,7 @@ impl Config {
                     format!("{name:?} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"),
                 );
             }
-            if value.contains('\0') {
+            if value.expose().contains('\0') {
                 return invalid(
                     "worker.env",
                     format!("the value of {name} contains a NUL character"),
@@ -1452,7 +1454,7 @@ mod tests {
         assert_eq!(c.worker.command, vec!["/bin/x".to_owned(), "--y".to_owned()]);
         assert_eq!(
             c.worker.env,
-            BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]),
+            BTreeMap::from([("FOO".to_owned(), Secret::new("bar"))]),
             "an override replaces the file's table"
         );
         assert_eq!(c.worker.idle_timeout, Duration::from_millis(250));
@@ -1673,10 +1675,14 @@ mod tests {
                 ("TURND_DATABASE__URL", "postgres://u:secret@h/db?sslmode=require&password=qs"),
                 ("TURND_HTTP__ADMIN_TOKEN", "tok3n-value"),
                 ("TURND_HTTP__READ_TOKEN", "r3ad-value"),
+                ("TURND_WORKER__ENV", "{ OPENAI_API_KEY = \"sk-w0rker-key\" }"),
             ],
         )
         .unwrap();
         let text = c.redacted_toml();
+        assert!(!text.contains("sk-w0rker"), "{text}");
+        assert!(text.contains("OPENAI_API_KEY = \"***\""), "{text}");
+        assert_eq!(c.worker.env["OPENAI_API_KEY"].expose(), "sk-w0rker-key");
         assert!(!text.contains("secret"), "{text}");
         assert!(!text.contains("tok3n"), "{text}");
         assert!(!text.contains("r3ad"), "{text}");
@@ -1692,6 +1698,7 @@ mod tests {
             !debug.contains("secret") && !debug.contains("tok3n") && !debug.contains("r3ad"),
             "{debug}"
         );
+        assert!(!debug.contains("sk-w0rker"), "{debug}");
         assert_eq!(
             format!("{}", c.database.url),
             "postgres://u:***@h/db?sslmode=require&password=***"
@@ -1735,11 +1742,13 @@ mod tests {
         let mut d = Config::default();
         d.http.listen = None;
         d.worker.limits.nofile = Some(1024);
-        d.worker.env.insert("A".into(), "b".into());
+        d.worker.env.insert("A".into(), Secret::new("b"));
         let text = d.redacted_toml();
         let mut back = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        // the only difference: the redacted password
+        // the only differences: the redacted password and worker.env values
         back.amqp.url = d.amqp.url.clone();
+        assert_eq!(back.worker.env["A"].expose(), "***");
+        back.worker.env = d.worker.env.clone();
         assert_eq!(back, d, "{text}");
         assert!(text.contains("retention = \"7days\""), "{text}");
     }

@@ -599,7 +599,7 @@ impl Owner<'_> {
                     // Boxed: the commit inside is the owner's largest future, and it is idle most of the time.
                     Some(WorkerEvent::Line(line)) => Box::pin(self.on_line(line, &mut running, &mut want_claim, &mut idle_since)).await,
                     Some(WorkerEvent::Invalid(msg)) => {
-                        tracing::warn!(deployment = %self.name, "worker wrote a line that is not protocol, ignored: {msg}");
+                        tracing::warn!(deployment = %self.name, "worker wrote a line that is not protocol, ignored: {}", crate::untrusted::inert(&msg));
                     }
                     ev @ (Some(WorkerEvent::Exited(_)) | None) => {
                         let status = match ev {

@@ -20,4 +20,5 @@ pub mod store;
 pub mod sweep;
 pub mod systemd;
 pub mod turn;
+pub mod untrusted;
 pub mod worker;

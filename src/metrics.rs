@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::turn::ErrorCode;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: &'static str,
@@ -61,7 +63,20 @@ pub struct Metrics {
     pub oldest_pending_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// 1 when the component is healthy: database, broker, lock_session.
     pub up: Family<ComponentLabel, Gauge>,
+    /// The worker-chosen codes that have a `code` label of their own (see
+    /// [`Metrics::terminal_event`]).
+    worker_codes: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// How many distinct codes chosen by workers get a label of their own. Workers are tenants'
+/// code: one that invents a code per turn would otherwise grow `/metrics` (and every
+/// Prometheus that scrapes it) without bound. Fifty is far above what a platform's error
+/// taxonomy uses and keeps the family small; later codes fold into [`FOLDED_WORKER_CODE`]
+/// (the event itself still carries the worker's code).
+pub const MAX_WORKER_CODE_LABELS: usize = 50;
+
+/// The `code` label of worker-chosen codes past [`MAX_WORKER_CODE_LABELS`].
+pub const FOLDED_WORKER_CODE: &str = "OTHER_WORKER_CODE";
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -84,6 +99,7 @@ impl Metrics {
             events_published: Counter::default(),
             oldest_pending_seconds: Gauge::default(),
             up: Family::default(),
+            worker_codes: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -156,6 +172,31 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Counts a committed terminal event. The contract's own codes always have their label;
+    /// a worker's own code has one while fewer than [`MAX_WORKER_CODE_LABELS`] have.
+    pub fn terminal_event(&self, kind: &'static str, code: Option<&str>) {
+        let code = match code {
+            None => String::new(),
+            Some(c) if !matches!(ErrorCode::from_worker(Some(c)), ErrorCode::Other(_)) => {
+                c.to_owned()
+            }
+            Some(c) => {
+                // A poisoned lock only means another thread panicked mid-insert; the set is
+                // still a set.
+                let mut seen = self.worker_codes.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.contains(c) {
+                    c.to_owned()
+                } else if seen.len() < MAX_WORKER_CODE_LABELS {
+                    seen.insert(c.to_owned());
+                    c.to_owned()
+                } else {
+                    FOLDED_WORKER_CODE.to_owned()
+                }
+            }
+        };
+        self.terminal_events.get_or_create(&EventLabels { kind, code }).inc();
+    }
+
     pub fn received(&self, outcome: &'static str, n: u64) {
         if n > 0 {
             self.turns_received.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
@@ -187,5 +228,31 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_codes_past_the_cap_fold_into_one_label() {
+        let m = Metrics::new();
+        for i in 0..1_000 {
+            m.terminal_event("error", Some(&format!("TENANT_CODE_{i}")));
+        }
+        m.terminal_event("error", Some("TENANT_CODE_3"));
+        m.terminal_event("error", Some("WORKER_DIED"));
+        m.terminal_event("reply", None);
+        let text = m.encode();
+        let series = text.lines().filter(|l| l.starts_with("turnd_terminal_events_total{")).count();
+        // the capped worker codes, the folded one, WORKER_DIED, the reply
+        assert_eq!(series, MAX_WORKER_CODE_LABELS + 3, "{text}");
+        assert!(text.contains(&format!(
+            "code=\"{FOLDED_WORKER_CODE}\"}} {}",
+            1_000 - MAX_WORKER_CODE_LABELS
+        )));
+        assert!(text.contains("code=\"TENANT_CODE_3\"} 2"), "{text}");
+        assert!(text.contains("code=\"WORKER_DIED\"} 1"), "{text}");
     }
 }

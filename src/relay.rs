@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Session, json_properties};
-use crate::metrics::{EventLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
 
 /// Events per publish batch: large enough to amortise confirms and the UPDATE, small enough
@@ -48,9 +48,7 @@ impl RelayHandle {
 
     pub fn send(&self, events: Vec<Committed>) {
         for e in events {
-            let labels =
-                EventLabels { kind: e.event.kind, code: e.event.code.clone().unwrap_or_default() };
-            self.metrics.terminal_events.get_or_create(&labels).inc();
+            self.metrics.terminal_event(e.event.kind, e.event.code.as_deref());
             // If the relay is gone the row stays unpublished and another daemon catches it up.
             let _ = self.tx.send(e);
         }

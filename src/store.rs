@@ -553,7 +553,7 @@ impl Store {
     pub async fn release_owner(&self, deployment: &DeploymentName, epoch: Epoch) -> Result<()> {
         sqlx::query(
             "UPDATE turnd_deployments SET owner = NULL, since = NULL, worker_pid = NULL,
-                    worker_started_at = NULL
+                    worker_started_at = NULL, released_at = now()
              WHERE deployment = $1 AND epoch = $2",
         )
         .bind(deployment.as_str())
@@ -597,7 +597,8 @@ impl Store {
         .await?)
     }
 
-    /// Deletes, in small batches, tombstones and published events older than `retention`.
+    /// Deletes, in small batches, tombstones and published events older than `retention`, and
+    /// the records of deployments and daemons gone for longer than that.
     pub async fn purge_retention(&self, retention: Duration) -> Result<u64> {
         let turns = sqlx::query(
             "DELETE FROM turnd_turns WHERE ctid = ANY (ARRAY(
@@ -617,7 +618,45 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(turns + events)
+        // A daemon silent for longer than retention is gone: what it still owned (it was
+        // killed with it) is let go as of its last heartbeat, then its row is deleted.
+        let daemons = sqlx::query(
+            "WITH gone AS (
+                 SELECT id, coalesce(stopped_at, heartbeat_at) AS last_seen FROM turnd_daemons
+                 WHERE coalesce(stopped_at, heartbeat_at)
+                       < now() - $1::bigint * interval '1 millisecond'),
+             let_go AS (
+                 UPDATE turnd_deployments d SET owner = NULL, since = NULL, worker_pid = NULL,
+                        worker_started_at = NULL, released_at = gone.last_seen
+                 FROM gone WHERE d.owner = gone.id)
+             DELETE FROM turnd_daemons WHERE id IN (SELECT id FROM gone)",
+        )
+        .bind(millis(retention))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        // A deployment is gone when nobody owns it, it has no turn row left (its last
+        // tombstone outlived retention) and it was let go longer than retention ago. The
+        // conditions are repeated on the DELETE itself so that a take-over racing with it is
+        // re-checked and never loses its row (claims and commits need the owner's row).
+        let deployments = sqlx::query(
+            "DELETE FROM turnd_deployments d
+             WHERE d.deployment = ANY (ARRAY(
+                     SELECT x.deployment FROM turnd_deployments x
+                     WHERE x.owner IS NULL
+                       AND x.released_at < now() - $1::bigint * interval '1 millisecond'
+                       AND NOT EXISTS (SELECT 1 FROM turnd_turns t
+                                       WHERE t.deployment = x.deployment)
+                     LIMIT 1000))
+               AND d.owner IS NULL
+               AND d.released_at < now() - $1::bigint * interval '1 millisecond'
+               AND NOT EXISTS (SELECT 1 FROM turnd_turns t WHERE t.deployment = d.deployment)",
+        )
+        .bind(millis(retention))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(turns + events + deployments + daemons)
     }
 
     pub async fn register_daemon(&self, id: &str, hostname: &str, pid: u32) -> Result<()> {
@@ -657,10 +696,13 @@ impl Store {
         .bind(id)
         .execute(&self.pool)
         .await?;
-        sqlx::query("UPDATE turnd_deployments SET owner = NULL, since = NULL WHERE owner = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE turnd_deployments SET owner = NULL, since = NULL, released_at = now()
+             WHERE owner = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

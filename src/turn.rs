@@ -321,8 +321,8 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
     let conversation_id = field(&obj, "conversationId")
         .map(|v| as_str("conversationId", v).and_then(conversation_id_rule))
         .transpose();
-    let channel_id = short_string(&obj, "channelId");
-    let user_id = short_string(&obj, "userId");
+    let channel_id = key_string(&obj, "channelId");
+    let user_id = key_string(&obj, "userId");
     let platform = short_string(&obj, "platform");
     let platform_metadata = match field(&obj, "platformMetadata") {
         None => Ok(None),
@@ -482,7 +482,20 @@ fn conversation_id_rule(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-/// `userId`, `channelId`, `platform`: optional strings of at most 256 bytes.
+/// `userId`, `channelId`: optional strings of at most 256 bytes without control characters.
+/// Either can be the conversation key, which reaches the worker as `TURND_CONVERSATION_ID`:
+/// a NUL there would fail every spawn of the deployment, and a newline would forge log lines.
+fn key_string(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, String> {
+    let s = short_string(obj, name)?;
+    if let Some(s) = &s
+        && s.chars().any(char::is_control)
+    {
+        return Err(format!("{name} {} must not contain control characters", echo(s)));
+    }
+    Ok(s)
+}
+
+/// `platform` (and the two above): optional strings of at most 256 bytes.
 fn short_string(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, String> {
     let Some(v) = field(obj, name) else {
         return Ok(None);
@@ -908,6 +921,21 @@ mod tests {
     }
 
     // --- field rules -----------------------------------------------------------------------
+
+    #[test]
+    fn conversation_keys_never_carry_control_characters() {
+        // The key reaches the worker's environment: a NUL there failed every spawn.
+        for field in ["channelId", "userId"] {
+            for value in [r"a\u0000b", r"a\nb", r"\u001b[31m", r"a\u007f"] {
+                let e = bad(&format!(r#"{{"messageId":"m","agentId":"a","{field}":"{value}"}}"#));
+                assert!(e.reason.starts_with(field), "{field}: {}", e.reason);
+                assert!(e.reason.contains("control characters"), "{}", e.reason);
+            }
+        }
+        // platform is never a key: passed through as published.
+        ok(r#"{"messageId":"m","agentId":"a","userId":"u","platform":"a\tb"}"#);
+        ok(r#"{"messageId":"m","agentId":"a","userId":"ünï-côde ok"}"#);
+    }
 
     #[test]
     fn message_id_rules() {

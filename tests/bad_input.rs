@@ -456,3 +456,32 @@ async fn a_100_mb_line_without_a_newline_keeps_the_daemon_memory_bounded() {
     assert_eq!(client.event(&mid(&next)).unwrap().kind(), "reply");
     assert!(process_alive(pid as i32));
 }
+
+/// A worker's stderr is a tenant's bytes: escape sequences reach the daemon's log escaped, and
+/// a worker printing in a loop is held to a rate instead of flooding the host's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_stderr_is_escaped_and_rate_limited_in_the_daemon_log() {
+    let mut cluster = Cluster::new().await;
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let t = worker_turn(
+        "loud",
+        "c-loud",
+        json!({"action": "stderr", "repeat": 5000,
+               "lines": ["\u{1b}]0;owned\u{7}\u{1b}[2Jfake\r2026-01-01 ERROR forged line"]}),
+    );
+    client.publish(&t).await;
+    client.wait_for(&["loud".into()], T).await;
+    assert_eq!(client.event("loud").unwrap().kind(), "reply");
+    let log = cluster.daemon_log(0);
+    let shown = log.lines().filter(|l| l.contains("worker stderr: ")).count();
+    assert!(shown >= 1, "some lines are logged");
+    // 5,000 lines written in well under a few seconds: at most 100 a second get through.
+    assert!(shown <= 400, "{shown} stderr lines logged of 5,000");
+    assert!(log.contains("dropping lines until the next second"), "the drop is said");
+    assert!(
+        !log.contains('\u{1b}') && !log.contains('\r') && !log.contains('\u{7}'),
+        "raw control bytes in the log"
+    );
+    assert!(log.contains("\\u{1b}]0;owned"), "escaped, not dropped");
+}

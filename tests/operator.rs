@@ -293,3 +293,87 @@ async fn a_worker_cap_beyond_the_open_files_limit_is_named_at_start() {
     client.wait_for(&[mid(&t)], T).await;
     assert!(!strip_ansi(&cluster.daemon_log(j)).contains("open files"));
 }
+
+/// The records of deployments and daemons gone for longer than `reply.retention` are purged;
+/// a deployment still owned keeps its row (its claims and commits need it) however old its
+/// turns, and a conversation that comes back gets a larger epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_deployments_and_daemons_gone_past_retention_are_purged() {
+    let mut cluster = Cluster::new().await;
+    cluster.set("TURND_REPLY__RETENTION", "1s");
+    cluster.set("TURND_SWEEP__INTERVAL", "200ms");
+    cluster.set("TURND_WORKER__IDLE_TIMEOUT", "6s");
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let t = json!({"messageId": "r1", "agentId": "a1", "organizationId": "o1",
+                   "conversationId": "c1", "payload": {}});
+    let dep = deployment_of(&t);
+    client.publish(&t).await;
+    client.wait_for(&["r1".into()], T).await;
+
+    // A daemon killed long ago, still named as the owner of a deployment of its own.
+    sqlx::query(
+        "INSERT INTO turnd_daemons (id, hostname, pid, version, heartbeat_at)
+         VALUES ('long-gone', 'h', 1, 'v', now() - interval '1 hour')",
+    )
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO turnd_deployments (deployment, agent_id, conversation_key, epoch, owner, since)
+         VALUES ('a9-0000000000000000', 'a9', 'c9', 1, 'long-gone', now() - interval '1 hour')",
+    )
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+
+    let pool = cluster.pool.clone();
+    let rows = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+    };
+    // The tombstone outlives retention first; the worker is still alive, so the row stays.
+    wait_for_async(T, "the tombstone to be purged", || async {
+        rows("SELECT count(*) FROM turnd_turns").await == 0
+    })
+    .await;
+    let owned: Option<String> =
+        sqlx::query_scalar("SELECT owner FROM turnd_deployments WHERE deployment = $1")
+            .bind(&dep)
+            .fetch_one(&cluster.pool)
+            .await
+            .expect("an owned deployment keeps its row");
+    assert_eq!(owned.as_deref(), Some("d0"));
+    let epoch: i64 =
+        sqlx::query_scalar("SELECT epoch FROM turnd_deployments WHERE deployment = $1")
+            .bind(&dep)
+            .fetch_one(&cluster.pool)
+            .await
+            .unwrap();
+
+    // The dead daemon's row and its deployment go; then, once idle and past retention, ours.
+    wait_for_async(T, "the dead daemon and its deployment to be purged", || async {
+        rows("SELECT count(*) FROM turnd_daemons WHERE id = 'long-gone'").await == 0
+            && rows("SELECT count(*) FROM turnd_deployments WHERE agent_id = 'a9'").await == 0
+    })
+    .await;
+    wait_for_async(Duration::from_secs(30), "the idle deployment's row to be purged", || async {
+        rows("SELECT count(*) FROM turnd_deployments").await == 0
+    })
+    .await;
+    assert_eq!(rows("SELECT count(*) FROM turnd_daemons WHERE id = 'd0'").await, 1);
+
+    // The conversation comes back: answered, under a larger epoch.
+    let t2 = json!({"messageId": "r2", "agentId": "a1", "organizationId": "o1",
+                    "conversationId": "c1", "payload": {}});
+    client.publish(&t2).await;
+    client.wait_for(&["r2".into()], T).await;
+    assert_eq!(client.event("r2").unwrap().kind(), "reply");
+    let again: i64 =
+        sqlx::query_scalar("SELECT epoch FROM turnd_deployments WHERE deployment = $1")
+            .bind(&dep)
+            .fetch_one(&cluster.pool)
+            .await
+            .unwrap();
+    assert!(again > epoch, "epoch {again} after {epoch}");
+}

@@ -77,3 +77,32 @@ async fn parked_turns_are_listed_replayed_once_and_purged() {
     let (_, out) = turnd(&cluster, &["parked", "list", "--json"]);
     assert_eq!(serde_json::from_str::<Vec<Value>>(&out).unwrap().len(), 0);
 }
+
+/// A producer's bytes never reach the operator's terminal as control sequences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_show_prints_no_control_sequences() {
+    let mut cluster = Cluster::new().await;
+    cluster.start_daemon(&[]).await;
+    let client = cluster.client().await;
+    // Not JSON, so parked INVALID_TURN with its bytes as published.
+    client.publish_raw(b"\x1b]0;owned\x07\x1b[2J\x9b31m\r\xe2\x80\xaehello").await;
+    let mut list = Vec::new();
+    wait_until(T, "the turn to be parked", || {
+        let (_, out) = turnd(&cluster, &["parked", "list", "--json"]);
+        list = serde_json::from_str::<Vec<Value>>(&out).unwrap_or_default();
+        !list.is_empty()
+    })
+    .await;
+    let id = list[0]["id"].as_i64().unwrap().to_string();
+    for args in [&["parked", "show", &id][..], &["parked", "list"][..]] {
+        let (code, out) = turnd(&cluster, args);
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{args:?} printed a control character: {out:?}"
+        );
+        assert!(!out.contains('\u{202e}'), "{out:?}");
+    }
+    let (_, out) = turnd(&cluster, &["parked", "show", &id]);
+    assert!(out.contains("\\u{1b}]0;owned"), "escaped, not dropped: {out}");
+}

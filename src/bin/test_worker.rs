@@ -17,6 +17,7 @@
 //! | `garbage` | write each of `payload.lines` raw to stdout (each followed by `\n` unless `payload.no_newline`), then reply |
 //! | `noise` | write `payload.bytes` (4096) pseudo-random bytes from `payload.seed` (no `\n` among them unless `payload.newlines`), then `\n`, then reply |
 //! | `flood` | write `payload.bytes` (100 MiB) bytes of `x` with no newline, in 64 KiB writes; then `\n` unless `payload.no_newline`; then reply |
+//! | `stderr` | write each of `payload.lines` to stderr, the whole list `payload.repeat` (1) times, then reply |
 //! | `env` | reply with the whole environment as an object |
 //! | `echo` | reply `{"line":<the stdin line exactly as received, as a string>}` |
 //! | `random` | pick one of reply/error/hang/crash/exit0 from `payload.seed` (splitmix64) weighted by `payload.p` |
@@ -318,6 +319,20 @@ impl Worker {
                 }
                 noise.push(b'\n');
                 self.send_raw(&noise);
+                self.reply_or_exit(message_id, epoch, payload);
+            }
+            "stderr" => {
+                // `lines` written to stderr `repeat` times each, then the reply.
+                use std::io::Write;
+                let repeat = get_u64(payload, "repeat").unwrap_or(1);
+                let lines = payload.get("lines").and_then(Value::as_array);
+                let mut err = std::io::stderr().lock();
+                for _ in 0..repeat {
+                    for line in lines.into_iter().flatten().filter_map(Value::as_str) {
+                        let _ = writeln!(err, "{line}");
+                    }
+                }
+                drop(err);
                 self.reply_or_exit(message_id, epoch, payload);
             }
             "flood" => {

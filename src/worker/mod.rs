@@ -28,7 +28,9 @@ use reaper::ExitReceiver;
 use spawner::Spawned;
 pub use spawner::Spawner;
 
+use crate::config::Secret;
 use crate::turn::{DeploymentName, Epoch};
+use crate::untrusted::inert;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -67,7 +69,7 @@ pub struct Identity<'a> {
 /// `TURND_WORKER_ENV_<NAME>` as `<NAME>`, plus `worker.env` (which wins).
 pub fn base_env(
     daemon_env: impl IntoIterator<Item = (String, String)>,
-    configured: &BTreeMap<String, String>,
+    configured: &BTreeMap<String, Secret>,
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned());
@@ -81,7 +83,7 @@ pub fn base_env(
             env.insert(name.to_owned(), v);
         }
     }
-    env.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(configured.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())));
     env
 }
 
@@ -297,6 +299,52 @@ fn argv0(spec: &WorkerSpec) -> String {
     spec.sandbox_prefix.first().or(spec.command.first()).cloned().unwrap_or_default()
 }
 
+/// Stderr lines of one worker logged per second; past it they are counted and dropped, and
+/// the count logged when the next second starts. A worker is a tenant's code: one stuck in a
+/// loop that prints would otherwise fill the host's journal or disk for everyone (systemd's
+/// journal rate limit is per unit, so one worker would silence all the others' lines too).
+/// A hundred a second is far more than a person reads and a small share of the daemon's CPU.
+const STDERR_LINES_PER_SECOND: u32 = 100;
+
+/// A fixed one-second window over a worker's stderr lines.
+#[derive(Debug)]
+struct StderrBudget {
+    window_start: std::time::Instant,
+    used: u32,
+    dropped: u64,
+}
+
+impl StderrBudget {
+    fn new(now: std::time::Instant) -> Self {
+        StderrBudget { window_start: now, used: 0, dropped: 0 }
+    }
+
+    fn take(&mut self, now: std::time::Instant) -> Budget {
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.used = 0;
+        }
+        if self.used >= STDERR_LINES_PER_SECOND {
+            self.dropped += 1;
+            return if self.dropped == 1 { Budget::DropFirst } else { Budget::Drop };
+        }
+        self.used += 1;
+        Budget::Log { dropped_before: std::mem::take(&mut self.dropped) }
+    }
+}
+
+/// What to do with one stderr line.
+#[derive(Debug, PartialEq, Eq)]
+enum Budget {
+    /// Log it, after saying how many were dropped before it.
+    Log {
+        dropped_before: u64,
+    },
+    /// Drop it; the first of a run, so say that dropping started.
+    DropFirst,
+    Drop,
+}
+
 /// After the leader exited: bounded drain of what it wrote before dying.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 
@@ -313,15 +361,31 @@ async fn io_task(
     let stderr_task = async {
         let mut reader = LazyBufReader::new(stderr);
         let mut buf = Vec::new();
+        let mut budget = StderrBudget::new(std::time::Instant::now());
         while let Ok(Some(line)) = read_line(&mut reader, &mut buf, 16 * 1024).await {
+            match budget.take(std::time::Instant::now()) {
+                Budget::Log { dropped_before: 0 } => {}
+                Budget::Log { dropped_before } => {
+                    tracing::warn!(deployment = %deployment, pid, dropped = dropped_before, "worker stderr lines dropped: more than {STDERR_LINES_PER_SECOND} a second");
+                }
+                Budget::DropFirst => {
+                    tracing::warn!(deployment = %deployment, pid, "worker stderr over {STDERR_LINES_PER_SECOND} lines a second: dropping lines until the next second");
+                    continue;
+                }
+                Budget::Drop => continue,
+            }
             match line {
                 Ok(text) => {
-                    tracing::info!(deployment = %deployment, pid, "worker stderr: {}", String::from_utf8_lossy(text).trim_end())
+                    let text = String::from_utf8_lossy(text);
+                    tracing::info!(deployment = %deployment, pid, "worker stderr: {}", inert(text.trim_end()))
                 }
                 Err(len) => {
                     tracing::warn!(deployment = %deployment, pid, len, "worker stderr line too long; dropped")
                 }
             }
+        }
+        if budget.dropped > 0 {
+            tracing::warn!(deployment = %deployment, pid, dropped = budget.dropped, "worker stderr lines dropped: more than {STDERR_LINES_PER_SECOND} a second");
         }
     };
     let stdout_task = async {
@@ -415,12 +479,26 @@ mod tests {
             ("TURND_DATABASE__URL".to_owned(), "postgres://secret".to_owned()),
         ];
         let mut configured = BTreeMap::new();
-        configured.insert("X".to_owned(), "1".to_owned());
+        configured.insert("X".to_owned(), Secret::new("1"));
         let env = base_env(daemon, &configured);
         let keys: Vec<&str> = env.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["FOO", "LANG", "PATH", "X"]);
         assert_eq!(env["FOO"], "bar");
         assert_eq!(env["PATH"], "/p");
+    }
+
+    #[test]
+    fn stderr_budget_drops_past_the_rate_and_reports_the_count() {
+        let t0 = std::time::Instant::now();
+        let mut b = StderrBudget::new(t0);
+        for _ in 0..STDERR_LINES_PER_SECOND {
+            assert_eq!(b.take(t0), Budget::Log { dropped_before: 0 });
+        }
+        assert_eq!(b.take(t0 + Duration::from_millis(10)), Budget::DropFirst);
+        assert_eq!(b.take(t0 + Duration::from_millis(999)), Budget::Drop);
+        let next = t0 + Duration::from_secs(1);
+        assert_eq!(b.take(next), Budget::Log { dropped_before: 2 }, "the count, once");
+        assert_eq!(b.take(next), Budget::Log { dropped_before: 0 });
     }
 
     #[test]
