@@ -537,6 +537,36 @@ async fn lists_are_capped_and_never_carry_parked_bodies() {
     assert_eq!(rows.len(), 1000);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_listen_address_in_use_stops_the_start_naming_the_key() {
+    let cluster = Cluster::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let log = cluster.path("ops-in-use.log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let child = std::process::Command::new(turnd_bin())
+        .arg("run")
+        .env_clear()
+        .envs(cluster.env.iter().map(|(k, v)| (k, v)))
+        .env("TURND_HTTP__OPS_LISTEN", &addr)
+        .stdout(file.try_clone().expect("dup"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn turnd run");
+    // A Daemon, so that it is killed should the test fail while it still runs.
+    let mut daemon =
+        Daemon { id: "d0".into(), child: Some(child), log: log.clone(), env: Vec::new() };
+    let status = wait_for_value(T, "turnd run to give up", || {
+        let s = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        async move { s }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains(&format!("cannot listen on http.ops_listen {addr}")), "{text}");
+    drop(taken);
+}
+
 #[test]
 fn check_config_redacts_the_read_token_and_names_the_ops_listen_key() {
     let run = |envs: &[(&str, &str)]| {

@@ -194,10 +194,11 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpList
 }
 
 async fn run(listener: tokio::net::TcpListener, app: Router, cancel: CancellationToken) {
+    let addr = listener.local_addr().ok();
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
     if let Err(e) = server.await {
-        tracing::error!(error = %e, "http server failed");
+        tracing::error!(error = %e, ?addr, "http server failed");
     }
 }
 
