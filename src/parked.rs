@@ -43,9 +43,9 @@ pub async fn replay(
             continue;
         }
         let result = match store.parked_claim_replay(id, who).await? {
-            None => match store.parked_get(id).await? {
-                Some(_) => "already_replayed".to_owned(),
-                None => "not_found".to_owned(),
+            None => match store.parked_exists(id).await? {
+                true => "already_replayed".to_owned(),
+                false => "not_found".to_owned(),
             },
             Some(p) => match publish(&publisher, &names, &p).await {
                 Ok(()) => {

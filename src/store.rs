@@ -1163,10 +1163,19 @@ impl Store {
         .await?)
     }
 
-    /// One parked turn with its body and headers: the only query that reads them.
+    /// One parked turn with its body and headers: with [`Store::parked_claim_replay`], which
+    /// republishes them, the only query that reads them.
     pub async fn parked_get(&self, id: i64) -> Result<Option<ParkedTurn>> {
         let sql = format!("SELECT {PARKED_COLUMNS}, body, headers FROM turnd_parked WHERE id = $1");
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?)
+    }
+
+    /// Whether a parked record with this id exists (without reading it).
+    pub async fn parked_exists(&self, id: i64) -> Result<bool> {
+        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM turnd_parked WHERE id = $1)")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Claims a parked turn for replay, once: marks it replayed by `who` and, in the same
