@@ -31,6 +31,26 @@ pub enum BrokerError {
     Nacked(String),
     #[error("RabbitMQ is not connected")]
     Unavailable,
+    #[error("cannot connect to RabbitMQ at {target}: {}", crate::store::root_cause(error))]
+    Connect { target: String, error: lapin::Error },
+}
+
+/// Where an AMQP URL points, for messages: `host:port (vhost V, user U)`, never the password.
+pub fn describe_target(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => {
+            let port = u.port().unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+            let vhost = match u.path().trim_start_matches('/') {
+                "" => "/".to_owned(),
+                v => url::form_urlencoded::parse(format!("v={v}").as_bytes())
+                    .next()
+                    .map_or_else(|| v.to_owned(), |(_, v)| v.into_owned()),
+            };
+            let user = if u.username().is_empty() { "guest" } else { u.username() };
+            format!("{}:{port} (vhost {vhost}, user {user})", u.host_str().unwrap_or("?"))
+        }
+        Err(_) => "amqp.url (unparsable)".to_owned(),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, BrokerError>;
@@ -251,7 +271,10 @@ pub fn long_string(s: &str) -> AMQPValue {
 /// Connects once and opens a confirming channel.
 pub async fn connect(config: &Config, name: &str) -> Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(config.amqp.url.expose(), properties).await?;
+    let connection =
+        Connection::connect(config.amqp.url.expose(), properties).await.map_err(|e| {
+            BrokerError::Connect { target: describe_target(config.amqp.url.expose()), error: e }
+        })?;
     let publisher = connection.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((connection, publisher))

@@ -12,7 +12,7 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions}
 use lapin::types::{FieldTable, ShortString};
 
 use crate::broker::{self, Names, Session, json_properties};
-use crate::config::{Config, ConfigError, LogFormat};
+use crate::config::{Config, ConfigError};
 use crate::store::{self, Store};
 use crate::untrusted::{inert, inert_lines};
 
@@ -23,29 +23,24 @@ use crate::untrusted::{inert, inert_lines};
     about = "Exactly-once conversation turns over RabbitMQ and PostgreSQL"
 )]
 pub struct Cli {
+    /// Config file (default /etc/turnd/turnd.toml; environment TURND_<SECTION>__<KEY> overrides).
+    /// Accepted before or after any subcommand.
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct ConfigArg {
-    /// Config file (default /etc/turnd/turnd.toml; environment TURND_<SECTION>__<KEY> overrides)
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (systemd's ExecStart)
-    Run(ConfigArg),
+    Run,
     /// Apply database migrations
-    Migrate(ConfigArg),
+    Migrate,
     /// Validate the config and print the effective config with secrets redacted
-    CheckConfig(ConfigArg),
+    CheckConfig,
     /// The cluster as the database sees it
     Status {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
@@ -54,8 +49,6 @@ pub enum Command {
     Send(SendArgs),
     /// Parked turns: list, show, replay, purge
     Parked {
-        #[command(flatten)]
-        config: ConfigArg,
         #[command(subcommand)]
         action: ParkedAction,
     },
@@ -107,8 +100,6 @@ pub enum ParkedAction {
 
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
-    #[command(flatten)]
-    pub config: ConfigArg,
     /// agentId
     #[arg(long, default_value = "demo")]
     pub agent: String,
@@ -135,42 +126,37 @@ pub struct SendArgs {
 pub const EXIT_BAD_CONFIG: u8 = 2;
 pub const EXIT_TIMEOUT: u8 = 124;
 
-pub fn load_config(arg: &ConfigArg) -> Result<Config, ConfigError> {
-    Config::load(arg.config.as_deref())
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+    Config::load(path)
 }
 
-pub fn init_logging(config: &Config) {
-    let mut filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A doorbell to a deployment nobody owns comes back by design (mandatory publish); lapin
-    // would log each one at WARN.
-    if !config.log.level.contains("lapin")
-        && let Ok(d) = "lapin::returned_messages=error".parse()
-    {
-        filter = filter.add_directive(d);
+/// An error as one line: each cause of the chain once (a cause whose text the line already
+/// holds is left out), line breaks folded. CONTRACT §8.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
     }
-    // Colours only on a terminal: under systemd or in a pod the log is a file, and escape
-    // codes there only hide what a grep looks for.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Pretty => builder.init(),
-    }
+    line
 }
 
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database, &config.daemon.id)?;
+    let store = Store::connect_now(&config.database, &config.daemon.id).await?;
     store.migrate().await.context("apply migrations")?;
     println!("migrations applied");
     Ok(())
 }
 
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database, &config.daemon.id)?;
+    let store = Store::connect_now(&config.database, &config.daemon.id).await?;
     let live_within = (config.sweep.interval * 3).max(Duration::from_secs(15));
     let status = store.status(live_within).await.context("read cluster status")?;
     if json {
@@ -238,8 +224,7 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
     let parsed = crate::turn::parse(&body, config.intake.max_turn_bytes)
         .map_err(|e| anyhow::anyhow!("this turn would be refused: {e}"))?;
 
-    let (connection, publisher) =
-        broker::connect(config, "turnd send").await.context("connect to RabbitMQ")?;
+    let (connection, publisher) = broker::connect(config, "turnd send").await?;
     broker::declare_topology(&publisher, config).await.context("declare topology")?;
     let names = Names::new(&config.amqp.prefix);
     let mut replies = None;
@@ -311,7 +296,7 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
 }
 
 pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&config.database, &config.daemon.id)?;
+    let store = Store::connect_now(&config.database, &config.daemon.id).await?;
     match action {
         ParkedAction::List { code, since, limit, json } => {
             if *limit > store::MAX_LIST_ROWS {

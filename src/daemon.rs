@@ -12,11 +12,16 @@
 //!  └─ deployments ──(many)──► deployment task ──► worker process
 //! ```
 //!
+//! SIGHUP re-reads the config (file and environment) and applies what can change live:
+//! `log.level` and the HTTP tokens. It logs what it applied and which changed keys wait for a
+//! restart; an invalid file changes nothing. It never stops the daemon.
+//!
 //! Shutdown (SIGTERM/SIGINT): stop intake and adoption, let running turns finish for
 //! `shutdown.grace` (a second signal cuts it short), stop workers (cut-off turns get
 //! `WORKER_STOPPED`, queued ones stay for another daemon), release locks after workers exit,
 //! flush the relay, exit 0.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,8 +54,15 @@ pub enum DaemonError {
     Http(#[from] http::HttpError),
 }
 
-/// Runs the daemon until SIGTERM/SIGINT (or `stop` is cancelled, for tests).
-pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonError> {
+/// Runs the daemon until SIGTERM/SIGINT (or `stop` is cancelled, for tests). `config_path`
+/// is where `config` came from (`--config`, else the default), read again on SIGHUP.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    stop: CancellationToken,
+) -> Result<(), DaemonError> {
+    // First of all: SIGHUP's default action ends the process.
+    let hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let config = Arc::new(config);
     let daemon_id = config.daemon.id.clone();
     raise_nofile_limit(config.worker.max_workers);
@@ -69,7 +81,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         match step.await {
             Ok(()) => break,
             Err(e @ store::StoreError::Migrate(_)) => return Err(e.into()),
-            Err(e) => tracing::warn!(error = %e, "waiting for PostgreSQL"),
+            Err(e) => {
+                tracing::warn!(error = %store.explain_unreachable(&e).await, "waiting for PostgreSQL")
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -128,7 +142,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         locks: locks.clone(),
         metrics: metrics.clone(),
     };
-    let state = http::AppState::new(health.clone(), config.clone());
+    let tokens = http::Tokens::new(&config.http);
+    tasks.spawn(reload_on_hup(
+        hup,
+        config.clone(),
+        config_path,
+        tokens.clone(),
+        background.clone(),
+    ));
+    let state = http::AppState::new(health.clone(), config.clone(), tokens);
     if let Some(addr) = config.http.listen {
         tasks.spawn(http::serve(addr, state.clone(), background.clone()).await?);
     }
@@ -214,6 +236,75 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     while tasks.join_next().await.is_some() {}
     tracing::info!("turnd stopped");
     Ok(())
+}
+
+/// Keys SIGHUP applies without a restart.
+pub const LIVE_KEYS: [&str; 3] = ["log.level", "http.admin_token", "http.read_token"];
+
+/// On each SIGHUP: loads the config again and applies [`LIVE_KEYS`]; says in the log what it
+/// did. `running` stays what the other components were started with.
+async fn reload_on_hup(
+    mut hup: tokio::signal::unix::Signal,
+    running: Arc<Config>,
+    path: Option<PathBuf>,
+    tokens: http::Tokens,
+    cancel: CancellationToken,
+) {
+    let mut level = running.log.level.clone();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let new = match Config::load(path.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the config is invalid; nothing reloaded, the running config stays");
+                continue;
+            }
+        };
+        let mut applied: Vec<&str> = Vec::new();
+        if new.log.level != level {
+            match crate::logging::set_level(&new.log.level) {
+                Ok(()) => {
+                    applied.push("log.level");
+                    level = new.log.level.clone();
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: log.level not reloaded"),
+            }
+        }
+        applied.extend(tokens.set(&new.http));
+        let waiting = restart_keys(&running, &new);
+        tracing::info!(
+            applied = %if applied.is_empty() { "nothing changed".to_owned() } else { applied.join(", ") },
+            needs_restart = %waiting.join(", "),
+            log_level = %level,
+            "SIGHUP: configuration reloaded"
+        );
+    }
+}
+
+/// The dotted keys whose value differs between `old` and `new`, other than [`LIVE_KEYS`]:
+/// what only a restart applies.
+fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
+    let (Ok(a), Ok(b)) = (toml::Table::try_from(old), toml::Table::try_from(new)) else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for (section, values) in &b {
+        let (Some(new_keys), Some(old_keys)) =
+            (values.as_table(), a.get(section).and_then(|v| v.as_table()))
+        else {
+            continue;
+        };
+        for (key, value) in new_keys {
+            let dotted = format!("{section}.{key}");
+            if old_keys.get(key) != Some(value) && !LIVE_KEYS.contains(&dotted.as_str()) {
+                keys.push(dotted);
+            }
+        }
+    }
+    keys
 }
 
 pub fn hostname() -> String {

@@ -13,6 +13,7 @@ pub mod event;
 pub mod http;
 pub mod intake;
 pub mod lock;
+pub mod logging;
 pub mod metrics;
 pub mod parked;
 pub mod relay;

@@ -36,6 +36,21 @@ pub struct ComponentLabel {
     pub component: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub edition: &'static str,
+    pub profile: &'static str,
+}
+
+/// Upper bounds of the turn latency buckets, in seconds. From a cached echo (5 ms) to an agent
+/// turn that works for many minutes (30 min): 20 buckets, each a series per daemon in
+/// Prometheus; finer steps where a quantile is read most (under a minute), coarser past it.
+pub const LATENCY_BUCKETS: [f64; 20] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    900.0, 1200.0, 1500.0, 1800.0,
+];
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -84,10 +99,7 @@ impl Metrics {
         let m = Metrics {
             turns_received: Family::default(),
             terminal_events: Family::default(),
-            // 1 ms … ~16 s, doubling: covers a cached echo and a slow model call.
-            turn_latency: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
-            ),
+            turn_latency: Histogram::new(LATENCY_BUCKETS),
             live_workers: Gauge::default(),
             owned_deployments: Gauge::default(),
             worker_spawns: Counter::default(),
@@ -156,6 +168,15 @@ impl Metrics {
             m.oldest_pending_seconds.clone(),
         );
         registry.register("up", "1 when the component is healthy", m.up.clone());
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                edition: "2024",
+                profile: if cfg!(debug_assertions) { "debug" } else { "release" },
+            })
+            .set(1);
+        registry.register("build_info", "Always 1; the labels say which turnd this is", build_info);
         // Known label values start at 0, so every family the dashboard and the alert rules use
         // is exported from the start (an empty family prints nothing) and rate() has a baseline.
         for outcome in ["armed", "duplicate", "refused", "parked"] {
@@ -234,6 +255,22 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_reach_half_an_hour_and_build_info_is_one() {
+        let m = Metrics::new();
+        m.turn_latency.observe(28.0 * 60.0);
+        let text = m.encode();
+        assert!(text.contains("turnd_turn_latency_seconds_bucket{le=\"1800.0\"} 1"), "{text}");
+        assert!(text.contains("turnd_turn_latency_seconds_bucket{le=\"1500.0\"} 0"), "{text}");
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.lines().any(|l| l.starts_with("turnd_build_info{")
+                && l.contains(&format!("version=\"{version}\""))
+                && l.ends_with(" 1")),
+            "{text}"
+        );
+    }
 
     #[test]
     fn worker_codes_past_the_cap_fold_into_one_label() {

@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::config::DatabaseConfig;
 use crate::event::{Envelope, Outcome, TerminalEvent};
@@ -20,12 +20,65 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    // The causes are in the message, not also a `source()`: a report that prints the chain
+    // would otherwise say the same cause twice (or three times: sqlx's database error repeats
+    // its own source).
     #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("invalid database.url: {0}")]
     Url(String),
+    /// A first connection failed: names the server and the cause, once.
+    #[error("cannot connect to PostgreSQL at {target}: {cause}")]
+    Connect { target: String, cause: String },
+}
+
+/// Where `options` connects, for messages: `host:port, user U, database D` (never a password).
+pub fn describe_target(options: &PgConnectOptions) -> String {
+    let host = options.get_host();
+    let place = if host.starts_with('/') {
+        format!("socket {host}/.s.PGSQL.{}", options.get_port())
+    } else {
+        format!("{host}:{}", options.get_port())
+    };
+    format!(
+        "{place} (user {}, database {})",
+        options.get_username(),
+        options.get_database().unwrap_or(options.get_username())
+    )
+}
+
+/// The innermost cause of an error: what actually went wrong, said once (sqlx's own messages
+/// repeat their source's text).
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    loop {
+        if let Some(sqlx::Error::Database(db)) = cur.downcast_ref::<sqlx::Error>() {
+            return db.message().to_owned();
+        }
+        match cur.source() {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    // The server's own message, without its "at line N" (a line of PostgreSQL's C source).
+    match cur.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        Some(db) => db.message().to_owned(),
+        None => cur.to_string(),
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Db(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> StoreError {
+        StoreError::Migrate(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -121,6 +174,10 @@ pub struct Store {
     pool: PgPool,
 }
 
+/// How long a one-shot command waits for its first database connection: long enough for a
+/// server across a slow link, short enough that a wrong host answers before the user gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -140,6 +197,54 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
         Ok(Store { pool })
+    }
+
+    /// Opens the pool after one connection proved the server reachable: for the one-shot
+    /// commands, whose user wants to hear at once which server failed and why (the pool alone
+    /// only says it timed out).
+    pub async fn connect_now(config: &DatabaseConfig, daemon_id: &str) -> Result<Store> {
+        let options = connect_options(config.url.expose(), &format!("turnd:{daemon_id}"))?;
+        let target = describe_target(&options);
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options));
+        match attempt.await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
+            Ok(Err(e)) => return Err(StoreError::Connect { target, cause: root_cause(&e) }),
+            Err(_) => {
+                return Err(StoreError::Connect {
+                    target,
+                    cause: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+                });
+            }
+        }
+        Store::connect(config, daemon_id)
+    }
+
+    /// Why the database cannot be reached now, naming the server (for logs while waiting).
+    pub async fn explain_unreachable(&self, e: &StoreError) -> String {
+        match e {
+            StoreError::Db(sqlx::Error::PoolTimedOut) => {
+                let options = self.pool.connect_options();
+                let target = describe_target(&options);
+                match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&*options))
+                    .await
+                {
+                    Ok(Ok(conn)) => {
+                        let _ = conn.close().await;
+                        format!("PostgreSQL at {target}: every pooled connection is busy")
+                    }
+                    Ok(Err(e)) => {
+                        format!("cannot connect to PostgreSQL at {target}: {}", root_cause(&e))
+                    }
+                    Err(_) => format!(
+                        "cannot connect to PostgreSQL at {target}: no answer within {}s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                }
+            }
+            other => other.to_string(),
+        }
     }
 
     pub fn from_pool(pool: PgPool) -> Store {

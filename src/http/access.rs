@@ -157,13 +157,13 @@ pub(super) async fn check_host(State(s): State<AppState>, req: Request, next: Ne
 /// Middleware of the console pages and the API: with `http.read_token` set, a request needs
 /// it or the admin token as a bearer token, or a valid session cookie.
 pub(super) async fn require_read(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(read) = &s.config.http.read_token else {
+    let Some(read) = s.read_token() else {
         return next.run(req).await;
     };
     let headers = req.headers();
     let given = bearer(headers);
     let bearer_ok = given.is_some_and(|g| token_ok(&s, g));
-    if bearer_ok || session_ok(read, headers, now()) {
+    if bearer_ok || session_ok(&read, headers, now()) {
         return next.run(req).await;
     }
     let path = req.uri().path();
@@ -192,10 +192,9 @@ pub(super) async fn require_read(State(s): State<AppState>, req: Request, next: 
 
 /// Whether `given` is the read token or the admin token.
 fn token_ok(s: &AppState, given: &str) -> bool {
-    let http = &s.config.http;
     // Both are checked, so the time does not say which one (if either) was configured.
-    let read = http.read_token.as_ref().is_some_and(|t| t.matches(given));
-    let admin = http.admin_token.as_ref().is_some_and(|t| t.matches(given));
+    let read = s.read_token().is_some_and(|t| t.matches(given));
+    let admin = s.admin_token().is_some_and(|t| t.matches(given));
     read | admin
 }
 
@@ -286,7 +285,7 @@ pub(super) async fn login(State(s): State<AppState>, req: Request) -> Response {
         }
     }
     let next = safe_next(&next);
-    let Some(read) = &s.config.http.read_token else {
+    let Some(read) = s.read_token() else {
         return see_other(next); // reads are open: nothing to log into
     };
     if token.is_empty() || !token_ok(&s, &token) {
@@ -299,7 +298,7 @@ pub(super) async fn login(State(s): State<AppState>, req: Request) -> Response {
     let expires = now() + SESSION.as_secs();
     let cookie = format!(
         "{COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict",
-        session_value(read, expires),
+        session_value(&read, expires),
         SESSION.as_secs()
     );
     tracing::info!(peer = %peer, "console login");

@@ -112,7 +112,7 @@ pub(super) async fn cluster_view(s: &AppState) -> Result<Cluster, StoreError> {
         live_within_s: live_within.as_secs_f64(),
         daemons: s.store().console_daemons(live_within).await?,
         unpublished_events: s.store().outbox_backlog().await?,
-        actions_enabled: s.config.http.admin_token.is_some(),
+        actions_enabled: s.admin_token().is_some(),
         show_payloads: s.config.http.show_payloads,
     })
 }
@@ -399,7 +399,7 @@ fn authorize(
     action: &str,
     id: i64,
 ) -> Result<(), ApiError> {
-    let Some(token) = &s.config.http.admin_token else {
+    let Some(token) = s.admin_token() else {
         tracing::info!(action, id, peer = %peer(extensions), "console action refused: no http.admin_token is configured");
         return Err(ApiError::Forbidden(
             "actions are disabled: http.admin_token is not configured",

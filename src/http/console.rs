@@ -115,7 +115,7 @@ async fn parked_page(State(s): State<AppState>, Path(id): Path<i64>) -> Response
 pub(super) fn login_page(s: &AppState, next: &str, problem: Option<&str>) -> Response {
     let nonce = uuid::Uuid::new_v4().simple().to_string();
     let hours = super::access::SESSION.as_secs() / 3600;
-    let admin = s.config.http.admin_token.is_some();
+    let admin = s.admin_token().is_some();
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -180,7 +180,7 @@ fn respond(status: StatusCode, (nonce, markup): (String, Markup)) -> Response {
 
 /// The frame of every page: header bar, outcome banner, the body, the script.
 fn page(s: &AppState, nonce: &str, title: &str, body: Markup) -> (String, Markup) {
-    let actions = s.config.http.admin_token.is_some();
+    let actions = s.admin_token().is_some();
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -201,7 +201,7 @@ fn page(s: &AppState, nonce: &str, title: &str, body: Markup) -> (String, Markup
                     } @else {
                         span { "read-only (no http.admin_token)" }
                     }
-                    @if s.config.http.read_token.is_some() {
+                    @if s.read_token().is_some() {
                         form #logout method="post" action="/logout" { button type="submit" { "log out" } }
                     }
                     span.spacer {}
@@ -571,7 +571,7 @@ fn parked_section(p: &ParkedList, actions: bool) -> Markup {
 
 fn parked_detail(s: &AppState, d: &ParkedDetail) -> Markup {
     let p = &d.parked;
-    let actions = s.config.http.admin_token.is_some();
+    let actions = s.admin_token().is_some();
     let body = pretty(&d.body);
     let cut = body.len() > MAX_BODY_SHOWN;
     let shown = if cut { &body[..floor_char_boundary(&body, MAX_BODY_SHOWN)] } else { &body[..] };

@@ -38,7 +38,7 @@ mod api;
 mod console;
 
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, HttpConfig, Secret};
 use crate::lock::LockSession;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -90,17 +90,69 @@ pub enum HttpError {
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
 }
 
-/// What every handler gets: the health checks (and through them the store and the metrics)
-/// and the configuration (http.admin_token, http.show_payloads, the timings).
+/// What every handler gets: the health checks (and through them the store and the metrics),
+/// the configuration (http.show_payloads, the timings) and the tokens, which SIGHUP may
+/// replace while the daemon runs (so they are read from here, never from `config`).
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub health: Health,
     pub config: Arc<Config>,
+    tokens: Tokens,
+}
+
+/// `http.admin_token` and `http.read_token` as they are now: shared by both listeners and
+/// every handler, replaced as a pair on reload.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens(Arc<std::sync::RwLock<TokenPair>>);
+
+#[derive(Debug, Clone, Default)]
+struct TokenPair {
+    admin: Option<Secret>,
+    read: Option<Secret>,
+}
+
+impl Tokens {
+    pub fn new(http: &HttpConfig) -> Tokens {
+        let t = Tokens::default();
+        t.set(http);
+        t
+    }
+
+    /// Replaces both tokens with those of `http`; returns which of them changed.
+    pub fn set(&self, http: &HttpConfig) -> Vec<&'static str> {
+        // A poisoned lock only means a reader panicked; the pair is whole.
+        let mut pair = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut changed = Vec::new();
+        if pair.admin != http.admin_token {
+            changed.push("http.admin_token");
+        }
+        if pair.read != http.read_token {
+            changed.push("http.read_token");
+        }
+        *pair = TokenPair { admin: http.admin_token.clone(), read: http.read_token.clone() };
+        changed
+    }
+
+    pub fn admin(&self) -> Option<Secret> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).admin.clone()
+    }
+
+    pub fn read(&self) -> Option<Secret> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).read.clone()
+    }
 }
 
 impl AppState {
-    pub fn new(health: Health, config: Arc<Config>) -> AppState {
-        AppState { health, config }
+    pub fn new(health: Health, config: Arc<Config>, tokens: Tokens) -> AppState {
+        AppState { health, config, tokens }
+    }
+
+    pub(crate) fn admin_token(&self) -> Option<Secret> {
+        self.tokens.admin()
+    }
+
+    pub(crate) fn read_token(&self) -> Option<Secret> {
+        self.tokens.read()
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -157,11 +209,10 @@ pub async fn serve(
     state: AppState,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = ()>, HttpError> {
-    let http = &state.config.http;
     let actions =
-        if http.admin_token.is_some() { "enabled" } else { "disabled (no http.admin_token)" };
-    let reads = if http.read_token.is_some() { "token required" } else { "open" };
-    if http.read_token.is_none() && !addr.ip().to_canonical().is_loopback() {
+        if state.admin_token().is_some() { "enabled" } else { "disabled (no http.admin_token)" };
+    let reads = if state.read_token().is_some() { "token required" } else { "open" };
+    if state.read_token().is_none() && !addr.ip().to_canonical().is_loopback() {
         tracing::warn!(
             %addr,
             "http.listen is not a loopback address and http.read_token is not set: whoever \

@@ -1,0 +1,55 @@
+//! The log: tracing to stderr (pretty or JSON), with a filter that SIGHUP can replace while
+//! the daemon runs (`log.level`), through a reload layer set up once per process.
+
+use std::sync::OnceLock;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+use crate::config::{Config, LogFormat};
+
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// The filter for `level`, as `log.level` means it (an invalid one falls back to `info`;
+/// `check-config` already refused it).
+fn filter(level: &str, daemon: bool) -> EnvFilter {
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // A doorbell to a deployment nobody owns comes back by design (mandatory publish); lapin
+    // would log each one at WARN. A one-shot command reports its own errors in one line, so
+    // lapin's own account of a refused connection would only say it again.
+    let quiet = if daemon { "lapin::returned_messages=error" } else { "lapin=off" };
+    if !level.contains("lapin")
+        && let Ok(d) = quiet.parse()
+    {
+        filter = filter.add_directive(d);
+    }
+    filter
+}
+
+/// Installs the process's subscriber. `daemon`: `turnd run` (lapin's warnings are kept).
+pub fn init(config: &Config, daemon: bool) {
+    let (layer, handle) = reload::Layer::new(filter(&config.log.level, daemon));
+    // Colours only on a terminal: under systemd or in a pod the log is a file, and escape
+    // codes there only hide what a grep looks for.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let installed = match config.log.format {
+        LogFormat::Json => {
+            Registry::default().with(layer).with(fmt.json().flatten_event(true)).try_init()
+        }
+        LogFormat::Pretty => Registry::default().with(layer).with(fmt).try_init(),
+    };
+    if installed.is_ok() {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// Replaces the filter with `level` (SIGHUP). An error says why; the old filter stays.
+pub fn set_level(level: &str) -> Result<(), String> {
+    EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+    let Some(handle) = FILTER.get() else {
+        return Err("the log was not set up by turnd (a test's subscriber?)".to_owned());
+    };
+    handle.reload(filter(level, true)).map_err(|e| format!("cannot replace the log filter: {e}"))
+}
