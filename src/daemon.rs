@@ -269,6 +269,8 @@ async fn reload_on_hup(
                 Ok(()) => {
                     applied.push("log.level");
                     level = new.log.level.clone();
+                    // Shows only when the new filter lets turnd's debug lines through.
+                    tracing::debug!(log_level = %level, "log filter replaced");
                 }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: log.level not reloaded"),
             }

@@ -47,6 +47,8 @@ pub struct Daemon {
     pub child: Option<Child>,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The command line after the binary (`run` unless a test gave its own).
+    pub args: Vec<String>,
 }
 
 impl Cluster {
@@ -107,6 +109,12 @@ impl Cluster {
     /// Starts `turnd run` with the cluster's environment plus `extra`; waits until it is
     /// ready to serve. Returns its index.
     pub async fn start_daemon(&mut self, extra: &[(&str, &str)]) -> usize {
+        self.start_daemon_with_args(extra, &["run"]).await
+    }
+
+    /// As [`Cluster::start_daemon`], with this command line after the binary (e.g.
+    /// `["run", "--config", FILE]`, or a Deployment's `args`).
+    pub async fn start_daemon_with_args(&mut self, extra: &[(&str, &str)], args: &[&str]) -> usize {
         let i = self.daemons.len();
         let id = format!("d{i}");
         let mut env = self.env.clone();
@@ -116,7 +124,8 @@ impl Cluster {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         let log = self.root.join(format!("{id}.log"));
-        let mut daemon = Daemon { id, child: None, log, env };
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut daemon = Daemon { id, child: None, log, env, args };
         daemon.spawn().await;
         self.daemons.push(daemon);
         i
@@ -179,7 +188,7 @@ impl Daemon {
             .expect("daemon log");
         let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = Command::new(turnd_bin());
-        cmd.arg("run")
+        cmd.args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
