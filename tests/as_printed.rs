@@ -183,7 +183,9 @@ fn one_line_with(stderr: &str, needles: &[&str]) {
 async fn errors_are_one_line_naming_the_server_and_the_cause_once() {
     let cluster = Cluster::new().await;
     let closed = free_port();
-    let cases: Vec<(Vec<&str>, Vec<(&str, String)>, Vec<String>)> = vec![
+    // (arguments, environment, what stderr names exactly once)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, String)>, Vec<String>);
+    let cases: Vec<Case> = vec![
         (
             vec!["status"],
             vec![("TURND_DATABASE__URL", format!("postgres://postgres@127.0.0.1:{closed}/x"))],
