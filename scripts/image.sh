@@ -34,6 +34,10 @@ fi
 # 2. build (the build stage's command, read from the Dockerfile)
 build=$(sed -n 's/^RUN \(cargo build .*\)$/\1/p' Dockerfile)
 [ -n "$build" ] || fail "no 'RUN cargo build' in the Dockerfile's build stage"
+# TURND_SHIP_PROFILE=dev lays out the debug build CI already has instead (same paths).
+profile=${TURND_SHIP_PROFILE:-release}
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+[ "$profile" = release ] || build=${build/--release/--profile $profile}
 log "$build"
 $build
 
@@ -48,7 +52,7 @@ root=$out/rootfs
 mkdir -p "$root/usr/bin" "$root/etc/turnd" "$root/var/lib/turnd"
 grep -q '^COPY --from=build /src/target/release/turnd /src/target/release/turnd-demo-worker /usr/bin/$' Dockerfile \
   || fail "the Dockerfile copies other binaries than scripts/image.sh lays out"
-install -m 0755 target/release/turnd target/release/turnd-demo-worker "$root/usr/bin/"
+install -m 0755 "target/$dir/turnd" "target/$dir/turnd-demo-worker" "$root/usr/bin/"
 grep -q '^COPY config/turnd.toml /etc/turnd/turnd.toml$' Dockerfile || fail "the Dockerfile's config path changed"
 install -m 0644 config/turnd.toml "$root/etc/turnd/turnd.toml"
 chmod 0700 "$root/var/lib/turnd"
@@ -85,7 +89,7 @@ for path in usr/bin/turnd usr/bin/turnd-demo-worker etc/turnd/turnd.toml var/lib
   grep -q " $path\$" <<<"$listing" || fail "$path is not in the root filesystem"
 done
 grep -q "^drwx------ $uid/$gid .* var/lib/turnd/\$" <<<"$listing" || fail "/var/lib/turnd is not 0700 $uid:$gid"
-libs=$(ldd target/release/turnd | awk '/=>/ {print $1}' | sort -u | tr '\n' ' ')
+libs=$(ldd "target/$dir/turnd" | awk '/=>/ {print $1}' | sort -u | tr '\n' ' ')
 for lib in $libs; do
   case $lib in
     libc.so.6|libm.so.6|libgcc_s.so.1|libpthread.so.0|libdl.so.2|librt.so.1) ;;
