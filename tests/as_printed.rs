@@ -100,7 +100,8 @@ async fn the_readme_and_the_demo_print_commands_that_work_as_printed() {
     let mut extra = env.clone();
     let listen = format!("127.0.0.1:{port}");
     extra.push(("TURND_HTTP__LISTEN", &listen));
-    cluster.start_daemon_with_args(&extra, &["run", "--config", config]).await;
+    cluster.daemon_args = vec!["--config".into(), config.into()];
+    cluster.start_daemon(&extra).await;
 
     for printed in &commands {
         // Isolation: the only change to what is printed is the test's own HTTP port.
@@ -244,7 +245,8 @@ async fn sighup_reloads_the_log_level_and_tokens_and_never_stops_the_daemon() {
     let file = cluster.path("turnd.toml");
     write_config(&file, "info", "first-admin-token");
     let f = file.to_str().expect("utf-8").to_owned();
-    cluster.start_daemon_with_args(&[], &["run", "--config", &f]).await;
+    cluster.daemon_args = vec!["--config".into(), f];
+    cluster.start_daemon(&[]).await;
     let action = "/api/v1/parked/999999/purge";
     let status = |token: &'static str| async move {
         http_post(port, action, Some(token)).await.map(|(s, _)| s)

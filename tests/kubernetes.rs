@@ -199,10 +199,12 @@ async fn turnd_runs_as_the_deployment_declares_it() {
     // The daemon: the declared argv (the image's /usr/bin/turnd is this build), that env only.
     assert_eq!(strings(&container["command"]), ["/usr/bin/turnd"]);
     let args: Vec<String> = strings(&container["args"]).iter().map(|a| local(a)).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (run, rest) = args.split_first().expect("args");
+    assert_eq!(run, "run");
     cluster.env = env.clone();
+    cluster.daemon_args = rest.to_vec();
     let extra = [("TURND_DAEMON__ID", pod_name)];
-    cluster.start_daemon_with_args(&extra, &args).await;
+    cluster.start_daemon(&extra).await;
 
     // Every probe on the port it names (a named port resolves to the container's port).
     let port_of = |p: &Value| -> u16 {

@@ -39,6 +39,8 @@ pub struct Cluster {
     pub pool: PgPool,
     /// Environment every daemon of this cluster gets (tests add to it before starting).
     pub env: Vec<(String, String)>,
+    /// Arguments after `turnd run` (e.g. `--config FILE`).
+    pub daemon_args: Vec<String>,
     pub daemons: Vec<Daemon>,
 }
 
@@ -47,7 +49,6 @@ pub struct Daemon {
     pub child: Option<Child>,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
-    /// The command line after the binary (`run` unless a test gave its own).
     pub args: Vec<String>,
 }
 
@@ -94,7 +95,17 @@ impl Cluster {
                 d.join("pid").display().to_string(),
             ),
         ];
-        Cluster { db_name, db_url, prefix, dir: Some(dir), root, pool, env, daemons: Vec::new() }
+        Cluster {
+            db_name,
+            db_url,
+            prefix,
+            dir: Some(dir),
+            root,
+            pool,
+            env,
+            daemon_args: Vec::new(),
+            daemons: Vec::new(),
+        }
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -109,12 +120,6 @@ impl Cluster {
     /// Starts `turnd run` with the cluster's environment plus `extra`; waits until it is
     /// ready to serve. Returns its index.
     pub async fn start_daemon(&mut self, extra: &[(&str, &str)]) -> usize {
-        self.start_daemon_with_args(extra, &["run"]).await
-    }
-
-    /// As [`Cluster::start_daemon`], with this command line after the binary (e.g.
-    /// `["run", "--config", FILE]`, or a Deployment's `args`).
-    pub async fn start_daemon_with_args(&mut self, extra: &[(&str, &str)], args: &[&str]) -> usize {
         let i = self.daemons.len();
         let id = format!("d{i}");
         let mut env = self.env.clone();
@@ -124,8 +129,7 @@ impl Cluster {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         let log = self.root.join(format!("{id}.log"));
-        let args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut daemon = Daemon { id, child: None, log, env, args };
+        let mut daemon = Daemon { id, child: None, log, env, args: self.daemon_args.clone() };
         daemon.spawn().await;
         self.daemons.push(daemon);
         i
@@ -188,7 +192,8 @@ impl Daemon {
             .expect("daemon log");
         let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = Command::new(turnd_bin());
-        cmd.args(&self.args)
+        cmd.arg("run")
+            .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
