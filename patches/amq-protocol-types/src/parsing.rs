@@ -100,10 +100,30 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+/// How many field tables and arrays deep a value is decoded.
+///
+/// The parsers below recurse once per nested table or array, so without a bound a few
+/// kilobytes of nested headers overflow the decoding thread's stack (a 2 MiB thread died on
+/// 2,000 levels, about 10 KB of input). A table or array nested deeper than this is not
+/// decoded: it is kept whole, as an [`AMQPValue::ByteArray`] holding its encoded form (type
+/// tag, length and content), which [`parse_value`] decodes again if one really wants it.
+/// The rest of the frame is decoded as usual, so one odd header never fails a frame (and with
+/// it the connection). Both RabbitMQ and the AMQP 0-9-1 grammar leave the depth unbounded;
+/// 64 is far more than any real header uses and far less than what a thread's stack allows.
+pub const MAX_NESTING_DEPTH: usize = 64;
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
     amqp_type: AMQPType,
+) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
+    parse_raw_value_at(amqp_type, 0)
+}
+
+/// [`parse_raw_value`] inside `depth` enclosing field tables or arrays.
+fn parse_raw_value_at<I: ParsableInput>(
+    amqp_type: AMQPType,
+    depth: usize,
 ) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
     context("parse_raw_value", move |i| match amqp_type {
         AMQPType::Boolean => map(parse_boolean, AMQPValue::Boolean).parse(i),
@@ -121,17 +141,56 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray | AMQPType::FieldTable if depth >= MAX_NESTING_DEPTH => {
+            map(parse_undecoded(amqp_type), AMQPValue::ByteArray).parse(i)
+        }
+        AMQPType::FieldArray => map(
+            |i| parse_field_array_at(i, depth + 1),
+            AMQPValue::FieldArray,
+        )
+        .parse(i),
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => map(
+            |i| parse_field_table_at(i, depth + 1),
+            AMQPValue::FieldTable,
+        )
+        .parse(i),
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
 }
 
+/// A field table or array past [`MAX_NESTING_DEPTH`], skipped by its length and kept encoded.
+fn parse_undecoded<I: ParsableInput>(
+    amqp_type: AMQPType,
+) -> impl Parser<I, Output = ByteArray, Error = ParserErrors> {
+    context(
+        "parse_undecoded",
+        map(
+            flat_map(parse_long_uint, |len| map(take(len), move |i: I| (len, i))),
+            move |(len, i)| {
+                let mut bytes = Vec::with_capacity(i.input_len() + 5);
+                bytes.push(amqp_type.get_id() as u8);
+                bytes.extend(len.to_be_bytes());
+                bytes.extend(i.iter_elements());
+                bytes.into()
+            },
+        ),
+    )
+}
+
 /// Parse an [AMQPValue](../type.AMQPValue.html)
 pub fn parse_value<I: ParsableInput>(i: I) -> ParserResult<I, AMQPValue> {
-    context("parse_value", flat_map(parse_type, parse_raw_value)).parse(i)
+    parse_value_at(i, 0)
+}
+
+/// [`parse_value`] inside `depth` enclosing field tables or arrays.
+fn parse_value_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, AMQPValue> {
+    context(
+        "parse_value",
+        flat_map(parse_type, move |t| parse_raw_value_at(t, depth)),
+    )
+    .parse(i)
 }
 
 /// Parse an [AMQPType](../type.AMQPType.html)
@@ -244,12 +303,20 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 
 /// Parse a [FieldArray](../type.FieldArray.html)
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    parse_field_array_at(i, 1)
+}
+
+/// [`parse_field_array`] as the `depth`-th of nested field tables or arrays.
+fn parse_field_array_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldArray> {
     context(
         "parse_field_array",
         map_parser(
             flat_map(parse_long_uint, take),
             all_consuming(fold_many0(
-                context("parse_field_array_entry", complete(parse_value)),
+                context(
+                    "parse_field_array_entry",
+                    complete(|i| parse_value_at(i, depth)),
+                ),
                 FieldArray::default,
                 |mut acc, elem| {
                     acc.push(elem);
@@ -268,6 +335,11 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 
 /// Parse a [FieldTable](../type.FieldTable.html)
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    parse_field_table_at(i, 1)
+}
+
+/// [`parse_field_table`] as the `depth`-th of nested field tables or arrays.
+fn parse_field_table_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldTable> {
     context(
         "parse_field_table",
         map_parser(
@@ -275,7 +347,7 @@ pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> 
             all_consuming(fold_many0(
                 context(
                     "parse_field_table_entry",
-                    complete(pair(parse_short_string, parse_value)),
+                    complete(pair(parse_short_string, |i| parse_value_at(i, depth))),
                 ),
                 FieldTable::default,
                 |mut acc, (key, value)| {
