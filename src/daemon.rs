@@ -27,7 +27,7 @@ use crate::broker::{Broker, Names};
 use crate::config::Config;
 use crate::deployment::{Ctx, Deployments};
 use crate::http::{self, Health};
-use crate::intake::{self, Intake};
+use crate::intake::Intake;
 use crate::lock::LockSession;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayHandle};
@@ -147,16 +147,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
 
     let intake_cancel = CancellationToken::new();
     let mut front = JoinSet::new();
-    front.spawn(
-        Intake {
-            config: config.clone(),
-            store: store.clone(),
-            broker: broker.clone(),
-            deployments: deployments.clone(),
-        }
-        .run(intake_cancel.clone()),
-    );
-    front.spawn(intake::run_retry(config.clone(), broker.clone(), intake_cancel.clone()));
+    let intake = Intake {
+        config: config.clone(),
+        store: store.clone(),
+        broker: broker.clone(),
+        deployments: deployments.clone(),
+    };
+    front.spawn(intake.clone().run_retry(intake_cancel.clone()));
+    front.spawn(intake.run(intake_cancel.clone()));
     front.spawn(
         Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }
             .run(intake_cancel.clone()),

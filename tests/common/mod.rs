@@ -348,7 +348,7 @@ impl Client {
         publisher.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
         // Declare the topology the way a daemon would, so a publish before any daemon is up
         // is kept; the daemons' declarations are identical.
-        turnd::broker::declare_topology(&publisher, config).await.expect("declare topology");
+        turnd::broker::declare_topology(&conn, config).await.expect("declare topology");
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
