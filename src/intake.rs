@@ -436,6 +436,17 @@ impl Intake {
         }
     }
 
+    /// Who to answer about a dead-lettered delivery, when its body says.
+    fn ident_of(&self, delivery: &Delivery) -> Option<Box<Ident>> {
+        match turn::parse(&delivery.data, self.config.intake.max_turn_bytes) {
+            Ok(turn) => Some(Box::new(Ident {
+                conversation_key: turn.conversation_key.clone(),
+                envelope: envelope_of(&turn),
+            })),
+            Err(invalid) => ident_of_invalid(&invalid),
+        }
+    }
+
     async fn retry_one(&self, session: &Session, delivery: &Delivery) -> Result<(), BatchError> {
         let names = &session.names;
         if let Some(deliveries) = delivery_limited(&delivery.properties, &names.inbox()) {
@@ -443,13 +454,7 @@ impl Intake {
                 "the turn could not be handled after {deliveries} deliveries (the inbox's delivery limit): \
                  every daemon that received it failed before deciding on it"
             );
-            let ident = match turn::parse(&delivery.data, self.config.intake.max_turn_bytes) {
-                Ok(turn) => Some(Box::new(Ident {
-                    conversation_key: turn.conversation_key.clone(),
-                    envelope: envelope_of(&turn),
-                })),
-                Err(invalid) => ident_of_invalid(&invalid),
-            };
+            let ident = self.ident_of(delivery);
             let attempt = u32::try_from(deliveries).unwrap_or(u32::MAX);
             self.park(
                 session,
@@ -464,10 +469,24 @@ impl Intake {
             delivery.ack(BasicAckOptions::default()).await?;
             return Ok(());
         }
-        let k = refusals(&delivery.properties, &names.inbox())
-            .clamp(1, self.config.intake.max_attempts.saturating_sub(1).max(1));
+        let refused = refusals(&delivery.properties, &names.inbox());
+        let k = refused.clamp(1, self.config.intake.max_attempts.saturating_sub(1).max(1));
         let queue = names.retry_delay(k);
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        if !session.headers_fit(&headers) {
+            // The broker's own headers (x-death) pushed a frame-filling header past what can
+            // be published again: it cannot go round the delay queue, so it stops here.
+            let reason = format!(
+                "refused for missing context, and its headers ({} bytes encoded) leave no room to requeue it through the delay queue",
+                broker::encoded_len(&headers)
+            );
+            let ident = self.ident_of(delivery);
+            let code = ErrorCode::MissingContext;
+            self.park(session, delivery, &code, &reason, refused.max(1), ident.as_deref()).await?;
+            self.deployments.ctx().relay.metrics().received("parked", 1);
+            delivery.ack(BasicAckOptions::default()).await?;
+            return Ok(());
+        }
         if !headers.contains_key(ORIGINAL_KEY) {
             let mut with_key = headers.clone();
             with_key.insert(ORIGINAL_KEY.into(), long_string(delivery.routing_key.as_str()));

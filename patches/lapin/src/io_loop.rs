@@ -29,6 +29,14 @@ use std::{
 use tracing::{Level, debug, error, trace};
 
 const FRAMES_STORAGE: usize = 32;
+/// How far past the negotiated frame_max a received frame may go before it is a protocol
+/// violation. RabbitMQ does not keep the frames it sends within frame_max: it accepts a
+/// published content header 8 bytes over it (3.10 compares the payload, not the frame), and
+/// adds headers of its own (`x-delivery-count`, `x-death`, `x-first-death-*`) when it redelivers
+/// or dead-letters that message. Closing the connection over such a frame hands the delivery
+/// back, to this consumer and every other, again and again. The receive buffer holds
+/// FRAMES_STORAGE frames of frame_max, so this slack costs no memory.
+const RECEIVED_FRAME_SLACK: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq)]
 enum Status {
@@ -617,7 +625,7 @@ impl<
             Ok((i, f)) => {
                 let consumed = self.receive_buffer.offset(i);
                 let frame_max = self.configuration.frame_max() as usize;
-                if frame_max > 0 && consumed > frame_max {
+                if frame_max > 0 && consumed > frame_max.saturating_add(RECEIVED_FRAME_SLACK) {
                     error!(bytes = consumed, "received large frame");
                     let error = AMQPError::new(
                         AMQPHardError::FRAMEERROR.into(),
