@@ -710,3 +710,83 @@ pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
         _ = tokio::time::sleep(d) => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn death(queue: &str, reason: &str) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), long_string(queue));
+        t.insert("reason".into(), long_string(reason));
+        t.insert("count".into(), AMQPValue::LongLongInt(1));
+        AMQPValue::FieldTable(t)
+    }
+
+    fn with(entries: Vec<(&str, AMQPValue)>) -> BasicProperties {
+        let mut h = FieldTable::default();
+        for (k, v) in entries {
+            h.insert(k.into(), v);
+        }
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn a_delivery_limit_death_is_recognised_by_its_latest_death() {
+        let deaths = |d: Vec<AMQPValue>| AMQPValue::FieldArray(d.into());
+        // RabbitMQ 3.10: x-death, most recent first, and x-first-death-*.
+        let limited = with(vec![
+            ("x-death", deaths(vec![death("p.inbox", "delivery_limit")])),
+            ("x-first-death-reason", long_string("delivery_limit")),
+        ]);
+        assert_eq!(delivery_limited(&limited, "p.inbox"), Some(broker::INBOX_DELIVERY_LIMIT));
+        // Refused earlier, then limited: the latest death decides.
+        let later = with(vec![(
+            "x-death",
+            deaths(vec![death("p.inbox", "delivery_limit"), death("p.inbox", "rejected")]),
+        )]);
+        assert!(delivery_limited(&later, "p.inbox").is_some());
+        // Limited once, then replayed and refused: a refusal.
+        let refused = with(vec![(
+            "x-death",
+            deaths(vec![death("p.inbox", "rejected"), death("p.inbox", "delivery_limit")]),
+        )]);
+        assert_eq!(delivery_limited(&refused, "p.inbox"), None);
+        // Another queue's limit is not the inbox's.
+        let other = with(vec![("x-death", deaths(vec![death("q.inbox", "delivery_limit")]))]);
+        assert_eq!(delivery_limited(&other, "p.inbox"), None);
+        // RabbitMQ 3.13+: x-last-death-*, and the count when the broker gives it.
+        let last = with(vec![
+            ("x-death", deaths(vec![death("p.inbox", "rejected")])),
+            ("x-last-death-reason", long_string("delivery_limit")),
+            ("x-last-death-queue", long_string("p.inbox")),
+            ("x-delivery-count", AMQPValue::LongLongInt(21)),
+        ]);
+        assert_eq!(delivery_limited(&last, "p.inbox"), Some(21));
+        assert_eq!(delivery_limited(&BasicProperties::default(), "p.inbox"), None);
+        let odd = with(vec![("x-death", long_string("not an array"))]);
+        assert_eq!(delivery_limited(&odd, "p.inbox"), None);
+    }
+
+    #[test]
+    fn headers_json_is_bounded_in_depth_and_size() {
+        let mut deep = AMQPValue::LongString("bottom".into());
+        for _ in 0..40 {
+            deep = AMQPValue::FieldArray(vec![deep].into());
+        }
+        let mut h = FieldTable::default();
+        // Keys in order: walked in this order, the budget runs out at "c-big".
+        h.insert("a-deep".into(), deep);
+        h.insert("b-nan".into(), AMQPValue::Double(f64::NAN));
+        h.insert("c-big".into(), AMQPValue::LongString(vec![b'x'; 1 << 20].into()));
+        h.insert("d-bytes".into(), AMQPValue::ByteArray(vec![7u8; 1 << 20].into()));
+        let json = headers_json(&h);
+        assert!(json.len() <= HEADERS_JSON_BUDGET + 4096, "{} bytes", json.len());
+        let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+        assert!(v["c-big"].as_str().is_some_and(|s| s.ends_with("KiB)")), "elided");
+        assert!(v.get("d-bytes").is_none() && v.get("…").is_some(), "the rest elided");
+        assert!(json.contains("nested deeper than 16 levels"));
+        assert!(!json.contains("bottom"));
+        assert_eq!(v["b-nan"], serde_json::Value::Null);
+    }
+}
