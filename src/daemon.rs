@@ -5,7 +5,7 @@
 //!  ├─ lock session task        (one PostgreSQL connection, every advisory lock)
 //!  ├─ broker supervisor        (AMQP connection, topology, reconnect)
 //!  ├─ intake                   (inbox → arm/refuse/park → doorbell → ensure owner)
-//!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>)
+//!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>, or parked past the delivery limit)
 //!  ├─ sweep                    (deadlines, adoption, retention, daemon heartbeat)
 //!  ├─ relay                    (outbox → <prefix>.replies)
 //!  └─ deployments ──(many)──► deployment task ──► worker process
