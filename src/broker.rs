@@ -282,9 +282,9 @@ async fn declare_inbox(connection: &Connection, names: &Names) -> Result<()> {
                     queue = %inbox,
                     error = %e,
                     "the inbox exists with other arguments (declared by an older turnd?); using it as it is. \
-                     It has no x-delivery-limit, so a delivery that keeps failing is never parked: \
-                     set one with a policy, e.g. rabbitmqctl set_policy turnd-inbox-limit '^{}$' \
-                     '{{\"delivery-limit\":{INBOX_DELIVERY_LIMIT}}}' --apply-to quorum_queues",
+                     It has no x-delivery-limit argument: unless a policy sets one, a delivery that keeps \
+                     failing is never parked. Set it with a policy, e.g. rabbitmqctl set_policy \
+                     turnd-inbox-limit '^{}$' '{{\"delivery-limit\":{INBOX_DELIVERY_LIMIT}}}' --apply-to queues",
                     regex_escape(&inbox),
                 );
             }

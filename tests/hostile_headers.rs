@@ -428,8 +428,39 @@ async fn an_inbox_declared_without_the_delivery_limit_is_used_with_one_warning()
     client.wait_for(&[mid(&t)], T).await;
     assert_eq!(client.event(&mid(&t)).unwrap().kind(), "reply");
     let log = strip_ansi(&cluster.daemon_log(0));
-    assert_eq!(log.matches("has no x-delivery-limit").count(), 1, "warned once:\n{log}");
-    assert!(log.contains("rabbitmqctl set_policy"), "the warning says what to do");
+    assert_eq!(log.matches("has no x-delivery-limit argument").count(), 1, "warned once:\n{log}");
+    let advice = log
+        .split("rabbitmqctl set_policy ")
+        .nth(1)
+        .and_then(|rest| rest.split(" --apply-to queues").next())
+        .expect("the warning says what to do");
+
+    // Following the advice (under a name of this test's own) gives the old inbox the limit.
+    let (name, args) = advice.split_once(' ').expect("name and arguments");
+    assert_eq!(name, "turnd-inbox-limit");
+    let (pattern, definition) = args.split_once(' ').expect("pattern and definition");
+    let policy = Policy(format!("{}-inbox-limit", cluster.prefix));
+    let unquote = |s: &str| s.trim_matches('\'').replace("\\\\", "\\");
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["set_policy", &policy.0, &unquote(pattern), &unquote(definition)])
+        .args(["--apply-to", "queues"])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(cluster.daemons[0].terminate(T).await.is_some_and(|s| s.success()));
+    drive_past_the_delivery_limit(&client, &[body("old-inbox-limited")]).await;
+    cluster.restart(0).await;
+    client.wait_for(&["old-inbox-limited".into()], T).await;
+    assert_eq!(client.event("old-inbox-limited").unwrap().code(), "INVALID_TURN");
+}
+
+/// A RabbitMQ policy a test set, cleared when the test ends (even by a panic).
+struct Policy(String);
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["clear_policy", &self.0]).output();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
