@@ -611,6 +611,9 @@ pub fn delivery_limited(properties: &BasicProperties, inbox: &str) -> Option<i64
     Some(count.filter(|n| *n > 0).unwrap_or(broker::INBOX_DELIVERY_LIMIT))
 }
 
+/// The key under which [`headers_json`] says that it left the rest of a table out.
+pub const HEADERS_JSON_ELIDED_KEY: &str = "…";
+
 /// How deep [`headers_json`] renders nested tables and arrays; deeper ones are named, not shown.
 const HEADERS_JSON_DEPTH: usize = 16;
 /// About how many bytes of JSON [`headers_json`] writes at most: an operator reads it, and a
@@ -695,7 +698,7 @@ pub fn headers_json(headers: &FieldTable) -> String {
         let mut map: serde_json::Map<String, J> =
             items.into_iter().map(|(k, v)| (k.unwrap_or_default(), v)).collect();
         if cut {
-            map.insert("…".to_owned(), J::String(ELIDED.to_owned()));
+            map.insert(HEADERS_JSON_ELIDED_KEY.to_owned(), J::String(ELIDED.to_owned()));
         }
         J::Object(map)
     }
