@@ -582,7 +582,9 @@ fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {
 /// When the inbox dead-lettered this message because of its delivery limit (its latest death,
 /// as the broker recorded it), how many deliveries it had. RabbitMQ 3.13+ names the latest
 /// death in `x-last-death-*`; before that, `x-death` lists the most recent first. The count is
-/// the broker's `x-delivery-count` when present, else the limit turnd declares.
+/// the broker's `x-delivery-count` when present, else the limit turnd declares. Checked on
+/// 3.10.8: the dead letter carries `x-death` (reason `delivery_limit`, queue the inbox) and
+/// `x-first-death-*`, but neither `x-last-death-*` nor `x-delivery-count`.
 pub fn delivery_limited(properties: &BasicProperties, inbox: &str) -> Option<i64> {
     let headers = properties.headers().as_ref()?;
     let last =
