@@ -240,7 +240,7 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
 
     let (connection, publisher) =
         broker::connect(config, "turnd send").await.context("connect to RabbitMQ")?;
-    broker::declare_topology(&publisher, config).await.context("declare topology")?;
+    broker::declare_topology(&connection, config).await.context("declare topology")?;
     let names = Names::new(&config.amqp.prefix);
     let mut replies = None;
     if args.wait {

@@ -5,7 +5,7 @@
 //!  ├─ lock session task        (one PostgreSQL connection, every advisory lock)
 //!  ├─ broker supervisor        (AMQP connection, topology, reconnect)
 //!  ├─ intake                   (inbox → arm/refuse/park → doorbell → ensure owner)
-//!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>)
+//!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>, or parked past the delivery limit)
 //!  ├─ sweep                    (deadlines, adoption, retention, daemon heartbeat)
 //!  ├─ relay                    (outbox → <prefix>.replies)
 //!  ├─ http                     (console listener; the ops listener when configured)
@@ -28,7 +28,7 @@ use crate::broker::{Broker, Names};
 use crate::config::Config;
 use crate::deployment::{Ctx, Deployments};
 use crate::http::{self, Health};
-use crate::intake::{self, Intake};
+use crate::intake::Intake;
 use crate::lock::LockSession;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayHandle};
@@ -151,16 +151,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
 
     let intake_cancel = CancellationToken::new();
     let mut front = JoinSet::new();
-    front.spawn(
-        Intake {
-            config: config.clone(),
-            store: store.clone(),
-            broker: broker.clone(),
-            deployments: deployments.clone(),
-        }
-        .run(intake_cancel.clone()),
-    );
-    front.spawn(intake::run_retry(config.clone(), broker.clone(), intake_cancel.clone()));
+    let intake = Intake {
+        config: config.clone(),
+        store: store.clone(),
+        broker: broker.clone(),
+        deployments: deployments.clone(),
+    };
+    front.spawn(intake.clone().run_retry(intake_cancel.clone()));
+    front.spawn(intake.run(intake_cancel.clone()));
     front.spawn(
         Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }
             .run(intake_cancel.clone()),
