@@ -325,6 +325,9 @@ impl Intake {
         headers.insert("x-turnd-code".into(), long_string(code.as_str()));
         headers.insert("x-turnd-reason".into(), long_string(reason));
         headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
+        // The record shows the headers as parked, turnd's included (a replay leaves out every
+        // `x-` header); its JSON is bounded however large they are.
+        let recorded = headers_json(&headers);
         if !session.headers_fit(&headers) {
             // Headers that filled the frame leave no room for turnd's own: park the body with
             // turnd's headers only (the record keeps the originals, as JSON).
@@ -348,7 +351,7 @@ impl Intake {
                 code: code.as_str().to_owned(),
                 reason: reason.to_owned(),
                 body: delivery.data.clone(),
-                headers: headers_json(&original),
+                headers: recorded,
                 routing_key: original_routing_key(delivery),
                 deployment: ident.map(|i| i.envelope.deployment.as_str().to_owned()),
                 message_id: ident.map(|i| i.envelope.message_id.as_str().to_owned()),
