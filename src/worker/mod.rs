@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -51,6 +52,9 @@ pub struct WorkerSpec {
     pub turn_deadline: Duration,
     /// `systemd-run --scope …` argv prefix when the sandbox is in use.
     pub sandbox_prefix: Vec<String>,
+    /// The Landlock sandbox, when `worker.sandbox` is `landlock` (or `auto` and the kernel
+    /// has it).
+    pub landlock: Option<Arc<sandbox::Landlock>>,
 }
 
 /// Who a worker is for.
@@ -85,9 +89,24 @@ pub fn base_env(
     env
 }
 
+/// The directory of the program `command` runs (found in the worker's PATH as the spawner
+/// finds it): a sandboxed worker may read and execute it.
+pub fn program_dir(command: &[String], env: &BTreeMap<String, String>) -> Option<PathBuf> {
+    let program = command.first()?;
+    let path = spawner::resolve(program, env.get("PATH").map(String::as_str)).ok()?;
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
+    path.parent().map(Path::to_path_buf)
+}
+
 /// `<state_dir>/workspaces/<organizationId or _>/<agentId>/`, mode 0700.
 pub fn workspace(state_dir: &Path, organization_id: Option<&str>, agent_id: &str) -> PathBuf {
     state_dir.join("workspaces").join(organization_id.unwrap_or("_")).join(agent_id)
+}
+
+/// A sandboxed worker's private temporary directory (its `TMPDIR`): inside the workspace,
+/// which is all it may write, one per deployment.
+pub fn private_tmp(workspace: &Path, deployment: &DeploymentName) -> PathBuf {
+    workspace.join(".tmp").join(deployment.as_str())
 }
 
 fn make_workspace(path: &Path) -> io::Result<()> {
@@ -156,6 +175,12 @@ impl Worker {
         argv.extend(spec.command.iter().cloned());
         let mut env = spec.base_env.clone();
         let dir_str = dir.to_string_lossy().into_owned();
+        let tmp = spec.landlock.is_some().then(|| private_tmp(&dir, who.deployment));
+        if let Some(tmp) = &tmp {
+            make_workspace(tmp)
+                .map_err(|source| SpawnError::Workspace { path: tmp.clone(), source })?;
+            env.insert("TMPDIR".to_owned(), tmp.to_string_lossy().into_owned());
+        }
         for (k, v) in [
             ("HOME", dir_str.clone()),
             ("TURND_DEPLOYMENT", who.deployment.as_str().to_owned()),
@@ -169,9 +194,10 @@ impl Worker {
         ] {
             env.insert(k.to_owned(), v);
         }
-        let Spawned { pid, stdin, stdout, stderr, exit } = spawner.spawn(argv, env, dir).await?;
+        let Spawned { pid, stdin, stdout, stderr, exit } =
+            spawner.spawn(argv, env, dir, spec.landlock.clone()).await?;
         // From here the process is ours to stop whatever fails: the guard kills its group.
-        let process = Process { pid, exit, exited: false };
+        let process = Process { pid, exit, exited: false, private_tmp: tmp };
         let pid = pid as u32;
         let registered = |source| SpawnError::Exec { program: argv0(spec), source };
         let stdin = pipe::Sender::from_owned_fd(stdin).map_err(registered)?;
@@ -248,12 +274,11 @@ impl Drop for Worker {
     }
 }
 
+/// `signal` to the worker and its group, only while the reaper has not reaped it (a reaped
+/// pid may already be someone else's); see `reaper` for the process-group reasoning.
 fn signal_group(pid: u32, signal: libc::c_int) {
-    if let Ok(pgid) = libc::pid_t::try_from(pid)
-        && pgid > 0
-    {
-        // SAFETY: killpg only sends a signal; the group is the worker's own (setpgid 0).
-        unsafe { libc::killpg(pgid, signal) };
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        reaper::signal(pid, signal);
     }
 }
 
@@ -263,14 +288,14 @@ struct Process {
     pid: libc::pid_t,
     exit: ExitReceiver,
     exited: bool,
+    /// A sandboxed worker's TMPDIR, removed after its exit.
+    private_tmp: Option<PathBuf>,
 }
 
 impl Process {
-    /// SIGKILL to the leader and its group.
+    /// SIGKILL to the leader and its group, unless it was already reaped.
     fn kill(&self) {
-        signal_group(self.pid as u32, libc::SIGKILL);
-        // SAFETY: kill only sends a signal; the pid is not reused before we reap it.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        reaper::signal(self.pid, libc::SIGKILL);
     }
 
     /// Cancel-safe: resolves once, with the exit status.
@@ -388,8 +413,8 @@ async fn io_task(
             }
         }
     };
-    // Whatever is left of its group goes with it (wrappers, tools it ran).
-    signal_group(pid, libc::SIGKILL);
+    // Whatever was left of its group (wrappers, tools it ran) was killed by the reaper before
+    // it reaped the leader: after the reap the group's id may belong to someone else.
     let drain = async {
         if !stdout_done {
             (&mut stdout_task).await;
@@ -399,6 +424,10 @@ async fn io_task(
         }
     };
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, drain).await;
+    if let Some(tmp) = process.private_tmp.take() {
+        // Its private TMPDIR ends with it (a next worker of the deployment gets a fresh one).
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tmp)).await;
+    }
     let _ = events.send(Box::new(WorkerEvent::Exited(ExitStatusText::from(status)))).await;
 }
 
@@ -482,6 +511,7 @@ mod tests {
             max_line_bytes: 1024,
             turn_deadline: Duration::from_secs(5),
             sandbox_prefix: Vec::new(),
+            landlock: None,
         };
         Worker::spawn(spawner, &spec, &who).await
     }
@@ -588,6 +618,79 @@ mod tests {
         assert_eq!(fds.len(), 3, "{fds:?}");
         assert!(["0", "1", "2"].iter().all(|n| fds.iter().any(|f| f == n)), "{fds:?}");
         drop(leaky);
+    }
+
+    /// A shell worker under Landlock: its workspace, TMPDIR and its own /proc entry are its
+    /// own (read here by its child `cat`: a child's own /proc/self is not, see README); the
+    /// state directory's other workspaces, writes elsewhere and signals to the daemon are not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_landlock_worker_reaches_its_workspace_and_nothing_else() {
+        if sandbox::landlock_abi() < sandbox::MIN_LANDLOCK_ABI {
+            eprintln!("skipped: no Landlock ABI 6 here");
+            return;
+        }
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let other = workspace(dir.path(), Some("other"), "unit");
+        make_workspace(&other).unwrap();
+        std::fs::write(other.join("secret"), "s").unwrap();
+        let config = crate::config::WorkerConfig {
+            sandbox: crate::config::Sandbox::Landlock,
+            ..Default::default()
+        };
+        let exclude = [dir.path().to_path_buf()];
+        let landlock = sandbox::Landlock::for_config(&config, None, &exclude).unwrap().unwrap();
+        let script = format!(
+            "r() {{ if \"$@\" >/dev/null 2>&1; then echo \"$1 ok\"; else echo \"$1 denied\"; fi; }}; \
+             {{ r cat /proc/$$/status; r touch \"$TMPDIR/t\"; r touch ./own; \
+             r cat {secret}; r touch {outside}; r kill -0 {daemon}; r cat /proc/{daemon}/status; \
+             r cat /etc/hostname; }} > ./result; echo '{{\"type\":\"heartbeat\"}}'; read x",
+            secret = other.join("secret").display(),
+            outside = dir.path().join("outside").display(),
+            daemon = std::process::id(),
+        );
+        let command = ["/bin/sh", "-c", &script].map(str::to_owned).to_vec();
+        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
+        let who = Identity {
+            deployment: &name,
+            agent_id: "unit",
+            organization_id: None,
+            conversation_key: "c",
+            epoch: Epoch::new(1),
+        };
+        let spec = WorkerSpec {
+            command,
+            base_env: base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new()),
+            state_dir: dir.path().to_path_buf(),
+            max_line_bytes: 1024,
+            turn_deadline: Duration::from_secs(5),
+            sandbox_prefix: Vec::new(),
+            landlock: Some(Arc::new(landlock)),
+        };
+        let mut w = Worker::spawn(&spawner, &spec, &who).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), w.next_event()).await.unwrap();
+        assert!(matches!(first, Some(WorkerEvent::Line(WorkerLine::Heartbeat))), "{first:?}");
+        let ws = workspace(dir.path(), None, "unit");
+        let result = std::fs::read_to_string(ws.join("result")).unwrap();
+        w.stop(Duration::from_secs(1));
+        w.wait().await;
+        let lines: Vec<&str> = result.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "cat ok",
+                "touch ok",
+                "touch ok",
+                "cat denied",
+                "touch denied",
+                "kill denied",
+                "cat denied",
+                "cat ok"
+            ],
+            "{result}"
+        );
+        assert!(!dir.path().join("outside").exists());
+        assert!(!private_tmp(&ws, &name).exists(), "the private TMPDIR goes with the worker");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
