@@ -620,6 +620,43 @@ mod tests {
         drop(leaky);
     }
 
+    /// Once the reaper has reaped a worker, nothing signals its pid again, not even when the
+    /// number is handed to a new process (made to happen here through ns_last_pid, as root).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_signal_reaches_a_pid_after_its_worker_was_reaped() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = spawn_sh(&spawner, dir.path(), "exit 0").await.unwrap();
+        let pid = w.pid as libc::pid_t;
+        let status = tokio::time::timeout(Duration::from_secs(5), w.wait()).await.unwrap();
+        assert_eq!(status.unwrap().0, "exited with code 0");
+        // A process that now holds the worker's old pid, when the kernel lets us arrange it.
+        let mut recycled = None;
+        for _ in 0..20 {
+            if std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_err() {
+                break;
+            }
+            let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+            if child.id() as libc::pid_t == pid {
+                recycled = Some(child);
+                break;
+            }
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(!reaper::signal(pid, libc::SIGKILL), "a reaped worker's pid is not signalled");
+        w.kill();
+        drop(w);
+        if let Some(mut child) = recycled {
+            assert!(alive(pid), "the process now holding the old pid was not touched");
+            let _ = child.kill();
+            let _ = child.wait();
+        } else {
+            eprintln!("could not recycle pid {pid}; checked the refusal only");
+        }
+    }
+
     /// A shell worker under Landlock: its workspace, TMPDIR and its own /proc entry are its
     /// own (read here by its child `cat`: a child's own /proc/self is not, see README); the
     /// state directory's other workspaces, writes elsewhere and signals to the daemon are not.
