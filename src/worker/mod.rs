@@ -620,6 +620,60 @@ mod tests {
         drop(leaky);
     }
 
+    /// What Landlock adds to a spawn: `cargo test --release --lib spawn_cost -- --ignored
+    /// --nocapture`. Times `Spawner::spawn` (pipes, ruleset, clone, child, execve) of
+    /// `/bin/true`, alternating plain spawns, sandboxed ones, and sandboxed ones where /etc is
+    /// carved up (as when the config sits in /etc/turnd: a rule per entry of /etc); prints the
+    /// medians.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a test"]
+    async fn spawn_cost_with_and_without_landlock() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::WorkerConfig {
+            sandbox: crate::config::Sandbox::Landlock,
+            ..Default::default()
+        };
+        let make = |exclude: &[PathBuf]| {
+            Arc::new(
+                sandbox::Landlock::for_config(&config, Some(Path::new("/usr/bin")), exclude)
+                    .unwrap()
+                    .unwrap(),
+            )
+        };
+        let landlock = make(&[dir.path().to_path_buf()]);
+        let carved = make(&[dir.path().to_path_buf(), PathBuf::from("/etc/hostname")]);
+        let argv = vec!["/bin/true".to_owned()];
+        let env = base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new());
+        let mut times: [Vec<Duration>; 3] = Default::default();
+        for i in 0..900 {
+            let sandbox = match i % 3 {
+                0 => None,
+                1 => Some(landlock.clone()),
+                _ => Some(carved.clone()),
+            };
+            let started = std::time::Instant::now();
+            let spawned = spawner
+                .spawn(argv.clone(), env.clone(), dir.path().to_path_buf(), sandbox)
+                .await
+                .unwrap();
+            let took = started.elapsed();
+            let _ = spawned.exit.await;
+            if i >= 150 {
+                times[i % 3].push(took);
+            }
+        }
+        let [p, l, c] = times.map(|mut t| {
+            t.sort();
+            (t[t.len() / 2], t[t.len() * 9 / 10])
+        });
+        println!(
+            "spawn p50 / p90: plain {:?} / {:?}; landlock {:?} / {:?}; landlock with /etc carved \
+             up {:?} / {:?}",
+            p.0, p.1, l.0, l.1, c.0, c.1
+        );
+    }
+
     /// Once the reaper has reaped a worker, nothing signals its pid again, not even when the
     /// number is handed to a new process (made to happen here through ns_last_pid, as root).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

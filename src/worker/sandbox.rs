@@ -144,6 +144,9 @@ impl Landlock {
             }
         }
         let abi = landlock_abi();
+        // Only what exists needs carving out (each costs a rule per entry of its directory).
+        let exclude: Vec<PathBuf> = exclude.iter().filter(|p| p.exists()).cloned().collect();
+        let exclude = exclude.as_slice();
         let read = AccessFs::from_read(ABI::V6);
         let mut rules = Vec::new();
         let mut roots: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
