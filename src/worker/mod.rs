@@ -194,10 +194,13 @@ impl Worker {
         ] {
             env.insert(k.to_owned(), v);
         }
-        let Spawned { pid, stdin, stdout, stderr, exit } =
-            spawner.spawn(argv, env, dir, spec.landlock.clone()).await?;
+        let spawned = spawner.spawn(argv, env, dir, spec.landlock.clone()).await;
+        if let (Err(_), Some(tmp)) = (&spawned, &tmp) {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+        let Spawned { pid, stdin, stdout, stderr, exit, proc_pin } = spawned?;
         // From here the process is ours to stop whatever fails: the guard kills its group.
-        let process = Process { pid, exit, exited: false, private_tmp: tmp };
+        let process = Process { pid, exit, exited: false, private_tmp: tmp, _proc_pin: proc_pin };
         let pid = pid as u32;
         let registered = |source| SpawnError::Exec { program: argv0(spec), source };
         let stdin = pipe::Sender::from_owned_fd(stdin).map_err(registered)?;
@@ -290,6 +293,8 @@ struct Process {
     exited: bool,
     /// A sandboxed worker's TMPDIR, removed after its exit.
     private_tmp: Option<PathBuf>,
+    /// A sandboxed worker's `/proc/<pid>`, held so its Landlock rule keeps matching (spawner).
+    _proc_pin: Option<std::os::fd::OwnedFd>,
 }
 
 impl Process {
@@ -672,6 +677,60 @@ mod tests {
              up {:?} / {:?}",
             p.0, p.1, l.0, l.1, c.0, c.1
         );
+    }
+
+    /// The `/proc/<pid>` rule survives the eviction of that directory's dentry (procfs would
+    /// make a new inode on the next lookup): the daemon pins it. Drops the machine's dentry
+    /// cache (root only; skipped elsewhere): a moment's slower lookups for everyone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_landlock_worker_keeps_its_own_proc_entry_when_dentries_are_dropped() {
+        if sandbox::landlock_abi() < sandbox::MIN_LANDLOCK_ABI {
+            eprintln!("skipped: no Landlock ABI 6 here");
+            return;
+        }
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::WorkerConfig {
+            sandbox: crate::config::Sandbox::Landlock,
+            ..Default::default()
+        };
+        let exclude = [dir.path().to_path_buf()];
+        let landlock = sandbox::Landlock::for_config(&config, None, &exclude).unwrap().unwrap();
+        // One probe per stdin line, from the shell itself (its /proc/self is the worker's).
+        let script = "exec 3<&0; while read x <&3; do \
+            if read l < /proc/self/status; then echo ok >> r; else echo denied >> r; fi; \
+            echo '{\"type\":\"heartbeat\"}'; done";
+        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
+        let who = Identity {
+            deployment: &name,
+            agent_id: "unit",
+            organization_id: None,
+            conversation_key: "c",
+            epoch: Epoch::new(1),
+        };
+        let spec = WorkerSpec {
+            command: ["/bin/sh", "-c", script].map(str::to_owned).to_vec(),
+            base_env: base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new()),
+            state_dir: dir.path().to_path_buf(),
+            max_line_bytes: 1024,
+            turn_deadline: Duration::from_secs(5),
+            sandbox_prefix: Vec::new(),
+            landlock: Some(Arc::new(landlock)),
+        };
+        let mut w = Worker::spawn(&spawner, &spec, &who).await.unwrap();
+        let probe = async |w: &mut Worker| {
+            w.send(b"probe\n").await.unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(5), w.next_event()).await.unwrap();
+            assert!(matches!(e, Some(WorkerEvent::Line(WorkerLine::Heartbeat))), "{e:?}");
+        };
+        probe(&mut w).await;
+        if std::fs::write("/proc/sys/vm/drop_caches", "2").is_err() {
+            eprintln!("skipped the eviction: not root");
+        }
+        probe(&mut w).await;
+        let r = std::fs::read_to_string(workspace(dir.path(), None, "unit").join("r")).unwrap();
+        w.kill();
+        assert_eq!(r, "ok\nok\n");
     }
 
     /// Once the reaper has reaped a worker, nothing signals its pid again, not even when the

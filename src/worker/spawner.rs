@@ -17,6 +17,13 @@
 //! it), sets the rlimits and `no_new_privs` and restricts itself — raw system calls, nothing
 //! that allocates — before `execve`. The daemon's copy of the ruleset is closed right after.
 //!
+//! The `/proc/<pid>` rule names that directory's inode, and procfs makes a new inode whenever
+//! the directory's dentry was evicted (memory pressure, `drop_caches`) and is looked up again:
+//! the worker would lose its own `/proc/self` (seen here after `drop_caches`). So the child
+//! opens it while it still shares the daemon's descriptor table, and the daemon keeps that
+//! `O_PATH` descriptor until the worker is reaped: a held path pins the dentry, so lookups keep
+//! finding the inode of the rule. One descriptor per sandboxed worker, none in the worker.
+//!
 //! PR_SET_PDEATHSIG fires when the *thread* that made the child exits, not the process: a
 //! worker made from a tokio blocking-pool thread would die when that thread retires. So every
 //! spawn happens on this dedicated thread, and the child checks right after `prctl` that its
@@ -45,6 +52,8 @@ pub struct Spawned {
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     pub exit: ExitReceiver,
+    /// A sandboxed worker's `/proc/<pid>` (O_PATH), held until it is reaped (see above).
+    pub proc_pin: Option<OwnedFd>,
 }
 
 struct Request {
@@ -136,6 +145,8 @@ struct ChildArgs {
     rlimit_count: usize,
     /// The rule for the child's own `/proc/<pid>`; the child fills in `parent_fd`.
     proc_self: PathBeneathAttr,
+    /// The child's `/proc/<pid>` opened into the daemon's table, or -1: the parent takes it.
+    proc_pin: RawFd,
 }
 
 const MAX_RLIMITS: usize = 4;
@@ -212,6 +223,7 @@ fn spawn_one(
             allowed_access: LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR,
             parent_fd: -1,
         },
+        proc_pin: -1,
     };
     // The stack grows down; its top, 16-byte aligned as the ABI wants.
     let top = stack.as_mut_ptr_range().end as usize & !15;
@@ -238,6 +250,12 @@ fn spawn_one(
     };
     let clone_error = (pid == -1).then(io::Error::last_os_error);
     slots.clear();
+    // SAFETY: the child wrote it (if at all) before we resumed; a descriptor it opened in our
+    // table, which nobody else owns.
+    let proc_pin = match unsafe { std::ptr::read_volatile(&raw const args.proc_pin) } {
+        fd if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        _ => None,
+    };
     if let Some(e) = clone_error {
         return Err(e);
     }
@@ -251,7 +269,7 @@ fn spawn_one(
         return Err(io::Error::from_raw_os_error(errno));
     }
     let exit = registration.register(pid);
-    Ok(Spawned { pid, stdin, stdout, stderr, exit })
+    Ok(Spawned { pid, stdin, stdout, stderr, exit, proc_pin })
 }
 
 /// Runs in the new process, on its own stack, in our memory, until `execve`: only
@@ -282,6 +300,10 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
         // A process group of its own: stopping it stops whatever it started.
         if libc::setpgid(0, 0) != 0 {
             fail(args);
+        }
+        // Still in the daemon's descriptor table: the daemon keeps this one (see above).
+        if args.ruleset >= 0 {
+            allow_own_proc(args);
         }
         // Until here the descriptor table is the daemon's own: a private copy of the lowest
         // few now (a whole copy where close_range cannot unshare), then the stdio, then
@@ -326,23 +348,6 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
 unsafe fn confine(args: &mut ChildArgs) {
     // SAFETY: raw system calls on values prepared by the parent; `args` is ours until execve.
     unsafe {
-        let proc_self =
-            libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC);
-        if proc_self < 0 {
-            fail(args);
-        }
-        std::ptr::write_unaligned(&raw mut args.proc_self.parent_fd, proc_self);
-        if libc::syscall(
-            libc::SYS_landlock_add_rule,
-            args.ruleset,
-            LANDLOCK_RULE_PATH_BENEATH,
-            &raw const args.proc_self,
-            0 as libc::c_uint,
-        ) != 0
-        {
-            fail(args);
-        }
-        libc::close(proc_self);
         for i in 0..args.rlimit_count.min(MAX_RLIMITS) {
             let (resource, limit) = args.rlimits[i];
             if libc::setrlimit(resource as _, &limit) != 0 {
@@ -353,6 +358,31 @@ unsafe fn confine(args: &mut ChildArgs) {
             fail(args);
         }
         if libc::syscall(libc::SYS_landlock_restrict_self, args.ruleset, args.restrict_flags) != 0 {
+            fail(args);
+        }
+    }
+}
+
+/// Opens the child's own `/proc/<pid>` (into the daemon's table, for the parent to keep) and
+/// adds the rule for it to the ruleset.
+unsafe fn allow_own_proc(args: &mut ChildArgs) {
+    // SAFETY: raw system calls; `args` is shared with the suspended parent.
+    unsafe {
+        let proc_self =
+            libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        if proc_self < 0 {
+            fail(args);
+        }
+        std::ptr::write_volatile(&raw mut args.proc_pin, proc_self);
+        std::ptr::write_unaligned(&raw mut args.proc_self.parent_fd, proc_self);
+        if libc::syscall(
+            libc::SYS_landlock_add_rule,
+            args.ruleset,
+            LANDLOCK_RULE_PATH_BENEATH,
+            &raw const args.proc_self,
+            0 as libc::c_uint,
+        ) != 0
+        {
             fail(args);
         }
     }
