@@ -254,6 +254,12 @@ fn allow_except(
     configured: bool,
 ) {
     if exclude.iter().any(|x| x == path) {
+        if configured {
+            tracing::warn!(
+                path = %path.display(),
+                "sandbox path skipped: workers may never reach the state directory or the config"
+            );
+        }
         return;
     }
     let inner: Vec<&PathBuf> = exclude.iter().filter(|x| x.starts_with(path)).collect();
