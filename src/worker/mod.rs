@@ -784,17 +784,19 @@ mod tests {
         let other = workspace(dir.path(), Some("other"), "unit");
         make_workspace(&other).unwrap();
         std::fs::write(other.join("secret"), "s").unwrap();
-        let config = crate::config::WorkerConfig {
+        let mut config = crate::config::WorkerConfig {
             sandbox: crate::config::Sandbox::Landlock,
             ..Default::default()
         };
+        config.limits.nofile = Some(64);
+        config.limits.memory_max = Some("1G".to_owned());
         let exclude = [dir.path().to_path_buf()];
         let landlock = sandbox::Landlock::for_config(&config, None, &exclude).unwrap().unwrap();
         let script = format!(
             "r() {{ if \"$@\" >/dev/null 2>&1; then echo \"$1 ok\"; else echo \"$1 denied\"; fi; }}; \
              {{ r cat /proc/$$/status; r touch \"$TMPDIR/t\"; r touch ./own; \
              r cat {secret}; r touch {outside}; r kill -0 {daemon}; r cat /proc/{daemon}/status; \
-             r cat /etc/hostname; }} > ./result; echo '{{\"type\":\"heartbeat\"}}'; read x",
+             r cat /etc/hostname; ulimit -n; ulimit -v; }} > ./result; echo '{{\"type\":\"heartbeat\"}}'; read x",
             secret = other.join("secret").display(),
             outside = dir.path().join("outside").display(),
             daemon = std::process::id(),
@@ -835,7 +837,9 @@ mod tests {
                 "touch denied",
                 "kill denied",
                 "cat denied",
-                "cat ok"
+                "cat ok",
+                "64",
+                "1048576"
             ],
             "{result}"
         );

@@ -115,7 +115,8 @@ const DEVICES_READ: &[&str] = &["/dev/zero", "/dev/urandom"];
 impl Landlock {
     /// Decides the sandbox for `worker.sandbox`: `None` for none/systemd-run, and for `auto`
     /// on a kernel without Landlock ABI ≥ 6 (warned once here). `exclude` are paths that stay
-    /// closed even inside a readable directory (the config file's directory).
+    /// closed even inside a readable directory (the config file, /etc/turnd, the state
+    /// directory).
     ///
     /// # Errors
     ///
@@ -188,6 +189,23 @@ impl Landlock {
         }
         if let Some(n) = limits.nofile {
             rlimits.push((libc::RLIMIT_NOFILE as libc::c_int, n));
+        }
+        // Above the daemon's hard limit the child's setrlimit would fail (raising it needs
+        // CAP_SYS_RESOURCE) and no worker would start: the hard limit is the most there is.
+        for (resource, value) in &mut rlimits {
+            let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit writes only into `current`.
+            if unsafe { libc::getrlimit(*resource as _, &mut current) } == 0
+                && *value > current.rlim_max
+            {
+                tracing::warn!(
+                    resource = *resource,
+                    asked = *value,
+                    hard = current.rlim_max,
+                    "a worker.limits value is above the daemon's own hard limit; workers get that"
+                );
+                *value = current.rlim_max;
+            }
         }
         if limits.cpu_quota.is_some() || limits.tasks_max.is_some() {
             tracing::warn!(
