@@ -106,6 +106,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         &config.worker,
         worker::program_dir(&config.worker.command, &base_env).as_deref(),
         &sandbox_exclusions(&config),
+        &config.daemon.state_dir.join("workspaces"),
     )
     .map_err(DaemonError::Sandbox)?;
     let spec = WorkerSpec {

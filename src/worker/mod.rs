@@ -641,9 +641,14 @@ mod tests {
         };
         let make = |exclude: &[PathBuf]| {
             Arc::new(
-                sandbox::Landlock::for_config(&config, Some(Path::new("/usr/bin")), exclude)
-                    .unwrap()
-                    .unwrap(),
+                sandbox::Landlock::for_config(
+                    &config,
+                    Some(Path::new("/usr/bin")),
+                    exclude,
+                    &dir.path().join("workspaces"),
+                )
+                .unwrap()
+                .unwrap(),
             )
         };
         let landlock = make(&[dir.path().to_path_buf()]);
@@ -695,7 +700,10 @@ mod tests {
             ..Default::default()
         };
         let exclude = [dir.path().to_path_buf()];
-        let landlock = sandbox::Landlock::for_config(&config, None, &exclude).unwrap().unwrap();
+        let landlock =
+            sandbox::Landlock::for_config(&config, None, &exclude, &dir.path().join("workspaces"))
+                .unwrap()
+                .unwrap();
         // One probe per stdin line, from the shell itself (its /proc/self is the worker's).
         let script = "exec 3<&0; while read x <&3; do \
             if read l < /proc/self/status; then echo ok >> r; else echo denied >> r; fi; \
@@ -790,13 +798,17 @@ mod tests {
         };
         config.limits.nofile = Some(64);
         config.limits.memory_max = Some("1G".to_owned());
-        let exclude = [dir.path().to_path_buf()];
-        let landlock = sandbox::Landlock::for_config(&config, None, &exclude).unwrap().unwrap();
+        // /etc/hostname stands for the config file: carved out of /etc (the shared layer).
+        let exclude = [dir.path().to_path_buf(), PathBuf::from("/etc/hostname")];
+        let landlock =
+            sandbox::Landlock::for_config(&config, None, &exclude, &dir.path().join("workspaces"))
+                .unwrap()
+                .unwrap();
         let script = format!(
             "r() {{ if \"$@\" >/dev/null 2>&1; then echo \"$1 ok\"; else echo \"$1 denied\"; fi; }}; \
              {{ r cat /proc/$$/status; r touch \"$TMPDIR/t\"; r touch ./own; \
              r cat {secret}; r touch {outside}; r kill -0 {daemon}; r cat /proc/{daemon}/status; \
-             r cat /etc/hostname; ulimit -n; ulimit -v; }} > ./result; echo '{{\"type\":\"heartbeat\"}}'; read x",
+             r cat /etc/os-release; r cat /etc/hostname; ulimit -n; ulimit -v; }} > ./result; echo '{{\"type\":\"heartbeat\"}}'; read x",
             secret = other.join("secret").display(),
             outside = dir.path().join("outside").display(),
             daemon = std::process::id(),
@@ -838,6 +850,7 @@ mod tests {
                 "kill denied",
                 "cat denied",
                 "cat ok",
+                "cat denied",
                 "64",
                 "1048576"
             ],

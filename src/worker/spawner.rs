@@ -138,6 +138,8 @@ struct ChildArgs {
     errno: libc::c_int,
     /// The Landlock ruleset's slot, or -1 for no sandbox.
     ruleset: RawFd,
+    /// The shared first Landlock layer's slot, or -1 (see `sandbox::Landlock::base`).
+    base_ruleset: RawFd,
     /// `landlock_restrict_self` flags.
     restrict_flags: u32,
     /// rlimits to set before `execve`: the first `rlimit_count`.
@@ -199,7 +201,8 @@ fn spawn_one(
     let (stdout, stdout_child) = pipe()?;
     let (stderr, stderr_child) = pipe()?;
     // The child's ends go into the slots; they leave the daemon when the slots are cleared.
-    let filled = slots.fill([&stdin_child, &stdout_child, &stderr_child], ruleset.as_ref());
+    let base = landlock.and_then(|l| l.base.as_ref());
+    let filled = slots.fill([&stdin_child, &stdout_child, &stderr_child], ruleset.as_ref(), base);
     // The daemon's own copies: the slots hold what the child needs until they are cleared.
     drop((stdin_child, stdout_child, stderr_child, ruleset));
     if let Err(e) = filled {
@@ -216,6 +219,7 @@ fn spawn_one(
         daemon_pid,
         errno: 0,
         ruleset: if landlock.is_some() { slots.ruleset() } else { -1 },
+        base_ruleset: if landlock.is_some_and(|l| l.base.is_some()) { slots.base() } else { -1 },
         restrict_flags: landlock.map_or(0, |l| l.restrict_flags),
         rlimits,
         rlimit_count,
@@ -357,6 +361,15 @@ unsafe fn confine(args: &mut ChildArgs) {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0 {
             fail(args);
         }
+        if args.base_ruleset >= 0
+            && libc::syscall(
+                libc::SYS_landlock_restrict_self,
+                args.base_ruleset,
+                args.restrict_flags,
+            ) != 0
+        {
+            fail(args);
+        }
         if libc::syscall(libc::SYS_landlock_restrict_self, args.ruleset, args.restrict_flags) != 0 {
             fail(args);
         }
@@ -433,11 +446,11 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
     strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
 }
 
-/// Four descriptor numbers held by the spawner thread for a child's stdio sources and its
-/// Landlock ruleset, reserved low (the first free numbers at start) so that the child copies
-/// only the table below them.
+/// Five descriptor numbers held by the spawner thread for a child's stdio sources and its
+/// Landlock rulesets (its own and the shared first layer), reserved low (the first free
+/// numbers at start) so that the child copies only the table below them.
 struct Slots {
-    slots: [OwnedFd; 4],
+    slots: [OwnedFd; 5],
     null: OwnedFd,
 }
 
@@ -448,6 +461,7 @@ impl Slots {
         };
         let null = open_null()?;
         let slots = [
+            above_stdio(open_null()?)?,
             above_stdio(open_null()?)?,
             above_stdio(open_null()?)?,
             above_stdio(open_null()?)?,
@@ -464,18 +478,29 @@ impl Slots {
         self.slots[3].as_raw_fd()
     }
 
+    fn base(&self) -> RawFd {
+        self.slots[4].as_raw_fd()
+    }
+
     fn keep_below(&self) -> libc::c_uint {
         self.slots.iter().map(|s| s.as_raw_fd()).max().map_or(3, |n| n as libc::c_uint + 1)
     }
 
     /// Puts duplicates of `sources` (and the ruleset) into the slots (close-on-exec, like
     /// everything here).
-    fn fill(&self, sources: [&OwnedFd; 3], ruleset: Option<&OwnedFd>) -> io::Result<()> {
+    fn fill(
+        &self,
+        sources: [&OwnedFd; 3],
+        ruleset: Option<&OwnedFd>,
+        base: Option<&OwnedFd>,
+    ) -> io::Result<()> {
         for (slot, source) in self.slots.iter().zip(sources) {
             dup_onto(source.as_raw_fd(), slot.as_raw_fd())?;
         }
-        if let Some(r) = ruleset {
-            dup_onto(r.as_raw_fd(), self.slots[3].as_raw_fd())?;
+        for (i, fd) in [(3, ruleset), (4, base)] {
+            if let Some(fd) = fd {
+                dup_onto(fd.as_raw_fd(), self.slots[i].as_raw_fd())?;
+            }
         }
         Ok(())
     }
