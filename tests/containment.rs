@@ -226,3 +226,31 @@ async fn auto_uses_landlock_where_the_kernel_has_it() {
     assert!(log.contains("workers run under Landlock"), "{log}");
     assert!(!log.contains("without a sandbox"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_file_stays_closed_inside_a_directory_the_worker_reads() {
+    let mut cluster = Cluster::new().await;
+    cluster.confine_workers("landlock");
+    // A directory the worker may read (sandbox_read) that also holds the daemon's config.
+    let shared = cluster.path("shared");
+    std::fs::create_dir_all(&shared).expect("mkdir");
+    let config = shared.join("turnd.toml");
+    std::fs::write(&config, "[log]\nformat = \"pretty\"\n").expect("config");
+    std::fs::write(shared.join("model.bin"), "weights").expect("data");
+    cluster.daemon_args = vec!["--config".to_owned(), config.display().to_string()];
+    let listed = format!("[{:?}]", shared.display().to_string());
+    let d = cluster.start_daemon(&[("TURND_WORKER__SANDBOX_READ", &listed)]).await;
+    let mut client = cluster.client().await;
+    let probes = json!([
+        {"read": shared.join("model.bin").display().to_string()},
+        {"read": config.display().to_string()},
+        {"write": shared.join("model.bin").display().to_string()},
+    ]);
+    let r = results(&client.ask(&probe_turn("org1", "c1", probes), T).await);
+    allowed(&r[0], "reading a file of a sandbox_read directory");
+    assert_eq!(r[0].2, "weights");
+    denied(&r[1], "reading the config file inside it");
+    denied(&r[2], "writing into a sandbox_read directory");
+    let log = strip_ansi(&cluster.daemon_log(d));
+    assert!(log.contains("carved=true"), "the config was carved out: {log}");
+}

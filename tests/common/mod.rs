@@ -41,6 +41,8 @@ pub struct Cluster {
     pub env: Vec<(String, String)>,
     /// argv that runs `turnd run` (e.g. [`WITHOUT_CAPABILITIES`]); empty: run it directly.
     pub daemon_prefix: Vec<String>,
+    /// Arguments after `turnd run` (e.g. `--config FILE`).
+    pub daemon_args: Vec<String>,
     pub daemons: Vec<Daemon>,
 }
 
@@ -56,6 +58,7 @@ pub struct Daemon {
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
     pub prefix: Vec<String>,
+    pub args: Vec<String>,
 }
 
 impl Cluster {
@@ -110,6 +113,7 @@ impl Cluster {
             pool,
             env,
             daemon_prefix: Vec::new(),
+            daemon_args: Vec::new(),
             daemons: Vec::new(),
         }
     }
@@ -135,7 +139,14 @@ impl Cluster {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         let log = self.root.join(format!("{id}.log"));
-        let mut daemon = Daemon { id, child: None, log, env, prefix: self.daemon_prefix.clone() };
+        let mut daemon = Daemon {
+            id,
+            child: None,
+            log,
+            env,
+            prefix: self.daemon_prefix.clone(),
+            args: self.daemon_args.clone(),
+        };
         daemon.spawn().await;
         self.daemons.push(daemon);
         i
@@ -223,6 +234,7 @@ impl Daemon {
             None => Command::new(turnd_bin()),
         };
         cmd.arg("run")
+            .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
