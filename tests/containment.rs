@@ -75,8 +75,12 @@ async fn a_landlock_worker_cannot_reach_the_daemon_other_tenants_or_the_database
     let mut client = cluster.client().await;
     let secret = plant_secret(&cluster);
 
-    // Another tenant's worker, alive: its pid is the target of a signal below.
-    let other = client.ask(&probe_turn("org2", "c2", json!([])), T).await;
+    // Another tenant's worker, alive: its pid is the target of a signal below, and it listens
+    // on an abstract Unix socket.
+    let abstract_name = format!("turnd-test-{}", cluster.prefix);
+    let listen = json!([{"listen_abstract": abstract_name}]);
+    let other = client.ask(&probe_turn("org2", "c2", listen), T).await;
+    allowed(&results(&other)[0], "listening on an abstract socket");
     let other_pid = other.body["payload"]["pid"].as_i64().expect("org2 worker pid");
 
     // Where org1's worker is told to keep temporary files.
@@ -99,6 +103,7 @@ async fn a_landlock_worker_cannot_reach_the_daemon_other_tenants_or_the_database
         {"signal": other_pid},
         {"connect": "127.0.0.1:5432"},
         {"bind": "127.0.0.1:0"},
+        {"connect_abstract": abstract_name},
         // What it may do:
         {"write": "own.txt"},
         {"write": format!("{tmpdir}/scratch")},
@@ -117,12 +122,13 @@ async fn a_landlock_worker_cannot_reach_the_daemon_other_tenants_or_the_database
     denied(&r[6], "signalling another worker");
     denied(&r[7], "connecting to PostgreSQL on 127.0.0.1:5432");
     denied(&r[8], "binding a TCP port");
-    allowed(&r[9], "writing its own workspace");
-    allowed(&r[10], "writing its TMPDIR");
-    allowed(&r[11], "reading /etc");
-    allowed(&r[12], "reading its own /proc/self");
-    assert!(r[12].2.contains(&format!("Pid:\t{}", event.body["payload"]["pid"])), "{:?}", r[12]);
-    allowed(&r[13], "reading /dev/null");
+    denied(&r[9], "connecting to another worker's abstract Unix socket");
+    allowed(&r[10], "writing its own workspace");
+    allowed(&r[11], "writing its TMPDIR");
+    allowed(&r[12], "reading /etc");
+    allowed(&r[13], "reading its own /proc/self");
+    assert!(r[13].2.contains(&format!("Pid:\t{}", event.body["payload"]["pid"])), "{:?}", r[13]);
+    allowed(&r[14], "reading /dev/null");
     assert!(!outside.exists() && !planted.exists(), "nothing was written outside");
     assert!(own.join("own.txt").exists());
 

@@ -19,7 +19,7 @@
 //! | `flood` | write `payload.bytes` (100 MiB) bytes of `x` with no newline, in 64 KiB writes; then `\n` unless `payload.no_newline`; then reply |
 //! | `env` | reply with the whole environment as an object |
 //! | `echo` | reply `{"line":<the stdin line exactly as received, as a string>}` |
-//! | `probe` | try each of `payload.probes` and reply `{"results":[{"ok":bool,"error":<text or null>,"text":<what was read, ≤ 4 KiB, or null>}...]}` in order; a probe is `{"read":PATH}`, `{"write":PATH}` (create/truncate, write `payload.data` or `"x"`), `{"signal":PID}` (signal 0), `{"connect":"HOST:PORT"}` (TCP, 2 s timeout) or `{"bind":"HOST:PORT"}` (TCP listen) |
+//! | `probe` | try each of `payload.probes` and reply `{"results":[{"ok":bool,"error":<text or null>,"text":<what was read, ≤ 4 KiB, or null>}...]}` in order; a probe is `{"read":PATH}`, `{"write":PATH}` (create/truncate, write `payload.data` or `"x"`), `{"signal":PID}` (signal 0), `{"connect":"HOST:PORT"}` (TCP, 2 s timeout), `{"bind":"HOST:PORT"}` (TCP listen), `{"listen_abstract":NAME}` (an abstract Unix socket kept open for the worker's life) or `{"connect_abstract":NAME}` |
 //! | `random` | pick one of reply/error/hang/crash/exit0 from `payload.seed` (splitmix64) weighted by `payload.p` |
 //!
 //! With `payload.exit_after`, `garbage`, `noise` and `flood` exit 0 instead of replying (what they
@@ -470,6 +470,20 @@ fn probe(p: &Value, data: &str) -> Value {
                 .map(|_| None)
         } else if let Some(addr) = p.get("bind").and_then(Value::as_str) {
             std::net::TcpListener::bind(addr).map(|_| None)
+        } else if let Some(name) = p.get("listen_abstract").and_then(Value::as_str) {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
+                // Kept for the life of the process, for other workers to try.
+                .map(|l| {
+                    std::mem::forget(l);
+                    None
+                })
+        } else if let Some(name) = p.get("connect_abstract").and_then(Value::as_str) {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+                .map(|_| None)
         } else {
             Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown probe {p}")))
         };
