@@ -13,7 +13,8 @@
 //! this thread reserved at start; between spawns the slots hold /dev/null.
 //!
 //! With the Landlock sandbox the ruleset is built here, on the spawner thread, and reaches the
-//! child through a fourth reserved slot; the child adds its own `/proc/<pid>` (only it knows
+//! child through a fourth reserved slot (a fifth holds the shared first layer, when there is
+//! one: `sandbox::Landlock::base`); the child adds its own `/proc/<pid>` (only it knows
 //! it), sets the rlimits and `no_new_privs` and restricts itself — raw system calls, nothing
 //! that allocates — before `execve`. The daemon's copy of the ruleset is closed right after.
 //!
