@@ -43,6 +43,8 @@ pub enum DaemonError {
     Store(#[from] store::StoreError),
     #[error("cannot start the worker spawner thread: {0}")]
     Spawner(std::io::Error),
+    #[error("worker.sandbox: {0}")]
+    Sandbox(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
@@ -99,13 +101,23 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         tokio::spawn(relay.run(relay_rx, relay_cancel.clone()))
     };
 
+    let spawner = Spawner::start().map_err(DaemonError::Spawner)?;
+    let base_env = worker::base_env(std::env::vars(), &config.worker.env);
+    let landlock = worker::sandbox::Landlock::for_config(
+        &config.worker,
+        worker::program_dir(&config.worker.command, &base_env).as_deref(),
+        &sandbox_exclusions(&config),
+        &config.daemon.state_dir.join("workspaces"),
+    )
+    .map_err(DaemonError::Sandbox)?;
     let spec = WorkerSpec {
         command: config.worker.command.clone(),
-        base_env: worker::base_env(std::env::vars(), &config.worker.env),
+        base_env,
         state_dir: config.daemon.state_dir.clone(),
         max_line_bytes: config.worker.max_line_bytes,
         turn_deadline: config.turn.deadline,
         sandbox_prefix: worker::sandbox::prefix(&config.worker),
+        landlock: landlock.map(Arc::new),
     };
     let drain = CancellationToken::new();
     let hard = CancellationToken::new();
@@ -114,7 +126,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         store: store.clone(),
         locks: locks.clone(),
         broker: broker.clone(),
-        spawner: Spawner::start().map_err(DaemonError::Spawner)?,
+        spawner,
         relay: relay.clone(),
         spec,
         daemon_id: daemon_id.clone(),
@@ -312,4 +324,15 @@ fn raise_nofile_limit(max_workers: usize) {
              WORKER_START_FAILED; raise LimitNOFILE= (the unit sets 65536) or lower worker.max_workers"
         );
     }
+}
+
+/// What a sandboxed worker may not read even inside a directory it reads (CONTRACT §5): the
+/// config file, the default config directory (the environment file with the secrets sits
+/// there), and the state directory (every tenant's workspace).
+fn sandbox_exclusions(config: &Config) -> Vec<std::path::PathBuf> {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+    let mut out = vec![std::path::PathBuf::from("/etc/turnd")];
+    out.extend(config.source.as_deref().map(canonical));
+    out.push(canonical(&config.daemon.state_dir));
+    out
 }

@@ -39,14 +39,26 @@ pub struct Cluster {
     pub pool: PgPool,
     /// Environment every daemon of this cluster gets (tests add to it before starting).
     pub env: Vec<(String, String)>,
+    /// argv that runs `turnd run` (e.g. [`WITHOUT_CAPABILITIES`]); empty: run it directly.
+    pub daemon_prefix: Vec<String>,
+    /// Arguments after `turnd run` (e.g. `--config FILE`).
+    pub daemon_args: Vec<String>,
     pub daemons: Vec<Daemon>,
 }
+
+/// Runs a program as the test's uid with no capabilities at all (empty bounding set): what a
+/// service user is. Tests run as root, and root's CAP_SYS_PTRACE and CAP_DAC_OVERRIDE would
+/// hide what the kernel refuses an ordinary process.
+pub const WITHOUT_CAPABILITIES: &[&str] =
+    &["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--"];
 
 pub struct Daemon {
     pub id: String,
     pub child: Option<Child>,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
+    pub prefix: Vec<String>,
+    pub args: Vec<String>,
 }
 
 impl Cluster {
@@ -92,7 +104,18 @@ impl Cluster {
                 d.join("pid").display().to_string(),
             ),
         ];
-        Cluster { db_name, db_url, prefix, dir: Some(dir), root, pool, env, daemons: Vec::new() }
+        Cluster {
+            db_name,
+            db_url,
+            prefix,
+            dir: Some(dir),
+            root,
+            pool,
+            env,
+            daemon_prefix: Vec::new(),
+            daemon_args: Vec::new(),
+            daemons: Vec::new(),
+        }
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -116,7 +139,14 @@ impl Cluster {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         let log = self.root.join(format!("{id}.log"));
-        let mut daemon = Daemon { id, child: None, log, env };
+        let mut daemon = Daemon {
+            id,
+            child: None,
+            log,
+            env,
+            prefix: self.daemon_prefix.clone(),
+            args: self.daemon_args.clone(),
+        };
         daemon.spawn().await;
         self.daemons.push(daemon);
         i
@@ -165,6 +195,23 @@ impl Cluster {
             .ok()
     }
 
+    /// Confines this cluster's workers: `worker.sandbox = mode` (`landlock`, `auto`). The test
+    /// worker's log, pid-file and exclusivity directories lie outside its workspace, so they
+    /// go into `worker.sandbox_write`.
+    pub fn confine_workers(&mut self, mode: &str) {
+        self.set("TURND_WORKER__SANDBOX", mode);
+        let dirs: Vec<String> = ["log", "excl", "pid"]
+            .iter()
+            .map(|d| format!("{:?}", self.path(d).display().to_string()))
+            .collect();
+        self.set("TURND_WORKER__SANDBOX_WRITE", &format!("[{}]", dirs.join(", ")));
+    }
+
+    /// A workspace of this cluster's daemons (CONTRACT §5).
+    pub fn workspace(&self, organization: &str, agent: &str) -> PathBuf {
+        self.path("state").join("workspaces").join(organization).join(agent)
+    }
+
     pub fn daemon_log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.daemons[i].log).unwrap_or_default()
     }
@@ -178,8 +225,16 @@ impl Daemon {
             .open(&self.log)
             .expect("daemon log");
         let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut cmd = Command::new(turnd_bin());
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(turnd_bin());
+                cmd
+            }
+            None => Command::new(turnd_bin()),
+        };
         cmd.arg("run")
+            .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -492,6 +547,14 @@ impl Client {
             }
         }
         map
+    }
+
+    /// Publishes `turn` and waits for its terminal event.
+    pub async fn ask(&mut self, turn: &Value, within: Duration) -> Event {
+        self.publish(turn).await;
+        let id = mid(turn);
+        self.wait_for(std::slice::from_ref(&id), within).await;
+        self.event(&id).cloned().expect("the event just waited for")
     }
 
     pub fn event(&self, message_id: &str) -> Option<&Event> {
