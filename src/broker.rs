@@ -199,14 +199,146 @@ impl Session {
         Ok(channels[i].clone())
     }
 
+    /// Whether a publish with these headers keeps its content header within the connection's
+    /// `frame_max` (a frame over it would make the broker close the connection), with room
+    /// for every other property.
+    pub fn headers_fit(&self, headers: &FieldTable) -> bool {
+        /// The other properties: at most nine short strings of 255 bytes and a few numbers,
+        /// plus the content header's own fields and the frame's overhead.
+        const OTHER_PROPERTIES: usize = 4096;
+        let frame_max = self.connection.configuration().frame_max() as usize;
+        frame_max == 0 || encoded_len(headers) + OTHER_PROPERTIES <= frame_max
+    }
+
+    /// Declares the topology again (e.g. after a mandatory publish came back because a queue
+    /// was deleted under us).
+    pub async fn redeclare(&self, config: &Config) -> Result<()> {
+        declare_topology(&self.connection, config).await
+    }
+
     pub fn is_connected(&self) -> bool {
         self.connection.status().connected() && self.publisher.status().connected()
     }
 }
 
-/// Declares every durable name of CONTRACT §3a, idempotently.
-pub async fn declare_topology(ch: &Channel, config: &Config) -> Result<()> {
+/// The inbox's `x-delivery-limit`: a delivery returned to the inbox this many times without
+/// being handled is dead-lettered (reason `delivery_limit`) to `<prefix>.retry`, where the
+/// retry mover parks it as `INVALID_TURN` (CONTRACT §4) instead of letting it loop through
+/// every daemon, or letting RabbitMQ 4.0's default limit drop it.
+///
+/// Trade-off: too low, and returns that are not the message's fault park a good turn; too
+/// high, and a message that kills its consumer takes that many daemon crashes to stop. Every
+/// return counts on RabbitMQ 3.x: a nack with requeue, and a channel or connection that closes
+/// while holding the delivery (a daemon crash, a broker connection drop, or intake pausing for
+/// a PostgreSQL outage with the delivery prefetched). An outage costs one return per delivery
+/// in flight: intake stops consuming until the database answers again (and backs off further
+/// each time a batch fails again at once). 50 leaves room for dozens of outages, restarts and
+/// crashes during one turn's stay in the inbox, while a poison message still stops after 50
+/// deliveries. It must be the same on every daemon (queue arguments are fixed at declaration).
+pub const INBOX_DELIVERY_LIMIT: i64 = 50;
+
+/// Declares every durable name of CONTRACT §3a, idempotently, on a channel of its own (a
+/// refused declaration closes its channel).
+pub async fn declare_topology(connection: &Connection, config: &Config) -> Result<()> {
     let names = Names::new(&config.amqp.prefix);
+    let ch = connection.create_channel().await?;
+    let declared = async {
+        declare_exchanges(&ch, &names).await?;
+        declare_inbox(connection, &names).await?;
+        declare_rest(&ch, &names, config).await
+    }
+    .await;
+    if ch.status().connected() {
+        let _ = ch.close(200, "topology declared".into()).await;
+    }
+    declared
+}
+
+/// Whether an error is the broker's PRECONDITION_FAILED (406), e.g. a queue redeclared with
+/// other arguments.
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406)
+}
+
+/// The inbox's arguments (CONTRACT §3a).
+pub fn inbox_arguments(names: &Names) -> FieldTable {
+    let mut inbox = FieldTable::default();
+    inbox.insert("x-queue-type".into(), long_string("quorum"));
+    inbox.insert("x-dead-letter-exchange".into(), long_string(&names.retry()));
+    // At-least-once dead-lettering needs reject-publish overflow; a refused turn is never lost
+    // between the inbox and the retry queue.
+    inbox.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+    inbox.insert("x-overflow".into(), long_string("reject-publish"));
+    inbox.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(INBOX_DELIVERY_LIMIT));
+    inbox
+}
+
+/// Warned at most once per process: an inbox declared without the delivery limit.
+static OLD_INBOX_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Declares and binds the inbox. An inbox that an older turnd declared with other arguments
+/// (no `x-delivery-limit`) cannot be changed by redeclaring it: RabbitMQ answers
+/// PRECONDITION_FAILED. Then the existing queue is used as it is (a passive declare proves it
+/// is there) and the operator is told, once, how to add the limit without a redeclaration.
+async fn declare_inbox(connection: &Connection, names: &Names) -> Result<()> {
+    let inbox = names.inbox();
+    let ch = connection.create_channel().await?;
+    let declared = ch
+        .queue_declare(
+            inbox.as_str().into(),
+            QueueDeclareOptions::durable(),
+            inbox_arguments(names),
+        )
+        .await;
+    let ch = match declared {
+        Ok(_) => ch,
+        Err(e) if is_precondition_failed(&e) => {
+            // The refusal closed that channel.
+            let ch = connection.create_channel().await?;
+            let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::durable() };
+            ch.queue_declare(inbox.as_str().into(), passive, FieldTable::default()).await?;
+            if !OLD_INBOX_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    queue = %inbox,
+                    error = %e,
+                    "the inbox exists with other arguments (declared by an older turnd?); using it as it is. \
+                     It has no x-delivery-limit argument: unless a policy sets one, a delivery that keeps \
+                     failing is never parked. Set it with a policy, e.g. rabbitmqctl set_policy \
+                     turnd-inbox-limit '^{}$' '{{\"delivery-limit\":{INBOX_DELIVERY_LIMIT}}}' --apply-to queues",
+                    regex_escape(&inbox),
+                );
+            }
+            ch
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let bound = ch
+        .queue_bind(
+            inbox.as_str().into(),
+            names.turns().as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    if ch.status().connected() {
+        let _ = ch.close(200, "inbox declared".into()).await;
+    }
+    bound?;
+    Ok(())
+}
+
+/// A queue name as a regular expression matching only itself (for the policy hint).
+fn regex_escape(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            let escape = !(c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            escape.then_some('\\').into_iter().chain(std::iter::once(c))
+        })
+        .collect()
+}
+
+async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     for (name, kind) in [
         (names.turns(), ExchangeKind::Topic),
@@ -215,14 +347,10 @@ pub async fn declare_topology(ch: &Channel, config: &Config) -> Result<()> {
     ] {
         ch.exchange_declare(name.as_str().into(), kind, durable, FieldTable::default()).await?;
     }
-    let mut inbox = FieldTable::default();
-    inbox.insert("x-queue-type".into(), long_string("quorum"));
-    inbox.insert("x-dead-letter-exchange".into(), long_string(&names.retry()));
-    // At-least-once dead-lettering needs reject-publish overflow; a refused turn is never lost
-    // between the inbox and the retry queue.
-    inbox.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
-    inbox.insert("x-overflow".into(), long_string("reject-publish"));
-    declare_bound(ch, &names.inbox(), inbox, &names.turns(), "#").await?;
+    Ok(())
+}
+
+async fn declare_rest(ch: &Channel, names: &Names, config: &Config) -> Result<()> {
     declare_bound(ch, &names.retry(), FieldTable::default(), &names.retry(), "").await?;
     for k in 1..config.intake.max_attempts {
         let mut args = FieldTable::default();
@@ -262,6 +390,44 @@ async fn declare_bound(
     )
     .await?;
     Ok(())
+}
+
+/// The encoded size of a field table, in bytes, walked without recursion.
+pub fn encoded_len(table: &FieldTable) -> usize {
+    let mut len = 4;
+    let mut pending: Vec<&AMQPValue> = Vec::new();
+    for (key, value) in table.inner() {
+        len += 1 + key.as_str().len() + 1;
+        pending.push(value);
+    }
+    while let Some(value) = pending.pop() {
+        len += match value {
+            AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+            AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+            AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+            AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+            AMQPValue::DecimalValue(_) => 5,
+            AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+            AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+            AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+            AMQPValue::Void => 0,
+            AMQPValue::FieldArray(a) => {
+                for v in a.as_slice() {
+                    len += 1;
+                    pending.push(v);
+                }
+                4
+            }
+            AMQPValue::FieldTable(t) => {
+                for (key, v) in t.inner() {
+                    len += 1 + key.as_str().len() + 1;
+                    pending.push(v);
+                }
+                4
+            }
+        };
+    }
+    len
 }
 
 pub fn long_string(s: &str) -> AMQPValue {
@@ -333,7 +499,7 @@ async fn supervise(
     loop {
         let attempt = async {
             let (connection, publisher) = connect(&config, &name).await?;
-            declare_topology(&publisher, &config).await?;
+            declare_topology(&connection, &config).await?;
             Ok::<_, BrokerError>((connection, publisher))
         };
         let result = tokio::select! {

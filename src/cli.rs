@@ -225,7 +225,7 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
         .map_err(|e| anyhow::anyhow!("this turn would be refused: {e}"))?;
 
     let (connection, publisher) = broker::connect(config, "turnd send").await?;
-    broker::declare_topology(&publisher, config).await.context("declare topology")?;
+    broker::declare_topology(&connection, config).await.context("declare topology")?;
     let names = Names::new(&config.amqp.prefix);
     let mut replies = None;
     if args.wait {

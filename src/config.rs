@@ -365,6 +365,9 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// The file this was read from, if any (not a key): a sandboxed worker may not read it.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[daemon]`
@@ -501,9 +504,17 @@ pub struct WorkerConfig {
     pub stop_timeout: Duration,
     /// Longest accepted stdout line in bytes; a longer one is logged and ignored.
     pub max_line_bytes: usize,
-    /// How workers are spawned.
+    /// How workers are spawned and confined (CONTRACT §5).
     pub sandbox: Sandbox,
-    /// Resource limits applied with `sandbox = "systemd-run"`.
+    /// Extra absolute paths a `landlock` worker may read and execute (its language runtime,
+    /// caches, model files), besides the system directories.
+    pub sandbox_read: Vec<PathBuf>,
+    /// Extra absolute paths a `landlock` worker may write (and read), besides its workspace.
+    pub sandbox_write: Vec<PathBuf>,
+    /// TCP ports a `landlock` worker may connect to (any address); binding is never allowed.
+    pub sandbox_connect: Vec<u32>,
+    /// Resource limits: systemd properties with `sandbox = "systemd-run"`; what rlimits can
+    /// express with `landlock`.
     pub limits: WorkerLimits,
 }
 
@@ -517,6 +528,9 @@ impl Default for WorkerConfig {
             stop_timeout: Duration::from_secs(5),
             max_line_bytes: 1_048_576,
             sandbox: Sandbox::None,
+            sandbox_read: Vec::new(),
+            sandbox_write: Vec::new(),
+            sandbox_connect: vec![443],
             limits: WorkerLimits::default(),
         }
     }
@@ -531,6 +545,11 @@ pub enum Sandbox {
     None,
     /// `"systemd-run"`: a transient systemd scope per worker, with `worker.limits`.
     SystemdRun,
+    /// `"landlock"`: each worker confined by Linux Landlock (ABI ≥ 6) and rlimits; the daemon
+    /// refuses to start on a kernel without it.
+    Landlock,
+    /// `"auto"`: `landlock` where the kernel has it, else a plain spawn with one warning.
+    Auto,
 }
 
 /// `worker.limits`: systemd resource properties for `sandbox = "systemd-run"`.
@@ -772,6 +791,9 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
             ("stop_timeout", Kind::Text),
             ("max_line_bytes", Kind::Toml),
             ("sandbox", Kind::Text),
+            ("sandbox_read", Kind::Toml),
+            ("sandbox_write", Kind::Toml),
+            ("sandbox_connect", Kind::Toml),
             ("limits", Kind::Toml),
         ],
     ),
@@ -911,8 +933,11 @@ impl Config {
                 }
             }
         };
+        let source = origin.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
         let origin = origin.map(|p| p.display().to_string());
-        build(file, origin.as_deref(), env)
+        let mut config = build(file, origin.as_deref(), env)?;
+        config.source = source;
+        Ok(config)
     }
 
     /// Parses a TOML document (no environment, no file) and validates it.
@@ -1074,6 +1099,36 @@ impl Config {
                 return invalid(key, "must be at least 1".into());
             }
         }
+        for (key, paths) in [
+            ("worker.sandbox_read", &self.worker.sandbox_read),
+            ("worker.sandbox_write", &self.worker.sandbox_write),
+        ] {
+            for path in paths {
+                if !path.is_absolute() {
+                    return invalid(key, format!("{} is not an absolute path", path.display()));
+                }
+                if path.as_os_str().as_encoded_bytes().contains(&0) {
+                    return invalid(key, format!("{path:?} contains a NUL character"));
+                }
+            }
+        }
+        for port in &self.worker.sandbox_connect {
+            if !(1..=65535).contains(port) {
+                return invalid(
+                    "worker.sandbox_connect",
+                    format!("{port} is not a TCP port (1 to 65535)"),
+                );
+            }
+        }
+        if matches!(self.worker.sandbox, Sandbox::Landlock | Sandbox::Auto)
+            && let Some(m) = &limits.memory_max
+            && let Err(why) = parse_bytes(m)
+        {
+            return invalid(
+                "worker.limits.memory_max",
+                format!("{m:?} {why}; with sandbox = \"landlock\" it becomes RLIMIT_AS"),
+            );
+        }
 
         // every duration
         for (key, d) in [
@@ -1150,6 +1205,29 @@ impl Config {
 
         Ok(())
     }
+}
+
+/// A size as systemd writes it: bytes, or a number with K, M, G, T (powers of 1024), or
+/// `infinity` (`None`).
+///
+/// # Errors
+///
+/// Why it is not one, for the message.
+pub fn parse_bytes(s: &str) -> std::result::Result<Option<u64>, &'static str> {
+    if s == "infinity" {
+        return Ok(None);
+    }
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        Some(b'T' | b't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "is not a size: bytes, or a whole number with K, M, G or T, or infinity")?;
+    n.checked_mul(1u64 << shift).map(Some).ok_or("is too large")
 }
 
 fn valid_prefix(s: &str) -> bool {
@@ -1292,6 +1370,7 @@ fn build(
         shutdown: section(&mut table, "shutdown", &origins)?,
         http: section(&mut table, "http", &origins)?,
         log: section(&mut table, "log", &origins)?,
+        source: None,
     };
 
     // 4. Ranges and cross-key rules.
@@ -1628,6 +1707,17 @@ mod tests {
             ("[worker]\ncommand = [\"\"]", "worker.command"),
             ("[worker]\nenv = { \"1X\" = \"y\" }", "worker.env"),
             ("[worker.limits]\ntasks_max = 0", "worker.limits.tasks_max"),
+            ("[worker]\nsandbox_read = [\"relative/dir\"]", "worker.sandbox_read"),
+            ("[worker]\nsandbox_write = [\"/ok\", \"x\"]", "worker.sandbox_write"),
+            ("[worker]\nsandbox_connect = [0]", "worker.sandbox_connect"),
+            ("[worker]\nsandbox_connect = [70000]", "worker.sandbox_connect"),
+            ("[worker]\nsandbox_connect = [-1]", "worker.sandbox_connect"),
+            ("[worker]\nsandbox_connect = 443", "worker.sandbox_connect"),
+            ("[worker]\nsandbox = \"jail\"", "worker.sandbox"),
+            (
+                "[worker]\nsandbox = \"landlock\"\n[worker.limits]\nmemory_max = \"50%\"",
+                "worker.limits.memory_max",
+            ),
             ("[database]\nmax_connections = 1", "database.max_connections"),
             ("[daemon]\nid = \"\"", "daemon.id"),
             ("[daemon]\nid = \"a\\nb\"", "daemon.id"),
@@ -1643,6 +1733,42 @@ mod tests {
         let (key, _) = err_key(load("", &[("TURND_DAEMON__ID", &"x".repeat(129))]));
         assert_eq!(key, "daemon.id");
         load("", &[("TURND_LOG__LEVEL", "turnd=debug,info")]).unwrap();
+    }
+
+    #[test]
+    fn sandbox_keys_have_contract_defaults_and_take_overrides() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.worker.sandbox_connect, vec![443]);
+        assert!(c.worker.sandbox_read.is_empty() && c.worker.sandbox_write.is_empty());
+        let c = load(
+            "[worker]\nsandbox = \"landlock\"\nsandbox_read = [\"/opt/python\"]\n",
+            &[
+                ("TURND_WORKER__SANDBOX", "auto"),
+                ("TURND_WORKER__SANDBOX_WRITE", "[\"/var/cache/agent\"]"),
+                ("TURND_WORKER__SANDBOX_CONNECT", "[443, 8443]"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.worker.sandbox, Sandbox::Auto);
+        assert_eq!(c.worker.sandbox_read, vec![PathBuf::from("/opt/python")]);
+        assert_eq!(c.worker.sandbox_write, vec![PathBuf::from("/var/cache/agent")]);
+        assert_eq!(c.worker.sandbox_connect, vec![443, 8443]);
+        // A memory limit systemd understands but an rlimit cannot is fine without landlock.
+        load("[worker.limits]\nmemory_max = \"50%\"", &[]).unwrap();
+        let c = load("[worker]\nsandbox = \"landlock\"\nlimits = { memory_max = \"2G\" }", &[])
+            .unwrap();
+        assert_eq!(c.worker.limits.memory_max.as_deref(), Some("2G"));
+    }
+
+    #[test]
+    fn sizes_read_as_systemd_writes_them() {
+        assert_eq!(parse_bytes("512"), Ok(Some(512)));
+        assert_eq!(parse_bytes("2G"), Ok(Some(2 << 30)));
+        assert_eq!(parse_bytes("64m"), Ok(Some(64 << 20)));
+        assert_eq!(parse_bytes("infinity"), Ok(None));
+        assert!(parse_bytes("50%").is_err());
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
     }
 
     #[test]

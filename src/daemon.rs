@@ -5,7 +5,7 @@
 //!  ├─ lock session task        (one PostgreSQL connection, every advisory lock)
 //!  ├─ broker supervisor        (AMQP connection, topology, reconnect)
 //!  ├─ intake                   (inbox → arm/refuse/park → doorbell → ensure owner)
-//!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>)
+//!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>, or parked past the delivery limit)
 //!  ├─ sweep                    (deadlines, adoption, retention, daemon heartbeat)
 //!  ├─ relay                    (outbox → <prefix>.replies)
 //!  ├─ http                     (console listener; the ops listener when configured)
@@ -33,7 +33,7 @@ use crate::broker::{Broker, Names};
 use crate::config::Config;
 use crate::deployment::{Ctx, Deployments};
 use crate::http::{self, Health};
-use crate::intake::{self, Intake};
+use crate::intake::Intake;
 use crate::lock::LockSession;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayHandle};
@@ -48,6 +48,8 @@ pub enum DaemonError {
     Store(#[from] store::StoreError),
     #[error("cannot start the worker spawner thread: {0}")]
     Spawner(std::io::Error),
+    #[error("worker.sandbox: {0}")]
+    Sandbox(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
@@ -113,13 +115,23 @@ pub async fn run(
         tokio::spawn(relay.run(relay_rx, relay_cancel.clone()))
     };
 
+    let spawner = Spawner::start().map_err(DaemonError::Spawner)?;
+    let base_env = worker::base_env(std::env::vars(), &config.worker.env);
+    let landlock = worker::sandbox::Landlock::for_config(
+        &config.worker,
+        worker::program_dir(&config.worker.command, &base_env).as_deref(),
+        &sandbox_exclusions(&config),
+        &config.daemon.state_dir.join("workspaces"),
+    )
+    .map_err(DaemonError::Sandbox)?;
     let spec = WorkerSpec {
         command: config.worker.command.clone(),
-        base_env: worker::base_env(std::env::vars(), &config.worker.env),
+        base_env,
         state_dir: config.daemon.state_dir.clone(),
         max_line_bytes: config.worker.max_line_bytes,
         turn_deadline: config.turn.deadline,
         sandbox_prefix: worker::sandbox::prefix(&config.worker),
+        landlock: landlock.map(Arc::new),
     };
     let drain = CancellationToken::new();
     let hard = CancellationToken::new();
@@ -128,7 +140,7 @@ pub async fn run(
         store: store.clone(),
         locks: locks.clone(),
         broker: broker.clone(),
-        spawner: Spawner::start().map_err(DaemonError::Spawner)?,
+        spawner,
         relay: relay.clone(),
         spec,
         daemon_id: daemon_id.clone(),
@@ -173,16 +185,14 @@ pub async fn run(
 
     let intake_cancel = CancellationToken::new();
     let mut front = JoinSet::new();
-    front.spawn(
-        Intake {
-            config: config.clone(),
-            store: store.clone(),
-            broker: broker.clone(),
-            deployments: deployments.clone(),
-        }
-        .run(intake_cancel.clone()),
-    );
-    front.spawn(intake::run_retry(config.clone(), broker.clone(), intake_cancel.clone()));
+    let intake = Intake {
+        config: config.clone(),
+        store: store.clone(),
+        broker: broker.clone(),
+        deployments: deployments.clone(),
+    };
+    front.spawn(intake.clone().run_retry(intake_cancel.clone()));
+    front.spawn(intake.run(intake_cancel.clone()));
     front.spawn(
         Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }
             .run(intake_cancel.clone()),
@@ -407,4 +417,15 @@ fn raise_nofile_limit(max_workers: usize) {
              WORKER_START_FAILED; raise LimitNOFILE= (the unit sets 65536) or lower worker.max_workers"
         );
     }
+}
+
+/// What a sandboxed worker may not read even inside a directory it reads (CONTRACT §5): the
+/// config file, the default config directory (the environment file with the secrets sits
+/// there), and the state directory (every tenant's workspace).
+fn sandbox_exclusions(config: &Config) -> Vec<std::path::PathBuf> {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+    let mut out = vec![std::path::PathBuf::from("/etc/turnd")];
+    out.extend(config.source.as_deref().map(canonical));
+    out.push(canonical(&config.daemon.state_dir));
+    out
 }

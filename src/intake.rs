@@ -18,16 +18,23 @@ use futures_lite::StreamExt;
 use futures_lite::future::poll_once;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, Names, Session, long_string};
+use crate::broker::{self, Broker, BrokerError, Names, Session, long_string};
 use crate::config::{Config, SessionStore};
 use crate::deployment::Deployments;
 use crate::event::{Envelope, Outcome};
 use crate::store::{ParkedRecord, Store, StoreError};
 use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn};
+
+/// Intake's pause after a failed batch, doubling while batches keep failing at once. Short
+/// enough that intake resumes promptly after an outage; growing, so that a database that
+/// answers pings but fails every write does not return the same deliveries to the inbox twice
+/// a second (each return counts towards `broker::INBOX_DELIVERY_LIMIT`).
+const PAUSE_MIN: Duration = Duration::from_millis(500);
+const PAUSE_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
@@ -37,6 +44,10 @@ enum BatchError {
     Broker(#[from] BrokerError),
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error(
+        "RabbitMQ returned a publish to {0} as unroutable, even after declaring the topology again"
+    )]
+    Unroutable(String),
 }
 
 /// What intake decided for one delivery.
@@ -58,7 +69,7 @@ struct Ident {
     conversation_key: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Intake {
     pub config: Arc<Config>,
     pub store: Store,
@@ -70,6 +81,7 @@ impl Intake {
     pub async fn run(self, cancel: CancellationToken) {
         let names = Names::new(&self.config.amqp.prefix);
         let tag = format!("turnd-intake-{}", self.config.daemon.id);
+        let mut pause = PAUSE_MIN;
         loop {
             let session = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -90,15 +102,23 @@ impl Intake {
                     }
                 };
             tracing::info!(queue = %names.inbox(), "intake consuming");
-            let result = self.consume(&session, consumer, &cancel).await;
+            let mut progressed = false;
+            let result = self.consume(&session, consumer, &cancel, &mut progressed).await;
             // Closing the channel hands every unacknowledged delivery back to the broker.
             let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
             let _ = channel.close(200, "intake paused".into()).await;
             match result {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "intake paused; deliveries go back to the inbox");
-                    sleep_or_cancel(Duration::from_millis(500), &cancel).await;
+                    // Each pause returns the deliveries in flight, and every return counts
+                    // towards the inbox's delivery limit: back off while batches keep failing
+                    // at once (a database that answers pings but fails writes).
+                    if progressed {
+                        pause = PAUSE_MIN;
+                    }
+                    tracing::warn!(error = %e, retry_in = ?pause, "intake paused; deliveries go back to the inbox");
+                    sleep_or_cancel(pause, &cancel).await;
+                    pause = (pause * 2).min(PAUSE_MAX);
                 }
             }
         }
@@ -123,6 +143,7 @@ impl Intake {
         session: &Arc<Session>,
         mut consumer: Consumer,
         cancel: &CancellationToken,
+        progressed: &mut bool,
     ) -> Result<(), BatchError> {
         let max = usize::from(self.config.amqp.prefetch);
         let mut batch = Vec::with_capacity(max);
@@ -143,6 +164,7 @@ impl Intake {
                 }
             }
             self.handle_batch(session, &mut batch).await?;
+            *progressed = true;
         }
     }
 
@@ -298,22 +320,38 @@ impl Intake {
         ident: Option<&Ident>,
     ) -> Result<(), BatchError> {
         let names = &session.names;
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let original = delivery.properties.headers().clone().unwrap_or_default();
+        let mut headers = original.clone();
         headers.insert("x-turnd-code".into(), long_string(code.as_str()));
         headers.insert("x-turnd-reason".into(), long_string(reason));
         headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
-        let properties =
-            delivery.properties.clone().with_headers(headers.clone()).with_delivery_mode(2);
-        let confirm =
-            session.publish("", &names.parked(), false, &delivery.data, properties).await?;
-        Session::confirmed(confirm, "parked queue").await?;
+        // The record shows the headers as parked, turnd's included (a replay leaves out every
+        // `x-` header); its JSON is bounded however large they are.
+        let recorded = headers_json(&headers);
+        if !session.headers_fit(&headers) {
+            // Headers that filled the frame leave no room for turnd's own: park the body with
+            // turnd's headers only (the record keeps the originals, as JSON).
+            let size = broker::encoded_len(&original);
+            headers = FieldTable::default();
+            headers.insert("x-turnd-code".into(), long_string(code.as_str()));
+            headers.insert("x-turnd-reason".into(), long_string(reason));
+            headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
+            headers.insert(
+                "x-turnd-headers-dropped".into(),
+                long_string(&format!(
+                    "the original headers ({size} bytes encoded) left no room for turnd's; see the parked record"
+                )),
+            );
+        }
+        let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        self.publish_routed(session, &names.parked(), &delivery.data, properties).await?;
         tracing::warn!(code = code.as_str(), reason, "turn parked");
         self.store
             .record_parked(&ParkedRecord {
                 code: code.as_str().to_owned(),
                 reason: reason.to_owned(),
                 body: delivery.data.clone(),
-                headers: headers_json(&headers),
+                headers: recorded,
                 routing_key: original_routing_key(delivery),
                 deployment: ident.map(|i| i.envelope.deployment.as_str().to_owned()),
                 message_id: ident.map(|i| i.envelope.message_id.as_str().to_owned()),
@@ -321,6 +359,8 @@ impl Intake {
             })
             .await?;
         if let Some(ident) = ident {
+            // Only a turn with no record is answered here: one already armed (e.g. a daemon
+            // died after arming it, before the ack) keeps its single election.
             let outcome = Outcome::error(code.clone(), reason);
             if let Some(committed) = self
                 .store
@@ -330,6 +370,138 @@ impl Intake {
                 self.deployments.ctx().relay.send(vec![committed]);
             }
         }
+        Ok(())
+    }
+
+    /// Publishes to a queue (mandatory, confirmed). A publish that comes back unroutable means
+    /// the queue is gone (deleted under us): declare the topology again and publish once more;
+    /// still unroutable is an error, so the caller leaves its delivery unacknowledged.
+    async fn publish_routed(
+        &self,
+        session: &Session,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BatchError> {
+        let c = session.publish("", queue, true, body, properties.clone()).await?;
+        if Session::confirmed(c, queue).await? {
+            return Ok(());
+        }
+        tracing::warn!(queue, "publish returned unroutable; declaring the topology again");
+        session.redeclare(&self.config).await?;
+        let c = session.publish("", queue, true, body, properties).await?;
+        if Session::confirmed(c, queue).await? {
+            return Ok(());
+        }
+        Err(BatchError::Unroutable(queue.to_owned()))
+    }
+
+    /// Moves turns the inbox dead-lettered into the delay queue for their attempt (refusals):
+    /// confirm the publish, then ack. The delay queue's TTL sends them back to `<prefix>.turns`.
+    /// A turn dead-lettered by the inbox's delivery limit is parked instead (`INVALID_TURN`).
+    pub async fn run_retry(self, cancel: CancellationToken) {
+        let names = Names::new(&self.config.amqp.prefix);
+        let tag = format!("turnd-retry-{}", self.config.daemon.id);
+        loop {
+            let session = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = self.broker.session() => s,
+            };
+            let Some(session) = session else { return };
+            let (channel, mut consumer) = match session.consumer(&names.retry(), 16, &tag).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume the retry queue");
+                    sleep_or_cancel(Duration::from_secs(1), &cancel).await;
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => None,
+                    d = consumer.next() => d,
+                };
+                let Some(Ok(delivery)) = next else { break };
+                if let Err(e) = self.retry_one(&session, &delivery).await {
+                    tracing::warn!(error = %e, "cannot move a dead-lettered turn on; it stays in the retry queue");
+                    // Back to the retry queue (also what closing the channel would do).
+                    let _ = delivery
+                        .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                        .await;
+                    break;
+                }
+            }
+            let _ = channel.close(200, "retry mover stopping".into()).await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            sleep_or_cancel(Duration::from_millis(500), &cancel).await;
+        }
+    }
+
+    /// Who to answer about a dead-lettered delivery, when its body says.
+    fn ident_of(&self, delivery: &Delivery) -> Option<Box<Ident>> {
+        match turn::parse(&delivery.data, self.config.intake.max_turn_bytes) {
+            Ok(turn) => Some(Box::new(Ident {
+                conversation_key: turn.conversation_key.clone(),
+                envelope: envelope_of(&turn),
+            })),
+            Err(invalid) => ident_of_invalid(&invalid),
+        }
+    }
+
+    async fn retry_one(&self, session: &Session, delivery: &Delivery) -> Result<(), BatchError> {
+        let names = &session.names;
+        if let Some(deliveries) = delivery_limited(&delivery.properties, &names.inbox()) {
+            let reason = format!(
+                "the turn could not be handled after {deliveries} deliveries (the inbox's delivery limit): \
+                 every daemon that received it failed before deciding on it"
+            );
+            let ident = self.ident_of(delivery);
+            let attempt = u32::try_from(deliveries).unwrap_or(u32::MAX);
+            self.park(
+                session,
+                delivery,
+                &ErrorCode::InvalidTurn,
+                &reason,
+                attempt,
+                ident.as_deref(),
+            )
+            .await?;
+            self.deployments.ctx().relay.metrics().received("parked", 1);
+            delivery.ack(BasicAckOptions::default()).await?;
+            return Ok(());
+        }
+        let refused = refusals(&delivery.properties, &names.inbox());
+        let k = refused.clamp(1, self.config.intake.max_attempts.saturating_sub(1).max(1));
+        let queue = names.retry_delay(k);
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        if !session.headers_fit(&headers) {
+            // The broker's own headers (x-death) pushed a frame-filling header past what can
+            // be published again: it cannot go round the delay queue, so it stops here.
+            let reason = format!(
+                "refused for missing context, and its headers ({} bytes encoded) leave no room to requeue it through the delay queue",
+                broker::encoded_len(&headers)
+            );
+            let ident = self.ident_of(delivery);
+            let code = ErrorCode::MissingContext;
+            self.park(session, delivery, &code, &reason, refused.max(1), ident.as_deref()).await?;
+            self.deployments.ctx().relay.metrics().received("parked", 1);
+            delivery.ack(BasicAckOptions::default()).await?;
+            return Ok(());
+        }
+        if !headers.contains_key(ORIGINAL_KEY) {
+            let mut with_key = headers.clone();
+            with_key.insert(ORIGINAL_KEY.into(), long_string(delivery.routing_key.as_str()));
+            // Headers that fill the frame go on as they are (a replay then uses the delay
+            // queue's key).
+            if session.headers_fit(&with_key) {
+                headers = with_key;
+            }
+        }
+        let properties = delivery.properties.clone().with_headers(headers);
+        self.publish_routed(session, &queue, &delivery.data, properties).await?;
+        delivery.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
 }
@@ -410,85 +582,133 @@ fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {
     }
 }
 
-/// AMQP headers as JSON for the parked record (operators read them; values best-effort).
-fn headers_json(headers: &FieldTable) -> String {
-    fn value(v: &AMQPValue) -> serde_json::Value {
-        use serde_json::Value as J;
-        match v {
-            AMQPValue::Boolean(b) => J::Bool(*b),
-            AMQPValue::LongString(s) => {
-                J::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
-            }
-            AMQPValue::ShortString(s) => J::String(s.as_str().to_owned()),
-            AMQPValue::LongLongInt(n) => J::from(*n),
-            AMQPValue::LongInt(n) => J::from(*n),
-            AMQPValue::LongUInt(n) => J::from(*n),
-            AMQPValue::ShortInt(n) => J::from(*n),
-            AMQPValue::ShortUInt(n) => J::from(*n),
-            AMQPValue::Timestamp(n) => J::from(*n),
-            AMQPValue::FieldArray(a) => J::Array(a.as_slice().iter().map(value).collect()),
-            AMQPValue::FieldTable(t) => J::Object(
-                t.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect(),
-            ),
-            other => J::String(format!("{other:?}")),
-        }
+/// When the inbox dead-lettered this message because of its delivery limit (its latest death,
+/// as the broker recorded it), how many deliveries it had. RabbitMQ 3.13+ names the latest
+/// death in `x-last-death-*`; before that, `x-death` lists the most recent first. The count is
+/// the broker's `x-delivery-count` when present, else the limit turnd declares. Checked on
+/// 3.10.8: the dead letter carries `x-death` (reason `delivery_limit`, queue the inbox) and
+/// `x-first-death-*`, but neither `x-last-death-*` nor `x-delivery-count`.
+pub fn delivery_limited(properties: &BasicProperties, inbox: &str) -> Option<i64> {
+    let headers = properties.headers().as_ref()?;
+    let last =
+        match (field_str(headers, "x-last-death-reason"), field_str(headers, "x-last-death-queue"))
+        {
+            (Some(reason), Some(queue)) => Some((reason, queue)),
+            _ => match headers.inner().get("x-death") {
+                Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+                    Some(AMQPValue::FieldTable(t)) => {
+                        field_str(t, "reason").zip(field_str(t, "queue"))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            },
+        };
+    if last != Some(("delivery_limit", inbox)) {
+        return None;
     }
-    serde_json::Value::Object(
-        headers.inner().iter().map(|(k, v)| (k.as_str().to_owned(), value(v))).collect(),
-    )
-    .to_string()
+    let count = match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => Some(*n),
+        Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+        Some(AMQPValue::LongUInt(n)) => Some(i64::from(*n)),
+        _ => None,
+    };
+    Some(count.filter(|n| *n > 0).unwrap_or(broker::INBOX_DELIVERY_LIMIT))
 }
 
-/// Moves turns the inbox dead-lettered (refusals) into the delay queue for their attempt:
-/// confirm the publish, then ack. The delay queue's TTL sends them back to `<prefix>.turns`.
-pub async fn run_retry(config: Arc<Config>, broker: Broker, cancel: CancellationToken) {
-    let names = Names::new(&config.amqp.prefix);
-    let tag = format!("turnd-retry-{}", config.daemon.id);
-    loop {
-        let session = tokio::select! {
-            _ = cancel.cancelled() => return,
-            s = broker.session() => s,
-        };
-        let Some(session) = session else { return };
-        let (channel, mut consumer) = match session.consumer(&names.retry(), 16, &tag).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot consume the retry queue");
-                sleep_or_cancel(Duration::from_secs(1), &cancel).await;
-                continue;
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                _ = cancel.cancelled() => None,
-                d = consumer.next() => d,
-            };
-            let Some(Ok(delivery)) = next else { break };
-            let k = refusals(&delivery.properties, &names.inbox())
-                .clamp(1, config.intake.max_attempts.saturating_sub(1).max(1));
-            let queue = names.retry_delay(k);
-            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-            if !headers.contains_key(ORIGINAL_KEY) {
-                headers.insert(ORIGINAL_KEY.into(), long_string(delivery.routing_key.as_str()));
-            }
-            let properties = delivery.properties.clone().with_headers(headers);
-            let moved = async {
-                let c = session.publish("", &queue, true, &delivery.data, properties).await?;
-                Session::confirmed(c, &queue).await?;
-                delivery.ack(BasicAckOptions::default()).await?;
-                Ok::<_, BatchError>(())
-            };
-            if let Err(e) = moved.await {
-                tracing::warn!(error = %e, "cannot move a refused turn to its delay queue; it stays in the retry queue");
-                break;
-            }
+/// The key under which [`headers_json`] says that it left the rest of a table out.
+pub const HEADERS_JSON_ELIDED_KEY: &str = "…";
+
+/// How deep [`headers_json`] renders nested tables and arrays; deeper ones are named, not shown.
+const HEADERS_JSON_DEPTH: usize = 16;
+/// About how many bytes of JSON [`headers_json`] writes at most: an operator reads it, and a
+/// frame full of tiny headers must not turn into megabytes in the parked record.
+const HEADERS_JSON_BUDGET: usize = 64 * 1024;
+
+/// AMQP headers as JSON for the parked record (operators read them; values best-effort),
+/// bounded in depth and size: past the budget the rest is elided with a marker.
+pub fn headers_json(headers: &FieldTable) -> String {
+    use serde_json::Value as J;
+    const ELIDED: &str = "…(elided: parked headers are shown up to 64 KiB)";
+    fn text(s: &[u8], budget: &mut usize) -> J {
+        let shown = &s[..s.len().min(*budget)];
+        *budget -= shown.len();
+        let mut t = String::from_utf8_lossy(shown).into_owned();
+        if shown.len() < s.len() {
+            t.push_str(ELIDED);
         }
-        let _ = channel.close(200, "retry mover stopping".into()).await;
-        if cancel.is_cancelled() {
-            return;
-        }
-        sleep_or_cancel(Duration::from_millis(500), &cancel).await;
+        J::String(t)
     }
+    fn entries<'a>(
+        items: impl Iterator<Item = (Option<&'a str>, &'a AMQPValue)>,
+        depth: usize,
+        budget: &mut usize,
+    ) -> (Vec<(Option<String>, J)>, bool) {
+        let mut out = Vec::new();
+        for (key, v) in items {
+            // Every entry costs at least a few bytes of JSON, whatever it holds.
+            let cost = 8 + key.map_or(0, str::len);
+            if *budget < cost {
+                return (out, true);
+            }
+            *budget -= cost;
+            out.push((key.map(str::to_owned), value(v, depth, budget)));
+        }
+        (out, false)
+    }
+    fn value(v: &AMQPValue, depth: usize, budget: &mut usize) -> J {
+        match v {
+            AMQPValue::Boolean(b) => J::Bool(*b),
+            AMQPValue::ShortShortInt(n) => J::from(*n),
+            AMQPValue::ShortShortUInt(n) => J::from(*n),
+            AMQPValue::ShortInt(n) => J::from(*n),
+            AMQPValue::ShortUInt(n) => J::from(*n),
+            AMQPValue::LongInt(n) => J::from(*n),
+            AMQPValue::LongUInt(n) => J::from(*n),
+            AMQPValue::LongLongInt(n) => J::from(*n),
+            AMQPValue::Timestamp(n) => J::from(*n),
+            AMQPValue::Float(f) => J::from(f64::from(*f)),
+            AMQPValue::Double(f) => J::from(*f),
+            AMQPValue::DecimalValue(d) => J::String(format!("{}e-{}", d.value, d.scale)),
+            AMQPValue::ShortString(s) => text(s.as_str().as_bytes(), budget),
+            AMQPValue::LongString(s) => text(s.as_bytes(), budget),
+            AMQPValue::ByteArray(b) => {
+                let shown = &b.as_slice()[..b.as_slice().len().min(*budget / 2)];
+                *budget -= shown.len() * 2;
+                let mut t = format!("bytes({}): {}", b.as_slice().len(), hex::encode(shown));
+                if shown.len() < b.as_slice().len() {
+                    t.push_str(ELIDED);
+                }
+                J::String(t)
+            }
+            AMQPValue::Void => J::Null,
+            AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) if depth >= HEADERS_JSON_DEPTH => {
+                J::String(format!("(nested deeper than {HEADERS_JSON_DEPTH} levels: not shown)"))
+            }
+            AMQPValue::FieldArray(a) => {
+                let (items, cut) =
+                    entries(a.as_slice().iter().map(|v| (None, v)), depth + 1, budget);
+                let mut items: Vec<J> = items.into_iter().map(|(_, v)| v).collect();
+                if cut {
+                    items.push(J::String(ELIDED.to_owned()));
+                }
+                J::Array(items)
+            }
+            AMQPValue::FieldTable(t) => object(t, depth + 1, budget),
+        }
+    }
+    fn object(t: &FieldTable, depth: usize, budget: &mut usize) -> J {
+        let (items, cut) =
+            entries(t.inner().iter().map(|(k, v)| (Some(k.as_str()), v)), depth, budget);
+        let mut map: serde_json::Map<String, J> =
+            items.into_iter().map(|(k, v)| (k.unwrap_or_default(), v)).collect();
+        if cut {
+            map.insert(HEADERS_JSON_ELIDED_KEY.to_owned(), J::String(ELIDED.to_owned()));
+        }
+        J::Object(map)
+    }
+    let mut budget = HEADERS_JSON_BUDGET;
+    object(headers, 1, &mut budget).to_string()
 }
 
 /// Sleeps unless cancelled first; false when cancelled.
@@ -499,7 +719,82 @@ pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
-#[allow(dead_code)]
-fn short(s: &str) -> ShortString {
-    ShortString::from(s)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn death(queue: &str, reason: &str) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), long_string(queue));
+        t.insert("reason".into(), long_string(reason));
+        t.insert("count".into(), AMQPValue::LongLongInt(1));
+        AMQPValue::FieldTable(t)
+    }
+
+    fn with(entries: Vec<(&str, AMQPValue)>) -> BasicProperties {
+        let mut h = FieldTable::default();
+        for (k, v) in entries {
+            h.insert(k.into(), v);
+        }
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn a_delivery_limit_death_is_recognised_by_its_latest_death() {
+        let deaths = |d: Vec<AMQPValue>| AMQPValue::FieldArray(d.into());
+        // RabbitMQ 3.10: x-death, most recent first, and x-first-death-*.
+        let limited = with(vec![
+            ("x-death", deaths(vec![death("p.inbox", "delivery_limit")])),
+            ("x-first-death-reason", long_string("delivery_limit")),
+        ]);
+        assert_eq!(delivery_limited(&limited, "p.inbox"), Some(broker::INBOX_DELIVERY_LIMIT));
+        // Refused earlier, then limited: the latest death decides.
+        let later = with(vec![(
+            "x-death",
+            deaths(vec![death("p.inbox", "delivery_limit"), death("p.inbox", "rejected")]),
+        )]);
+        assert!(delivery_limited(&later, "p.inbox").is_some());
+        // Limited once, then replayed and refused: a refusal.
+        let refused = with(vec![(
+            "x-death",
+            deaths(vec![death("p.inbox", "rejected"), death("p.inbox", "delivery_limit")]),
+        )]);
+        assert_eq!(delivery_limited(&refused, "p.inbox"), None);
+        // Another queue's limit is not the inbox's.
+        let other = with(vec![("x-death", deaths(vec![death("q.inbox", "delivery_limit")]))]);
+        assert_eq!(delivery_limited(&other, "p.inbox"), None);
+        // RabbitMQ 3.13+: x-last-death-*, and the count when the broker gives it.
+        let last = with(vec![
+            ("x-death", deaths(vec![death("p.inbox", "rejected")])),
+            ("x-last-death-reason", long_string("delivery_limit")),
+            ("x-last-death-queue", long_string("p.inbox")),
+            ("x-delivery-count", AMQPValue::LongLongInt(21)),
+        ]);
+        assert_eq!(delivery_limited(&last, "p.inbox"), Some(21));
+        assert_eq!(delivery_limited(&BasicProperties::default(), "p.inbox"), None);
+        let odd = with(vec![("x-death", long_string("not an array"))]);
+        assert_eq!(delivery_limited(&odd, "p.inbox"), None);
+    }
+
+    #[test]
+    fn headers_json_is_bounded_in_depth_and_size() {
+        let mut deep = AMQPValue::LongString("bottom".into());
+        for _ in 0..40 {
+            deep = AMQPValue::FieldArray(vec![deep].into());
+        }
+        let mut h = FieldTable::default();
+        // Keys in order: walked in this order, the budget runs out at "c-big".
+        h.insert("a-deep".into(), deep);
+        h.insert("b-nan".into(), AMQPValue::Double(f64::NAN));
+        h.insert("c-big".into(), AMQPValue::LongString(vec![b'x'; 1 << 20].into()));
+        h.insert("d-bytes".into(), AMQPValue::ByteArray(vec![7u8; 1 << 20].into()));
+        let json = headers_json(&h);
+        assert!(json.len() <= HEADERS_JSON_BUDGET + 4096, "{} bytes", json.len());
+        let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+        assert!(v["c-big"].as_str().is_some_and(|s| s.ends_with("KiB)")), "elided");
+        assert!(v.get("d-bytes").is_none() && v.get("…").is_some(), "the rest elided");
+        assert!(json.contains("nested deeper than 16 levels"));
+        assert!(!json.contains("bottom"));
+        assert_eq!(v["b-nan"], serde_json::Value::Null);
+    }
 }

@@ -7,6 +7,14 @@ use tokio_util::sync::CancellationToken;
 use turnd::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
+    // First, for every subcommand: each reads secrets (database and broker URLs, the admin
+    // token) from its environment and config, and a non-dumpable process's /proc/<pid>/environ,
+    // mem, fd/… are closed to every other process of the same user (workers included) that
+    // lacks CAP_SYS_PTRACE (CONTRACT §5).
+    if let Err(e) = turnd::worker::sandbox::make_undumpable() {
+        eprintln!("turnd: cannot make the process non-dumpable: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let config = match cli::load_config(cli.config.as_deref()) {
         Ok(c) => c,
@@ -15,6 +23,14 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_BAD_CONFIG);
         }
     };
+    // A sandbox this kernel cannot give is a configuration error (exit 2 naming the key),
+    // for `run` and for `check-config` on the host it is meant for.
+    if let Command::Run | Command::CheckConfig = cli.command
+        && let Err(e) = turnd::worker::sandbox::check(&config.worker)
+    {
+        eprintln!("turnd: invalid configuration: {e}");
+        return ExitCode::from(cli::EXIT_BAD_CONFIG);
+    }
     if let Command::CheckConfig = cli.command {
         print!("{}", config.redacted_toml());
         return ExitCode::SUCCESS;

@@ -103,7 +103,8 @@ fn replay_headers(json: &str) -> FieldTable {
         return table;
     };
     for (k, v) in map {
-        if k.starts_with("x-") {
+        // Also not the record's marker for headers it left out (too many to show).
+        if k.starts_with("x-") || k == crate::intake::HEADERS_JSON_ELIDED_KEY {
             continue;
         }
         let value = match v {

@@ -6,44 +6,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
-
-/// A parked record: (code, reason, message_id, deployment, attempts).
-type ParkedRow = (String, String, Option<String>, Option<String>, i32);
-
-/// (body, code, reason, message_id, deployment, attempts) as read.
-type ParkedRecord = (Vec<u8>, String, String, Option<String>, Option<String>, i32);
-
-async fn parked(cluster: &Cluster) -> Vec<(Vec<u8>, ParkedRow)> {
-    let rows: Vec<ParkedRecord> = sqlx::query_as(
-        "SELECT body, code, reason, message_id, deployment, attempts FROM turnd_parked ORDER BY id",
-    )
-    .fetch_all(&cluster.pool)
-    .await
-    .expect("read parked");
-    rows.into_iter().map(|(b, c, r, m, d, a)| (b, (c, r, m, d, a))).collect()
-}
-
-async fn wait_parked(cluster: &Cluster, n: usize, within: Duration) -> Vec<(Vec<u8>, ParkedRow)> {
-    let start = Instant::now();
-    loop {
-        let p = parked(cluster).await;
-        if p.len() >= n {
-            return p;
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out waiting for {n} parked turns; have {}",
-            p.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn base(message_id: &str) -> serde_json::Map<String, Value> {
     let v = json!({"messageId": message_id, "agentId": "a1", "organizationId": "org1", "conversationId": "c1", "payload": {"text": "x"}});

@@ -11,8 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 
@@ -77,41 +76,15 @@ fn header_int(h: &FieldTable, k: &str) -> i64 {
     }
 }
 
-/// Reads `n` messages from `<prefix>.parked`: (body, headers).
-async fn read_parked(client: &Client, prefix: &str, n: usize) -> Vec<(Value, FieldTable)> {
-    let ch = client.conn.create_channel().await.expect("channel");
-    let parked = format!("{prefix}.parked");
-    ch.queue_declare(
-        parked.as_str().into(),
-        QueueDeclareOptions { passive: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await
-    .expect("parked queue exists");
-    let mut consumer = ch
-        .basic_consume(
-            parked.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
+/// Reads `n` messages from `<prefix>.parked`: (body as JSON, headers).
+async fn read_parked(client: &Client, n: usize) -> Vec<(Value, FieldTable)> {
+    read_parked_queue(client, n, T)
         .await
-        .expect("consume parked");
-    let mut out = Vec::new();
-    while out.len() < n {
-        let d = tokio::time::timeout(T, consumer.next())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("timed out waiting for parked turn {} of {n}", out.len() + 1)
-            })
-            .expect("parked consumer ended")
-            .expect("parked delivery");
-        let body: Value =
-            serde_json::from_slice(&d.data).expect("parked body is the original JSON");
-        out.push((body, d.properties.headers().clone().unwrap_or_default()));
-    }
-    let _ = ch.close(200, "done".into()).await;
-    out
+        .into_iter()
+        .map(|(body, headers)| {
+            (serde_json::from_slice(&body).expect("parked body is the original JSON"), headers)
+        })
+        .collect()
 }
 
 // ---- 1. missing context across two pods ----------------------------------------------------
@@ -178,7 +151,7 @@ async fn two_pods_refuse_a_snapshot_turn_without_context_then_park_it_once() {
             "{id} was parked after {waited:?}, before its delays ({delays:?}) passed: hot redelivery"
         );
     }
-    let parked = read_parked(&client, &cluster.prefix, refused.len()).await;
+    let parked = read_parked(&client, refused.len()).await;
     for (turn, field) in refused {
         let id = mid(turn);
         let (_, headers) = parked

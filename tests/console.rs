@@ -559,6 +559,7 @@ async fn an_ops_listen_address_in_use_stops_the_start_naming_the_key() {
         child: Some(child),
         log: log.clone(),
         env: Vec::new(),
+        prefix: Vec::new(),
         args: Vec::new(),
     };
     let status = wait_for_value(T, "turnd run to give up", || {

@@ -1,6 +1,7 @@
 //! Property-based fuzzing (proptest; cargo-fuzz would need a nightly toolchain) of everything
 //! that reads outside input: the turn parser and its validation, the deployment-name
-//! derivation, the worker stdout codec and the config loader. Each must not panic, must be
+//! derivation, the worker stdout codec, the config loader, and AMQP headers (the patched
+//! amq-protocol-types decoder, and what intake does with decoded headers). Each must not panic, must be
 //! deterministic, and must allocate at most a bounded multiple of its input (a body over
 //! `intake.max_turn_bytes` is refused before it is parsed at all).
 //!
@@ -15,11 +16,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use lapin::types::generation::{gen_field_table, gen_value};
+use lapin::types::parsing::{MAX_NESTING_DEPTH, parse_field_table};
+use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use turnd::config::Config as TurndConfig;
 use turnd::turn::{self, AgentId, DeploymentName, OrganizationId};
 use turnd::worker::protocol::{self, WorkerLine};
+use turnd::{broker, intake};
 
 // ---- allocation accounting --------------------------------------------------------------------
 
@@ -659,6 +664,254 @@ proptest! {
         let (a, cost) = measure(|| TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
         prop_assert_eq!(&a, &TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
         prop_assert!(cost <= budget(text.len()));
+    }
+}
+
+// ---- AMQP headers: the patched decoder and turnd's walks over what it decodes ------------------
+
+/// Encodes a field table as it travels in a content header (its length prefix included).
+fn encode_table(t: &FieldTable) -> Vec<u8> {
+    let mut buf = vec![0u8; 1 << 20];
+    let (_, n) = cookie_factory::r#gen(gen_field_table(t), &mut buf[..]).expect("encode");
+    buf.truncate(n as usize);
+    buf
+}
+
+/// Decodes on a thread with a 1 MiB stack, half a default thread's: decoding whose stack
+/// grew with the input's nesting would overflow it long before the depths generated here.
+fn decode_on_small_stack(bytes: Vec<u8>) -> (Option<FieldTable>, usize) {
+    std::thread::Builder::new()
+        .stack_size(1 << 20)
+        .spawn(move || {
+            let (r, cost) = measure(|| parse_field_table(&bytes[..]).ok().map(|(_, t)| t));
+            (r, cost)
+        })
+        .expect("spawn")
+        .join()
+        .expect("decoding never panics nor overflows")
+}
+
+/// How many tables/arrays deep a decoded value goes (walked without recursion).
+fn decoded_depth(table: &FieldTable) -> usize {
+    let mut deepest = 1;
+    let mut pending: Vec<(&AMQPValue, usize)> = table.inner().values().map(|v| (v, 2)).collect();
+    while let Some((v, depth)) = pending.pop() {
+        match v {
+            AMQPValue::FieldArray(a) => {
+                deepest = deepest.max(depth);
+                pending.extend(a.as_slice().iter().map(|v| (v, depth + 1)));
+            }
+            AMQPValue::FieldTable(t) => {
+                deepest = deepest.max(depth);
+                pending.extend(t.inner().values().map(|v| (v, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Every value type a field table carries on the wire (a short string has no wire tag).
+fn amqp_leaf() -> impl Strategy<Value = AMQPValue> {
+    prop_oneof![
+        any::<bool>().prop_map(AMQPValue::Boolean),
+        any::<i8>().prop_map(AMQPValue::ShortShortInt),
+        any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+        any::<i16>().prop_map(AMQPValue::ShortInt),
+        any::<u16>().prop_map(AMQPValue::ShortUInt),
+        any::<i32>().prop_map(AMQPValue::LongInt),
+        any::<u32>().prop_map(AMQPValue::LongUInt),
+        any::<i64>().prop_map(AMQPValue::LongLongInt),
+        any::<f32>().prop_map(AMQPValue::Float),
+        any::<f64>().prop_map(AMQPValue::Double),
+        (any::<u8>(), any::<u32>())
+            .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
+        prop::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+        prop::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+        any::<u64>().prop_map(AMQPValue::Timestamp),
+        Just(AMQPValue::Void),
+    ]
+}
+
+fn amqp_value() -> impl Strategy<Value = AMQPValue> {
+    amqp_leaf().prop_recursive(12, 400, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..8)
+                .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v))),
+            prop::collection::btree_map("[a-zA-Z0-9_-]{0,12}", inner, 0..8).prop_map(|m| {
+                let mut t = FieldTable::default();
+                for (k, v) in m {
+                    t.insert(k.into(), v);
+                }
+                AMQPValue::FieldTable(t)
+            }),
+        ]
+    })
+}
+
+fn amqp_table() -> impl Strategy<Value = FieldTable> {
+    prop::collection::btree_map("[a-z-]{1,16}", amqp_value(), 0..12).prop_map(|m| {
+        let mut t = FieldTable::default();
+        for (k, v) in m {
+            t.insert(k.into(), v);
+        }
+        t
+    })
+}
+
+/// A value nested `shape.len()` levels deep, each level an array (true) or a table (false),
+/// encoded by hand around `leaf` (an encoder would recurse as deep).
+fn nested_encoding(shape: &[bool], leaf: &[u8]) -> Vec<u8> {
+    let level = |array: bool| if array { 5 } else { 7 };
+    let mut sizes = vec![0usize; shape.len() + 1];
+    sizes[shape.len()] = leaf.len();
+    for i in (0..shape.len()).rev() {
+        sizes[i] = sizes[i + 1] + level(shape[i]);
+    }
+    let mut out = Vec::with_capacity(sizes[0]);
+    for (i, array) in shape.iter().enumerate() {
+        out.push(if *array { b'A' } else { b'F' });
+        out.extend(((sizes[i] - 5) as u32).to_be_bytes());
+        if !array {
+            out.extend([1, b'k']);
+        }
+    }
+    out.extend(leaf);
+    out
+}
+
+/// A headers table holding one entry, "h", whose value is `value` (encoded, tag first).
+fn table_of(value: &[u8]) -> Vec<u8> {
+    let mut t = ((value.len() + 2) as u32).to_be_bytes().to_vec();
+    t.extend([1, b'h']);
+    t.extend(value);
+    t
+}
+
+/// What turnd does with the headers of a delivery it parks or moves: none of it may panic,
+/// recurse past the decoder's bound, or write more than its budget.
+fn walk_like_intake(headers: &FieldTable) -> Result<(), TestCaseError> {
+    let json = intake::headers_json(headers);
+    prop_assert!(json.len() <= 70 * 1024, "headers_json wrote {} bytes", json.len());
+    prop_assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "valid JSON");
+    let properties = lapin::BasicProperties::default().with_headers(headers.clone());
+    let _ = intake::refusals(&properties, "p.inbox");
+    let _ = intake::delivery_limited(&properties, "p.inbox");
+    prop_assert!(broker::encoded_len(headers) > 0);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn header_tables_round_trip_through_the_patched_decoder(table in amqp_table()) {
+        let _s = serial();
+        let bytes = encode_table(&table);
+        prop_assert_eq!(broker::encoded_len(&table), bytes.len(), "turnd's size estimate is exact");
+        let len = bytes.len();
+        let (decoded, cost) = decode_on_small_stack(bytes.clone());
+        let decoded = decoded.expect("a table the encoder wrote decodes");
+        // Compared as bytes: NaN floats are not equal to themselves.
+        prop_assert_eq!(encode_table(&decoded), bytes);
+        prop_assert!(cost <= budget(len), "{} bytes cost {}", len, cost);
+        walk_like_intake(&decoded)?;
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_header_decoder(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+        let _s = serial();
+        let len = bytes.len();
+        let (decoded, cost) = decode_on_small_stack(bytes);
+        prop_assert!(cost <= budget(len));
+        if let Some(t) = decoded {
+            prop_assert!(decoded_depth(&t) <= MAX_NESTING_DEPTH);
+            walk_like_intake(&t)?;
+        }
+    }
+
+    #[test]
+    fn nesting_of_any_shape_and_depth_decodes_to_a_bounded_depth(
+        shape in prop::collection::vec(any::<bool>(), 0..4000),
+        leaf in amqp_leaf(),
+    ) {
+        let _s = serial();
+        let mut encoded_leaf = vec![0u8; 256];
+        let (_, n) = cookie_factory::r#gen(gen_value(&leaf), &mut encoded_leaf[..]).expect("leaf");
+        encoded_leaf.truncate(n as usize);
+        let bytes = table_of(&nested_encoding(&shape, &encoded_leaf));
+        let len = bytes.len();
+        let (decoded, cost) = decode_on_small_stack(bytes);
+        let decoded = decoded.expect("decodes");
+        let depth = decoded_depth(&decoded);
+        prop_assert_eq!(depth, (shape.len() + 1).min(MAX_NESTING_DEPTH));
+        prop_assert!(cost <= budget(len), "{} bytes cost {}", len, cost);
+        walk_like_intake(&decoded)?;
+        // Dropping is recursive too: on the small stack as well.
+        std::thread::Builder::new().stack_size(1 << 20).spawn(move || drop(decoded))
+            .expect("spawn").join().expect("drop");
+    }
+}
+
+#[test]
+fn a_frame_full_of_the_cheapest_values_costs_a_bounded_multiple() {
+    let _s = serial();
+    // A content header is one frame: its headers table is at most frame_max (RabbitMQ's
+    // default, 131,072 bytes). The shapes that make the most values out of the fewest bytes.
+    const FRAME: usize = 131_072 - 64;
+    let array_of = |item: &[u8]| {
+        let n = (FRAME - 10) / item.len();
+        let mut v = vec![b'A'];
+        v.extend(((n * item.len()) as u32).to_be_bytes());
+        for _ in 0..n {
+            v.extend(item);
+        }
+        table_of(&v)
+    };
+    // Keys are short strings, so UTF-8: three printable ASCII bytes each, all distinct.
+    let mut distinct_keys = Vec::new();
+    for i in 0..(FRAME / 5) as u32 {
+        let digit = |d: u32| b' ' + (d % 95) as u8;
+        distinct_keys.extend([3, digit(i / 9025), digit(i / 95), digit(i), b'V']);
+    }
+    let mut keys = (distinct_keys.len() as u32).to_be_bytes().to_vec();
+    keys.extend(distinct_keys);
+    let shapes = [
+        ("voids in an array", array_of(b"V")),
+        ("booleans in an array", array_of(b"t\x01")),
+        ("empty arrays in an array", array_of(b"A\x00\x00\x00\x00")),
+        ("empty tables in an array", array_of(b"F\x00\x00\x00\x00")),
+        ("voids under distinct 3-byte keys", keys),
+        ("nested tables", table_of(&nested_encoding(&vec![false; FRAME / 7], b"V"))),
+        ("nested arrays", table_of(&nested_encoding(&vec![true; FRAME / 5], b"V"))),
+    ];
+    eprintln!("size of AMQPValue: {} bytes", std::mem::size_of::<AMQPValue>());
+    for (name, bytes) in shapes {
+        let len = bytes.len();
+        let (decoded, cost) = decode_on_small_stack(bytes);
+        let decoded = decoded.expect("decodes");
+        let (json, json_cost) = measure(|| intake::headers_json(&decoded));
+        eprintln!(
+            "{name}: {len} bytes decode into {cost} bytes of heap ({}x); headers_json {} bytes ({json_cost} of heap)",
+            cost / len,
+            json.len()
+        );
+        // Bounded by the frame, with a constant factor.
+        assert!(cost <= 64 * len, "{name}: {len} bytes cost {cost}");
+        // headers_json's budget bounds its entries (at most 8,192), whatever the frame holds.
+        assert!(
+            json.len() <= 70 * 1024 && json_cost <= 4 << 20,
+            "{name}: {} {json_cost}",
+            json.len()
+        );
+        std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || drop(decoded))
+            .expect("spawn")
+            .join()
+            .expect("drop");
     }
 }
 

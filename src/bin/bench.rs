@@ -159,6 +159,17 @@ struct ColdArgs {
     count: usize,
     #[arg(long, default_value_t = 5)]
     warmup: usize,
+    /// Also run cold with this worker sandbox, right after the plain run (one table, both
+    /// figures): what the sandbox adds to a new conversation.
+    #[arg(long, value_enum)]
+    sandbox: Option<BenchSandbox>,
+}
+
+/// A worker sandbox the cold mode can measure.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchSandbox {
+    /// `worker.sandbox = "landlock"`.
+    Landlock,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -207,6 +218,9 @@ struct AllArgs {
     latency_warmup: u32,
     #[arg(long, default_value_t = 100)]
     cold_count: usize,
+    /// Also run cold with this worker sandbox, right after the plain cold run.
+    #[arg(long, value_enum)]
+    cold_sandbox: Option<BenchSandbox>,
     #[arg(long, default_value_t = 100)]
     crash_trials: usize,
     #[arg(long, value_delimiter = ',', default_value = "50,5000")]
@@ -316,7 +330,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             (c, n) => vec![Step::Throughput(c.unwrap_or(50), n.unwrap_or(40))],
         },
         Mode::Latency(a) => vec![Step::Latency(*a)],
-        Mode::Cold(a) => vec![Step::Cold(*a)],
+        Mode::Cold(a) => cold_steps(*a),
         Mode::Crash(a) => vec![Step::Crash(*a)],
         Mode::Scale(a) => vec![Step::Scale(a.clone())],
         Mode::Cleanup => Vec::new(),
@@ -333,7 +347,11 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 }));
             }
             if on("cold") {
-                steps.push(Step::Cold(ColdArgs { count: a.cold_count, warmup: 5 }));
+                steps.extend(cold_steps(ColdArgs {
+                    count: a.cold_count,
+                    warmup: 5,
+                    sandbox: a.cold_sandbox,
+                }));
             }
             if on("crash") {
                 steps.push(Step::Crash(CrashArgs { trials: a.crash_trials, warmup: 3 }));
@@ -509,6 +527,7 @@ impl Step {
         match self {
             Step::Throughput(c, n) => format!("throughput {c}×{n}"),
             Step::Latency(_) => "latency".into(),
+            Step::Cold(a) if a.sandbox == Some(BenchSandbox::Landlock) => "cold (landlock)".into(),
             Step::Cold(_) => "cold".into(),
             Step::Crash(_) => "crash".into(),
             Step::Scale(a) => {
@@ -523,7 +542,10 @@ async fn run_step(s: &Settings, step: &Step) -> Result<Measured> {
     match step {
         Step::Throughput(c, n) => modes::throughput(s, *c, *n).await,
         Step::Latency(a) => modes::latency(s, a.turns, a.warmup).await,
-        Step::Cold(a) => modes::cold(s, a.count, a.warmup).await,
+        Step::Cold(a) => {
+            let landlock = a.sandbox == Some(BenchSandbox::Landlock);
+            modes::cold(s, a.count, a.warmup, landlock).await
+        }
         Step::Crash(a) => modes::crash(s, a.trials, a.warmup).await,
         Step::Scale(a) => {
             let args = ScaleArgs {
@@ -537,6 +559,15 @@ async fn run_step(s: &Settings, step: &Step) -> Result<Measured> {
             };
             modes::scale(s, &args).await
         }
+    }
+}
+
+/// The plain cold step, and with `--sandbox` the same again in the sandbox.
+fn cold_steps(a: ColdArgs) -> Vec<Step> {
+    let plain = Step::Cold(ColdArgs { sandbox: None, ..a });
+    match a.sandbox {
+        Some(_) => vec![plain, Step::Cold(a)],
+        None => vec![plain],
     }
 }
 

@@ -397,8 +397,9 @@ async fn drive(
             lapin::Connection::connect(&cluster.amqp_url, lapin::ConnectionProperties::default())
                 .await
                 .context("connect to RabbitMQ")?;
-        let ch = conn.create_channel().await?;
-        turnd::broker::declare_topology(&ch, &cluster.config).await.context("declare topology")?;
+        turnd::broker::declare_topology(&conn, &cluster.config)
+            .await
+            .context("declare topology")?;
         let _ = conn.close(200, "declared".into()).await;
     }
     let events: Shared = Arc::new(Mutex::new(client::Events::default()));

@@ -20,6 +20,7 @@
 //! | `stderr` | write each of `payload.lines` to stderr, the whole list `payload.repeat` (1) times, then reply |
 //! | `env` | reply with the whole environment as an object |
 //! | `echo` | reply `{"line":<the stdin line exactly as received, as a string>}` |
+//! | `probe` | try each of `payload.probes` and reply `{"results":[{"ok":bool,"error":<text or null>,"text":<what was read, ≤ 4 KiB, or null>}...]}` in order; a probe is `{"read":PATH}`, `{"write":PATH}` (create/truncate, write `payload.data` or `"x"`), `{"signal":PID}` (signal 0), `{"connect":"HOST:PORT"}` (TCP, 2 s timeout), `{"bind":"HOST:PORT"}` (TCP listen), `{"listen_abstract":NAME}` (an abstract Unix socket kept open for the worker's life) or `{"connect_abstract":NAME}` |
 //! | `random` | pick one of reply/error/hang/crash/exit0 from `payload.seed` (splitmix64) weighted by `payload.p` |
 //!
 //! With `payload.exit_after`, `garbage`, `noise` and `flood` exit 0 instead of replying (what they
@@ -359,6 +360,19 @@ impl Worker {
                     .collect();
                 self.send_json(&ReplyLine { kind: "reply", message_id, payload: env });
             }
+            "probe" => {
+                let data = payload.get("data").and_then(Value::as_str).unwrap_or("x");
+                let results: Vec<Value> = payload
+                    .get("probes")
+                    .and_then(Value::as_array)
+                    .map(|probes| probes.iter().map(|p| probe(p, data)).collect())
+                    .unwrap_or_default();
+                self.send_json(&ReplyLine {
+                    kind: "reply",
+                    message_id,
+                    payload: serde_json::json!({ "results": results, "pid": self.pid }),
+                });
+            }
             "random" => {
                 let chosen = pick_random(payload);
                 eprintln!("test-worker: random picked {chosen} for {message_id}");
@@ -445,6 +459,53 @@ fn pick_random(payload: &Value) -> &'static str {
     }
     // Rounding: the last action with a positive weight.
     ACTIONS.iter().zip(weights).rev().find(|(_, w)| *w > 0.0).map_or("reply", |(a, _)| a)
+}
+
+/// One `probe` action step: what happened, as JSON.
+fn probe(p: &Value, data: &str) -> Value {
+    let outcome: io::Result<Option<String>> =
+        if let Some(path) = p.get("read").and_then(Value::as_str) {
+            std::fs::read(path).map(|bytes| {
+                Some(String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned())
+            })
+        } else if let Some(path) = p.get("write").and_then(Value::as_str) {
+            std::fs::write(path, data).map(|()| None)
+        } else if let Some(pid) = p.get("signal").and_then(Value::as_i64) {
+            let pid = libc::pid_t::try_from(pid).unwrap_or(0);
+            // SAFETY: signal 0 only checks whether the signal could be sent.
+            if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
+                Ok(None)
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        } else if let Some(addr) = p.get("connect").and_then(Value::as_str) {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+                .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)))
+                .map(|_| None)
+        } else if let Some(addr) = p.get("bind").and_then(Value::as_str) {
+            std::net::TcpListener::bind(addr).map(|_| None)
+        } else if let Some(name) = p.get("listen_abstract").and_then(Value::as_str) {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
+                // Kept for the life of the process, for other workers to try.
+                .map(|l| {
+                    std::mem::forget(l);
+                    None
+                })
+        } else if let Some(name) = p.get("connect_abstract").and_then(Value::as_str) {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+                .map(|_| None)
+        } else {
+            Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown probe {p}")))
+        };
+    match outcome {
+        Ok(text) => serde_json::json!({ "ok": true, "error": null, "text": text }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string(), "text": null }),
+    }
 }
 
 fn splitmix64(seed: u64) -> u64 {

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -53,6 +54,9 @@ pub struct WorkerSpec {
     pub turn_deadline: Duration,
     /// `systemd-run --scope …` argv prefix when the sandbox is in use.
     pub sandbox_prefix: Vec<String>,
+    /// The Landlock sandbox, when `worker.sandbox` is `landlock` (or `auto` and the kernel
+    /// has it).
+    pub landlock: Option<Arc<sandbox::Landlock>>,
 }
 
 /// Who a worker is for.
@@ -87,9 +91,24 @@ pub fn base_env(
     env
 }
 
+/// The directory of the program `command` runs (found in the worker's PATH as the spawner
+/// finds it): a sandboxed worker may read and execute it.
+pub fn program_dir(command: &[String], env: &BTreeMap<String, String>) -> Option<PathBuf> {
+    let program = command.first()?;
+    let path = spawner::resolve(program, env.get("PATH").map(String::as_str)).ok()?;
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
+    path.parent().map(Path::to_path_buf)
+}
+
 /// `<state_dir>/workspaces/<organizationId or _>/<agentId>/`, mode 0700.
 pub fn workspace(state_dir: &Path, organization_id: Option<&str>, agent_id: &str) -> PathBuf {
     state_dir.join("workspaces").join(organization_id.unwrap_or("_")).join(agent_id)
+}
+
+/// A sandboxed worker's private temporary directory (its `TMPDIR`): inside the workspace,
+/// which is all it may write, one per deployment.
+pub fn private_tmp(workspace: &Path, deployment: &DeploymentName) -> PathBuf {
+    workspace.join(".tmp").join(deployment.as_str())
 }
 
 fn make_workspace(path: &Path) -> io::Result<()> {
@@ -158,6 +177,12 @@ impl Worker {
         argv.extend(spec.command.iter().cloned());
         let mut env = spec.base_env.clone();
         let dir_str = dir.to_string_lossy().into_owned();
+        let tmp = spec.landlock.is_some().then(|| private_tmp(&dir, who.deployment));
+        if let Some(tmp) = &tmp {
+            make_workspace(tmp)
+                .map_err(|source| SpawnError::Workspace { path: tmp.clone(), source })?;
+            env.insert("TMPDIR".to_owned(), tmp.to_string_lossy().into_owned());
+        }
         for (k, v) in [
             ("HOME", dir_str.clone()),
             ("TURND_DEPLOYMENT", who.deployment.as_str().to_owned()),
@@ -171,9 +196,13 @@ impl Worker {
         ] {
             env.insert(k.to_owned(), v);
         }
-        let Spawned { pid, stdin, stdout, stderr, exit } = spawner.spawn(argv, env, dir).await?;
+        let spawned = spawner.spawn(argv, env, dir, spec.landlock.clone()).await;
+        if let (Err(_), Some(tmp)) = (&spawned, &tmp) {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+        let Spawned { pid, stdin, stdout, stderr, exit, proc_pin } = spawned?;
         // From here the process is ours to stop whatever fails: the guard kills its group.
-        let process = Process { pid, exit, exited: false };
+        let process = Process { pid, exit, exited: false, private_tmp: tmp, _proc_pin: proc_pin };
         let pid = pid as u32;
         let registered = |source| SpawnError::Exec { program: argv0(spec), source };
         let stdin = pipe::Sender::from_owned_fd(stdin).map_err(registered)?;
@@ -250,12 +279,11 @@ impl Drop for Worker {
     }
 }
 
+/// `signal` to the worker and its group, only while the reaper has not reaped it (a reaped
+/// pid may already be someone else's); see `reaper` for the process-group reasoning.
 fn signal_group(pid: u32, signal: libc::c_int) {
-    if let Ok(pgid) = libc::pid_t::try_from(pid)
-        && pgid > 0
-    {
-        // SAFETY: killpg only sends a signal; the group is the worker's own (setpgid 0).
-        unsafe { libc::killpg(pgid, signal) };
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        reaper::signal(pid, signal);
     }
 }
 
@@ -265,14 +293,16 @@ struct Process {
     pid: libc::pid_t,
     exit: ExitReceiver,
     exited: bool,
+    /// A sandboxed worker's TMPDIR, removed after its exit.
+    private_tmp: Option<PathBuf>,
+    /// A sandboxed worker's `/proc/<pid>`, held so its Landlock rule keeps matching (spawner).
+    _proc_pin: Option<std::os::fd::OwnedFd>,
 }
 
 impl Process {
-    /// SIGKILL to the leader and its group.
+    /// SIGKILL to the leader and its group, unless it was already reaped.
     fn kill(&self) {
-        signal_group(self.pid as u32, libc::SIGKILL);
-        // SAFETY: kill only sends a signal; the pid is not reused before we reap it.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        reaper::signal(self.pid, libc::SIGKILL);
     }
 
     /// Cancel-safe: resolves once, with the exit status.
@@ -452,8 +482,8 @@ async fn io_task(
             }
         }
     };
-    // Whatever is left of its group goes with it (wrappers, tools it ran).
-    signal_group(pid, libc::SIGKILL);
+    // Whatever was left of its group (wrappers, tools it ran) was killed by the reaper before
+    // it reaped the leader: after the reap the group's id may belong to someone else.
     let drain = async {
         if !stdout_done {
             (&mut stdout_task).await;
@@ -463,6 +493,10 @@ async fn io_task(
         }
     };
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, drain).await;
+    if let Some(tmp) = process.private_tmp.take() {
+        // Its private TMPDIR ends with it (a next worker of the deployment gets a fresh one).
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tmp)).await;
+    }
     let _ = events.send(Box::new(WorkerEvent::Exited(ExitStatusText::from(status)))).await;
 }
 
@@ -560,6 +594,7 @@ mod tests {
             max_line_bytes: 1024,
             turn_deadline: Duration::from_secs(5),
             sandbox_prefix: Vec::new(),
+            landlock: None,
         };
         Worker::spawn(spawner, &spec, &who).await
     }
@@ -666,6 +701,241 @@ mod tests {
         assert_eq!(fds.len(), 3, "{fds:?}");
         assert!(["0", "1", "2"].iter().all(|n| fds.iter().any(|f| f == n)), "{fds:?}");
         drop(leaky);
+    }
+
+    /// What Landlock adds to a spawn: `cargo test --release --lib spawn_cost -- --ignored
+    /// --nocapture`. Times `Spawner::spawn` (pipes, ruleset, clone, child, execve) of
+    /// `/bin/true`, alternating plain spawns, sandboxed ones, and sandboxed ones where /etc is
+    /// carved up (as when the config sits in /etc/turnd: a rule per entry of /etc); prints the
+    /// medians.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a test"]
+    async fn spawn_cost_with_and_without_landlock() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::WorkerConfig {
+            sandbox: crate::config::Sandbox::Landlock,
+            ..Default::default()
+        };
+        let make = |exclude: &[PathBuf]| {
+            Arc::new(
+                sandbox::Landlock::for_config(
+                    &config,
+                    Some(Path::new("/usr/bin")),
+                    exclude,
+                    &dir.path().join("workspaces"),
+                )
+                .unwrap()
+                .unwrap(),
+            )
+        };
+        let landlock = make(&[dir.path().to_path_buf()]);
+        let carved = make(&[dir.path().to_path_buf(), PathBuf::from("/etc/hostname")]);
+        let argv = vec!["/bin/true".to_owned()];
+        let env = base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new());
+        let mut times: [Vec<Duration>; 3] = Default::default();
+        for i in 0..900 {
+            let sandbox = match i % 3 {
+                0 => None,
+                1 => Some(landlock.clone()),
+                _ => Some(carved.clone()),
+            };
+            let started = std::time::Instant::now();
+            let spawned = spawner
+                .spawn(argv.clone(), env.clone(), dir.path().to_path_buf(), sandbox)
+                .await
+                .unwrap();
+            let took = started.elapsed();
+            let _ = spawned.exit.await;
+            if i >= 150 {
+                times[i % 3].push(took);
+            }
+        }
+        let [p, l, c] = times.map(|mut t| {
+            t.sort();
+            (t[t.len() / 2], t[t.len() * 9 / 10])
+        });
+        println!(
+            "spawn p50 / p90: plain {:?} / {:?}; landlock {:?} / {:?}; landlock with /etc carved \
+             up {:?} / {:?}",
+            p.0, p.1, l.0, l.1, c.0, c.1
+        );
+    }
+
+    /// The `/proc/<pid>` rule survives the eviction of that directory's dentry (procfs would
+    /// make a new inode on the next lookup): the daemon pins it. Drops the machine's dentry
+    /// cache (root only; skipped elsewhere): a moment's slower lookups for everyone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_landlock_worker_keeps_its_own_proc_entry_when_dentries_are_dropped() {
+        if sandbox::landlock_abi() < sandbox::MIN_LANDLOCK_ABI {
+            eprintln!("skipped: no Landlock ABI 6 here");
+            return;
+        }
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::WorkerConfig {
+            sandbox: crate::config::Sandbox::Landlock,
+            ..Default::default()
+        };
+        let exclude = [dir.path().to_path_buf()];
+        let landlock =
+            sandbox::Landlock::for_config(&config, None, &exclude, &dir.path().join("workspaces"))
+                .unwrap()
+                .unwrap();
+        // One probe per stdin line, from the shell itself (its /proc/self is the worker's).
+        let script = "exec 3<&0; while read x <&3; do \
+            if read l < /proc/self/status; then echo ok >> r; else echo denied >> r; fi; \
+            echo '{\"type\":\"heartbeat\"}'; done";
+        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
+        let who = Identity {
+            deployment: &name,
+            agent_id: "unit",
+            organization_id: None,
+            conversation_key: "c",
+            epoch: Epoch::new(1),
+        };
+        let spec = WorkerSpec {
+            command: ["/bin/sh", "-c", script].map(str::to_owned).to_vec(),
+            base_env: base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new()),
+            state_dir: dir.path().to_path_buf(),
+            max_line_bytes: 1024,
+            turn_deadline: Duration::from_secs(5),
+            sandbox_prefix: Vec::new(),
+            landlock: Some(Arc::new(landlock)),
+        };
+        let mut w = Worker::spawn(&spawner, &spec, &who).await.unwrap();
+        let probe = async |w: &mut Worker| {
+            w.send(b"probe\n").await.unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(5), w.next_event()).await.unwrap();
+            assert!(matches!(e, Some(WorkerEvent::Line(WorkerLine::Heartbeat))), "{e:?}");
+        };
+        probe(&mut w).await;
+        if std::fs::write("/proc/sys/vm/drop_caches", "2").is_err() {
+            eprintln!("skipped the eviction: not root");
+        }
+        probe(&mut w).await;
+        let r = std::fs::read_to_string(workspace(dir.path(), None, "unit").join("r")).unwrap();
+        w.kill();
+        assert_eq!(r, "ok\nok\n");
+    }
+
+    /// Once the reaper has reaped a worker, nothing signals its pid again, not even when the
+    /// number is handed to a new process (made to happen here through ns_last_pid, as root).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_signal_reaches_a_pid_after_its_worker_was_reaped() {
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = spawn_sh(&spawner, dir.path(), "exit 0").await.unwrap();
+        let pid = w.pid as libc::pid_t;
+        let status = tokio::time::timeout(Duration::from_secs(5), w.wait()).await.unwrap();
+        assert_eq!(status.unwrap().0, "exited with code 0");
+        // A process that now holds the worker's old pid, when the kernel lets us arrange it.
+        let mut recycled = None;
+        for _ in 0..20 {
+            if std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_err() {
+                break;
+            }
+            let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+            if child.id() as libc::pid_t == pid {
+                recycled = Some(child);
+                break;
+            }
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(!reaper::signal(pid, libc::SIGKILL), "a reaped worker's pid is not signalled");
+        w.kill();
+        drop(w);
+        if let Some(mut child) = recycled {
+            assert!(alive(pid), "the process now holding the old pid was not touched");
+            let _ = child.kill();
+            let _ = child.wait();
+        } else {
+            eprintln!("could not recycle pid {pid}; checked the refusal only");
+        }
+    }
+
+    /// A shell worker under Landlock: its workspace, TMPDIR and its own /proc entry are its
+    /// own (read here by its child `cat`: a child's own /proc/self is not, see README); the
+    /// state directory's other workspaces, writes elsewhere and signals to the daemon are not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_landlock_worker_reaches_its_workspace_and_nothing_else() {
+        if sandbox::landlock_abi() < sandbox::MIN_LANDLOCK_ABI {
+            eprintln!("skipped: no Landlock ABI 6 here");
+            return;
+        }
+        let spawner = Spawner::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let other = workspace(dir.path(), Some("other"), "unit");
+        make_workspace(&other).unwrap();
+        std::fs::write(other.join("secret"), "s").unwrap();
+        let mut config = crate::config::WorkerConfig {
+            sandbox: crate::config::Sandbox::Landlock,
+            ..Default::default()
+        };
+        config.limits.nofile = Some(64);
+        config.limits.memory_max = Some("1G".to_owned());
+        // /etc/hostname stands for the config file: carved out of /etc (the shared layer).
+        let exclude = [dir.path().to_path_buf(), PathBuf::from("/etc/hostname")];
+        let landlock =
+            sandbox::Landlock::for_config(&config, None, &exclude, &dir.path().join("workspaces"))
+                .unwrap()
+                .unwrap();
+        let script = format!(
+            "r() {{ if \"$@\" >/dev/null 2>&1; then echo \"$1 ok\"; else echo \"$1 denied\"; fi; }}; \
+             {{ r cat /proc/$$/status; r touch \"$TMPDIR/t\"; r touch ./own; \
+             r cat {secret}; r touch {outside}; r kill -0 {daemon}; r cat /proc/{daemon}/status; \
+             r cat /etc/os-release; r cat /etc/hostname; ulimit -n; ulimit -v; }} > ./result; echo '{{\"type\":\"heartbeat\"}}'; read x",
+            secret = other.join("secret").display(),
+            outside = dir.path().join("outside").display(),
+            daemon = std::process::id(),
+        );
+        let command = ["/bin/sh", "-c", &script].map(str::to_owned).to_vec();
+        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
+        let who = Identity {
+            deployment: &name,
+            agent_id: "unit",
+            organization_id: None,
+            conversation_key: "c",
+            epoch: Epoch::new(1),
+        };
+        let spec = WorkerSpec {
+            command,
+            base_env: base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new()),
+            state_dir: dir.path().to_path_buf(),
+            max_line_bytes: 1024,
+            turn_deadline: Duration::from_secs(5),
+            sandbox_prefix: Vec::new(),
+            landlock: Some(Arc::new(landlock)),
+        };
+        let mut w = Worker::spawn(&spawner, &spec, &who).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), w.next_event()).await.unwrap();
+        assert!(matches!(first, Some(WorkerEvent::Line(WorkerLine::Heartbeat))), "{first:?}");
+        let ws = workspace(dir.path(), None, "unit");
+        let result = std::fs::read_to_string(ws.join("result")).unwrap();
+        w.stop(Duration::from_secs(1));
+        w.wait().await;
+        let lines: Vec<&str> = result.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "cat ok",
+                "touch ok",
+                "touch ok",
+                "cat denied",
+                "touch denied",
+                "kill denied",
+                "cat denied",
+                "cat ok",
+                "cat denied",
+                "64",
+                "1048576"
+            ],
+            "{result}"
+        );
+        assert!(!dir.path().join("outside").exists());
+        assert!(!private_tmp(&ws, &name).exists(), "the private TMPDIR goes with the worker");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

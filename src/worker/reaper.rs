@@ -4,6 +4,23 @@
 //! `waitid(P_ALL, WNOWAIT)`, so an exit is seen the moment it happens without a descriptor per
 //! child (a pidfd each would cost 5,000 descriptors at 5,000 workers). It reaps only children
 //! registered with it and leaves any other child of the process to whoever spawned it.
+//!
+//! **No signal reaches a recycled pid.** Every signal to a worker goes through [`signal`],
+//! which sends it only while the worker is registered, under the same lock the reaper holds
+//! from the moment it sees the exit (`WNOWAIT`: the zombie still holds its pid) until it has
+//! reaped it and unregistered it. So a signal is sent either before the reap, to the worker
+//! itself or its zombie, or not at all.
+//!
+//! Process groups: a group's id is its leader's pid, and Linux hands out no pid that is still
+//! in use as a pid, a process group or a session id (the `struct pid` lives while any task
+//! refers to it). So `killpg(leader)` is safe while the leader is unreaped (then its zombie
+//! holds the number); after the reap it is safe only while some member lives, which we cannot
+//! know without racing, and once none does, the number may be handed to a new process that
+//! becomes a group leader of the same id. Hence what is left of a worker's group is killed by
+//! the reaper itself, between seeing the leader's exit and reaping it, and never afterwards.
+//! A member that left the group (`setsid`, `setpgid`) escapes the group kill either way; it is
+//! still killed with the daemon only if it is a descendant the kernel reparents to us (not
+//! guaranteed), which is what the `systemd-run` sandbox or the unit's cgroup covers.
 
 use std::collections::HashMap;
 use std::io;
@@ -45,10 +62,40 @@ impl Registration<'_> {
 /// this, reaping the known ones by pid meanwhile.
 const FOREIGN_CHILD_BACKOFF: Duration = Duration::from_millis(5);
 
+static REAPER: OnceLock<&'static Reaper> = OnceLock::new();
+
+/// Sends `sig` to a registered, unreaped child and its process group; false (and nothing
+/// sent) when the child was already reaped or was never registered.
+pub(super) fn signal(pid: libc::pid_t, sig: libc::c_int) -> bool {
+    let Some(reaper) = REAPER.get() else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    let waiters = reaper.lock();
+    if !waiters.contains_key(&pid) {
+        return false;
+    }
+    // SAFETY: kill/killpg only send signals. `pid` is registered and we hold the lock the
+    // reaper holds while reaping: it is our child, alive or a zombie, and so is the group's id
+    // (the leader holds it). The leader gets it directly too, in case it left its group.
+    unsafe {
+        libc::killpg(pid, sig);
+        libc::kill(pid, sig);
+    }
+    drop(waiters);
+    true
+}
+
+/// What is left of `pid`'s group gets SIGKILL; called with the lock held and the leader
+/// exited but not yet reaped, so the group id is still its own.
+fn kill_leftovers(pid: libc::pid_t) {
+    // SAFETY: only sends a signal; see `signal` for why the id is still this group's.
+    unsafe { libc::killpg(pid, libc::SIGKILL) };
+}
+
 impl Reaper {
     /// The process's reaper, started on first use.
     pub(super) fn get() -> io::Result<&'static Reaper> {
-        static REAPER: OnceLock<&'static Reaper> = OnceLock::new();
         static START: Mutex<()> = Mutex::new(());
         if let Some(r) = REAPER.get() {
             return Ok(r);
@@ -103,8 +150,12 @@ impl Reaper {
             let mut waiters = self.lock();
             match waiters.remove(&pid) {
                 Some(tx) => {
+                    // Under the lock, so no `signal` can slip in between the reap and the
+                    // removal: the leftovers first, while the zombie still holds the group id.
+                    kill_leftovers(pid);
+                    let status = reap(pid, 0).map(|(_, s)| s);
                     drop(waiters);
-                    let _ = tx.send(reap(pid, 0).map(|(_, s)| s));
+                    let _ = tx.send(status);
                 }
                 None => {
                     // Someone else's child: its owner reaps it. Ours may be behind it in the
@@ -121,6 +172,21 @@ impl Reaper {
 /// Reaps the registered children that are gone, one `waitpid` each.
 fn collect_by_pid(waiters: &mut Waiters) {
     waiters.retain(|&pid, tx| {
+        // Look without reaping, so the group can still be killed by its own id.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child waitable.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is filled in (non-zero) only when a child had exited.
+        if r == 0 && unsafe { info.si_pid() } == pid {
+            kill_leftovers(pid);
+        }
         let ended = match reap(pid, libc::WNOHANG) {
             Ok((false, _)) => return true,
             Ok((true, status)) => Ok(status),

@@ -12,6 +12,19 @@
 //! descriptors (`close_range(CLOSE_RANGE_UNSHARE)`). Its stdio sources sit there, in three slots
 //! this thread reserved at start; between spawns the slots hold /dev/null.
 //!
+//! With the Landlock sandbox the ruleset is built here, on the spawner thread, and reaches the
+//! child through a fourth reserved slot (a fifth holds the shared first layer, when there is
+//! one: `sandbox::Landlock::base`); the child adds its own `/proc/<pid>` (only it knows
+//! it), sets the rlimits and `no_new_privs` and restricts itself — raw system calls, nothing
+//! that allocates — before `execve`. The daemon's copy of the ruleset is closed right after.
+//!
+//! The `/proc/<pid>` rule names that directory's inode, and procfs makes a new inode whenever
+//! the directory's dentry was evicted (memory pressure, `drop_caches`) and is looked up again:
+//! the worker would lose its own `/proc/self` (seen here after `drop_caches`). So the child
+//! opens it while it still shares the daemon's descriptor table, and the daemon keeps that
+//! `O_PATH` descriptor until the worker is reaped: a held path pins the dentry, so lookups keep
+//! finding the inode of the rule. One descriptor per sandboxed worker, none in the worker.
+//!
 //! PR_SET_PDEATHSIG fires when the *thread* that made the child exits, not the process: a
 //! worker made from a tokio blocking-pool thread would die when that thread retires. So every
 //! spawn happens on this dedicated thread, and the child checks right after `prctl` that its
@@ -23,12 +36,14 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::oneshot;
 
 use super::SpawnError;
 use super::reaper::{ExitReceiver, Reaper};
+use super::sandbox::Landlock;
 
 /// A started child: the daemon's ends of its stdio pipes, and its exit.
 #[derive(Debug)]
@@ -38,12 +53,15 @@ pub struct Spawned {
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     pub exit: ExitReceiver,
+    /// A sandboxed worker's `/proc/<pid>` (O_PATH), held until it is reaped (see above).
+    pub proc_pin: Option<OwnedFd>,
 }
 
 struct Request {
     argv: Vec<String>,
     env: BTreeMap<String, String>,
     dir: PathBuf,
+    landlock: Option<Arc<Landlock>>,
     reply: oneshot::Sender<Result<Spawned, SpawnError>>,
 }
 
@@ -74,7 +92,14 @@ impl Spawner {
             while let Ok(req) = rx.recv() {
                 let program = req.argv.first().cloned().unwrap_or_default();
                 let result = spawn_one(
-                    &req.argv, &req.env, &req.dir, daemon_pid, reaper, &slots, &mut stack,
+                    &req.argv,
+                    &req.env,
+                    &req.dir,
+                    req.landlock.as_deref(),
+                    daemon_pid,
+                    reaper,
+                    &slots,
+                    &mut stack,
                 )
                 .map_err(|source| SpawnError::Exec { program, source });
                 let _ = req.reply.send(result);
@@ -88,10 +113,11 @@ impl Spawner {
         argv: Vec<String>,
         env: BTreeMap<String, String>,
         dir: PathBuf,
+        landlock: Option<Arc<Landlock>>,
     ) -> Result<Spawned, SpawnError> {
         let (reply, rx) = oneshot::channel();
         self.requests
-            .send(Request { argv, env, dir, reply })
+            .send(Request { argv, env, dir, landlock, reply })
             .map_err(|_| SpawnError::SpawnerGone)?;
         rx.await.map_err(|_| SpawnError::SpawnerGone)?
     }
@@ -111,17 +137,47 @@ struct ChildArgs {
     daemon_pid: libc::pid_t,
     /// Set by the child when a step before (or the) `execve` failed.
     errno: libc::c_int,
+    /// The Landlock ruleset's slot, or -1 for no sandbox.
+    ruleset: RawFd,
+    /// The shared first Landlock layer's slot, or -1 (see `sandbox::Landlock::base`).
+    base_ruleset: RawFd,
+    /// `landlock_restrict_self` flags.
+    restrict_flags: u32,
+    /// rlimits to set before `execve`: the first `rlimit_count`.
+    rlimits: [(libc::c_int, libc::rlimit); MAX_RLIMITS],
+    rlimit_count: usize,
+    /// The rule for the child's own `/proc/<pid>`; the child fills in `parent_fd`.
+    proc_self: PathBeneathAttr,
+    /// The child's `/proc/<pid>` opened into the daemon's table, or -1: the parent takes it.
+    proc_pin: RawFd,
 }
 
+const MAX_RLIMITS: usize = 4;
+
+/// `struct landlock_path_beneath_attr` (packed, as the kernel declares it).
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+const LANDLOCK_ACCESS_FS_READ_FILE: u64 = 1 << 2;
+const LANDLOCK_ACCESS_FS_READ_DIR: u64 = 1 << 3;
+
+#[allow(clippy::too_many_arguments)]
 fn spawn_one(
     argv: &[String],
     env: &BTreeMap<String, String>,
     dir: &Path,
+    landlock: Option<&Landlock>,
     daemon_pid: libc::pid_t,
     reaper: &'static Reaper,
     slots: &Slots,
     stack: &mut [u8],
 ) -> io::Result<Spawned> {
+    // Built first: a failure here leaves nothing to undo.
+    let ruleset = landlock.map(|l| l.ruleset(dir)).transpose()?;
     let program = argv.first().map(String::as_str).unwrap_or_default();
     let path = cstring(resolve(program, env.get("PATH").map(String::as_str))?.as_os_str())?;
     let argv = argv.iter().map(|a| cstring(OsStr::new(a))).collect::<io::Result<Vec<_>>>()?;
@@ -133,12 +189,23 @@ fn spawn_one(
     let argv_ptrs = null_terminated(&argv);
     let envp_ptrs = null_terminated(&envp);
 
+    let mut rlimits = [(0, libc::rlimit { rlim_cur: 0, rlim_max: 0 }); MAX_RLIMITS];
+    let mut rlimit_count = 0;
+    for (slot, &(resource, value)) in
+        rlimits.iter_mut().zip(landlock.map(|l| l.rlimits.as_slice()).unwrap_or(&[]))
+    {
+        *slot = (resource, libc::rlimit { rlim_cur: value, rlim_max: value });
+        rlimit_count += 1;
+    }
+
     let (stdin_child, stdin) = pipe()?;
     let (stdout, stdout_child) = pipe()?;
     let (stderr, stderr_child) = pipe()?;
     // The child's ends go into the slots; they leave the daemon when the slots are cleared.
-    let filled = slots.fill([&stdin_child, &stdout_child, &stderr_child]);
-    drop((stdin_child, stdout_child, stderr_child));
+    let base = landlock.and_then(|l| l.base.as_ref());
+    let filled = slots.fill([&stdin_child, &stdout_child, &stderr_child], ruleset.as_ref(), base);
+    // The daemon's own copies: the slots hold what the child needs until they are cleared.
+    drop((stdin_child, stdout_child, stderr_child, ruleset));
     if let Err(e) = filled {
         slots.clear();
         return Err(e);
@@ -148,10 +215,20 @@ fn spawn_one(
         argv: argv_ptrs.as_ptr(),
         envp: envp_ptrs.as_ptr(),
         dir: dir.as_ptr(),
-        stdio: slots.numbers(),
+        stdio: slots.stdio(),
         keep_below: slots.keep_below(),
         daemon_pid,
         errno: 0,
+        ruleset: if landlock.is_some() { slots.ruleset() } else { -1 },
+        base_ruleset: if landlock.is_some_and(|l| l.base.is_some()) { slots.base() } else { -1 },
+        restrict_flags: landlock.map_or(0, |l| l.restrict_flags),
+        rlimits,
+        rlimit_count,
+        proc_self: PathBeneathAttr {
+            allowed_access: LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR,
+            parent_fd: -1,
+        },
+        proc_pin: -1,
     };
     // The stack grows down; its top, 16-byte aligned as the ABI wants.
     let top = stack.as_mut_ptr_range().end as usize & !15;
@@ -178,6 +255,12 @@ fn spawn_one(
     };
     let clone_error = (pid == -1).then(io::Error::last_os_error);
     slots.clear();
+    // SAFETY: the child wrote it (if at all) before we resumed; a descriptor it opened in our
+    // table, which nobody else owns.
+    let proc_pin = match unsafe { std::ptr::read_volatile(&raw const args.proc_pin) } {
+        fd if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        _ => None,
+    };
     if let Some(e) = clone_error {
         return Err(e);
     }
@@ -191,7 +274,7 @@ fn spawn_one(
         return Err(io::Error::from_raw_os_error(errno));
     }
     let exit = registration.register(pid);
-    Ok(Spawned { pid, stdin, stdout, stderr, exit })
+    Ok(Spawned { pid, stdin, stdout, stderr, exit, proc_pin })
 }
 
 /// Runs in the new process, on its own stack, in our memory, until `execve`: only
@@ -223,6 +306,10 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setpgid(0, 0) != 0 {
             fail(args);
         }
+        // Still in the daemon's descriptor table: the daemon keeps this one (see above).
+        if args.ruleset >= 0 {
+            allow_own_proc(args);
+        }
         // Until here the descriptor table is the daemon's own: a private copy of the lowest
         // few now (a whole copy where close_range cannot unshare), then the stdio, then
         // nothing else.
@@ -241,6 +328,9 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
                 fail(args);
             }
         }
+        if args.ruleset >= 0 {
+            confine(args);
+        }
         // Best effort: whatever stays open is close-on-exec anyway.
         libc::syscall(
             libc::SYS_close_range,
@@ -253,6 +343,62 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
         }
         libc::execve(args.path, args.argv, args.envp);
         fail(args)
+    }
+}
+
+/// The Landlock sandbox, in the child before `execve` (still in the daemon's memory: raw
+/// system calls only). Its `/proc/<pid>` exists only now, so the child adds that rule itself;
+/// then the rlimits, `no_new_privs` (required to restrict without CAP_SYS_ADMIN, and what keeps
+/// a set-uid program from lifting the sandbox) and the restriction.
+unsafe fn confine(args: &mut ChildArgs) {
+    // SAFETY: raw system calls on values prepared by the parent; `args` is ours until execve.
+    unsafe {
+        for i in 0..args.rlimit_count.min(MAX_RLIMITS) {
+            let (resource, limit) = args.rlimits[i];
+            if libc::setrlimit(resource as _, &limit) != 0 {
+                fail(args);
+            }
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0 {
+            fail(args);
+        }
+        if args.base_ruleset >= 0
+            && libc::syscall(
+                libc::SYS_landlock_restrict_self,
+                args.base_ruleset,
+                args.restrict_flags,
+            ) != 0
+        {
+            fail(args);
+        }
+        if libc::syscall(libc::SYS_landlock_restrict_self, args.ruleset, args.restrict_flags) != 0 {
+            fail(args);
+        }
+    }
+}
+
+/// Opens the child's own `/proc/<pid>` (into the daemon's table, for the parent to keep) and
+/// adds the rule for it to the ruleset.
+unsafe fn allow_own_proc(args: &mut ChildArgs) {
+    // SAFETY: raw system calls; `args` is shared with the suspended parent.
+    unsafe {
+        let proc_self =
+            libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        if proc_self < 0 {
+            fail(args);
+        }
+        std::ptr::write_volatile(&raw mut args.proc_pin, proc_self);
+        std::ptr::write_unaligned(&raw mut args.proc_self.parent_fd, proc_self);
+        if libc::syscall(
+            libc::SYS_landlock_add_rule,
+            args.ruleset,
+            LANDLOCK_RULE_PATH_BENEATH,
+            &raw const args.proc_self,
+            0 as libc::c_uint,
+        ) != 0
+        {
+            fail(args);
+        }
     }
 }
 
@@ -272,7 +418,7 @@ unsafe fn fail(args: &mut ChildArgs) -> ! {
 /// The program as `execve` wants it: a path with a slash is taken as given (relative ones
 /// from the daemon's directory, not the workspace); a bare name is looked up in the worker's
 /// PATH, as a shell would.
-fn resolve(program: &str, path_var: Option<&str>) -> io::Result<PathBuf> {
+pub(super) fn resolve(program: &str, path_var: Option<&str>) -> io::Result<PathBuf> {
     if program.contains('/') {
         return std::path::absolute(program);
     }
@@ -301,10 +447,11 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
     strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
 }
 
-/// Three descriptor numbers held by the spawner thread for a child's stdio sources, reserved
-/// low (the first free numbers at start) so that the child copies only the table below them.
+/// Five descriptor numbers held by the spawner thread for a child's stdio sources and its
+/// Landlock rulesets (its own and the shared first layer), reserved low (the first free
+/// numbers at start) so that the child copies only the table below them.
 struct Slots {
-    slots: [OwnedFd; 3],
+    slots: [OwnedFd; 5],
     null: OwnedFd,
 }
 
@@ -314,23 +461,47 @@ impl Slots {
             Ok(std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?.into())
         };
         let null = open_null()?;
-        let slots =
-            [above_stdio(open_null()?)?, above_stdio(open_null()?)?, above_stdio(open_null()?)?];
+        let slots = [
+            above_stdio(open_null()?)?,
+            above_stdio(open_null()?)?,
+            above_stdio(open_null()?)?,
+            above_stdio(open_null()?)?,
+            above_stdio(open_null()?)?,
+        ];
         Ok(Slots { slots, null })
     }
 
-    fn numbers(&self) -> [RawFd; 3] {
+    fn stdio(&self) -> [RawFd; 3] {
         [0, 1, 2].map(|i| self.slots[i].as_raw_fd())
     }
 
-    fn keep_below(&self) -> libc::c_uint {
-        self.numbers().into_iter().max().map_or(3, |n| n as libc::c_uint + 1)
+    fn ruleset(&self) -> RawFd {
+        self.slots[3].as_raw_fd()
     }
 
-    /// Puts duplicates of `sources` into the slots (close-on-exec, like everything here).
-    fn fill(&self, sources: [&OwnedFd; 3]) -> io::Result<()> {
+    fn base(&self) -> RawFd {
+        self.slots[4].as_raw_fd()
+    }
+
+    fn keep_below(&self) -> libc::c_uint {
+        self.slots.iter().map(|s| s.as_raw_fd()).max().map_or(3, |n| n as libc::c_uint + 1)
+    }
+
+    /// Puts duplicates of `sources` (and the ruleset) into the slots (close-on-exec, like
+    /// everything here).
+    fn fill(
+        &self,
+        sources: [&OwnedFd; 3],
+        ruleset: Option<&OwnedFd>,
+        base: Option<&OwnedFd>,
+    ) -> io::Result<()> {
         for (slot, source) in self.slots.iter().zip(sources) {
             dup_onto(source.as_raw_fd(), slot.as_raw_fd())?;
+        }
+        for (i, fd) in [(3, ruleset), (4, base)] {
+            if let Some(fd) = fd {
+                dup_onto(fd.as_raw_fd(), self.slots[i].as_raw_fd())?;
+            }
         }
         Ok(())
     }

@@ -39,16 +39,25 @@ pub struct Cluster {
     pub pool: PgPool,
     /// Environment every daemon of this cluster gets (tests add to it before starting).
     pub env: Vec<(String, String)>,
+    /// argv that runs `turnd run` (e.g. [`WITHOUT_CAPABILITIES`]); empty: run it directly.
+    pub daemon_prefix: Vec<String>,
     /// Arguments after `turnd run` (e.g. `--config FILE`).
     pub daemon_args: Vec<String>,
     pub daemons: Vec<Daemon>,
 }
+
+/// Runs a program as the test's uid with no capabilities at all (empty bounding set): what a
+/// service user is. Tests run as root, and root's CAP_SYS_PTRACE and CAP_DAC_OVERRIDE would
+/// hide what the kernel refuses an ordinary process.
+pub const WITHOUT_CAPABILITIES: &[&str] =
+    &["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--"];
 
 pub struct Daemon {
     pub id: String,
     pub child: Option<Child>,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
+    pub prefix: Vec<String>,
     pub args: Vec<String>,
 }
 
@@ -103,6 +112,7 @@ impl Cluster {
             root,
             pool,
             env,
+            daemon_prefix: Vec::new(),
             daemon_args: Vec::new(),
             daemons: Vec::new(),
         }
@@ -129,7 +139,14 @@ impl Cluster {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         let log = self.root.join(format!("{id}.log"));
-        let mut daemon = Daemon { id, child: None, log, env, args: self.daemon_args.clone() };
+        let mut daemon = Daemon {
+            id,
+            child: None,
+            log,
+            env,
+            prefix: self.daemon_prefix.clone(),
+            args: self.daemon_args.clone(),
+        };
         daemon.spawn().await;
         self.daemons.push(daemon);
         i
@@ -178,6 +195,23 @@ impl Cluster {
             .ok()
     }
 
+    /// Confines this cluster's workers: `worker.sandbox = mode` (`landlock`, `auto`). The test
+    /// worker's log, pid-file and exclusivity directories lie outside its workspace, so they
+    /// go into `worker.sandbox_write`.
+    pub fn confine_workers(&mut self, mode: &str) {
+        self.set("TURND_WORKER__SANDBOX", mode);
+        let dirs: Vec<String> = ["log", "excl", "pid"]
+            .iter()
+            .map(|d| format!("{:?}", self.path(d).display().to_string()))
+            .collect();
+        self.set("TURND_WORKER__SANDBOX_WRITE", &format!("[{}]", dirs.join(", ")));
+    }
+
+    /// A workspace of this cluster's daemons (CONTRACT §5).
+    pub fn workspace(&self, organization: &str, agent: &str) -> PathBuf {
+        self.path("state").join("workspaces").join(organization).join(agent)
+    }
+
     pub fn daemon_log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.daemons[i].log).unwrap_or_default()
     }
@@ -191,7 +225,14 @@ impl Daemon {
             .open(&self.log)
             .expect("daemon log");
         let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut cmd = Command::new(turnd_bin());
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(turnd_bin());
+                cmd
+            }
+            None => Command::new(turnd_bin()),
+        };
         cmd.arg("run")
             .args(&self.args)
             .env_clear()
@@ -362,7 +403,7 @@ impl Client {
         publisher.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
         // Declare the topology the way a daemon would, so a publish before any daemon is up
         // is kept; the daemons' declarations are identical.
-        turnd::broker::declare_topology(&publisher, config).await.expect("declare topology");
+        turnd::broker::declare_topology(&conn, config).await.expect("declare topology");
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
@@ -506,6 +547,14 @@ impl Client {
             }
         }
         map
+    }
+
+    /// Publishes `turn` and waits for its terminal event.
+    pub async fn ask(&mut self, turn: &Value, within: Duration) -> Event {
+        self.publish(turn).await;
+        let id = mid(turn);
+        self.wait_for(std::slice::from_ref(&id), within).await;
+        self.event(&id).cloned().expect("the event just waited for")
     }
 
     pub fn event(&self, message_id: &str) -> Option<&Event> {
@@ -754,5 +803,292 @@ pub fn strip_ansi(log: &str) -> String {
             out.push(c);
         }
     }
+    out
+}
+
+/// A minimal AMQP 0-9-1 publisher over a plain socket, for messages no client library would
+/// send: the content header's headers table is given already encoded, so it may nest deeper
+/// than any encoder would recurse (lapin's does, once per level). Publisher confirms on.
+pub struct RawPublisher {
+    stream: tokio::net::TcpStream,
+    /// The broker's frame_max, as tuned.
+    pub frame_max: u32,
+}
+
+/// What the broker said to a raw publish.
+#[derive(Debug, PartialEq)]
+pub enum RawOutcome {
+    Acked,
+    Nacked,
+    /// The broker closed the connection or channel: its reply code and text.
+    Closed(u16, String),
+}
+
+impl RawPublisher {
+    pub async fn connect() -> RawPublisher {
+        use tokio::io::AsyncWriteExt;
+        let mut stream =
+            tokio::net::TcpStream::connect(("127.0.0.1", 5672)).await.expect("connect RabbitMQ");
+        stream.write_all(b"AMQP\x00\x00\x09\x01").await.expect("protocol header");
+        let mut p = RawPublisher { stream, frame_max: 0 };
+        p.expect_method(0, 10, 10).await; // connection.start
+        let mut start_ok = method(10, 11);
+        start_ok.extend(0u32.to_be_bytes()); // client properties: empty table
+        short_str(&mut start_ok, "PLAIN");
+        long_str(&mut start_ok, b"\0guest\0guest");
+        short_str(&mut start_ok, "en_US");
+        p.send(1, 0, &start_ok).await;
+        let tune = p.expect_method(0, 10, 30).await;
+        let channel_max = u16::from_be_bytes([tune[4], tune[5]]);
+        p.frame_max = u32::from_be_bytes([tune[6], tune[7], tune[8], tune[9]]);
+        let mut tune_ok = method(10, 31);
+        tune_ok.extend(channel_max.to_be_bytes());
+        tune_ok.extend(p.frame_max.to_be_bytes());
+        tune_ok.extend(0u16.to_be_bytes()); // no heartbeats
+        p.send(1, 0, &tune_ok).await;
+        let mut open = method(10, 40);
+        short_str(&mut open, "/");
+        short_str(&mut open, "");
+        open.push(0);
+        p.send(1, 0, &open).await;
+        p.expect_method(0, 10, 41).await;
+        let mut channel_open = method(20, 10);
+        short_str(&mut channel_open, "");
+        p.send(1, 1, &channel_open).await;
+        p.expect_method(1, 20, 11).await;
+        let mut select = method(85, 10);
+        select.push(0);
+        p.send(1, 1, &select).await;
+        p.expect_method(1, 85, 11).await;
+        p
+    }
+
+    /// Publishes one persistent JSON message whose headers are `headers` (an encoded field
+    /// table, its length prefix included) and waits for the broker's answer.
+    pub async fn publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        headers: &[u8],
+        body: &[u8],
+    ) -> RawOutcome {
+        let mut publish = method(60, 40);
+        publish.extend(0u16.to_be_bytes());
+        short_str(&mut publish, exchange);
+        short_str(&mut publish, routing_key);
+        publish.push(0);
+        self.send(1, 1, &publish).await;
+        let mut header = Vec::with_capacity(headers.len() + 64);
+        header.extend(60u16.to_be_bytes());
+        header.extend(0u16.to_be_bytes());
+        header.extend((body.len() as u64).to_be_bytes());
+        header.extend(0xB000u16.to_be_bytes()); // content-type, headers, delivery-mode
+        short_str(&mut header, "application/json");
+        header.extend(headers);
+        header.push(2);
+        self.send(2, 1, &header).await;
+        for chunk in body.chunks(self.frame_max as usize - 8) {
+            self.send(3, 1, chunk).await;
+        }
+        loop {
+            let Some((kind, _, payload)) = self.read_frame().await else {
+                return RawOutcome::Closed(0, "connection dropped".into());
+            };
+            if kind != 1 || payload.len() < 4 {
+                continue;
+            }
+            match (
+                u16::from_be_bytes([payload[0], payload[1]]),
+                u16::from_be_bytes([payload[2], payload[3]]),
+            ) {
+                (60, 80) => return RawOutcome::Acked,
+                (60, 120) => return RawOutcome::Nacked,
+                (10, 50) | (20, 40) => {
+                    let code = u16::from_be_bytes([payload[4], payload[5]]);
+                    let len = payload[6] as usize;
+                    let text = String::from_utf8_lossy(&payload[7..7 + len]).into_owned();
+                    return RawOutcome::Closed(code, text);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Closes the connection politely (best effort).
+    pub async fn close(mut self) {
+        let mut close = method(10, 50);
+        close.extend(200u16.to_be_bytes());
+        short_str(&mut close, "bye");
+        close.extend([0, 0, 0, 0]);
+        self.send(1, 0, &close).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.read_frame()).await;
+    }
+
+    async fn send(&mut self, kind: u8, channel: u16, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mut frame = Vec::with_capacity(payload.len() + 8);
+        frame.push(kind);
+        frame.extend(channel.to_be_bytes());
+        frame.extend((payload.len() as u32).to_be_bytes());
+        frame.extend(payload);
+        frame.push(0xCE);
+        self.stream.write_all(&frame).await.expect("write frame");
+    }
+
+    /// The next frame; None when the broker dropped the connection.
+    async fn read_frame(&mut self) -> Option<(u8, u16, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 7];
+        let read = tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut head));
+        read.await.expect("broker answers within 30 s").ok()?;
+        let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+        let mut payload = vec![0u8; size + 1];
+        self.stream.read_exact(&mut payload).await.ok()?;
+        payload.pop();
+        Some((head[0], u16::from_be_bytes([head[1], head[2]]), payload))
+    }
+
+    /// Reads frames until the method (class, method) on `channel`; returns its payload.
+    async fn expect_method(&mut self, channel: u16, class: u16, id: u16) -> Vec<u8> {
+        loop {
+            let (kind, ch, payload) = self.read_frame().await.expect("broker kept the connection");
+            if kind == 1 && ch == channel && payload.len() >= 4 {
+                let got = (
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    u16::from_be_bytes([payload[2], payload[3]]),
+                );
+                assert_ne!(got, (10, 50), "broker closed the connection: {payload:?}");
+                if got == (class, id) {
+                    return payload;
+                }
+            }
+        }
+    }
+}
+
+fn method(class: u16, id: u16) -> Vec<u8> {
+    let mut m = class.to_be_bytes().to_vec();
+    m.extend(id.to_be_bytes());
+    m
+}
+
+fn short_str(out: &mut Vec<u8>, s: &str) {
+    out.push(s.len() as u8);
+    out.extend(s.as_bytes());
+}
+
+fn long_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend((s.len() as u32).to_be_bytes());
+    out.extend(s);
+}
+
+/// An encoded field table of `entries` (key, encoded value with its type tag), its length
+/// prefix included.
+pub fn encoded_table(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (key, value) in entries {
+        short_str(&mut body, key);
+        body.extend(value);
+    }
+    let mut table = (body.len() as u32).to_be_bytes().to_vec();
+    table.extend(body);
+    table
+}
+
+/// An encoded value (type tag first): `depth` field arrays (`b'A'`) or field tables (`b'F'`,
+/// each holding the next under the key "k") nested in one another around a long string,
+/// built without recursion.
+pub fn nested_value(kind: u8, depth: usize) -> Vec<u8> {
+    const BOTTOM: &[u8] = b"S\x00\x00\x00\x06bottom";
+    let key: &[u8] = if kind == b'F' { &[1, b'k'] } else { &[] };
+    let level = 5 + key.len();
+    let mut out = Vec::with_capacity(BOTTOM.len() + depth * level);
+    for i in 0..depth {
+        // This level's size: its own tag and length, its key, and everything inside it.
+        let size = BOTTOM.len() + (depth - i) * level;
+        out.push(kind);
+        out.extend(((size - 5) as u32).to_be_bytes());
+        out.extend(key);
+    }
+    out.extend(BOTTOM);
+    out
+}
+
+/// Messages in a queue (passive declare).
+pub async fn queue_len(ch: &Channel, queue: &str) -> u32 {
+    let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+    ch.queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .expect("passive declare")
+        .message_count()
+}
+
+/// A parked record: (code, reason, message_id, deployment, attempts).
+pub type ParkedRow = (String, String, Option<String>, Option<String>, i32);
+
+/// (body, code, reason, message_id, deployment, attempts) as read.
+type ParkedRecord = (Vec<u8>, String, String, Option<String>, Option<String>, i32);
+
+/// The parked records in `turnd_parked`, oldest first: (body, row).
+pub async fn parked(cluster: &Cluster) -> Vec<(Vec<u8>, ParkedRow)> {
+    let rows: Vec<ParkedRecord> = sqlx::query_as(
+        "SELECT body, code, reason, message_id, deployment, attempts FROM turnd_parked ORDER BY id",
+    )
+    .fetch_all(&cluster.pool)
+    .await
+    .expect("read parked");
+    rows.into_iter().map(|(b, c, r, m, d, a)| (b, (c, r, m, d, a))).collect()
+}
+
+/// Waits until at least `n` turns are recorded as parked; returns them.
+pub async fn wait_parked(
+    cluster: &Cluster,
+    n: usize,
+    within: Duration,
+) -> Vec<(Vec<u8>, ParkedRow)> {
+    let start = Instant::now();
+    loop {
+        let p = parked(cluster).await;
+        if p.len() >= n {
+            return p;
+        }
+        assert!(
+            start.elapsed() < within,
+            "timed out waiting for {n} parked turns; have {}",
+            p.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads (and removes) `n` messages from `<prefix>.parked`: (body, headers).
+pub async fn read_parked_queue(
+    client: &Client,
+    n: usize,
+    within: Duration,
+) -> Vec<(Vec<u8>, FieldTable)> {
+    let ch = client.conn.create_channel().await.expect("channel");
+    let parked = format!("{}.parked", client.prefix);
+    let mut consumer = ch
+        .basic_consume(
+            parked.as_str().into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume parked");
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(within, consumer.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("timed out waiting for parked turn {} of {n}", out.len() + 1)
+            })
+            .expect("parked consumer ended")
+            .expect("parked delivery");
+        out.push((d.data, d.properties.headers().clone().unwrap_or_default()));
+    }
+    let _ = ch.close(200, "done".into()).await;
     out
 }

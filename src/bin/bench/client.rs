@@ -225,7 +225,7 @@ impl Client {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("enable publisher confirms")?;
-        turnd::broker::declare_topology(&publisher, &cluster.config)
+        turnd::broker::declare_topology(&conn, &cluster.config)
             .await
             .context("declare turnd's topology")?;
         let names = turnd::broker::Names::new(&cluster.prefix);

@@ -297,13 +297,21 @@ impl Drop for WorkerLog {
 // cold
 // ---------------------------------------------------------------------------------------------
 
-pub async fn cold(s: &Settings, count: usize, warmup: usize) -> Result<Measured> {
+pub async fn cold(s: &Settings, count: usize, warmup: usize, landlock: bool) -> Result<Measured> {
     ensure!(count > 0, "cold needs count > 0");
-    let label = "cold".to_owned();
+    let label = if landlock { "cold (landlock)" } else { "cold" }.to_owned();
     let wlog = WorkerLog::new()?;
     // Room for every conversation: an eviction would add a stop to the figure.
     let max_workers = (count + warmup + 16).max(256).to_string();
-    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers), wlog.env()];
+    let mut extra = vec![("TURND_WORKER__MAX_WORKERS", max_workers), wlog.env()];
+    if landlock {
+        // The worker's phase log lies outside its workspace.
+        extra.push(("TURND_WORKER__SANDBOX", "landlock".to_owned()));
+        extra.push((
+            "TURND_WORKER__SANDBOX_WRITE",
+            format!("[{:?}]", wlog.dir.display().to_string()),
+        ));
+    }
     run(s, "cold", label.clone(), &extra, async |cluster, client| {
         let mut maker = Turns::default();
         let meter = Meter::start(Some(cluster.pid()));
