@@ -133,6 +133,20 @@ pub async fn run(
         sandbox_prefix: worker::sandbox::prefix(&config.worker),
         landlock: landlock.map(Arc::new),
     };
+    // From here on turnd spawns nothing but workers: every other child is an orphan to reap
+    // (as PID 1 of a container, or as a child subreaper anywhere). SIGCHLD first, so an orphan
+    // that exits while the reaper has no worker to wait for still wakes it.
+    let chld = signal(SignalKind::child()).map_err(DaemonError::Signals)?;
+    match worker::adopt_orphans() {
+        Ok(true) => {
+            tracing::info!("running as PID 1: every orphan in this PID namespace is reaped here")
+        }
+        Ok(false) => tracing::debug!("child subreaper: what workers leave behind is reaped here"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot become a child subreaper: orphans of workers go to init")
+        }
+    }
+    tasks.spawn(forward_sigchld(chld, background.clone()));
     let drain = CancellationToken::new();
     let hard = CancellationToken::new();
     let deployments = Deployments::new(Ctx {
@@ -248,6 +262,20 @@ pub async fn run(
     Ok(())
 }
 
+/// Wakes the reaper on every SIGCHLD (see `worker::reaper`: it sleeps only while no worker
+/// is registered).
+async fn forward_sigchld(mut chld: tokio::signal::unix::Signal, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = chld.recv() => match got {
+                Some(()) => worker::child_signal(),
+                None => return,
+            },
+        }
+    }
+}
+
 /// Keys SIGHUP applies without a restart.
 pub const LIVE_KEYS: [&str; 3] = ["log.level", "http.admin_token", "http.read_token"];
 
@@ -345,6 +373,8 @@ async fn report_status(
                 m.live_workers.set(workers as i64);
                 m.owned_deployments.set(deployments.len() as i64);
                 m.locks_held.set(health.locks.held_count() as i64);
+                let orphans = worker::orphans_reaped();
+                m.orphans_reaped.inc_by(orphans.saturating_sub(m.orphans_reaped.get()));
                 let r = health.check().await;
                 let state = if r.ready() { "ready".to_owned() } else {
                     let down: Vec<&str> = [("database", r.database), ("broker", r.broker), ("lock session", r.lock_session)]

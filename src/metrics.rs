@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Worker exits: requested, died, start_failed, lock_lost.
     pub worker_exits: Family<ReasonLabel, Counter>,
     pub locks_held: Gauge,
+    /// Children turnd did not spawn (orphans a worker left behind), reaped.
+    pub orphans_reaped: Counter,
     /// Lock attempts that found the deployment held by another daemon.
     pub lock_contention: Counter,
     /// Pending turns failed, by the path that failed them: fast (worker died), sweep,
@@ -105,6 +107,7 @@ impl Metrics {
             worker_spawns: Counter::default(),
             worker_exits: Family::default(),
             locks_held: Gauge::default(),
+            orphans_reaped: Counter::default(),
             lock_contention: Counter::default(),
             turns_failed: Family::default(),
             outbox_backlog: Gauge::default(),
@@ -145,6 +148,11 @@ impl Metrics {
             "locks_held",
             "Advisory locks held on the lock session",
             m.locks_held.clone(),
+        );
+        registry.register(
+            "orphans_reaped",
+            "Orphans reaped (processes workers left behind; every orphan of the namespace as PID 1)",
+            m.orphans_reaped.clone(),
         );
         registry.register(
             "lock_contention",

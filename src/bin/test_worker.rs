@@ -9,6 +9,7 @@
 //! | `error` | error line, `error` = `payload.error` or `"test error"`, `code` = `payload.code` (omitted if absent) |
 //! | `hang` | never answer; stop reading stdin and sleep forever |
 //! | `crash` | SIGKILL itself before answering |
+//! | `orphan` | fork a grandchild in its own session that keeps stdout open and exits `payload.orphan_ms` (1000) later, then SIGKILL itself |
 //! | `exit0` | exit 0 without answering |
 //! | `exit_code` | exit `payload.code_num` (default 3) without answering |
 //! | `heartbeat` | heartbeat every `payload.interval_ms` (100) for `payload.duration_ms` (1000), then reply |
@@ -239,6 +240,39 @@ impl Worker {
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
+            "orphan" => {
+                // A grandchild in a session of its own (out of the worker's process group, so
+                // the group kill spares it) that holds the worker's stdout and outlives it by
+                // `payload.orphan_ms`; then the worker crashes.
+                let ms = payload.get("orphan_ms").and_then(Value::as_u64).unwrap_or(1000);
+                // SAFETY: this worker is single-threaded; the child only calls async-signal-safe
+                // functions (setsid, nanosleep, _exit).
+                unsafe {
+                    // The worker waits until the grandchild has left its group, or the group
+                    // kill after the crash could still reach it.
+                    let mut fds = [0; 2];
+                    if libc::pipe(fds.as_mut_ptr()) != 0 {
+                        libc::abort();
+                    }
+                    if libc::fork() == 0 {
+                        libc::setsid();
+                        libc::close(fds[0]);
+                        libc::write(fds[1], b"s".as_ptr().cast(), 1);
+                        libc::close(fds[1]);
+                        let t = libc::timespec {
+                            tv_sec: (ms / 1000) as libc::time_t,
+                            tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
+                        };
+                        libc::nanosleep(&t, std::ptr::null_mut());
+                        libc::_exit(0);
+                    }
+                    libc::close(fds[1]);
+                    let mut b = 0u8;
+                    libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                    libc::abort();
+                }
+            }
             "crash" => {
                 // SAFETY: plain syscalls; SIGKILL cannot be caught.
                 unsafe {

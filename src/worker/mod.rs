@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use lines::{LazyBufReader, read_line};
 pub use protocol::WorkerLine;
 use reaper::ExitReceiver;
+pub use reaper::{adopt_orphans, child_signal, orphans_reaped};
 use spawner::Spawned;
 pub use spawner::Spawner;
 

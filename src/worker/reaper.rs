@@ -2,8 +2,18 @@
 //!
 //! One thread per process (workers come from several spawners in tests) blocks in
 //! `waitid(P_ALL, WNOWAIT)`, so an exit is seen the moment it happens without a descriptor per
-//! child (a pidfd each would cost 5,000 descriptors at 5,000 workers). It reaps only children
-//! registered with it and leaves any other child of the process to whoever spawned it.
+//! child (a pidfd each would cost 5,000 descriptors at 5,000 workers). By default it reaps only
+//! children registered with it and leaves any other child of the process to whoever spawned it.
+//!
+//! **Orphans.** `turnd run` calls [`adopt_orphans`]: the process becomes a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`), so whatever a worker leaves behind (a tool it forked that
+//! outlived it) is reparented to turnd rather than to init; as PID 1 of a container everything
+//! orphaned in the namespace is turnd's anyway. From then on a child that is not registered is
+//! an orphan (workers are registered under the lock before the reaper can see them, and the
+//! daemon spawns nothing else once it runs), and the same `waitid` reaps it the moment it
+//! exits, with no back-off: an orphan never delays a worker's exit. With no child at all the
+//! thread sleeps until a worker is registered or SIGCHLD says an orphan arrived ([`child_signal`],
+//! from the daemon's signal task): no polling either way.
 //!
 //! **No signal reaches a recycled pid.** Every signal to a worker goes through [`signal`],
 //! which sends it only while the worker is registered, under the same lock the reaper holds
@@ -26,6 +36,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -39,6 +50,50 @@ type Waiters = HashMap<libc::pid_t, oneshot::Sender<io::Result<ExitStatus>>>;
 pub(super) struct Reaper {
     waiters: Mutex<Waiters>,
     registered: Condvar,
+}
+
+/// Set by [`adopt_orphans`]: unregistered children are orphans to reap.
+static ADOPTING: AtomicBool = AtomicBool::new(false);
+/// Set (under the waiters' lock) by [`child_signal`]: a child may exist though none is
+/// registered; cleared by the reaper when it looks.
+static CHILD_SIGNALLED: AtomicBool = AtomicBool::new(false);
+/// Orphans reaped so far (the metric `turnd_orphans_reaped_total`).
+static ORPHANS_REAPED: AtomicU64 = AtomicU64::new(0);
+
+/// Makes this process reap every child it inherits: a child subreaper (`PR_SET_CHILD_SUBREAPER`;
+/// as PID 1 it is one by nature), with the reaper thread started. Returns whether the process
+/// is PID 1. Call once the daemon spawns nothing but workers (a `std::process::Command`
+/// started afterwards would find its child reaped).
+pub fn adopt_orphans() -> io::Result<bool> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only sets a flag of this process.
+    let pid1 = std::process::id() == 1;
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 && !pid1 {
+        return Err(io::Error::last_os_error());
+    }
+    ADOPTING.store(true, Ordering::SeqCst);
+    let reaper = Reaper::get()?;
+    // Orphans may have arrived before: look now.
+    child_signal_to(reaper);
+    Ok(pid1)
+}
+
+/// SIGCHLD arrived: wakes the reaper if it sleeps for want of registered children, so an
+/// orphan that arrived meanwhile is reaped.
+pub fn child_signal() {
+    if let Some(reaper) = REAPER.get() {
+        child_signal_to(reaper);
+    }
+}
+
+fn child_signal_to(reaper: &Reaper) {
+    let _waiters = reaper.lock();
+    CHILD_SIGNALLED.store(true, Ordering::SeqCst);
+    reaper.registered.notify_one();
+}
+
+/// Orphans (children turnd did not spawn) reaped since the start.
+pub fn orphans_reaped() -> u64 {
+    ORPHANS_REAPED.load(Ordering::Relaxed)
 }
 
 /// While a spawner holds this, the reaper cannot look a pid up: a child that exits at once
@@ -126,7 +181,7 @@ impl Reaper {
         loop {
             {
                 let mut waiters = self.lock();
-                while waiters.is_empty() {
+                while waiters.is_empty() && !CHILD_SIGNALLED.swap(false, Ordering::SeqCst) {
                     waiters = self.registered.wait(waiters).unwrap_or_else(|e| e.into_inner());
                 }
             }
@@ -156,6 +211,14 @@ impl Reaper {
                     let status = reap(pid, 0).map(|(_, s)| s);
                     drop(waiters);
                     let _ = tx.send(status);
+                }
+                None if ADOPTING.load(Ordering::SeqCst) => {
+                    // An orphan (registration holds this lock, so no worker of ours is
+                    // unregistered now): reap it at once and look again.
+                    drop(waiters);
+                    if matches!(reap(pid, libc::WNOHANG), Ok((true, _))) {
+                        ORPHANS_REAPED.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 None => {
                     // Someone else's child: its owner reaps it. Ours may be behind it in the
