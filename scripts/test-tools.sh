@@ -9,7 +9,7 @@
 #   Debian's `prometheus` package would add ~96 MB, a service user and a Prometheus server
 #   started on the machine, for one binary; instead the .deb (~19 MB) is downloaded with
 #   `apt-get download` and only unpacked into target/tools/prometheus (nothing is installed).
-# - cargo-deb (crates.io): scripts/deb.sh builds the Debian package with it; lintian (Debian)
+# - cargo-deb 3.8.0 (crates.io; pinned: later versions may refuse the dev profile CI packages): scripts/deb.sh builds the Debian package with it; lintian (Debian)
 #   checks the package. A first `cargo install` compiles for a few minutes, once per machine.
 # - kubernetes-validate (PyPI, ships the Kubernetes schemas): scripts/kubernetes.sh validates
 #   the rendered kustomize base offline. kubectl's client (rendering) is expected on the
@@ -47,7 +47,7 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool" ]; then
 fi
 if ! cargo deb --version >/dev/null 2>&1; then
   log "installing cargo-deb from crates.io (for scripts/deb.sh)"
-  cargo install --locked --quiet cargo-deb >/dev/null 2>&1 \
+  cargo install --locked --quiet cargo-deb@3.8.0 >/dev/null 2>&1 \
     || log "WARNING: could not install cargo-deb; scripts/deb.sh will be SKIPPED"
 fi
 if ! command -v lintian >/dev/null 2>&1; then
