@@ -13,6 +13,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # The manifests first: the dependency build is cached until Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock build.rs ./
+# Patched crates ([patch.crates-io] in Cargo.toml).
+COPY patches patches
 COPY migrations migrations
 COPY src src
 COPY examples examples

@@ -41,6 +41,25 @@ dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 log "$build"
 $build
 
+# The build stage's context holds only what its COPY lines name: stage exactly that and let
+# cargo resolve the manifest, the patches and the lock there (offline), so a path the build
+# needs and the Dockerfile forgets fails here rather than in `docker build`.
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+build_stage=$(sed -n '1,/^FROM debian/p' Dockerfile)
+while read -r src; do
+  for p in $src; do
+    [ -e "$p" ] || fail "the Dockerfile copies $p, which does not exist"
+    mkdir -p "$stage/$(dirname "$p")" && cp -r "$p" "$stage/$p"
+  done
+done < <(sed -n 's/^COPY \([^-].*\) [^ ]*$/\1/p' <<<"$build_stage")
+(cd "$stage" && cargo tree --locked --offline -e normal,build --prefix none >/dev/null) \
+  || fail "the build stage's context (only what the Dockerfile copies) does not resolve"
+for needed in src/main.rs migrations build.rs; do
+  [ -e "$stage/$needed" ] || fail "the build stage does not copy $needed"
+done
+log "the build stage's context resolves with only what the Dockerfile copies"
+
 # 3. lay out the runtime stage
 uid=$(sed -n 's/^USER \([0-9]*\):[0-9]*$/\1/p' Dockerfile)
 gid=$(sed -n 's/^USER [0-9]*:\([0-9]*\)$/\1/p' Dockerfile)
