@@ -385,3 +385,42 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("database error: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("pool timed out\nwhile waiting")]
+    struct Inner;
+
+    #[test]
+    fn an_error_is_one_line_and_says_each_cause_once() {
+        let e = anyhow::Error::new(Outer(Inner)).context("read cluster status");
+        assert_eq!(
+            one_line(&e),
+            "read cluster status: database error: pool timed out while waiting"
+        );
+        let e = anyhow::anyhow!("a").context("b: a");
+        assert_eq!(one_line(&e), "b: a");
+    }
+
+    #[test]
+    fn config_parses_before_and_after_every_subcommand() {
+        for args in [
+            &["turnd", "--config", "F", "parked", "list"][..],
+            &["turnd", "parked", "list", "--config", "F"],
+            &["turnd", "parked", "--config", "F", "show", "3"],
+            &["turnd", "send", "hi", "-c", "F"],
+            &["turnd", "-c", "F", "run"],
+            &["turnd", "check-config", "--config=F"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("F")), "{args:?}");
+        }
+    }
+}
