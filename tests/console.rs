@@ -554,8 +554,14 @@ async fn an_ops_listen_address_in_use_stops_the_start_naming_the_key() {
         .spawn()
         .expect("spawn turnd run");
     // A Daemon, so that it is killed should the test fail while it still runs.
-    let mut daemon =
-        Daemon { id: "d0".into(), child: Some(child), log: log.clone(), env: Vec::new() };
+    let mut daemon = Daemon {
+        id: "d0".into(),
+        child: Some(child),
+        log: log.clone(),
+        env: Vec::new(),
+        prefix: Vec::new(),
+        args: Vec::new(),
+    };
     let status = wait_for_value(T, "turnd run to give up", || {
         let s = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
         async move { s }
