@@ -310,6 +310,8 @@ impl TurnFields {
         let org_ok = optional_str(&self.organization_id, &|s| ident(s) && s != "_");
         let conv_ok = optional_str(&self.conversation_id, &|s| s.len() <= 256 && no_control(s));
         let short_ok = |f: &Field| optional_str(f, &|s| s.len() <= 256);
+        // userId and channelId can be the conversation key (the worker's environment).
+        let key_ok = |f: &Field| optional_str(f, &|s| s.len() <= 256 && no_control(s));
         let meta_ok = match &self.platform_metadata {
             Field::Absent | Field::Null => true,
             Field::Raw(r) => r.starts_with('{'),
@@ -330,8 +332,8 @@ impl TurnFields {
             && agent_ok
             && org_ok
             && conv_ok
-            && short_ok(&self.channel_id)
-            && short_ok(&self.user_id)
+            && key_ok(&self.channel_id)
+            && key_ok(&self.user_id)
             && short_ok(&self.platform)
             && meta_ok
             && run_ok
