@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
-bash scripts/test-tools.sh   # chromium + chromedriver, promtool (when missing)
+bash scripts/test-tools.sh   # chromium + chromedriver, promtool, cargo-deb, lintian, kubernetes-validate, hadolint (when missing)
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --bins --locked
