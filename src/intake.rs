@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures_lite::StreamExt;
 use futures_lite::future::poll_once;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
 use tokio_util::sync::CancellationToken;
@@ -92,20 +92,31 @@ impl Intake {
             if !self.wait_for_database(&cancel).await {
                 return;
             }
-            let (channel, consumer) =
-                match session.consumer(&names.inbox(), self.config.amqp.prefetch, &tag).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot consume the inbox; retrying");
-                        sleep_or_cancel(Duration::from_secs(1), &cancel).await;
-                        continue;
+            let (channel, consumer) = match session
+                .consumer(&names.inbox(), self.config.amqp.prefetch, &tag)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume the inbox; declaring the topology again and retrying");
+                    // E.g. an operator deleted an old inbox to recreate it (README
+                    // "Upgrading the inbox"): declare it again, with today's arguments.
+                    if let Err(e) = session.redeclare(&self.config).await {
+                        tracing::warn!(error = %e, "cannot declare the topology");
                     }
-                };
-            tracing::info!(queue = %names.inbox(), "intake consuming");
+                    sleep_or_cancel(Duration::from_secs(1), &cancel).await;
+                    continue;
+                }
+            };
+            tracing::info!(queue = %names.inbox(), "intake subscribed (the broker feeds one daemon's intake at a time)");
             let mut progressed = false;
             let result = self.consume(&session, consumer, &cancel, &mut progressed).await;
-            // Closing the channel hands every unacknowledged delivery back to the broker.
-            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            // Closing the channel hands every unacknowledged delivery back to the broker and
+            // removes the subscription in one step; only then does the broker make another
+            // daemon's intake the active one, which receives the returned deliveries first.
+            // No basic.cancel before it: a cancelled subscription keeps its unacknowledged
+            // deliveries while the next one is already fed the turns behind them (an
+            // inversion of publish order once they are returned).
             let _ = channel.close(200, "intake paused".into()).await;
             match result {
                 Ok(()) => return,
@@ -147,6 +158,7 @@ impl Intake {
     ) -> Result<(), BatchError> {
         let max = usize::from(self.config.amqp.prefetch);
         let mut batch = Vec::with_capacity(max);
+        let mut active = false;
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -155,6 +167,10 @@ impl Intake {
             let Some(first) = first else {
                 return Err(BatchError::Broker(BrokerError::Unavailable));
             };
+            if !active {
+                active = true;
+                tracing::info!("intake active: this daemon receives the inbox");
+            }
             batch.push(first?);
             while batch.len() < max {
                 match poll_once(consumer.next()).await {
@@ -287,8 +303,7 @@ impl Intake {
         if config.session.store == SessionStore::Snapshot
             && let Some(field) = turn.missing_context()
         {
-            let previous = refusals(&delivery.properties, &Names::new(&config.amqp.prefix).inbox());
-            let attempt = previous + 1;
+            let attempt = refusals(&delivery.properties).saturating_add(1);
             if attempt >= config.intake.max_attempts {
                 let reason = format!(
                     "turn has runId but no {field}: a snapshot turn needs its organization and conversation (refused {attempt} times)"
@@ -324,7 +339,7 @@ impl Intake {
         let mut headers = original.clone();
         headers.insert("x-turnd-code".into(), long_string(code.as_str()));
         headers.insert("x-turnd-reason".into(), long_string(reason));
-        headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
+        headers.insert(ATTEMPT_KEY.into(), AMQPValue::LongLongInt(i64::from(attempt)));
         if !session.headers_fit(&headers) {
             // Headers that filled the frame leave no room for turnd's own: park the body with
             // turnd's headers only (the record keeps the originals, as JSON).
@@ -332,7 +347,7 @@ impl Intake {
             headers = FieldTable::default();
             headers.insert("x-turnd-code".into(), long_string(code.as_str()));
             headers.insert("x-turnd-reason".into(), long_string(reason));
-            headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
+            headers.insert(ATTEMPT_KEY.into(), AMQPValue::LongLongInt(i64::from(attempt)));
             headers.insert(
                 "x-turnd-headers-dropped".into(),
                 long_string(&format!(
@@ -469,10 +484,17 @@ impl Intake {
             delivery.ack(BasicAckOptions::default()).await?;
             return Ok(());
         }
-        let refused = refusals(&delivery.properties, &names.inbox());
+        // This is the (refused + 1)-th refusal: the header says how many came before, as
+        // turnd set it on the previous move (0 on the first).
+        let refused = refusals(&delivery.properties).saturating_add(1);
         let k = refused.clamp(1, self.config.intake.max_attempts.saturating_sub(1).max(1));
         let queue = names.retry_delay(k);
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        // The broker's dead-lettering bookkeeping is the broker's: it is not republished (a
+        // 4.x broker ignores it anyway, and it would only grow with each round). The count
+        // that matters travels in turnd's own header.
+        headers = without_broker_headers(&headers);
+        headers.insert(ATTEMPT_KEY.into(), AMQPValue::LongLongInt(i64::from(refused)));
         if !session.headers_fit(&headers) {
             // The broker's own headers (x-death) pushed a frame-filling header past what can
             // be published again: it cannot go round the delay queue, so it stops here.
@@ -496,11 +518,38 @@ impl Intake {
                 headers = with_key;
             }
         }
-        let properties = delivery.properties.clone().with_headers(headers);
+        // The delay rides on the message (`expiration`), never on the queue's arguments; the
+        // broker drops it when the queue dead-letters the turn back to `<prefix>.turns`.
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_expiration(broker::delay_expiration(&self.config, k));
         self.publish_routed(session, &queue, &delivery.data, properties).await?;
         delivery.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
+}
+
+/// The header in which turnd counts a turn's refusals (CONTRACT §4): set by the retry mover on
+/// each move to a delay queue, and on a parked copy.
+pub const ATTEMPT_KEY: &str = "x-turnd-attempt";
+
+/// Headers without the broker's dead-letter bookkeeping (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`, `x-delivery-count`).
+fn without_broker_headers(headers: &FieldTable) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (key, value) in headers.inner() {
+        let k = key.as_str();
+        let broker_owned = k == "x-death"
+            || k == "x-delivery-count"
+            || k.starts_with("x-first-death-")
+            || k.starts_with("x-last-death-");
+        if !broker_owned {
+            out.insert(key.clone(), value.clone());
+        }
+    }
+    out
 }
 
 fn envelope_of(turn: &Turn) -> Envelope {
@@ -546,29 +595,23 @@ fn original_routing_key(delivery: &Delivery) -> String {
     }
 }
 
-/// How many times the inbox has already refused this message: the count of its `x-death`
-/// entry for (inbox, rejected), kept by the broker, so every daemon agrees.
-pub fn refusals(properties: &BasicProperties, inbox: &str) -> u32 {
+/// How many times intake has already refused this turn: the `x-turnd-attempt` header that the
+/// retry mover sets on each move (0 without it). Never counted from `x-death`: RabbitMQ 4.0
+/// and later (and 3.13.0–3.13.2) ignore an `x-death` that a client published, so a count kept
+/// there would restart at every round and a refused turn would circulate forever. A value
+/// that is not a non-negative integer counts as 0.
+pub fn refusals(properties: &BasicProperties) -> u32 {
     let Some(headers) = properties.headers() else { return 0 };
-    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else { return 0 };
-    deaths
-        .as_slice()
-        .iter()
-        .filter_map(|d| match d {
-            AMQPValue::FieldTable(t) => Some(t),
-            _ => None,
-        })
-        .filter(|t| {
-            field_str(t, "queue") == Some(inbox) && field_str(t, "reason") == Some("rejected")
-        })
-        .filter_map(|t| match t.inner().get("count") {
-            Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
-            Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
-            Some(AMQPValue::LongUInt(n)) => Some(*n),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
+    match headers.inner().get(ATTEMPT_KEY) {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::ShortInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortShortUInt(n)) => u32::from(*n),
+        _ => 0,
+    }
 }
 
 fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {
@@ -771,6 +814,29 @@ mod tests {
         assert_eq!(delivery_limited(&BasicProperties::default(), "p.inbox"), None);
         let odd = with(vec![("x-death", long_string("not an array"))]);
         assert_eq!(delivery_limited(&odd, "p.inbox"), None);
+    }
+
+    #[test]
+    fn refusals_are_counted_from_turnds_header_never_from_x_death() {
+        let deaths = AMQPValue::FieldArray(vec![death("p.inbox", "rejected")].into());
+        // A forged or stale x-death counts for nothing.
+        let forged = with(vec![("x-death", deaths.clone())]);
+        assert_eq!(refusals(&forged), 0);
+        let counted = with(vec![("x-death", deaths), (ATTEMPT_KEY, AMQPValue::LongLongInt(3))]);
+        assert_eq!(refusals(&counted), 3);
+        assert_eq!(refusals(&with(vec![(ATTEMPT_KEY, AMQPValue::ShortUInt(2))])), 2);
+        assert_eq!(refusals(&with(vec![(ATTEMPT_KEY, AMQPValue::LongLongInt(-4))])), 0);
+        assert_eq!(refusals(&with(vec![(ATTEMPT_KEY, long_string("7"))])), 0);
+        assert_eq!(refusals(&BasicProperties::default()), 0);
+        // What the mover republishes keeps the producer's headers, not the broker's.
+        let mut h = FieldTable::default();
+        h.insert("x-death".into(), AMQPValue::FieldArray(vec![].into()));
+        h.insert("x-first-death-queue".into(), long_string("p.inbox"));
+        h.insert("x-last-death-reason".into(), long_string("rejected"));
+        h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        h.insert("trace".into(), long_string("kept"));
+        let kept = without_broker_headers(&h);
+        assert_eq!(kept.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["trace"]);
     }
 
     #[test]

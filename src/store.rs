@@ -94,6 +94,9 @@ struct Pending {
     provider_code: Option<String>,
 }
 
+/// The first key of the outbox catch-up's transaction-level advisory lock ("tdrc").
+const CATCH_UP_LOCK_CLASS: i32 = 0x7464_7263;
+
 /// An outbox row not yet published, for the relay's catch-up.
 #[derive(Debug)]
 pub struct Unpublished {
@@ -747,6 +750,17 @@ impl Store {
         limit: i64,
     ) -> Result<(Transaction<'static, Postgres>, Vec<Unpublished>)> {
         let mut tx = self.pool.begin().await?;
+        // One catch-up at a time in the cluster (a transaction-level lock, released at commit
+        // or rollback; the two-int key space is apart from the deployments' bigint keys): two
+        // at once would each skip the rows the other locked and could publish a deployment's
+        // later event before its earlier one.
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, 1)")
+            .bind(CATCH_UP_LOCK_CLASS)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !ours {
+            return Ok((tx, Vec::new()));
+        }
         let rows: Vec<(i64, String, String, String, Option<String>)> = sqlx::query_as(
             "SELECT id, event_id, routing_key, message_id, body FROM turnd_outbox
              WHERE published_at IS NULL
