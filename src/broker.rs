@@ -69,6 +69,10 @@ impl Names {
     pub fn retry_delay(&self, k: u32) -> String {
         format!("{}.retry.{k}", self.prefix)
     }
+    /// Requests for an owner: deployments armed by the active intake and owned nowhere yet.
+    pub fn owners(&self) -> String {
+        format!("{}.owners", self.prefix)
+    }
     pub fn parked(&self) -> String {
         format!("{}.parked", self.prefix)
     }
@@ -352,6 +356,14 @@ async fn declare_rest(
     }
     ch.queue_declare(
         names.parked().as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    // Owner requests are hints (adoption covers a lost one): a durable classic queue with
+    // transient messages.
+    ch.queue_declare(
+        names.owners().as_str().into(),
         QueueDeclareOptions::durable(),
         FieldTable::default(),
     )

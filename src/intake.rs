@@ -218,19 +218,14 @@ impl Intake {
                 rung.push(turn.deployment.clone());
             }
         }
-        // Only now, after the commit, are locks tried: an owner on another daemon that is
+        // Only now, after the commit, are owners sought: an owner on another daemon that is
         // letting go looks for queued turns once its lock is free (`Deployments::finish`), and
-        // a lock it refused before this commit could leave the turn to adoption.
+        // a lock refused before this commit could leave the turn to adoption. The seeking is
+        // spread over the cluster: one daemon's intake receives every turn, so if it took each
+        // lock itself, every worker would run here (see `run_owners`).
         let remote: Vec<DeploymentName> =
             rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
-        let seek_owners = async {
-            if !remote.is_empty() {
-                self.deployments.ensure_owners(remote).await;
-            }
-        };
-        let (finished, ()) =
-            tokio::join!(self.finish_batch(session, batch, &verdicts, &armed, &rung), seek_owners);
-        finished
+        self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
     }
 
     /// The rest of a batch once its turns are armed: a doorbell per deployment (for an owner
@@ -242,14 +237,23 @@ impl Intake {
         verdicts: &[Verdict],
         armed: &[bool],
         rung: &[DeploymentName],
+        remote: &[DeploymentName],
     ) -> Result<(), BatchError> {
-        let mut confirms = Vec::with_capacity(rung.len());
+        let mut confirms = Vec::with_capacity(rung.len() + remote.len());
         for name in rung {
             let queue = session.names.thread(name);
             let properties = BasicProperties::default().with_delivery_mode(1);
             // Mandatory: a doorbell to a queue that is gone (no owner) comes back instead of
-            // vanishing; ensure_owners takes care of the ownerless.
+            // vanishing; the owner request below takes care of the ownerless.
             confirms.push(session.publish("", &queue, true, b"", properties).await?);
+        }
+        // Deployments not owned here: whichever daemon's `run_owners` gets the request tries
+        // the lock (a no-op where another daemon holds it). A lost request is adoption's.
+        let owners = session.names.owners();
+        for name in remote {
+            let properties = BasicProperties::default().with_delivery_mode(1);
+            let body = name.as_str().as_bytes();
+            confirms.push(session.publish("", &owners, true, body, properties).await?);
         }
         // Parked turns: the parked queue (confirmed), the record, the error event.
         for (delivery, verdict) in batch.iter().zip(verdicts) {
@@ -444,6 +448,77 @@ impl Intake {
                 }
             }
             let _ = channel.close(200, "retry mover stopping".into()).await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            sleep_or_cancel(Duration::from_millis(500), &cancel).await;
+        }
+    }
+
+    /// Consumes `<prefix>.owners`, competing with every other daemon: each request names a
+    /// deployment that has a queued turn and no owner on the daemon whose intake armed it.
+    /// Tries its lock here (after the turn's commit, as intake did before); acknowledged once
+    /// tried, so a daemon that stops hands its requests back to the others. The broker
+    /// spreads requests over the daemons, so new deployments, and their workers, are spread
+    /// too while one daemon's intake is the active one.
+    pub async fn run_owners(self, cancel: CancellationToken) {
+        /// Requests in flight per daemon: enough to keep lock batches full, few enough that a
+        /// slow daemon does not hold many of them.
+        const PREFETCH: u16 = 32;
+        let names = Names::new(&self.config.amqp.prefix);
+        let tag = format!("turnd-owners-{}", self.config.daemon.id);
+        loop {
+            let session = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = self.broker.session() => s,
+            };
+            let Some(session) = session else { return };
+            let (channel, mut consumer) =
+                match session.consumer(&names.owners(), PREFETCH, &tag).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot consume the owner requests");
+                        if let Err(e) = session.redeclare(&self.config).await {
+                            tracing::warn!(error = %e, "cannot declare the topology");
+                        }
+                        sleep_or_cancel(Duration::from_secs(1), &cancel).await;
+                        continue;
+                    }
+                };
+            let mut batch: Vec<Delivery> = Vec::new();
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => None,
+                    d = consumer.next() => d,
+                };
+                let Some(Ok(first)) = next else { break };
+                batch.push(first);
+                while batch.len() < usize::from(PREFETCH) {
+                    match poll_once(consumer.next()).await {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        _ => break,
+                    }
+                }
+                let wanted: Vec<DeploymentName> = batch
+                    .iter()
+                    .filter_map(|d| std::str::from_utf8(&d.data).ok())
+                    .filter_map(|s| DeploymentName::parse(s).ok())
+                    .collect();
+                self.deployments.ensure_owners(wanted).await;
+                if cancel.is_cancelled() {
+                    // Stopping: what may not have been tried goes back to the others.
+                    break;
+                }
+                let mut acked = true;
+                for d in batch.drain(..) {
+                    acked &= d.ack(BasicAckOptions::default()).await.is_ok();
+                }
+                if !acked {
+                    break;
+                }
+            }
+            // Unacknowledged requests go back to the queue, for another daemon.
+            let _ = channel.close(200, "owner requests stopped".into()).await;
             if cancel.is_cancelled() {
                 return;
             }

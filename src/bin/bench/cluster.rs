@@ -397,8 +397,12 @@ async fn teardown(
     deployments: &BTreeSet<String>,
 ) {
     drop_database(admin_url, db_name).await;
-    let mut queues =
-        vec![format!("{prefix}.inbox"), format!("{prefix}.retry"), format!("{prefix}.parked")];
+    let mut queues = vec![
+        format!("{prefix}.inbox"),
+        format!("{prefix}.retry"),
+        format!("{prefix}.parked"),
+        format!("{prefix}.owners"),
+    ];
     queues.extend((1..max_attempts.max(10)).map(|k| format!("{prefix}.retry.{k}")));
     queues.extend(deployments.iter().map(|d| format!("{prefix}.thread.{d}")));
     let exchanges = ["turns", "replies", "retry"].map(|e| format!("{prefix}.{e}"));

@@ -280,6 +280,7 @@ impl Cluster {
                 format!("{p}.retry"),
                 format!("{p}.parked"),
                 format!("{p}.chaos-replies"),
+                format!("{p}.owners"),
             ];
             queues.extend((1..16).map(|k| format!("{p}.retry.{k}")));
             queues.extend(deployments.iter().map(|d| format!("{p}.thread.{d}")));
