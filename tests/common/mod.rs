@@ -402,6 +402,26 @@ impl Client {
         assert!(confirm.await.expect("confirm").is_ack(), "broker nacked a turn");
     }
 
+    /// Publishes a turn with these AMQP headers (e.g. forged broker headers), confirmed.
+    pub async fn publish_with_headers(&self, turn: &Value, headers: FieldTable) {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_headers(headers);
+        let confirm = self
+            .publisher
+            .basic_publish(
+                format!("{}.turns", self.prefix).as_str().into(),
+                "turn.test".into(),
+                BasicPublishOptions::default(),
+                turn.to_string().as_bytes(),
+                props,
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "broker nacked a turn");
+    }
+
     pub async fn publish(&self, turn: &Value) {
         self.publish_raw(turn.to_string().as_bytes()).await;
     }
