@@ -136,6 +136,23 @@ impl Session {
         Ok(confirmation.take_message().is_none())
     }
 
+    /// Asks whichever daemon's owner-request consumer gets it to try these deployments' locks
+    /// (`<prefix>.owners`); returns the confirms to await. A request is a hint: one lost is
+    /// adoption's.
+    pub async fn request_owners(
+        &self,
+        names: &[DeploymentName],
+    ) -> Result<Vec<lapin::PublisherConfirm>> {
+        let queue = self.names.owners();
+        let mut confirms = Vec::with_capacity(names.len());
+        for name in names {
+            let properties = BasicProperties::default().with_delivery_mode(1);
+            let body = name.as_str().as_bytes();
+            confirms.push(self.publish("", &queue, true, body, properties).await?);
+        }
+        Ok(confirms)
+    }
+
     /// A consumer with its own channel and prefetch (intake).
     pub async fn consumer(
         &self,

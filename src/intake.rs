@@ -249,12 +249,7 @@ impl Intake {
         }
         // Deployments not owned here: whichever daemon's `run_owners` gets the request tries
         // the lock (a no-op where another daemon holds it). A lost request is adoption's.
-        let owners = session.names.owners();
-        for name in remote {
-            let properties = BasicProperties::default().with_delivery_mode(1);
-            let body = name.as_str().as_bytes();
-            confirms.push(session.publish("", &owners, true, body, properties).await?);
-        }
+        confirms.extend(session.request_owners(remote).await?);
         // Parked turns: the parked queue (confirmed), the record, the error event.
         for (delivery, verdict) in batch.iter().zip(verdicts) {
             if let Verdict::Park { code, reason, attempt, ident } = verdict {
