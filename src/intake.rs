@@ -35,6 +35,15 @@ use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn}
 /// a second (each return counts towards `broker::INBOX_DELIVERY_LIMIT`).
 const PAUSE_MIN: Duration = Duration::from_millis(500);
 const PAUSE_MAX: Duration = Duration::from_secs(5);
+/// Longest a batch may take (arm, doorbells, confirms, acks) before intake gives its
+/// deliveries back and lets another daemon's intake become the active one. A batch takes
+/// milliseconds; this only fires when this daemon's database or broker link hangs without
+/// failing (a network partition), which would otherwise stop intake cluster-wide. Shorter
+/// risks giving up on a merely slow database (each give-up counts towards the delivery limit);
+/// longer holds every conversation's new turns that much longer.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a database check may take before it counts as failed.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
@@ -48,6 +57,8 @@ enum BatchError {
         "RabbitMQ returned a publish to {0} as unroutable, even after declaring the topology again"
     )]
     Unroutable(String),
+    #[error("a batch did not finish within {0:?} (database or broker not answering)")]
+    Stuck(Duration),
 }
 
 /// What intake decided for one delivery.
@@ -138,9 +149,10 @@ impl Intake {
     async fn wait_for_database(&self, cancel: &CancellationToken) -> bool {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.store.ping().await {
-                Ok(()) => return true,
-                Err(e) => tracing::warn!(error = %e, "intake waits for PostgreSQL"),
+            match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => tracing::warn!(error = %e, "intake waits for PostgreSQL"),
+                Err(_) => tracing::warn!(timeout = ?PING_TIMEOUT, "intake waits for PostgreSQL: no answer"),
             }
             if !sleep_or_cancel(backoff, cancel).await {
                 return false;
@@ -179,7 +191,13 @@ impl Intake {
                     _ => break,
                 }
             }
-            self.handle_batch(session, &mut batch).await?;
+            // A batch that cannot finish (e.g. this daemon's PostgreSQL link went silent)
+            // must not hold the cluster's only active intake: give its deliveries back.
+            match tokio::time::timeout(BATCH_TIMEOUT, self.handle_batch(session, &mut batch)).await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(BatchError::Stuck(BATCH_TIMEOUT)),
+            }
             *progressed = true;
         }
     }
