@@ -152,7 +152,9 @@ impl Intake {
             match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
                 Ok(Ok(())) => return true,
                 Ok(Err(e)) => tracing::warn!(error = %e, "intake waits for PostgreSQL"),
-                Err(_) => tracing::warn!(timeout = ?PING_TIMEOUT, "intake waits for PostgreSQL: no answer"),
+                Err(_) => {
+                    tracing::warn!(timeout = ?PING_TIMEOUT, "intake waits for PostgreSQL: no answer")
+                }
             }
             if !sleep_or_cancel(backoff, cancel).await {
                 return false;

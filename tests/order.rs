@@ -162,7 +162,8 @@ async fn killing_the_active_intakes_daemon_mid_stream_keeps_order_and_loses_noth
     let first_after = first_after.expect("turns were accepted after the kill");
     let failover = Duration::from_micros(u64::try_from(first_after - killed_at).unwrap_or(0));
     eprintln!("INTAKE FAILOVER after SIGKILL of the active intake: {failover:?}");
-    assert!(failover < Duration::from_secs(5), "intake failed over in {failover:?}");
+    // The bound README and the contract state.
+    assert!(failover < Duration::from_secs(1), "intake failed over in {failover:?}");
     let now_active: Vec<usize> =
         active_intakes(&cluster).into_iter().filter(|i| *i != victim).collect();
     assert_eq!(now_active.len(), 1, "one survivor took the intake over: {now_active:?}");
