@@ -40,6 +40,15 @@ impl PgProxy {
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let (now, generation) = *rx.borrow();
+                if now == State::Silent {
+                    // A new connection into the partition hangs too, until it heals.
+                    let mut rx = rx.clone();
+                    tokio::spawn(async move {
+                        let _held = inbound;
+                        let _ = rx.wait_for(|(s, g)| *g != generation || *s == State::Reset).await;
+                    });
+                    continue;
+                }
                 if now != State::Open {
                     drop(inbound);
                     continue;
