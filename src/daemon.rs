@@ -157,6 +157,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
         store: store.clone(),
         broker: broker.clone(),
         deployments: deployments.clone(),
+        requested: Default::default(),
     };
     front.spawn(intake.clone().run_retry(intake_cancel.clone()));
     front.spawn(intake.clone().run_owners(intake_cancel.clone()));

@@ -11,8 +11,9 @@
 //! broker takes the deliveries back, no attempt counted) and intake waits for the database
 //! before consuming again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use futures_lite::future::poll_once;
@@ -86,6 +87,42 @@ pub struct Intake {
     pub store: Store,
     pub broker: Broker,
     pub deployments: Deployments,
+    /// When intake last asked for an owner of each deployment not owned here.
+    pub requested: OwnerRequests,
+}
+
+/// How often intake asks, at most, for an owner of the same deployment. A deployment owned by
+/// another daemon gets its doorbell there; asking again on each of its turns would make every
+/// other daemon try a lock that is held (a lock statement each). Asking again after this long
+/// covers an owner that went away with its thread queue still there. Longer saves lock
+/// statements; shorter hands a stopped owner's new turns on sooner.
+const OWNER_REQUEST_EVERY: Duration = Duration::from_secs(1);
+
+/// Intake's memory of recent owner requests, bounded by pruning entries past
+/// `OWNER_REQUEST_EVERY`.
+#[derive(Debug, Clone, Default)]
+pub struct OwnerRequests(Arc<std::sync::Mutex<HashMap<DeploymentName, Instant>>>);
+
+impl OwnerRequests {
+    /// The deployments among `names` to ask an owner for now (and notes the time).
+    fn due(&self, names: Vec<DeploymentName>) -> Vec<DeploymentName> {
+        let now = Instant::now();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, at| now.duration_since(*at) < OWNER_REQUEST_EVERY);
+        }
+        names
+            .into_iter()
+            .filter(|name| {
+                let due =
+                    map.get(name).is_none_or(|at| now.duration_since(*at) >= OWNER_REQUEST_EVERY);
+                if due {
+                    map.insert(name.clone(), now);
+                }
+                due
+            })
+            .collect()
+    }
 }
 
 impl Intake {
@@ -243,8 +280,9 @@ impl Intake {
         // a lock refused before this commit could leave the turn to adoption. The seeking is
         // spread over the cluster: one daemon's intake receives every turn, so if it took each
         // lock itself, every worker would run here (see `run_owners`).
-        let remote: Vec<DeploymentName> =
-            rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
+        let remote: Vec<DeploymentName> = self
+            .requested
+            .due(rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect());
         self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
     }
 
