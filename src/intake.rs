@@ -280,10 +280,31 @@ impl Intake {
         // a lock refused before this commit could leave the turn to adoption. The seeking is
         // spread over the cluster: one daemon's intake receives every turn, so if it took each
         // lock itself, every worker would run here (see `run_owners`).
-        let remote: Vec<DeploymentName> = self
-            .requested
-            .due(rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect());
+        let remote: Vec<DeploymentName> =
+            rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
+        let remote = self.owner_requests_due(remote).await;
         self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
+    }
+
+    /// Of the deployments not owned here, those to ask an owner for now: every one that no
+    /// other daemon owns, and one owned elsewhere at most once per `OWNER_REQUEST_EVERY` (its
+    /// owner may have died, leaving its record; each request costs the other daemons a try
+    /// of a lock that is held, so not on every turn).
+    async fn owner_requests_due(&self, remote: Vec<DeploymentName>) -> Vec<DeploymentName> {
+        if remote.is_empty() {
+            return remote;
+        }
+        let names: Vec<&str> = remote.iter().map(DeploymentName::as_str).collect();
+        let owned = match self.store.owned_elsewhere(&names, &self.config.daemon.id).await {
+            Ok(owned) => owned,
+            // Unknown: ask for all of them (a held lock only costs a try).
+            Err(_) => return remote,
+        };
+        let (elsewhere, nowhere): (Vec<_>, Vec<_>) =
+            remote.into_iter().partition(|n| owned.iter().any(|o| o == n.as_str()));
+        let mut due = self.requested.due(elsewhere);
+        due.extend(nowhere);
+        due
     }
 
     /// The rest of a batch once its turns are armed: a doorbell per deployment (for an owner

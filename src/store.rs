@@ -224,6 +224,19 @@ impl Store {
             .collect())
     }
 
+    /// Which of these deployments another daemon owns, as its owner record says (set when it
+    /// took the lock, cleared when it let go cleanly; left behind by a daemon that died).
+    pub async fn owned_elsewhere(&self, names: &[&str], me: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT deployment FROM turnd_deployments
+             WHERE deployment = ANY($1) AND owner IS NOT NULL AND owner <> $2",
+        )
+        .bind(names)
+        .bind(me)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Ends a turn that never ran (invalid or out of attempts) with its error event, once:
     /// the tombstone and the outbox row commit together, and a duplicate finds the tombstone.
     pub async fn finish_unarmed(
