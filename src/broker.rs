@@ -89,6 +89,10 @@ impl Names {
     pub fn retry_delay(&self, k: u32) -> String {
         format!("{}.retry.{k}", self.prefix)
     }
+    /// Requests for an owner: deployments armed by the active intake and owned nowhere yet.
+    pub fn owners(&self) -> String {
+        format!("{}.owners", self.prefix)
+    }
     pub fn parked(&self) -> String {
         format!("{}.parked", self.prefix)
     }
@@ -150,6 +154,23 @@ impl Session {
             return Err(BrokerError::Nacked(what.to_owned()));
         }
         Ok(confirmation.take_message().is_none())
+    }
+
+    /// Asks whichever daemon's owner-request consumer gets it to try these deployments' locks
+    /// (`<prefix>.owners`); returns the confirms to await. A request is a hint: one lost is
+    /// adoption's.
+    pub async fn request_owners(
+        &self,
+        names: &[DeploymentName],
+    ) -> Result<Vec<lapin::PublisherConfirm>> {
+        let queue = self.names.owners();
+        let mut confirms = Vec::with_capacity(names.len());
+        for name in names {
+            let properties = BasicProperties::default().with_delivery_mode(1);
+            let body = name.as_str().as_bytes();
+            confirms.push(self.publish("", &queue, true, body, properties).await?);
+        }
+        Ok(confirms)
     }
 
     /// A consumer with its own channel and prefetch (intake).
@@ -245,7 +266,7 @@ pub async fn declare_topology(connection: &Connection, config: &Config) -> Resul
     let declared = async {
         declare_exchanges(&ch, &names).await?;
         declare_inbox(connection, &names).await?;
-        declare_rest(&ch, &names, config).await
+        declare_rest(connection, &ch, &names, config).await
     }
     .await;
     if ch.status().connected() {
@@ -270,10 +291,15 @@ pub fn inbox_arguments(names: &Names) -> FieldTable {
     inbox.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
     inbox.insert("x-overflow".into(), long_string("reject-publish"));
     inbox.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(INBOX_DELIVERY_LIMIT));
+    // One consumer at a time, cluster-wide: the turns of a conversation published on one
+    // channel are accepted in publish order whatever the number of daemons (CONTRACT §4).
+    // Every daemon subscribes; the broker feeds the oldest subscription and moves to the next
+    // when it goes (see ARCHITECTURE "One intake at a time").
+    inbox.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     inbox
 }
 
-/// Warned at most once per process: an inbox declared without the delivery limit.
+/// Warned at most once per process: an inbox declared by an older turnd (other arguments).
 static OLD_INBOX_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Declares and binds the inbox. An inbox that an older turnd declared with other arguments
@@ -301,11 +327,16 @@ async fn declare_inbox(connection: &Connection, names: &Names) -> Result<()> {
                 tracing::warn!(
                     queue = %inbox,
                     error = %e,
-                    "the inbox exists with other arguments (declared by an older turnd?); using it as it is. \
-                     It has no x-delivery-limit argument: unless a policy sets one, a delivery that keeps \
-                     failing is never parked. Set it with a policy, e.g. rabbitmqctl set_policy \
-                     turnd-inbox-limit '^{}$' '{{\"delivery-limit\":{INBOX_DELIVERY_LIMIT}}}' --apply-to queues",
+                    "the inbox exists with other arguments (declared by an older turnd); using it as it is, so \
+                     intake keeps running. If it has no x-delivery-limit argument, a delivery that keeps failing \
+                     is never parked unless a policy sets one: rabbitmqctl set_policy turnd-inbox-limit '^{}$' \
+                     '{{\"delivery-limit\":{INBOX_DELIVERY_LIMIT}}}' --apply-to queues. If it has no \
+                     x-single-active-consumer argument, every daemon competes for it and the turns of a \
+                     conversation may be accepted out of publish order while more than one daemon runs; no \
+                     policy sets that: recreate the inbox (README \"Upgrading the inbox\": pause the producers, \
+                     wait until it holds no message, rabbitmqctl delete_queue {}; every daemon declares it again)",
                     regex_escape(&inbox),
+                    inbox,
                 );
             }
             ch
@@ -350,19 +381,15 @@ async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<()> {
     Ok(())
 }
 
-async fn declare_rest(ch: &Channel, names: &Names, config: &Config) -> Result<()> {
+async fn declare_rest(
+    connection: &Connection,
+    ch: &Channel,
+    names: &Names,
+    config: &Config,
+) -> Result<()> {
     declare_bound(ch, &names.retry(), FieldTable::default(), &names.retry(), "").await?;
     for k in 1..config.intake.max_attempts {
-        let mut args = FieldTable::default();
-        let ttl = i64::try_from(retry_delay(config, k).as_millis()).unwrap_or(i64::MAX);
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-        args.insert("x-dead-letter-exchange".into(), long_string(&names.turns()));
-        ch.queue_declare(
-            names.retry_delay(k).as_str().into(),
-            QueueDeclareOptions::durable(),
-            args,
-        )
-        .await?;
+        declare_delay_queue(connection, names, k).await?;
     }
     ch.queue_declare(
         names.parked().as_str().into(),
@@ -370,7 +397,78 @@ async fn declare_rest(ch: &Channel, names: &Names, config: &Config) -> Result<()
         FieldTable::default(),
     )
     .await?;
+    // Owner requests are hints (adoption covers a lost one): a durable classic queue with
+    // transient messages.
+    ch.queue_declare(
+        names.owners().as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(())
+}
+
+/// A delay queue's arguments: only where it dead-letters to. The delay itself travels on each
+/// message as its `expiration` (see [`delay_expiration`]), so changing `intake.retry_delay`,
+/// `retry_max_delay` or `max_attempts` between restarts never changes a queue's arguments
+/// (they are fixed at declaration: a redeclaration with others is refused).
+pub fn delay_queue_arguments(names: &Names) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), long_string(&names.turns()));
+    args
+}
+
+/// The `expiration` property (milliseconds, as text) that holds a refused turn in its delay
+/// queue for the k-th delay.
+pub fn delay_expiration(config: &Config, k: u32) -> ShortString {
+    ShortString::from(retry_delay(config, k).as_millis().to_string())
+}
+
+/// Warned at most once per process: a delay queue declared by an older turnd (with a TTL).
+static OLD_DELAY_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Declares `<prefix>.retry.<k>`. One that an older turnd declared with `x-message-ttl` is
+/// used as it is (the broker holds a message for the shorter of the queue's TTL and the
+/// message's own `expiration`), with one warning: refusing to start would stop a fleet on a
+/// rolling upgrade.
+async fn declare_delay_queue(connection: &Connection, names: &Names, k: u32) -> Result<()> {
+    let name = names.retry_delay(k);
+    let ch = connection.create_channel().await?;
+    let declared = ch
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            delay_queue_arguments(names),
+        )
+        .await;
+    let result = match declared {
+        Ok(_) => Ok(()),
+        Err(e) if is_precondition_failed(&e) => {
+            let ch = connection.create_channel().await?;
+            let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::durable() };
+            let found =
+                ch.queue_declare(name.as_str().into(), passive, FieldTable::default()).await;
+            if found.is_ok() && !OLD_DELAY_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    queue = %name,
+                    error = %e,
+                    "a delay queue exists with other arguments (an older turnd gave it a fixed x-message-ttl); \
+                     using it as it is: a refused turn waits there for the shorter of that TTL and its own delay. \
+                     To drop the old TTL, delete the delay queues once empty (rabbitmqctl delete_queue <name> --if-empty); \
+                     turnd declares them again"
+                );
+            }
+            if ch.status().connected() {
+                let _ = ch.close(200, "delay queue checked".into()).await;
+            }
+            found.map(|_| ()).map_err(BrokerError::from)
+        }
+        Err(e) => Err(e.into()),
+    };
+    if ch.status().connected() {
+        let _ = ch.close(200, "delay queue declared".into()).await;
+    }
+    result
 }
 
 async fn declare_bound(

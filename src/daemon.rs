@@ -4,7 +4,8 @@
 //! daemon
 //!  ├─ lock session task        (one PostgreSQL connection, every advisory lock)
 //!  ├─ broker supervisor        (AMQP connection, topology, reconnect)
-//!  ├─ intake                   (inbox → arm/refuse/park → doorbell → ensure owner)
+//!  ├─ intake                   (inbox, one active daemon at a time → arm/refuse/park → doorbell → owner request)
+//!  ├─ owner requests           (<prefix>.owners → try the lock of a deployment armed elsewhere)
 //!  ├─ retry mover              (<prefix>.retry → <prefix>.retry.<k>, or parked past the delivery limit)
 //!  ├─ sweep                    (deadlines, adoption, retention, daemon heartbeat)
 //!  ├─ relay                    (outbox → <prefix>.replies)
@@ -204,8 +205,10 @@ pub async fn run(
         store: store.clone(),
         broker: broker.clone(),
         deployments: deployments.clone(),
+        requested: Default::default(),
     };
     front.spawn(intake.clone().run_retry(intake_cancel.clone()));
+    front.spawn(intake.clone().run_owners(intake_cancel.clone()));
     front.spawn(intake.run(intake_cancel.clone()));
     front.spawn(
         Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }

@@ -253,6 +253,12 @@ impl Deployments {
             && let Ok(true) = ctx.store.has_queued(&name).await
         {
             Box::pin(self.ensure_owners(vec![name])).await;
+        } else if ctx.drain.is_cancelled()
+            && let Ok(true) = ctx.store.has_queued(&name).await
+        {
+            // Stopping with turns still queued: hand them to another daemon now rather than
+            // after `sweep.adoption_delay` (a rolling restart stays quick).
+            request_owner_elsewhere(ctx, name).await;
         }
     }
 
@@ -917,6 +923,28 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Publishes an owner request for `name` (best effort, bounded: adoption covers a miss).
+async fn request_owner_elsewhere(ctx: &Ctx, name: DeploymentName) {
+    let Some(session) = ctx.broker.current() else { return };
+    let request = async {
+        for c in session.request_owners(std::slice::from_ref(&name)).await? {
+            crate::broker::Session::confirmed(c, "owner requests").await?;
+        }
+        Ok::<_, crate::broker::BrokerError>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), request).await {
+        Ok(Ok(())) => {
+            tracing::debug!(deployment = %name, "queued turns offered to the other daemons")
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(deployment = %name, error = %e, "cannot offer queued turns; adoption will")
+        }
+        Err(_) => {
+            tracing::debug!(deployment = %name, "offering queued turns timed out; adoption will")
+        }
     }
 }
 

@@ -11,13 +11,14 @@
 //! broker takes the deliveries back, no attempt counted) and intake waits for the database
 //! before consuming again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use futures_lite::future::poll_once;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,15 @@ use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn}
 /// a second (each return counts towards `broker::INBOX_DELIVERY_LIMIT`).
 const PAUSE_MIN: Duration = Duration::from_millis(500);
 const PAUSE_MAX: Duration = Duration::from_secs(5);
+/// Longest a batch may take (arm, doorbells, confirms, acks) before intake gives its
+/// deliveries back and lets another daemon's intake become the active one. A batch takes
+/// milliseconds; this only fires when this daemon's database or broker link hangs without
+/// failing (a network partition), which would otherwise stop intake cluster-wide. Shorter
+/// risks giving up on a merely slow database (each give-up counts towards the delivery limit);
+/// longer holds every conversation's new turns that much longer.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a database check may take before it counts as failed.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
@@ -48,6 +58,8 @@ enum BatchError {
         "RabbitMQ returned a publish to {0} as unroutable, even after declaring the topology again"
     )]
     Unroutable(String),
+    #[error("a batch did not finish within {0:?} (database or broker not answering)")]
+    Stuck(Duration),
 }
 
 /// What intake decided for one delivery.
@@ -75,6 +87,42 @@ pub struct Intake {
     pub store: Store,
     pub broker: Broker,
     pub deployments: Deployments,
+    /// When intake last asked for an owner of each deployment not owned here.
+    pub requested: OwnerRequests,
+}
+
+/// How often intake asks, at most, for an owner of the same deployment. A deployment owned by
+/// another daemon gets its doorbell there; asking again on each of its turns would make every
+/// other daemon try a lock that is held (a lock statement each). Asking again after this long
+/// covers an owner that went away with its thread queue still there. Longer saves lock
+/// statements; shorter hands a stopped owner's new turns on sooner.
+const OWNER_REQUEST_EVERY: Duration = Duration::from_secs(1);
+
+/// Intake's memory of recent owner requests, bounded by pruning entries past
+/// `OWNER_REQUEST_EVERY`.
+#[derive(Debug, Clone, Default)]
+pub struct OwnerRequests(Arc<std::sync::Mutex<HashMap<DeploymentName, Instant>>>);
+
+impl OwnerRequests {
+    /// The deployments among `names` to ask an owner for now (and notes the time).
+    fn due(&self, names: Vec<DeploymentName>) -> Vec<DeploymentName> {
+        let now = Instant::now();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, at| now.duration_since(*at) < OWNER_REQUEST_EVERY);
+        }
+        names
+            .into_iter()
+            .filter(|name| {
+                let due =
+                    map.get(name).is_none_or(|at| now.duration_since(*at) >= OWNER_REQUEST_EVERY);
+                if due {
+                    map.insert(name.clone(), now);
+                }
+                due
+            })
+            .collect()
+    }
 }
 
 impl Intake {
@@ -92,20 +140,31 @@ impl Intake {
             if !self.wait_for_database(&cancel).await {
                 return;
             }
-            let (channel, consumer) =
-                match session.consumer(&names.inbox(), self.config.amqp.prefetch, &tag).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot consume the inbox; retrying");
-                        sleep_or_cancel(Duration::from_secs(1), &cancel).await;
-                        continue;
+            let (channel, consumer) = match session
+                .consumer(&names.inbox(), self.config.amqp.prefetch, &tag)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume the inbox; declaring the topology again and retrying");
+                    // E.g. an operator deleted an old inbox to recreate it (README
+                    // "Upgrading the inbox"): declare it again, with today's arguments.
+                    if let Err(e) = session.redeclare(&self.config).await {
+                        tracing::warn!(error = %e, "cannot declare the topology");
                     }
-                };
-            tracing::info!(queue = %names.inbox(), "intake consuming");
+                    sleep_or_cancel(Duration::from_secs(1), &cancel).await;
+                    continue;
+                }
+            };
+            tracing::info!(queue = %names.inbox(), "intake subscribed (the broker feeds one daemon's intake at a time)");
             let mut progressed = false;
             let result = self.consume(&session, consumer, &cancel, &mut progressed).await;
-            // Closing the channel hands every unacknowledged delivery back to the broker.
-            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            // Closing the channel hands every unacknowledged delivery back to the broker and
+            // removes the subscription in one step; only then does the broker make another
+            // daemon's intake the active one, which receives the returned deliveries first.
+            // No basic.cancel before it: a cancelled subscription keeps its unacknowledged
+            // deliveries while the next one is already fed the turns behind them (an
+            // inversion of publish order once they are returned).
             let _ = channel.close(200, "intake paused".into()).await;
             match result {
                 Ok(()) => return,
@@ -127,9 +186,12 @@ impl Intake {
     async fn wait_for_database(&self, cancel: &CancellationToken) -> bool {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.store.ping().await {
-                Ok(()) => return true,
-                Err(e) => tracing::warn!(error = %e, "intake waits for PostgreSQL"),
+            match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => tracing::warn!(error = %e, "intake waits for PostgreSQL"),
+                Err(_) => {
+                    tracing::warn!(timeout = ?PING_TIMEOUT, "intake waits for PostgreSQL: no answer")
+                }
             }
             if !sleep_or_cancel(backoff, cancel).await {
                 return false;
@@ -147,6 +209,7 @@ impl Intake {
     ) -> Result<(), BatchError> {
         let max = usize::from(self.config.amqp.prefetch);
         let mut batch = Vec::with_capacity(max);
+        let mut active = false;
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -155,6 +218,10 @@ impl Intake {
             let Some(first) = first else {
                 return Err(BatchError::Broker(BrokerError::Unavailable));
             };
+            if !active {
+                active = true;
+                tracing::info!("intake active: this daemon receives the inbox");
+            }
             batch.push(first?);
             while batch.len() < max {
                 match poll_once(consumer.next()).await {
@@ -163,7 +230,13 @@ impl Intake {
                     _ => break,
                 }
             }
-            self.handle_batch(session, &mut batch).await?;
+            // A batch that cannot finish (e.g. this daemon's PostgreSQL link went silent)
+            // must not hold the cluster's only active intake: give its deliveries back.
+            match tokio::time::timeout(BATCH_TIMEOUT, self.handle_batch(session, &mut batch)).await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(BatchError::Stuck(BATCH_TIMEOUT)),
+            }
             *progressed = true;
         }
     }
@@ -202,19 +275,36 @@ impl Intake {
                 rung.push(turn.deployment.clone());
             }
         }
-        // Only now, after the commit, are locks tried: an owner on another daemon that is
+        // Only now, after the commit, are owners sought: an owner on another daemon that is
         // letting go looks for queued turns once its lock is free (`Deployments::finish`), and
-        // a lock it refused before this commit could leave the turn to adoption.
+        // a lock refused before this commit could leave the turn to adoption. The seeking is
+        // spread over the cluster: one daemon's intake receives every turn, so if it took each
+        // lock itself, every worker would run here (see `run_owners`).
         let remote: Vec<DeploymentName> =
             rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
-        let seek_owners = async {
-            if !remote.is_empty() {
-                self.deployments.ensure_owners(remote).await;
-            }
+        let remote = self.owner_requests_due(remote).await;
+        self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
+    }
+
+    /// Of the deployments not owned here, those to ask an owner for now: every one that no
+    /// other daemon owns, and one owned elsewhere at most once per `OWNER_REQUEST_EVERY` (its
+    /// owner may have died, leaving its record; each request costs the other daemons a try
+    /// of a lock that is held, so not on every turn).
+    async fn owner_requests_due(&self, remote: Vec<DeploymentName>) -> Vec<DeploymentName> {
+        if remote.is_empty() {
+            return remote;
+        }
+        let names: Vec<&str> = remote.iter().map(DeploymentName::as_str).collect();
+        let owned = match self.store.owned_elsewhere(&names, &self.config.daemon.id).await {
+            Ok(owned) => owned,
+            // Unknown: ask for all of them (a held lock only costs a try).
+            Err(_) => return remote,
         };
-        let (finished, ()) =
-            tokio::join!(self.finish_batch(session, batch, &verdicts, &armed, &rung), seek_owners);
-        finished
+        let (elsewhere, nowhere): (Vec<_>, Vec<_>) =
+            remote.into_iter().partition(|n| owned.iter().any(|o| o == n.as_str()));
+        let mut due = self.requested.due(elsewhere);
+        due.extend(nowhere);
+        due
     }
 
     /// The rest of a batch once its turns are armed: a doorbell per deployment (for an owner
@@ -226,15 +316,19 @@ impl Intake {
         verdicts: &[Verdict],
         armed: &[bool],
         rung: &[DeploymentName],
+        remote: &[DeploymentName],
     ) -> Result<(), BatchError> {
-        let mut confirms = Vec::with_capacity(rung.len());
+        let mut confirms = Vec::with_capacity(rung.len() + remote.len());
         for name in rung {
             let queue = session.names.thread(name);
             let properties = BasicProperties::default().with_delivery_mode(1);
             // Mandatory: a doorbell to a queue that is gone (no owner) comes back instead of
-            // vanishing; ensure_owners takes care of the ownerless.
+            // vanishing; the owner request below takes care of the ownerless.
             confirms.push(session.publish("", &queue, true, b"", properties).await?);
         }
+        // Deployments not owned here: whichever daemon's `run_owners` gets the request tries
+        // the lock (a no-op where another daemon holds it). A lost request is adoption's.
+        confirms.extend(session.request_owners(remote).await?);
         // Parked turns: the parked queue (confirmed), the record, the error event.
         for (delivery, verdict) in batch.iter().zip(verdicts) {
             if let Verdict::Park { code, reason, attempt, ident } = verdict {
@@ -287,8 +381,7 @@ impl Intake {
         if config.session.store == SessionStore::Snapshot
             && let Some(field) = turn.missing_context()
         {
-            let previous = refusals(&delivery.properties, &Names::new(&config.amqp.prefix).inbox());
-            let attempt = previous + 1;
+            let attempt = refusals(&delivery.properties).saturating_add(1);
             if attempt >= config.intake.max_attempts {
                 let reason = format!(
                     "turn has runId but no {field}: a snapshot turn needs its organization and conversation (refused {attempt} times)"
@@ -324,7 +417,7 @@ impl Intake {
         let mut headers = original.clone();
         headers.insert("x-turnd-code".into(), long_string(code.as_str()));
         headers.insert("x-turnd-reason".into(), long_string(reason));
-        headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
+        headers.insert(ATTEMPT_KEY.into(), AMQPValue::LongLongInt(i64::from(attempt)));
         // The record shows the headers as parked, turnd's included (a replay leaves out every
         // `x-` header); its JSON is bounded however large they are.
         let recorded = headers_json(&headers);
@@ -335,7 +428,7 @@ impl Intake {
             headers = FieldTable::default();
             headers.insert("x-turnd-code".into(), long_string(code.as_str()));
             headers.insert("x-turnd-reason".into(), long_string(reason));
-            headers.insert("x-turnd-attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
+            headers.insert(ATTEMPT_KEY.into(), AMQPValue::LongLongInt(i64::from(attempt)));
             headers.insert(
                 "x-turnd-headers-dropped".into(),
                 long_string(&format!(
@@ -439,6 +532,77 @@ impl Intake {
         }
     }
 
+    /// Consumes `<prefix>.owners`, competing with every other daemon: each request names a
+    /// deployment that has a queued turn and no owner on the daemon whose intake armed it.
+    /// Tries its lock here (after the turn's commit, as intake did before); acknowledged once
+    /// tried, so a daemon that stops hands its requests back to the others. The broker
+    /// spreads requests over the daemons, so new deployments, and their workers, are spread
+    /// too while one daemon's intake is the active one.
+    pub async fn run_owners(self, cancel: CancellationToken) {
+        /// Requests in flight per daemon: enough to keep lock batches full, few enough that a
+        /// slow daemon does not hold many of them.
+        const PREFETCH: u16 = 32;
+        let names = Names::new(&self.config.amqp.prefix);
+        let tag = format!("turnd-owners-{}", self.config.daemon.id);
+        loop {
+            let session = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = self.broker.session() => s,
+            };
+            let Some(session) = session else { return };
+            let (channel, mut consumer) =
+                match session.consumer(&names.owners(), PREFETCH, &tag).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot consume the owner requests");
+                        if let Err(e) = session.redeclare(&self.config).await {
+                            tracing::warn!(error = %e, "cannot declare the topology");
+                        }
+                        sleep_or_cancel(Duration::from_secs(1), &cancel).await;
+                        continue;
+                    }
+                };
+            let mut batch: Vec<Delivery> = Vec::new();
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => None,
+                    d = consumer.next() => d,
+                };
+                let Some(Ok(first)) = next else { break };
+                batch.push(first);
+                while batch.len() < usize::from(PREFETCH) {
+                    match poll_once(consumer.next()).await {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        _ => break,
+                    }
+                }
+                let wanted: Vec<DeploymentName> = batch
+                    .iter()
+                    .filter_map(|d| std::str::from_utf8(&d.data).ok())
+                    .filter_map(|s| DeploymentName::parse(s).ok())
+                    .collect();
+                self.deployments.ensure_owners(wanted).await;
+                if cancel.is_cancelled() {
+                    // Stopping: what may not have been tried goes back to the others.
+                    break;
+                }
+                let mut acked = true;
+                for d in batch.drain(..) {
+                    acked &= d.ack(BasicAckOptions::default()).await.is_ok();
+                }
+                if !acked {
+                    break;
+                }
+            }
+            // Unacknowledged requests go back to the queue, for another daemon.
+            let _ = channel.close(200, "owner requests stopped".into()).await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            sleep_or_cancel(Duration::from_millis(500), &cancel).await;
+        }
+    }
+
     /// Who to answer about a dead-lettered delivery, when its body says.
     fn ident_of(&self, delivery: &Delivery) -> Option<Box<Ident>> {
         match turn::parse(&delivery.data, self.config.intake.max_turn_bytes) {
@@ -472,10 +636,17 @@ impl Intake {
             delivery.ack(BasicAckOptions::default()).await?;
             return Ok(());
         }
-        let refused = refusals(&delivery.properties, &names.inbox());
+        // This is the (refused + 1)-th refusal: the header says how many came before, as
+        // turnd set it on the previous move (0 on the first).
+        let refused = refusals(&delivery.properties).saturating_add(1);
         let k = refused.clamp(1, self.config.intake.max_attempts.saturating_sub(1).max(1));
         let queue = names.retry_delay(k);
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        // The broker's dead-lettering bookkeeping is the broker's: it is not republished (a
+        // 4.x broker ignores it anyway, and it would only grow with each round). The count
+        // that matters travels in turnd's own header.
+        headers = without_broker_headers(&headers);
+        headers.insert(ATTEMPT_KEY.into(), AMQPValue::LongLongInt(i64::from(refused)));
         if !session.headers_fit(&headers) {
             // The broker's own headers (x-death) pushed a frame-filling header past what can
             // be published again: it cannot go round the delay queue, so it stops here.
@@ -499,11 +670,38 @@ impl Intake {
                 headers = with_key;
             }
         }
-        let properties = delivery.properties.clone().with_headers(headers);
+        // The delay rides on the message (`expiration`), never on the queue's arguments; the
+        // broker drops it when the queue dead-letters the turn back to `<prefix>.turns`.
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_expiration(broker::delay_expiration(&self.config, k));
         self.publish_routed(session, &queue, &delivery.data, properties).await?;
         delivery.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
+}
+
+/// The header in which turnd counts a turn's refusals (CONTRACT §4): set by the retry mover on
+/// each move to a delay queue, and on a parked copy.
+pub const ATTEMPT_KEY: &str = "x-turnd-attempt";
+
+/// Headers without the broker's dead-letter bookkeeping (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`, `x-delivery-count`).
+fn without_broker_headers(headers: &FieldTable) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (key, value) in headers.inner() {
+        let k = key.as_str();
+        let broker_owned = k == "x-death"
+            || k == "x-delivery-count"
+            || k.starts_with("x-first-death-")
+            || k.starts_with("x-last-death-");
+        if !broker_owned {
+            out.insert(key.clone(), value.clone());
+        }
+    }
+    out
 }
 
 fn envelope_of(turn: &Turn) -> Envelope {
@@ -549,29 +747,23 @@ fn original_routing_key(delivery: &Delivery) -> String {
     }
 }
 
-/// How many times the inbox has already refused this message: the count of its `x-death`
-/// entry for (inbox, rejected), kept by the broker, so every daemon agrees.
-pub fn refusals(properties: &BasicProperties, inbox: &str) -> u32 {
+/// How many times intake has already refused this turn: the `x-turnd-attempt` header that the
+/// retry mover sets on each move (0 without it). Never counted from `x-death`: RabbitMQ 4.0
+/// and later (and 3.13.0–3.13.2) ignore an `x-death` that a client published, so a count kept
+/// there would restart at every round and a refused turn would circulate forever. A value
+/// that is not a non-negative integer counts as 0.
+pub fn refusals(properties: &BasicProperties) -> u32 {
     let Some(headers) = properties.headers() else { return 0 };
-    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else { return 0 };
-    deaths
-        .as_slice()
-        .iter()
-        .filter_map(|d| match d {
-            AMQPValue::FieldTable(t) => Some(t),
-            _ => None,
-        })
-        .filter(|t| {
-            field_str(t, "queue") == Some(inbox) && field_str(t, "reason") == Some("rejected")
-        })
-        .filter_map(|t| match t.inner().get("count") {
-            Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
-            Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
-            Some(AMQPValue::LongUInt(n)) => Some(*n),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
+    match headers.inner().get(ATTEMPT_KEY) {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::ShortInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortShortUInt(n)) => u32::from(*n),
+        _ => 0,
+    }
 }
 
 fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {
@@ -774,6 +966,29 @@ mod tests {
         assert_eq!(delivery_limited(&BasicProperties::default(), "p.inbox"), None);
         let odd = with(vec![("x-death", long_string("not an array"))]);
         assert_eq!(delivery_limited(&odd, "p.inbox"), None);
+    }
+
+    #[test]
+    fn refusals_are_counted_from_turnds_header_never_from_x_death() {
+        let deaths = AMQPValue::FieldArray(vec![death("p.inbox", "rejected")].into());
+        // A forged or stale x-death counts for nothing.
+        let forged = with(vec![("x-death", deaths.clone())]);
+        assert_eq!(refusals(&forged), 0);
+        let counted = with(vec![("x-death", deaths), (ATTEMPT_KEY, AMQPValue::LongLongInt(3))]);
+        assert_eq!(refusals(&counted), 3);
+        assert_eq!(refusals(&with(vec![(ATTEMPT_KEY, AMQPValue::ShortUInt(2))])), 2);
+        assert_eq!(refusals(&with(vec![(ATTEMPT_KEY, AMQPValue::LongLongInt(-4))])), 0);
+        assert_eq!(refusals(&with(vec![(ATTEMPT_KEY, long_string("7"))])), 0);
+        assert_eq!(refusals(&BasicProperties::default()), 0);
+        // What the mover republishes keeps the producer's headers, not the broker's.
+        let mut h = FieldTable::default();
+        h.insert("x-death".into(), AMQPValue::FieldArray(vec![].into()));
+        h.insert("x-first-death-queue".into(), long_string("p.inbox"));
+        h.insert("x-last-death-reason".into(), long_string("rejected"));
+        h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        h.insert("trace".into(), long_string("kept"));
+        let kept = without_broker_headers(&h);
+        assert_eq!(kept.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["trace"]);
     }
 
     #[test]

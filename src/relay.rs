@@ -8,6 +8,7 @@
 //! periodic tick. The hot path sends no NOTIFY: commits serialise on it (~12–15% of throughput
 //! in the floor study), and the local hand-off makes it unnecessary.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,32 +72,63 @@ pub struct Relay {
 
 impl Relay {
     /// Runs until `cancel`, then drains what is already in memory (bounded).
+    ///
+    /// Order: events committed here are published in commit order, also across a broker
+    /// outage. A batch that could not be published (no session, a failed publish, a missing
+    /// confirm) is kept, from its first unconfirmed event on, ahead of everything committed
+    /// after it, and tried again once a session is back (checked every `CATCH_UP_EVERY`);
+    /// nothing newer goes out before it. Memory: while the broker is away no turn comes in
+    /// (intake needs it), so what piles up here is bounded by the turns already accepted.
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Committed>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(CATCH_UP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listener = self.listen().await;
-        let mut batch: Vec<Committed> = Vec::with_capacity(BATCH);
+        let mut pending: VecDeque<Committed> = VecDeque::new();
+        let mut received: Vec<Committed> = Vec::with_capacity(BATCH);
+        // Set when a publish failed: wait for the tick before trying again.
+        let mut stalled = false;
         loop {
+            while !pending.is_empty() && !stalled {
+                stalled = !self.publish_local(&mut pending).await;
+                // Let events committed meanwhile join the next batch, in order.
+                while let Ok(e) = rx.try_recv() {
+                    pending.push_back(e);
+                }
+            }
             tokio::select! {
                 biased;
-                n = rx.recv_many(&mut batch, BATCH) => {
+                n = rx.recv_many(&mut received, BATCH) => {
                     if n == 0 {
                         break;
                     }
-                    self.publish_local(&mut batch).await;
+                    pending.extend(received.drain(..));
                 }
-                _ = tick.tick() => self.catch_up().await,
+                _ = tick.tick() => {
+                    stalled = false;
+                    // Held-back events go first; the catch-up (other daemons' leftovers) after.
+                    if pending.is_empty() {
+                        self.catch_up().await;
+                    }
+                }
                 notified = recv_notify(listener.as_mut()) => {
                     if !notified {
                         listener = None;
                     }
-                    self.catch_up().await;
+                    if pending.is_empty() {
+                        self.catch_up().await;
+                    }
                 }
                 _ = cancel.cancelled() => {
                     rx.close();
                     let drain = async {
-                        while rx.recv_many(&mut batch, BATCH).await > 0 {
-                            self.publish_local(&mut batch).await;
+                        while rx.recv_many(&mut received, BATCH).await > 0 {
+                            pending.extend(received.drain(..));
+                        }
+                        while !pending.is_empty() {
+                            if !self.publish_local(&mut pending).await {
+                                // Left in the outbox: another daemon's catch-up publishes it.
+                                break;
+                            }
                         }
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
@@ -115,9 +147,15 @@ impl Relay {
         Some(listener)
     }
 
-    async fn publish_local(&self, batch: &mut Vec<Committed>) {
-        let rows: Vec<Row<'_>> = batch
+    /// Publishes the first `BATCH` pending events. What was confirmed leaves `pending`, up to
+    /// the first event that was not (the rest stays, in order, to be published again: a
+    /// consumer may see a duplicate, never a newer event before an older one). False when
+    /// not all of them went out.
+    async fn publish_local(&self, pending: &mut VecDeque<Committed>) -> bool {
+        let n = pending.len().min(BATCH);
+        let rows: Vec<Row<'_>> = pending
             .iter()
+            .take(n)
             .map(|c| Row {
                 id: c.id,
                 event_id: &c.event.event_id,
@@ -126,12 +164,21 @@ impl Relay {
                 body: &c.event.body,
             })
             .collect();
-        if let Some(ids) = self.publish(&rows).await
+        let ids = self.publish(&rows).await.unwrap_or_default();
+        drop(rows);
+        if !ids.is_empty()
             && let Err(e) = self.store.mark_published(&ids).await
         {
             tracing::warn!(error = %e, "cannot mark events published; they may be published again");
         }
-        batch.clear();
+        // The confirmed prefix leaves; from the first unconfirmed event on, all stay.
+        let confirmed: std::collections::HashSet<i64> = ids.into_iter().collect();
+        let mut done = 0;
+        while done < n && pending.front().is_some_and(|c| confirmed.contains(&c.id)) {
+            pending.pop_front();
+            done += 1;
+        }
+        done == n
     }
 
     /// Publishes rows and awaits every confirm; returns the ids confirmed.

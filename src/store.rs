@@ -147,6 +147,9 @@ struct Pending {
     provider_code: Option<String>,
 }
 
+/// The first key of the outbox catch-up's transaction-level advisory lock ("tdrc").
+const CATCH_UP_LOCK_CLASS: i32 = 0x7464_7263;
+
 /// An outbox row not yet published, for the relay's catch-up.
 #[derive(Debug)]
 pub struct Unpublished {
@@ -324,6 +327,19 @@ impl Store {
                 armed.remove(&(t.deployment.as_str().to_owned(), t.message_id.as_str().to_owned()))
             })
             .collect())
+    }
+
+    /// Which of these deployments another daemon owns, as its owner record says (set when it
+    /// took the lock, cleared when it let go cleanly; left behind by a daemon that died).
+    pub async fn owned_elsewhere(&self, names: &[&str], me: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT deployment FROM turnd_deployments
+             WHERE deployment = ANY($1) AND owner IS NOT NULL AND owner <> $2",
+        )
+        .bind(names)
+        .bind(me)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Ends a turn that never ran (invalid or out of attempts) with its error event, once:
@@ -852,6 +868,17 @@ impl Store {
         limit: i64,
     ) -> Result<(Transaction<'static, Postgres>, Vec<Unpublished>)> {
         let mut tx = self.pool.begin().await?;
+        // One catch-up at a time in the cluster (a transaction-level lock, released at commit
+        // or rollback; the two-int key space is apart from the deployments' bigint keys): two
+        // at once would each skip the rows the other locked and could publish a deployment's
+        // later event before its earlier one.
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, 1)")
+            .bind(CATCH_UP_LOCK_CLASS)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !ours {
+            return Ok((tx, Vec::new()));
+        }
         let rows: Vec<(i64, String, String, String, Option<String>)> = sqlx::query_as(
             "SELECT id, event_id, routing_key, message_id, body FROM turnd_outbox
              WHERE published_at IS NULL

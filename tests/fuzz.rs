@@ -799,7 +799,7 @@ fn walk_like_intake(headers: &FieldTable) -> Result<(), TestCaseError> {
     prop_assert!(json.len() <= 70 * 1024, "headers_json wrote {} bytes", json.len());
     prop_assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "valid JSON");
     let properties = lapin::BasicProperties::default().with_headers(headers.clone());
-    let _ = intake::refusals(&properties, "p.inbox");
+    let _ = intake::refusals(&properties);
     let _ = intake::delivery_limited(&properties, "p.inbox");
     prop_assert!(broker::encoded_len(headers) > 0);
     Ok(())

@@ -403,7 +403,8 @@ async fn a_delivery_past_the_delivery_limit_is_parked_invalid_and_answered_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbox_declared_without_the_delivery_limit_is_used_with_one_warning() {
     let mut cluster = Cluster::new().await;
-    // The inbox as an older turnd declared it: same arguments, no x-delivery-limit.
+    // The inbox as an older turnd declared it: same arguments, no x-delivery-limit and no
+    // single active consumer.
     {
         let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
             .await
@@ -412,7 +413,7 @@ async fn an_inbox_declared_without_the_delivery_limit_is_used_with_one_warning()
         let names = turnd::broker::Names::new(&cluster.prefix);
         let mut args = FieldTable::default();
         for (k, v) in turnd::broker::inbox_arguments(&names).inner() {
-            if k.as_str() != "x-delivery-limit" {
+            if !["x-delivery-limit", "x-single-active-consumer"].contains(&k.as_str()) {
                 args.insert(k.clone(), v.clone());
             }
         }
@@ -452,6 +453,42 @@ async fn an_inbox_declared_without_the_delivery_limit_is_used_with_one_warning()
     cluster.restart(0).await;
     client.wait_for(&["old-inbox-limited".into()], T).await;
     assert_eq!(client.event("old-inbox-limited").unwrap().code(), "INVALID_TURN");
+    assert!(log.contains("no x-single-active-consumer argument"), "the order caveat is told");
+
+    // README "Upgrading the inbox": once drained, the old inbox is deleted; the running daemon
+    // declares it again, with today's arguments (single active consumer included).
+    let inbox = format!("{}.inbox", cluster.prefix);
+    let ch = client.conn.create_channel().await.expect("channel");
+    wait_for_async(T, "the old inbox drained", || async { queue_len(&ch, &inbox).await == 0 })
+        .await;
+    // (Quorum queues refuse `if-empty`: the operator checks the count, producers paused.)
+    ch.queue_delete(inbox.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the drained old inbox");
+    wait_for_async(T, "the daemon declares the inbox again and consumes it", || async {
+        let Ok(ch) = client.conn.create_channel().await else { return false };
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::durable() };
+        let found = ch.queue_declare(inbox.as_str().into(), passive, FieldTable::default()).await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "checked".into()).await;
+        }
+        // Consumed means declared and bound (the binding comes first).
+        found.is_ok_and(|q| q.consumer_count() > 0)
+    })
+    .await;
+    let ch = client.conn.create_channel().await.expect("channel");
+    let names = turnd::broker::Names::new(&cluster.prefix);
+    ch.queue_declare(
+        inbox.as_str().into(),
+        QueueDeclareOptions::durable(),
+        turnd::broker::inbox_arguments(&names),
+    )
+    .await
+    .expect("the inbox now has today's arguments");
+    let t = turn("a1", "new-inbox", json!({"text": "after the upgrade"}));
+    client.publish(&t).await;
+    client.wait_for(&[mid(&t)], T).await;
+    assert_eq!(client.event(&mid(&t)).unwrap().kind(), "reply");
 }
 
 /// A RabbitMQ policy a test set, cleared when the test ends (even by a panic).

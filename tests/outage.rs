@@ -354,3 +354,58 @@ async fn with_postgresql_unreachable_intake_pauses_counts_nothing_and_resumes() 
         assert_eq!(by.get(&id).map(Vec::len), Some(1), "exactly one event for {id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_keep_commit_order_when_the_relays_broker_connection_is_cut_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new().await;
+    // The daemon reaches RabbitMQ through a proxy the test cuts: its connection (relay,
+    // intake, everything) goes away while the worker keeps committing replies.
+    let proxy = Proxy::start(5672).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    cluster.start_daemon(&[("TURND_AMQP__URL", &url)]).await;
+    let queue = declare_reply_queue(&cluster.prefix).await;
+    const N: usize = 14;
+    let turns: Vec<Value> = (0..N)
+        .map(|i| {
+            let mut t = turn("a1", "ordered", json!({"action": "sleep", "ms": 250, "text": i}));
+            t["messageId"] = json!(format!("ord-{i:02}"));
+            t
+        })
+        .collect();
+    let ids: Vec<String> = turns.iter().map(mid).collect();
+    {
+        let client = cluster.client().await;
+        for t in &turns {
+            client.publish(t).await;
+        }
+        let _ = client.conn.close(200, "published".into()).await;
+    }
+    wait_for_async(T, "all accepted, a few answered", || async {
+        scalar(&cluster, "SELECT count(*) FROM turnd_turns").await == N as i64
+            && scalar(&cluster, "SELECT count(*) FROM turnd_outbox").await >= 3
+    })
+    .await;
+    proxy.cut();
+    // Replies keep being committed with the broker out of reach; some of them were in the
+    // relay's hands when the connection went.
+    wait_for_async(T, "more replies committed during the cut", || async {
+        scalar(&cluster, "SELECT count(*) FROM turnd_outbox WHERE published_at IS NULL").await >= 5
+    })
+    .await;
+    proxy.restore();
+    let events = collect_replies(&queue, &ids, T).await;
+    let order: Vec<&str> = events.iter().filter_map(|e| e["messageId"].as_str()).collect();
+    let committed: Vec<String> =
+        sqlx::query_scalar("SELECT message_id FROM turnd_outbox ORDER BY id")
+            .fetch_all(&cluster.pool)
+            .await
+            .unwrap();
+    assert_eq!(committed, ids, "committed in turn order");
+    assert_eq!(
+        order,
+        ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        "published in commit order"
+    );
+    wait_for_async(T, "outbox drained", || async { cluster.unpublished().await == 0 }).await;
+}

@@ -8,6 +8,8 @@
 //!   turn (the test worker's event log);
 //! - `cold`: a new conversation per turn (lock + spawn + reply), split at the worker's start;
 //! - `crash`: a hanging turn's worker is SIGKILLed; kill → WORKER_DIED event;
+//! - `pods`: `throughput` on one daemon, then on three (one database and prefix: one active
+//!   intake, workers spread over all of them); the second must not be below the first;
 //! - `scale`: N live deployments on one daemon (ascending levels on one daemon): bring-up
 //!   time, daemon RSS per deployment, lock-session and database connections, AMQP connections
 //!   and channels, thread queues, and latency and new-conversation cost at each level, measured
@@ -24,6 +26,7 @@
 //! cargo build --release --bins
 //! ./target/release/turnd-bench all --floor /tmp/floor-bench/target/release/floor-bench
 //! ./target/release/turnd-bench throughput --conversations 50 --turns 40
+//! ./target/release/turnd-bench pods --daemons 3 --floor /tmp/floor-bench/target/release/floor-bench
 //! ./target/release/turnd-bench --json latency
 //! ./target/release/turnd-bench scale --deployments 50,5000
 //! ./target/release/turnd-bench cleanup      # after a run that was killed with SIGKILL
@@ -128,6 +131,9 @@ enum Mode {
     Crash(CrashArgs),
     /// N live deployments on one daemon: memory, connections, channels, latency.
     Scale(ScaleCli),
+    /// Throughput on one daemon, then on several on one database and prefix (pods: one
+    /// active intake, workers spread): the second must not be below the first.
+    Pods(PodsArgs),
     /// Every mode in sequence (floor-bench interleaved with --floor), then the table.
     All(AllArgs),
     /// Remove what killed runs left behind: databases turnd_bench_* and the broker's bench-*
@@ -142,6 +148,18 @@ struct ThroughputArgs {
     /// Turns per conversation.
     #[arg(long)]
     turns: Option<u32>,
+}
+
+#[derive(Args)]
+struct PodsArgs {
+    #[arg(long, default_value_t = 50)]
+    conversations: usize,
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 40)]
+    turns: u32,
+    /// Daemons in the second run.
+    #[arg(long, default_value_t = 3)]
+    daemons: usize,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -256,6 +274,8 @@ fn shape(s: &str) -> Result<(usize, u32), String> {
 /// One mode to run.
 enum Step {
     Throughput(usize, u32),
+    /// Throughput with this many daemons.
+    Pods(usize, u32, usize),
     Latency(LatencyArgs),
     Cold(ColdArgs),
     Crash(CrashArgs),
@@ -329,6 +349,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             (None, None) => vec![Step::Throughput(50, 40), Step::Throughput(200, 10)],
             (c, n) => vec![Step::Throughput(c.unwrap_or(50), n.unwrap_or(40))],
         },
+        Mode::Pods(a) => vec![
+            Step::Throughput(a.conversations, a.turns),
+            Step::Pods(a.conversations, a.turns, a.daemons),
+        ],
         Mode::Latency(a) => vec![Step::Latency(*a)],
         Mode::Cold(a) => cold_steps(*a),
         Mode::Crash(a) => vec![Step::Crash(*a)],
@@ -392,6 +416,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     // floor-bench's latency result, reused for `cold` when `latency` ran in this run.
     let mut floor_latency: Option<Result<Value, String>> = None;
     let repeat = cli.repeat.max(1);
+    // (daemons, turns/s) of each throughput step, for the pods comparison.
+    let mut rates: Vec<(u64, f64)> = Vec::new();
     for step in steps {
         let label = step.label();
         // Each turnd run right after its floor run; scale runs floor-bench inside its levels.
@@ -402,7 +428,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         for r in 0..repeat {
             let tag = if repeat > 1 { format!(" [run {}/{repeat}]", r + 1) } else { String::new() };
             match &step {
-                Step::Throughput(c, n) => {
+                Step::Throughput(c, n) | Step::Pods(c, n, _) => {
                     let (c, n) = (c.to_string(), n.to_string());
                     let args = ["throughput", "--conversations", &c, "--turns", &n];
                     floor_main.extend(floor_run(cli, &args).await);
@@ -467,6 +493,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             _ => Floor { main: combine_floor(floor_main), spawn: None },
         };
         let m = combine(measured);
+        if let Some(rate) = m.json.get("turns_per_s").and_then(Value::as_f64) {
+            let daemons = m.json.get("daemons").and_then(Value::as_u64).unwrap_or(1);
+            rates.push((daemons, rate));
+        }
         violated |= m.check.violated();
         unexpected |= m.check.unexpected();
         let (mut mode_rows, targets) = report::rows(&m, &floor);
@@ -496,6 +526,18 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         }
     ));
     say(&report::table(&rows));
+    if let (Some(one), Some(many)) = (
+        rates.iter().find(|(d, _)| *d == 1).map(|(_, r)| *r),
+        rates.iter().find(|(d, _)| *d > 1).copied(),
+    ) {
+        let ratio = many.1 / one.max(1e-9);
+        say(&format!(
+            "pods: {} daemons {:.0} turns/s vs 1 daemon {one:.0} turns/s: ×{ratio:.2} ({})",
+            many.0,
+            many.1,
+            if ratio >= 1.0 { "PASS: not below one daemon" } else { "FAIL: below one daemon" }
+        ));
+    }
     let failed_targets = rows.iter().filter(|r| r.verdict == Some(false)).count();
     say(&format!(
         "{} PASS, {} FAIL; exactly-once {}; outcomes {}; {} mode(s) failed to run",
@@ -526,6 +568,7 @@ impl Step {
     fn label(&self) -> String {
         match self {
             Step::Throughput(c, n) => format!("throughput {c}×{n}"),
+            Step::Pods(c, n, d) => format!("throughput {c}×{n} on {d} daemons"),
             Step::Latency(_) => "latency".into(),
             Step::Cold(a) if a.sandbox == Some(BenchSandbox::Landlock) => "cold (landlock)".into(),
             Step::Cold(_) => "cold".into(),
@@ -541,6 +584,7 @@ impl Step {
 async fn run_step(s: &Settings, step: &Step) -> Result<Measured> {
     match step {
         Step::Throughput(c, n) => modes::throughput(s, *c, *n).await,
+        Step::Pods(c, n, d) => modes::throughput_on(s, *c, *n, *d).await,
         Step::Latency(a) => modes::latency(s, a.turns, a.warmup).await,
         Step::Cold(a) => {
             let landlock = a.sandbox == Some(BenchSandbox::Landlock);

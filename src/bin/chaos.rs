@@ -28,6 +28,8 @@ mod client;
 mod cluster;
 #[path = "chaos/faults.rs"]
 mod faults;
+#[path = "chaos/proxy.rs"]
+mod proxy;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -667,8 +669,10 @@ async fn drive(
         clock,
         end: Instant::now(),
     };
-    let found = check::violations(&inputs);
+    let mut found = check::violations(&inputs);
     let slack = Duration::from_secs(2);
+    let (roll_found, roll_lines) = check::roll(&inputs, slack);
+    found.extend(roll_found);
     let table = check::table(&inputs, kinds, &found, slack);
 
     let reruns = logs.runs.values().filter(|r| r.len() > 1).count();
@@ -688,6 +692,9 @@ async fn drive(
         started.elapsed().as_secs_f64()
     );
     say!(cli, "{}", table.render());
+    for line in &roll_lines {
+        say!(cli, "{line}");
+    }
     say!(
         cli,
         "worker processes: {} started, {} logged exits; turns given to a worker: {}; turns given to two workers (first one died first): {reruns}",

@@ -339,8 +339,12 @@ pub async fn delete_topology(prefix: &str) {
     let Ok(ch) = conn.create_channel().await else {
         return;
     };
-    let mut queues =
-        vec![format!("{prefix}.inbox"), format!("{prefix}.retry"), format!("{prefix}.parked")];
+    let mut queues = vec![
+        format!("{prefix}.inbox"),
+        format!("{prefix}.retry"),
+        format!("{prefix}.parked"),
+        format!("{prefix}.owners"),
+    ];
     // The outage tests' durable reply queue (tests/outage.rs).
     queues.push(format!("{prefix}.outage-replies"));
     queues.extend((1..10).map(|k| format!("{prefix}.retry.{k}")));
@@ -446,6 +450,26 @@ impl Client {
                 "turn.test".into(),
                 BasicPublishOptions::default(),
                 body,
+                props,
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "broker nacked a turn");
+    }
+
+    /// Publishes a turn with these AMQP headers (e.g. forged broker headers), confirmed.
+    pub async fn publish_with_headers(&self, turn: &Value, headers: FieldTable) {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_headers(headers);
+        let confirm = self
+            .publisher
+            .basic_publish(
+                format!("{}.turns", self.prefix).as_str().into(),
+                "turn.test".into(),
+                BasicPublishOptions::default(),
+                turn.to_string().as_bytes(),
                 props,
             )
             .await
@@ -1091,4 +1115,62 @@ pub async fn read_parked_queue(
     }
     let _ = ch.close(200, "done".into()).await;
     out
+}
+
+/// A producer as CONTRACT §4 describes one: its own channel with publisher confirms, each turn
+/// published only after the previous one's confirm. Publishes `turns` in order to
+/// `<prefix>.turns` (routing key `turn.<organizationId>`), then closes its channel.
+pub async fn publish_confirmed_in_order(conn: &Connection, prefix: &str, turns: &[Value]) {
+    let ch = conn.create_channel().await.expect("producer channel");
+    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
+    let exchange = format!("{prefix}.turns");
+    for t in turns {
+        let key = format!("turn.{}", t["organizationId"].as_str().unwrap_or("_"));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"));
+        let confirm = ch
+            .basic_publish(
+                exchange.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                t.to_string().as_bytes(),
+                props,
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "broker nacked a turn");
+    }
+    let _ = ch.close(200, "published".into()).await;
+}
+
+/// Accept-order inversions: for each conversation (turns in publish order), the pairs of
+/// consecutive turns whose accept sequence (`turnd_turns.seq`) goes backwards. Turns not
+/// armed are reported as missing.
+pub async fn accept_inversions(
+    pool: &PgPool,
+    conversations: &[Vec<Value>],
+) -> (Vec<String>, Vec<String>) {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT message_id, seq FROM turnd_turns").fetch_all(pool).await.unwrap();
+    let seq: HashMap<String, i64> = rows.into_iter().collect();
+    let mut inversions = Vec::new();
+    let mut missing = Vec::new();
+    for turns in conversations {
+        let mut last: Option<(String, i64)> = None;
+        for t in turns {
+            let id = mid(t);
+            let Some(&s) = seq.get(&id) else {
+                missing.push(id);
+                continue;
+            };
+            if let Some((prev, ps)) = &last
+                && *ps > s
+            {
+                inversions.push(format!("{prev} (seq {ps}) accepted after {id} (seq {s})"));
+            }
+            last = Some((id, s));
+        }
+    }
+    (inversions, missing)
 }

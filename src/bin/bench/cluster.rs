@@ -75,6 +75,10 @@ pub struct Cluster {
     pub deployments: BTreeSet<String>,
     daemon: Option<Child>,
     pid: u32,
+    /// The daemon's environment, for its peers.
+    env: Vec<(String, String)>,
+    /// More daemons on the same database and prefix (`pods`): each with its log.
+    peers: Vec<(Child, PathBuf)>,
     admin_url: String,
     amqp_url: String,
     keep: bool,
@@ -142,6 +146,8 @@ impl Cluster {
             deployments: BTreeSet::new(),
             daemon: None,
             pid: 0,
+            env: env.clone(),
+            peers: Vec::new(),
             admin_url: s.admin_url.clone(),
             amqp_url: s.amqp_url.clone(),
             keep: s.keep,
@@ -213,6 +219,60 @@ impl Cluster {
         self.pid
     }
 
+    /// Starts `n` more daemons on the same database and prefix (pods of one cluster), each
+    /// with its own id and log, and waits until each is ready.
+    pub async fn add_peers(&mut self, s: &Settings, n: usize) -> Result<()> {
+        for k in 1..=n {
+            let log = self.dir.join(format!("turnd-peer{k}.log"));
+            let file =
+                fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+            let err = file.try_clone().context("duplicate the log file handle")?;
+            let mut env = self.env.clone();
+            env.retain(|(k, _)| k != "TURND_DAEMON__ID");
+            env.push(("TURND_DAEMON__ID".into(), format!("{}-peer{k}", self.daemon_id)));
+            let mut child = Command::new(&s.turnd)
+                .arg("run")
+                .arg("--config")
+                .arg(self.dir.join("turnd.toml"))
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+                .env("NO_COLOR", "1")
+                .envs(env)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(file))
+                .stderr(Stdio::from(err))
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("start peer {k}"))?;
+            let started = Instant::now();
+            loop {
+                if fs::read_to_string(&log).is_ok_and(|t| t.contains("turnd ready")) {
+                    break;
+                }
+                if let Some(status) = child.try_wait().context("wait for a peer")? {
+                    bail!("peer {k} exited before it was ready ({status}); see {}", log.display());
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    bail!("peer {k} was not ready within 60 s; see {}", log.display());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.peers.push((child, log));
+        }
+        Ok(())
+    }
+
+    /// How many daemons (the first and its peers) own deployments now.
+    pub async fn owners(&self) -> usize {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(DISTINCT owner) FROM turnd_deployments WHERE owner IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_or(0, |n| n as usize)
+    }
+
     /// A line of /proc/<daemon>/status in kB (VmRSS, RssAnon, VmHWM) or count (Threads).
     pub fn proc_status(&self, key: &str) -> Option<u64> {
         proc_status(self.pid, key)
@@ -251,6 +311,15 @@ impl Cluster {
 
     /// SIGTERM, then waits for the exit (shutdown.grace is 5 s; SIGKILL after 60 s).
     pub async fn stop(&mut self) -> Result<Stopped> {
+        for (mut peer, _) in self.peers.drain(..) {
+            if let Some(pid) = peer.id() {
+                // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(Duration::from_secs(60), peer.wait()).await.is_err() {
+                let _ = peer.kill().await;
+            }
+        }
         let Some(mut child) = self.daemon.take() else { bail!("turnd is not running") };
         let started = Instant::now();
         // SAFETY: kill(2) on the pid of a child we have not reaped yet.
@@ -323,6 +392,9 @@ impl Cluster {
     /// Stops what is left, drops the database and deletes the prefix's broker objects.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
+        for (mut peer, _) in self.peers.drain(..) {
+            let _ = peer.kill().await;
+        }
         if let Some(mut child) = self.daemon.take() {
             let _ = child.kill().await;
         }
@@ -397,8 +469,12 @@ async fn teardown(
     deployments: &BTreeSet<String>,
 ) {
     drop_database(admin_url, db_name).await;
-    let mut queues =
-        vec![format!("{prefix}.inbox"), format!("{prefix}.retry"), format!("{prefix}.parked")];
+    let mut queues = vec![
+        format!("{prefix}.inbox"),
+        format!("{prefix}.retry"),
+        format!("{prefix}.parked"),
+        format!("{prefix}.owners"),
+    ];
     queues.extend((1..max_attempts.max(10)).map(|k| format!("{prefix}.retry.{k}")));
     queues.extend(deployments.iter().map(|d| format!("{prefix}.thread.{d}")));
     let exchanges = ["turns", "replies", "retry"].map(|e| format!("{prefix}.{e}"));

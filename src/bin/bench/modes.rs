@@ -42,11 +42,28 @@ struct DbState {
 // ---------------------------------------------------------------------------------------------
 
 pub async fn throughput(s: &Settings, conversations: usize, turns: u32) -> Result<Measured> {
+    throughput_on(s, conversations, turns, 1).await
+}
+
+/// `throughput` with `daemons` daemons on one database and prefix (`pods`): one of them is
+/// the active intake, workers spread over all of them.
+pub async fn throughput_on(
+    s: &Settings,
+    conversations: usize,
+    turns: u32,
+    daemons: usize,
+) -> Result<Measured> {
     ensure!(conversations > 0 && turns > 0, "throughput needs conversations and turns > 0");
-    let label = format!("throughput {conversations}×{turns}");
+    ensure!(daemons > 0, "pods needs at least one daemon");
+    let label = if daemons == 1 {
+        format!("throughput {conversations}×{turns}")
+    } else {
+        format!("throughput {conversations}×{turns} on {daemons} daemons")
+    };
     let max_workers = (conversations + 16).max(256).to_string();
     let extra = [("TURND_WORKER__MAX_WORKERS", max_workers)];
     run(s, "throughput", label.clone(), &extra, async |cluster, client| {
+        cluster.add_peers(s, daemons - 1).await?;
         let mut maker = Turns::default();
         warm_up(cluster, client, &mut maker, 4).await?;
         let convs: Vec<String> = (0..conversations).map(|i| format!("t{i:04}")).collect();
@@ -71,7 +88,13 @@ pub async fn throughput(s: &Settings, conversations: usize, turns: u32) -> Resul
             batch.iter().filter_map(|t| client.latency(&t.message_id)).map(nanos).collect(),
         );
         let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+        let owners = cluster.owners().await;
         let mut notes = vec![cpu.human(total)];
+        if daemons > 1 {
+            notes.push(format!(
+                "{daemons} daemons, {owners} of them own deployments (CPU above: the first daemon only)"
+            ));
+        }
         notes.extend(perf.iter().map(|p| format!("perf profile: {}", p.display())));
         Ok(Partial {
             line: format!(
@@ -88,6 +111,8 @@ pub async fn throughput(s: &Settings, conversations: usize, turns: u32) -> Resul
                 "elapsed_s": elapsed.as_secs_f64(),
                 "publish_s": publish.as_secs_f64(),
                 "turns_per_s": rate,
+                "daemons": daemons,
+                "owning_daemons": owners,
                 "latency": lat.json(),
                 "cpu": cpu.json(total),
                 "perf_data": perf,

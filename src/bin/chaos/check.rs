@@ -510,3 +510,70 @@ impl Table {
         )
     }
 }
+
+/// The rolling-restart bound (issue 16): no reply turn in flight during a roll fails, and
+/// their p99 (publish → terminal event) is at most this.
+pub const ROLL_P99: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Checks the turns in flight during each `roll` fault (and during no other fault) whose
+/// worker was to reply: each must get its reply, and their p99 latency must stay within
+/// [`ROLL_P99`]. Returns the violations and one summary line per roll.
+pub fn roll(inp: &Inputs<'_>, slack: std::time::Duration) -> (Vec<Violation>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut lines = Vec::new();
+    for f in inp.faults.iter().filter(|f| f.kind == Kind::Roll && f.skipped.is_none()) {
+        let others: Vec<&Injected> =
+            inp.faults.iter().filter(|o| o.kind != Kind::Roll && o.skipped.is_none()).collect();
+        let mut latencies = Vec::new();
+        let mut failed = 0;
+        for s in inp.sent.iter().filter(|s| chosen_outcome(s.action) == "reply") {
+            let first = inp.events.by_message.get(&s.message_id).and_then(|e| e.first());
+            let answered = first.map(|e| e.at);
+            if !overlaps(s, answered, f, slack, inp.end)
+                || others.iter().any(|o| overlaps(s, answered, o, slack, inp.end))
+            {
+                continue;
+            }
+            let outcome = first.map_or_else(|| "LOST".to_owned(), |e| e.outcome());
+            if outcome != "reply" {
+                failed += 1;
+                found.push(Violation {
+                    what: "roll: a turn failed",
+                    detail: format!("{} ended {outcome} during a rolling restart", s.message_id),
+                    message_id: Some(s.message_id.clone()),
+                    at_ns: None,
+                });
+            }
+            if let (Some(p), Some(a)) = (s.published, answered) {
+                latencies.push(a.saturating_duration_since(p));
+            }
+        }
+        latencies.sort();
+        let pct = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or_default()
+        };
+        let (p50, p99) = (pct(0.50), pct(0.99));
+        let max = latencies.last().copied().unwrap_or_default();
+        lines.push(format!(
+            "roll ({}): {} reply turns in flight, {failed} failed, latency p50 {} ms, p99 {} ms, max {} ms (bound p99 ≤ {} ms)",
+            f.target,
+            latencies.len(),
+            p50.as_millis(),
+            p99.as_millis(),
+            max.as_millis(),
+            ROLL_P99.as_millis()
+        ));
+        if p99 > ROLL_P99 {
+            found.push(Violation {
+                what: "roll: p99 over the bound",
+                detail: format!("p99 {} ms during a rolling restart", p99.as_millis()),
+                message_id: None,
+                at_ns: Some(inp.clock.unix_ns(f.end)),
+            });
+        }
+    }
+    (found, lines)
+}

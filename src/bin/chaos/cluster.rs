@@ -35,6 +35,10 @@ pub struct Daemon {
     pub pid: Option<u32>,
     /// How many times this daemon was started.
     pub starts: u32,
+    /// Its own way to PostgreSQL (the `partition` fault silences it).
+    pub pg: crate::proxy::PgProxy,
+    /// The database URL through `pg`.
+    pub db_url: String,
 }
 
 pub struct Cluster {
@@ -132,9 +136,21 @@ impl Cluster {
         turnd::store::MIGRATOR.run(&pool).await.context("apply turnd's migrations")?;
 
         let mut daemons = Vec::new();
+        let target = url::Url::parse(&db_url)?;
+        let pg_port = target.port().unwrap_or(5432);
+        anyhow::ensure!(
+            matches!(target.host_str(), Some("127.0.0.1" | "localhost")),
+            "the partition proxies forward to 127.0.0.1 only: --database-url must be local"
+        );
         for i in 0..s.daemons {
             let id = format!("chaos-{tag}-d{i}");
+            let pg = crate::proxy::PgProxy::start(pg_port).await?;
+            let mut proxied = target.clone();
+            proxied.set_host(Some("127.0.0.1"))?;
+            let _ = proxied.set_port(Some(pg.port));
             daemons.push(Daemon {
+                pg,
+                db_url: proxied.to_string(),
                 log: dir.join(format!("d{i}.log")),
                 id,
                 port: free_port()?,
@@ -177,6 +193,7 @@ impl Cluster {
             .env("NO_COLOR", "1")
             .envs(env)
             .env("TURND_DAEMON__ID", &d.id)
+            .env("TURND_DATABASE__URL", &d.db_url)
             .env("TURND_HTTP__LISTEN", format!("127.0.0.1:{}", d.port))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
@@ -280,6 +297,7 @@ impl Cluster {
                 format!("{p}.retry"),
                 format!("{p}.parked"),
                 format!("{p}.chaos-replies"),
+                format!("{p}.owners"),
             ];
             queues.extend((1..16).map(|k| format!("{p}.retry.{k}")));
             queues.extend(deployments.iter().map(|d| format!("{p}.thread.{d}")));

@@ -21,10 +21,12 @@ pub enum Kind {
     AmqpClose,
     AmqpRestart,
     PgRestart,
+    Roll,
+    Partition,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 11] = [
         Kind::WorkerKill,
         Kind::WorkerExit0,
         Kind::DaemonKill,
@@ -34,6 +36,8 @@ impl Kind {
         Kind::AmqpClose,
         Kind::AmqpRestart,
         Kind::PgRestart,
+        Kind::Roll,
+        Kind::Partition,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +51,8 @@ impl Kind {
             Kind::AmqpClose => "amqp-close",
             Kind::AmqpRestart => "amqp-restart",
             Kind::PgRestart => "pg-restart",
+            Kind::Roll => "roll",
+            Kind::Partition => "partition",
         }
     }
 
@@ -63,6 +69,12 @@ impl Kind {
             Kind::AmqpClose => "rabbitmqctl close_all_connections",
             Kind::AmqpRestart => "rabbitmqctl stop_app, 2-6 s, start_app",
             Kind::PgRestart => "pg_ctlcluster <version> main restart",
+            Kind::Roll => {
+                "a rolling restart: SIGTERM (exit 0) and start again each daemon in turn under load; no reply turn in flight may fail, p99 ≤ 3 s"
+            }
+            Kind::Partition => {
+                "a daemon's PostgreSQL link goes silent (its proxy forwards nothing, closes nothing; the server side drops after 11 s): its workers must stop within 15 s; then healed"
+            }
         }
     }
 
@@ -220,6 +232,26 @@ impl Drop for ServiceGuard {
                 .status();
         }
     }
+}
+
+/// How soon a partitioned daemon must have stopped its workers (issue 16).
+pub const PARTITION_BOUND: Duration = Duration::from_secs(15);
+
+/// Live (not zombie) processes whose parent is `pid`: a daemon's workers.
+pub fn children_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let rest = stat.rsplit(')').next().unwrap_or("").trim_start().to_owned();
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        let ppid: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == pid && state != "Z" {
+            out.push(child);
+        }
+    }
+    out
 }
 
 /// Pids of live test workers whose deployment has a running turn, then any live worker.
@@ -424,6 +456,94 @@ pub async fn inject(
                     }
                 }
                 Err(e) => skipped = Some(format!("{e:#}")),
+            }
+        }
+        Kind::Roll => {
+            let grace = cluster.config.shutdown.grace + cluster.config.worker.stop_timeout;
+            let mut rolled = Vec::new();
+            for i in 0..cluster.daemons.len() {
+                if !cluster.running(i) {
+                    continue;
+                }
+                let id = cluster.daemons[i].id.clone();
+                if let Err(e) = cluster.terminate(i, grace + Duration::from_secs(20)).await {
+                    problems.push(format!("daemon {id} {e}"));
+                }
+                if let Err(e) = cluster.start(i).await {
+                    problems.push(format!("daemon {id} did not come back: {e:#}"));
+                }
+                rolled.push(id);
+            }
+            if rolled.is_empty() {
+                skipped = Some("no running daemon".into());
+            } else {
+                target = rolled.join(", ");
+            }
+        }
+        Kind::Partition => {
+            // The daemon with the most live workers, so the stop is measured on something.
+            let live = running_daemons(cluster);
+            let busiest = live
+                .iter()
+                .copied()
+                .max_by_key(|i| cluster.daemons[*i].pid.map_or(0, |p| children_of(p).len()));
+            match busiest {
+                None => skipped = Some("no running daemon".into()),
+                Some(i) => {
+                    let id = cluster.daemons[i].id.clone();
+                    let pid = cluster.daemons[i].pid.unwrap_or(0);
+                    let workers = children_of(pid).len();
+                    let silenced = Instant::now();
+                    cluster.daemons[i].pg.silence();
+                    let mut stopped = None;
+                    while silenced.elapsed() < PARTITION_BOUND + Duration::from_secs(10) {
+                        if children_of(pid).is_empty() {
+                            stopped = Some(silenced.elapsed());
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    match stopped {
+                        Some(took) => {
+                            target = format!(
+                                "{id}: {workers} worker(s) stopped {:.1} s after its PostgreSQL link went silent",
+                                took.as_secs_f64()
+                            );
+                            if took > PARTITION_BOUND {
+                                problems.push(format!(
+                                    "{id}'s workers stopped {:.1} s after the partition (bound {PARTITION_BOUND:?})",
+                                    took.as_secs_f64()
+                                ));
+                            }
+                        }
+                        None => {
+                            target = format!("{id}: {workers} worker(s)");
+                            problems.push(format!(
+                                "{id} still has workers {:.0} s into the partition",
+                                silenced.elapsed().as_secs_f64()
+                            ));
+                        }
+                    }
+                    // Long enough for the server to drop the silent side (and free the
+                    // locks), then heal; the daemon must serve again.
+                    let hold = crate::proxy::SERVER_NOTICES + Duration::from_secs(1);
+                    if let Some(rest) = hold.checked_sub(silenced.elapsed()) {
+                        tokio::time::sleep(rest).await;
+                    }
+                    cluster.daemons[i].pg.heal();
+                    let healed = Instant::now();
+                    let mut ready = false;
+                    while healed.elapsed() < Duration::from_secs(30) {
+                        if cluster.readyz(i).await == Some(200) {
+                            ready = true;
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    if !ready {
+                        problems.push(format!("{id} not ready 30 s after the partition healed"));
+                    }
+                }
             }
         }
         Kind::PgRestart => {
