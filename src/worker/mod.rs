@@ -580,6 +580,16 @@ mod tests {
         command: Vec<String>,
         base_env: BTreeMap<String, String>,
     ) -> Result<Worker, SpawnError> {
+        spawn_confined(spawner, state_dir, command, base_env, None).await
+    }
+
+    async fn spawn_confined(
+        spawner: &Spawner,
+        state_dir: &Path,
+        command: Vec<String>,
+        base_env: BTreeMap<String, String>,
+        landlock: Option<Arc<sandbox::Landlock>>,
+    ) -> Result<Worker, SpawnError> {
         let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
         let who = Identity {
             deployment: &name,
@@ -595,7 +605,7 @@ mod tests {
             max_line_bytes: 1024,
             turn_deadline: Duration::from_secs(5),
             sandbox_prefix: Vec::new(),
-            landlock: None,
+            landlock,
         };
         Worker::spawn(spawner, &spec, &who).await
     }
@@ -893,24 +903,10 @@ mod tests {
             daemon = std::process::id(),
         );
         let command = ["/bin/sh", "-c", &script].map(str::to_owned).to_vec();
-        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
-        let who = Identity {
-            deployment: &name,
-            agent_id: "unit",
-            organization_id: None,
-            conversation_key: "c",
-            epoch: Epoch::new(1),
-        };
-        let spec = WorkerSpec {
-            command,
-            base_env: base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new()),
-            state_dir: dir.path().to_path_buf(),
-            max_line_bytes: 1024,
-            turn_deadline: Duration::from_secs(5),
-            sandbox_prefix: Vec::new(),
-            landlock: Some(Arc::new(landlock)),
-        };
-        let mut w = Worker::spawn(&spawner, &spec, &who).await.unwrap();
+        let env = base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new());
+        let mut w = spawn_confined(&spawner, dir.path(), command, env, Some(Arc::new(landlock)))
+            .await
+            .unwrap();
         let first = tokio::time::timeout(Duration::from_secs(10), w.next_event()).await.unwrap();
         assert!(matches!(first, Some(WorkerEvent::Line(WorkerLine::Heartbeat))), "{first:?}");
         let ws = workspace(dir.path(), None, "unit");
@@ -936,6 +932,7 @@ mod tests {
             "{result}"
         );
         assert!(!dir.path().join("outside").exists());
+        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
         assert!(!private_tmp(&ws, &name).exists(), "the private TMPDIR goes with the worker");
     }
 
