@@ -6,9 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(20);
@@ -190,29 +188,8 @@ async fn invalid_turns_are_parked_with_a_reason_and_the_daemon_keeps_serving() {
     assert!(e.body["error"]["message"].as_str().unwrap().contains("runId"));
 
     // Six parked, each with code and a reason naming the field.
-    let ch = client.conn.create_channel().await.unwrap();
-    let parked = format!("{}.parked", cluster.prefix);
-    ch.queue_declare(
-        parked.as_str().into(),
-        QueueDeclareOptions { passive: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            parked.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let mut reasons = Vec::new();
-    while reasons.len() < 6 {
-        let d =
-            tokio::time::timeout(T, consumer.next()).await.expect("parked turns").unwrap().unwrap();
-        let h = d.properties.headers().clone().unwrap();
+    for (_, h) in read_parked_queue(&client, 6, T).await {
         let get = |k: &str| match h.inner().get(k) {
             Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
             other => panic!("header {k}: {other:?}"),
