@@ -797,24 +797,11 @@ mod tests {
         let script = "exec 3<&0; while read x <&3; do \
             if read l < /proc/self/status; then echo ok >> r; else echo denied >> r; fi; \
             echo '{\"type\":\"heartbeat\"}'; done";
-        let name = DeploymentName::from_trusted("unit-0123456789abcdef".to_owned());
-        let who = Identity {
-            deployment: &name,
-            agent_id: "unit",
-            organization_id: None,
-            conversation_key: "c",
-            epoch: Epoch::new(1),
-        };
-        let spec = WorkerSpec {
-            command: ["/bin/sh", "-c", script].map(str::to_owned).to_vec(),
-            base_env: base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new()),
-            state_dir: dir.path().to_path_buf(),
-            max_line_bytes: 1024,
-            turn_deadline: Duration::from_secs(5),
-            sandbox_prefix: Vec::new(),
-            landlock: Some(Arc::new(landlock)),
-        };
-        let mut w = Worker::spawn(&spawner, &spec, &who).await.unwrap();
+        let command = ["/bin/sh", "-c", script].map(str::to_owned).to_vec();
+        let env = base_env([("PATH".to_owned(), "/usr/bin:/bin".to_owned())], &BTreeMap::new());
+        let mut w = spawn_confined(&spawner, dir.path(), command, env, Some(Arc::new(landlock)))
+            .await
+            .unwrap();
         let probe = async |w: &mut Worker| {
             w.send(b"probe\n").await.unwrap();
             let e = tokio::time::timeout(Duration::from_secs(5), w.next_event()).await.unwrap();
