@@ -168,28 +168,10 @@ impl Cluster {
             .run(&self.pool)
             .await
             .with_context(|| format!("apply turnd's migrations to {}", self.db_name))?;
-        let file = fs::File::create(&self.log)
-            .with_context(|| format!("create {}", self.log.display()))?;
-        let err = file.try_clone().context("duplicate the log file handle")?;
         let empty_config = self.dir.join("turnd.toml");
         fs::write(&empty_config, "# every setting comes from TURND_* variables\n")
             .with_context(|| format!("write {}", empty_config.display()))?;
-        let mut cmd = Command::new(&s.turnd);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&empty_config)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
-            .env("NO_COLOR", "1")
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(err))
-            // Its own group: a Ctrl-C at the terminal reaches the harness, which stops it.
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
+        let mut child = spawn_run(s, &empty_config, &self.log, env)
             .with_context(|| format!("start {} run (see --turnd)", s.turnd.display()))?;
         self.pid = child.id().context("turnd exited at once")?;
         let started = Instant::now();
@@ -224,26 +206,10 @@ impl Cluster {
     pub async fn add_peers(&mut self, s: &Settings, n: usize) -> Result<()> {
         for k in 1..=n {
             let log = self.dir.join(format!("turnd-peer{k}.log"));
-            let file =
-                fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-            let err = file.try_clone().context("duplicate the log file handle")?;
             let mut env = self.env.clone();
             env.retain(|(k, _)| k != "TURND_DAEMON__ID");
             env.push(("TURND_DAEMON__ID".into(), format!("{}-peer{k}", self.daemon_id)));
-            let mut child = Command::new(&s.turnd)
-                .arg("run")
-                .arg("--config")
-                .arg(self.dir.join("turnd.toml"))
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
-                .env("NO_COLOR", "1")
-                .envs(env)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(file))
-                .stderr(Stdio::from(err))
-                .process_group(0)
-                .kill_on_drop(true)
-                .spawn()
+            let mut child = spawn_run(s, &self.dir.join("turnd.toml"), &log, env)
                 .with_context(|| format!("start peer {k}"))?;
             let started = Instant::now();
             loop {
@@ -607,4 +573,31 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// `turnd run --config <config>` with exactly `env` (plus PATH), its output into `log`.
+fn spawn_run(
+    s: &Settings,
+    config: &Path,
+    log: &Path,
+    env: Vec<(String, String)>,
+) -> Result<tokio::process::Child> {
+    let file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let err = file.try_clone().context("duplicate the log file handle")?;
+    Command::new(&s.turnd)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+        .env("NO_COLOR", "1")
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(err))
+        // Its own group: a Ctrl-C at the terminal reaches the harness, which stops it.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn")
 }
