@@ -19,7 +19,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
 
 use super::AppState;
-use super::api::{self, Cluster, Deployments, ParkedDetail, ParkedList, Turns};
+use super::views::{self, Cluster, Deployments, ParkedDetail, ParkedList, Turns};
 use crate::store::{
     ConsoleDeployment, EVENT_BUCKET_SECONDS, EVENT_WINDOW_SECONDS, EventBucket, StoreError,
 };
@@ -53,19 +53,19 @@ struct Overview {
 }
 
 async fn overview(s: &AppState, q: Option<&str>) -> Result<Overview, StoreError> {
-    let deployments = api::deployments_view(s, q, api::DEFAULT_DEPLOYMENTS).await?;
+    let deployments = views::deployments_view(s, q, views::DEFAULT_DEPLOYMENTS).await?;
     let all_deployments = match deployments.q {
         Some(_) => {
-            Some(api::deployments_view(s, None, api::DEFAULT_DEPLOYMENTS).await?.deployments)
+            Some(views::deployments_view(s, None, views::DEFAULT_DEPLOYMENTS).await?.deployments)
         }
         None => None,
     };
     Ok(Overview {
-        cluster: api::cluster_view(s).await?,
+        cluster: views::cluster_view(s).await?,
         deployments,
         all_deployments,
-        turns: api::turns_view(s).await?,
-        parked: api::parked_view(s, None, api::DEFAULT_PARKED).await?,
+        turns: views::turns_view(s).await?,
+        parked: views::parked_view(s, None, views::DEFAULT_PARKED).await?,
     })
 }
 
@@ -91,7 +91,7 @@ async fn index(State(s): State<AppState>, Query(q): Query<IndexQuery>) -> Respon
 
 async fn parked_page(State(s): State<AppState>, Path(id): Path<i64>) -> Response {
     let nonce = uuid::Uuid::new_v4().simple().to_string();
-    match api::parked_detail(&s, id).await {
+    match views::parked_detail(&s, id).await {
         Ok(Some(d)) => {
             let title = format!("turnd · parked #{id} {}", d.parked.code);
             respond(StatusCode::OK, page(&s, &nonce, &title, parked_detail(&s, &d)))
@@ -536,7 +536,7 @@ fn parked_section(p: &ParkedList, actions: bool) -> Markup {
                         b { (c.code) } " " (c.total) " (" (c.not_replayed) " not replayed, " (c.last_hour) " in the last hour)"
                     }
                     @if p.by_code.is_empty() { "nothing parked" }
-                    @else if p.parked.len() as i64 >= api::DEFAULT_PARKED { " · newest " (api::DEFAULT_PARKED) " shown" }
+                    @else if p.parked.len() as i64 >= views::DEFAULT_PARKED { " · newest " (views::DEFAULT_PARKED) " shown" }
                 }
             }
             @if !p.parked.is_empty() {

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 mod access;
 mod api;
 mod console;
+mod views;
 
 use crate::broker::Broker;
 use crate::config::{Config, HttpConfig, Secret};

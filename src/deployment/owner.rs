@@ -1,288 +1,11 @@
-//! Deployments this daemon owns: one task per deployment holding its cross-pod lock, its
-//! worker and its thread-queue consumer, and the registry that maps names to those tasks.
-//!
-//! ```text
-//! daemon ──(has many)──► deployment task ──(owns 0..1)──► worker process (own group)
-//!                            │ holds: advisory lock (epoch), thread-queue consumer
-//!                            │ runs:  claim → write turn → reply/error → commit → next
-//!                            └ ends:  worker exited, then registry removal, then unlock
-//! ```
-//!
-//! **Architecture invariant**: a deployment task spawns a worker only while it holds the
-//! deployment's lock, and releases the lock only after the worker has exited (or never, when
-//! the lock session was lost — the server already freed it). Idle reaping, eviction at
-//! `worker.max_workers`, crash handling and graceful stop all live here.
+//! One owned deployment's task: take-over, claim, worker I/O, deadlines, commit, idle and
+//! eviction, crash handling and stop.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use tokio::sync::Notify;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-use crate::broker::Broker;
-use crate::config::Config;
-use crate::event::{Envelope, Outcome};
-use crate::lock::{Held, LockSession};
-use crate::relay::RelayHandle;
-use crate::store::{Claimed, Store};
-use crate::turn::{DeploymentName, Epoch, ErrorCode};
-use crate::worker::protocol::turn_line;
-use crate::worker::{Identity, Spawner, Worker, WorkerEvent, WorkerLine, WorkerSpec};
-
-/// What every deployment task shares.
-#[derive(Debug)]
-pub struct Ctx {
-    pub config: Arc<Config>,
-    pub store: Store,
-    pub locks: LockSession,
-    pub broker: Broker,
-    pub spawner: Spawner,
-    pub relay: RelayHandle,
-    pub spec: WorkerSpec,
-    pub daemon_id: String,
-    /// Cancelled on SIGTERM: finish running turns, claim no more.
-    pub drain: CancellationToken,
-    /// Cancelled when the grace is over (or on a second signal): stop now.
-    pub hard: CancellationToken,
-}
-
-/// The registry's view of one deployment task.
-#[derive(Debug)]
-struct Entry {
-    nudge: Arc<Notify>,
-    evict: CancellationToken,
-    busy: Arc<AtomicBool>,
-    /// Milliseconds since the registry's start when the deployment last finished a turn.
-    last_active: Arc<AtomicU64>,
-    has_worker: Arc<AtomicBool>,
-}
-
-/// Owned deployments by name.
-#[derive(Debug, Clone)]
-pub struct Deployments {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    ctx: Ctx,
-    entries: Mutex<HashMap<DeploymentName, Entry>>,
-    tasks: TaskTracker,
-    started: Instant,
-}
-
-impl Deployments {
-    pub fn new(ctx: Ctx) -> Deployments {
-        Deployments {
-            inner: Arc::new(Inner {
-                ctx,
-                entries: Mutex::new(HashMap::new()),
-                tasks: TaskTracker::new(),
-                started: Instant::now(),
-            }),
-        }
-    }
-
-    pub fn ctx(&self) -> &Ctx {
-        &self.inner.ctx
-    }
-
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentName, Entry>> {
-        // A poisoned registry means a panic elsewhere already; keep serving what is there.
-        self.inner.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn live_workers(&self) -> usize {
-        self.entries().values().filter(|e| e.has_worker.load(Ordering::Relaxed)).count()
-    }
-
-    /// Wakes a locally owned deployment (a doorbell that skips the broker). False when this
-    /// daemon does not own it.
-    pub fn nudge(&self, name: &DeploymentName) -> bool {
-        match self.entries().get(name) {
-            Some(e) => {
-                e.nudge.notify_one();
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Makes sure each deployment has an owner somewhere: for those not owned here, tries the
-    /// lock (batched on the lock session) and starts a task for each lock won. A lock held
-    /// elsewhere means that daemon's owner consumes the doorbell.
-    pub async fn ensure_owners(&self, names: Vec<DeploymentName>) {
-        let ctx = &self.inner.ctx;
-        if ctx.drain.is_cancelled() {
-            return;
-        }
-        let mut wanted = Vec::new();
-        {
-            let mut entries = self.entries();
-            for name in names {
-                if entries.contains_key(&name) || wanted.contains(&name) {
-                    continue;
-                }
-                if !self.make_room(&mut entries) {
-                    tracing::debug!(deployment = %name, "at worker.max_workers with no idle worker; leaving it for adoption");
-                    break;
-                }
-                // Reserve the slot while the lock is tried.
-                entries.insert(name.clone(), Entry::new(self.now_ms()));
-                wanted.push(name);
-            }
-        }
-        if wanted.is_empty() {
-            return;
-        }
-        let attempts: Vec<_> = wanted.iter().map(|n| ctx.locks.try_acquire(n.lock_key())).collect();
-        let mut results = Vec::with_capacity(attempts.len());
-        for a in attempts {
-            results.push(a.await);
-        }
-        for (name, result) in wanted.into_iter().zip(results) {
-            match result {
-                Ok(Some(held)) => self.start(name, held),
-                Ok(None) => {
-                    ctx.relay.metrics().lock_contention.inc();
-                    self.entries().remove(&name);
-                }
-                Err(e) => {
-                    tracing::debug!(deployment = %name, error = %e, "cannot try the lock now");
-                    self.entries().remove(&name);
-                }
-            }
-        }
-    }
-
-    /// At `worker.max_workers`, asks the least recently used idle deployment to stop.
-    /// False when every slot is busy.
-    fn make_room(&self, entries: &mut HashMap<DeploymentName, Entry>) -> bool {
-        let max = self.inner.ctx.config.worker.max_workers;
-        // Below the cap without looking at each entry (5,000 of them cost a new conversation
-        // 0.3 ms); at the cap the scan for a victim is needed anyway.
-        if entries.len() < max {
-            return true;
-        }
-        let live = entries.values().filter(|e| !e.evict.is_cancelled()).count();
-        if live < max {
-            return true;
-        }
-        let victim = entries
-            .iter()
-            .filter(|(_, e)| !e.evict.is_cancelled() && !e.busy.load(Ordering::Relaxed))
-            .min_by_key(|(_, e)| e.last_active.load(Ordering::Relaxed))
-            .map(|(n, _)| n.clone());
-        match victim.and_then(|n| entries.get(&n).map(|e| (n, e))) {
-            Some((name, e)) => {
-                tracing::debug!(deployment = %name, "evicting least recently used idle worker");
-                e.evict.cancel();
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn start(&self, name: DeploymentName, held: Held) {
-        let (nudge, evict, busy, last_active, has_worker) = {
-            let entries = self.entries();
-            let Some(e) = entries.get(&name) else { return };
-            (
-                e.nudge.clone(),
-                e.evict.clone(),
-                e.busy.clone(),
-                e.last_active.clone(),
-                e.has_worker.clone(),
-            )
-        };
-        let this = self.clone();
-        self.inner.tasks.spawn(async move {
-            let owner = Owner {
-                d: &this,
-                name: name.clone(),
-                held,
-                nudge,
-                evict,
-                busy,
-                last_active,
-                has_worker,
-            };
-            let end = match panic_message(owner.run()).await {
-                Ok(end) => end,
-                Err(message) => owner.panicked(&message).await,
-            };
-            this.finish(name, held, end).await;
-        });
-    }
-
-    /// After the task's worker has exited: registry removal, then the lock.
-    async fn finish(&self, name: DeploymentName, held: Held, end: End) {
-        let ctx = &self.inner.ctx;
-        self.entries().remove(&name);
-        if end == End::LockLost {
-            return;
-        }
-        if let Err(e) = ctx.store.release_owner(&name, held.epoch).await {
-            tracing::debug!(deployment = %name, error = %e, "cannot clear the owner record");
-        }
-        // Wait until the lock is really free before looking: a turn armed after the look then
-        // finds it free (whichever daemon took the turn in takes the deployment), and one armed
-        // before is seen here. Not waiting left a window where neither happened and the turn
-        // sat until adoption.
-        ctx.locks.release_and_wait(held).await;
-        // A turn armed while this owner was stopping found the lock held and left it to us:
-        // look again now that it is free.
-        if end != End::Shutdown
-            && !ctx.drain.is_cancelled()
-            && let Ok(true) = ctx.store.has_queued(&name).await
-        {
-            Box::pin(self.ensure_owners(vec![name])).await;
-        } else if ctx.drain.is_cancelled()
-            && let Ok(true) = ctx.store.has_queued(&name).await
-        {
-            // Stopping with turns still queued: hand them to another daemon now rather than
-            // after `sweep.adoption_delay` (a rolling restart stays quick).
-            request_owner_elsewhere(ctx, name).await;
-        }
-    }
-
-    /// Waits for every deployment task to end (after `drain`/`hard`).
-    pub async fn wait(&self) {
-        self.inner.tasks.close();
-        self.inner.tasks.wait().await;
-    }
-}
-
-impl Entry {
-    fn new(now_ms: u64) -> Entry {
-        Entry {
-            nudge: Arc::new(Notify::new()),
-            evict: CancellationToken::new(),
-            busy: Arc::new(AtomicBool::new(true)),
-            last_active: Arc::new(AtomicU64::new(now_ms)),
-            has_worker: Arc::new(AtomicBool::new(false)),
-        }
-    }
-}
+use super::registry::*;
+use super::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(super) enum End {
     /// Nothing left to do, or the worker stopped on purpose with nothing queued.
     Done,
     /// The worker died (or could not start): pending turns failed, lock released.
@@ -293,34 +16,34 @@ enum End {
 }
 
 /// The turn being answered.
-struct Running {
-    envelope: Envelope,
+pub(super) struct Running {
+    pub(super) envelope: Envelope,
     /// When the turn was accepted (for the latency histogram).
-    accepted: Instant,
+    pub(super) accepted: Instant,
     /// Local deadline: last heartbeat + turn.deadline (heartbeats stop moving it while the
     /// provider failed; when it lapses the turn fails with the provider's code).
-    deadline: Instant,
-    provider_failed: bool,
-    last_extension: Instant,
+    pub(super) deadline: Instant,
+    pub(super) provider_failed: bool,
+    pub(super) last_extension: Instant,
 }
 
-struct Owner<'a> {
-    d: &'a Deployments,
-    name: DeploymentName,
-    held: Held,
-    nudge: Arc<Notify>,
-    evict: CancellationToken,
-    busy: Arc<AtomicBool>,
-    last_active: Arc<AtomicU64>,
-    has_worker: Arc<AtomicBool>,
+pub(super) struct Owner<'a> {
+    pub(super) d: &'a Deployments,
+    pub(super) name: DeploymentName,
+    pub(super) held: Held,
+    pub(super) nudge: Arc<Notify>,
+    pub(super) evict: CancellationToken,
+    pub(super) busy: Arc<AtomicBool>,
+    pub(super) last_active: Arc<AtomicU64>,
+    pub(super) has_worker: Arc<AtomicBool>,
 }
 
 /// Grace after the deadline before the owner itself fails a silent turn (the sweep would too).
-const LOCAL_DEADLINE_SLACK: Duration = Duration::from_millis(100);
+pub(super) const LOCAL_DEADLINE_SLACK: Duration = Duration::from_millis(100);
 
 /// Heartbeats reach the database at most this often (a write per heartbeat would cost a
 /// statement per line; a longer interval lets the stored deadline lag further behind).
-fn extension_interval(deadline: Duration) -> Duration {
+pub(super) fn extension_interval(deadline: Duration) -> Duration {
     (deadline / 4).max(Duration::from_millis(100))
 }
 
@@ -328,7 +51,7 @@ fn extension_interval(deadline: Duration) -> Duration {
 /// extension interval, since the last heartbeat may not have been written. The sweep (the
 /// backup for an owner that died) may so fail a turn that much late, but never before its
 /// worker was silent for a whole `turn.deadline`; the live owner's own deadline is exact.
-fn stored_deadline(deadline: Duration) -> Duration {
+pub(super) fn stored_deadline(deadline: Duration) -> Duration {
     deadline + extension_interval(deadline)
 }
 
@@ -341,7 +64,7 @@ impl Owner<'_> {
         self.held.epoch
     }
 
-    async fn run(&self) -> End {
+    pub(super) async fn run(&self) -> End {
         let ctx = self.ctx();
         let takeover = match ctx.store.take_over(&self.name, self.epoch(), &ctx.daemon_id).await {
             Ok(t) => t,
@@ -713,7 +436,7 @@ impl Owner<'_> {
 
     /// A bug, not an input: the task's state is gone, but the deployment must not stay
     /// registered (it would never be adopted) nor its turns wait for the sweep.
-    async fn panicked(&self, message: &str) -> End {
+    pub(super) async fn panicked(&self, message: &str) -> End {
         tracing::error!(deployment = %self.name, "deployment task panicked: {message}; failing its turns and releasing it");
         self.ctx().relay.metrics().worker_exit("panic");
         // The worker's handle went with the unwinding, and its I/O task SIGKILLs the group on
@@ -898,10 +621,10 @@ impl Owner<'_> {
 }
 
 /// After a deployment task panicked: time for its worker's group to be killed.
-const PANIC_KILL_GRACE: Duration = Duration::from_millis(500);
+pub(super) const PANIC_KILL_GRACE: Duration = Duration::from_millis(500);
 
 /// Runs `fut`, turning a panic into its message.
-async fn panic_message<T>(fut: impl Future<Output = T>) -> Result<T, String> {
+pub(super) async fn panic_message<T>(fut: impl Future<Output = T>) -> Result<T, String> {
     use futures_lite::FutureExt;
     std::panic::AssertUnwindSafe(fut).catch_unwind().await.map_err(|payload| {
         payload
@@ -912,14 +635,14 @@ async fn panic_message<T>(fut: impl Future<Output = T>) -> Result<T, String> {
     })
 }
 
-async fn next_event(worker: Option<&mut Worker>) -> Option<WorkerEvent> {
+pub(super) async fn next_event(worker: Option<&mut Worker>) -> Option<WorkerEvent> {
     match worker {
         Some(w) => w.next_event().await,
         None => std::future::pending().await,
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+pub(super) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -927,7 +650,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 /// Publishes an owner request for `name` (best effort, bounded: adoption covers a miss).
-async fn request_owner_elsewhere(ctx: &Ctx, name: DeploymentName) {
+pub(super) async fn request_owner_elsewhere(ctx: &Ctx, name: DeploymentName) {
     let Some(session) = ctx.broker.current() else { return };
     let request = async {
         for c in session.request_owners(std::slice::from_ref(&name)).await? {

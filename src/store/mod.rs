@@ -1,0 +1,276 @@
+//! PostgreSQL: turn records (the obligations), the reply outbox, deployment epochs and
+//! crash-loop records, the daemon registry, parked turns.
+//!
+//! **Architecture invariant**: only this module runs SQL (the lock session in `lock` aside),
+//! and every guarantee that spans rows is one statement or one transaction here. The state
+//! election — `UPDATE … SET state = 'done' WHERE state <> 'done'` — and the outbox insert that
+//! follows from it always commit together, so a turn can end only once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
+
+use crate::config::DatabaseConfig;
+use crate::event::{Envelope, Outcome, TerminalEvent};
+use crate::turn::{DeploymentName, Epoch, ErrorCode, MessageId, Turn};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    // The causes are in the message, not also a `source()`: a report that prints the chain
+    // would otherwise say the same cause twice (or three times: sqlx's database error repeats
+    // its own source).
+    #[error("database error: {0}")]
+    Db(sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
+    #[error("invalid database.url: {0}")]
+    Url(String),
+    /// A first connection failed: names the server and the cause, once.
+    #[error("cannot connect to PostgreSQL at {target}: {cause}")]
+    Connect { target: String, cause: String },
+}
+
+/// Where `options` connects, for messages: `host:port, user U, database D` (never a password).
+pub fn describe_target(options: &PgConnectOptions) -> String {
+    let host = options.get_host();
+    let place = if host.starts_with('/') {
+        format!("socket {host}/.s.PGSQL.{}", options.get_port())
+    } else {
+        format!("{host}:{}", options.get_port())
+    };
+    format!(
+        "{place} (user {}, database {})",
+        options.get_username(),
+        options.get_database().unwrap_or(options.get_username())
+    )
+}
+
+/// The innermost cause of an error: what actually went wrong, said once (sqlx's own messages
+/// repeat their source's text).
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    loop {
+        if let Some(sqlx::Error::Database(db)) = cur.downcast_ref::<sqlx::Error>() {
+            return db.message().to_owned();
+        }
+        match cur.source() {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    // The server's own message, without its "at line N" (a line of PostgreSQL's C source).
+    match cur.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        Some(db) => db.message().to_owned(),
+        None => cur.to_string(),
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Db(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> StoreError {
+        StoreError::Migrate(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The most rows any list query returns (parked turns, deployments, daemons, event buckets),
+/// whatever limit a caller asks for: a list answers "what is there", never "give me all of
+/// it", so one request cannot make a daemon read and render an unbounded result. Paging past
+/// it is by filter (`code`, `q`, `since`), not by size.
+pub const MAX_LIST_ROWS: i64 = 1000;
+
+/// `asked` clamped to 1..=[`MAX_LIST_ROWS`].
+pub fn list_limit(asked: i64) -> i64 {
+    asked.clamp(1, MAX_LIST_ROWS)
+}
+
+/// Bounded batches keep each sweep transaction short: locks held for milliseconds, not seconds.
+const FAIL_BATCH: i64 = 500;
+/// Crash-loop guard: this many unrequested worker exits within the window start a back-off…
+pub const CRASH_THRESHOLD: i32 = 5;
+pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// …that doubles from the base with every further death, up to the cap.
+const CRASH_BACKOFF_BASE_MS: i64 = 5_000;
+const CRASH_BACKOFF_MAX_MS: i64 = 300_000;
+
+/// A terminal event committed to the outbox, with its row id for the relay.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub id: i64,
+    pub event: TerminalEvent,
+}
+
+/// The turn an owner claimed: the line for its worker and what its events carry.
+#[derive(Debug)]
+pub struct Claimed {
+    pub line: String,
+    pub envelope: Envelope,
+    /// How long the turn had been accepted when it was claimed (for the latency histogram).
+    pub waited: Duration,
+}
+
+/// What a deployment's worker needs to know about it, read when a daemon takes it over.
+#[derive(Debug, Clone)]
+pub struct DeploymentMeta {
+    pub organization_id: Option<String>,
+    pub agent_id: String,
+    pub conversation_key: String,
+}
+
+#[derive(Debug)]
+pub struct Takeover {
+    /// None when the deployment has no turn record at all (nothing to do).
+    pub meta: Option<DeploymentMeta>,
+    /// Turns left running under an older epoch: failed with WORKER_DIED.
+    pub failed: Vec<Committed>,
+    /// Set while the deployment's crash-loop back-off lasts (milliseconds left).
+    pub backoff_ms: Option<i64>,
+    /// The daemon recorded as owner before this takeover: None when it was released cleanly
+    /// (or never owned).
+    pub previous_owner: Option<String>,
+}
+
+/// A pending turn failed on some path, with what its event needs.
+struct Pending {
+    envelope: Envelope,
+    state: String,
+    provider_code: Option<String>,
+}
+
+/// The first key of the outbox catch-up's transaction-level advisory lock ("tdrc").
+const CATCH_UP_LOCK_CLASS: i32 = 0x7464_7263;
+
+/// An outbox row not yet published, for the relay's catch-up.
+#[derive(Debug)]
+pub struct Unpublished {
+    pub id: i64,
+    pub event_id: String,
+    pub routing_key: String,
+    pub message_id: String,
+    pub body: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParkedRecord {
+    pub code: String,
+    pub reason: String,
+    pub body: Vec<u8>,
+    pub headers: String,
+    pub routing_key: String,
+    pub deployment: Option<String>,
+    pub message_id: Option<String>,
+    pub attempts: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// How long a one-shot command waits for its first database connection: long enough for a
+/// server across a slow link, short enough that a wrong host answers before the user gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    Ok(options.application_name(application_name))
+}
+
+impl Store {
+    /// Opens the pool. Connections are made lazily, so a daemon starts while PostgreSQL is
+    /// down and intake waits for it.
+    pub fn connect(config: &DatabaseConfig, daemon_id: &str) -> Result<Store> {
+        let options = connect_options(config.url.expose(), &format!("turnd:{daemon_id}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Store { pool })
+    }
+
+    /// Opens the pool after one connection proved the server reachable: for the one-shot
+    /// commands, whose user wants to hear at once which server failed and why (the pool alone
+    /// only says it timed out).
+    pub async fn connect_now(config: &DatabaseConfig, daemon_id: &str) -> Result<Store> {
+        let options = connect_options(config.url.expose(), &format!("turnd:{daemon_id}"))?;
+        let target = describe_target(&options);
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options));
+        match attempt.await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
+            Ok(Err(e)) => return Err(StoreError::Connect { target, cause: root_cause(&e) }),
+            Err(_) => {
+                return Err(StoreError::Connect {
+                    target,
+                    cause: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+                });
+            }
+        }
+        Store::connect(config, daemon_id)
+    }
+
+    /// Why the database cannot be reached now, naming the server (for logs while waiting).
+    pub async fn explain_unreachable(&self, e: &StoreError) -> String {
+        match e {
+            StoreError::Db(sqlx::Error::PoolTimedOut) => {
+                let options = self.pool.connect_options();
+                let target = describe_target(&options);
+                match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&*options))
+                    .await
+                {
+                    Ok(Ok(conn)) => {
+                        let _ = conn.close().await;
+                        format!("PostgreSQL at {target}: every pooled connection is busy")
+                    }
+                    Ok(Err(e)) => {
+                        format!("cannot connect to PostgreSQL at {target}: {}", root_cause(&e))
+                    }
+                    Err(_) => format!(
+                        "cannot connect to PostgreSQL at {target}: no answer within {}s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                }
+            }
+            other => other.to_string(),
+        }
+    }
+
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+mod lifecycle;
+mod parked;
+mod views;
+
+pub use views::*;
