@@ -13,12 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::schemas::{assert_valid, validator};
+use common::schemas::{assert_valid, assert_worker_lines, run_worker, turn_input, validator};
 use common::*;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -158,7 +158,30 @@ impl Drop for Captured {
     }
 }
 
+/// The example worker on its own: its lines validate against the schemas and turnd parses
+/// them; a line type it does not know (a later protocol's) is ignored.
+fn worker_lines(example: &Example) {
+    let inputs = [
+        turn_input("m1", json!({"text": "hi"})),
+        json!({"type": "cancel", "messageId": "m1"}),
+        turn_input("m2", json!({"text": "slow", "heartbeats": 2})),
+        turn_input("m3", json!({"fail": "no"})),
+    ];
+    let out = run_worker(&example.worker, &inputs);
+    assert_worker_lines(example.name, &out, 5);
+    let types: Vec<String> = out
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON")["type"].to_string())
+        .collect();
+    assert_eq!(
+        types,
+        ["\"reply\"", "\"heartbeat\"", "\"heartbeat\"", "\"reply\"", "\"error\""],
+        "{out:?}"
+    );
+}
+
 async fn end_to_end(example: Example) {
+    worker_lines(&example);
     let mut cluster = Cluster::new().await;
     let command = serde_json::to_string(&example.worker).expect("argv as a TOML array");
     cluster.set("TURND_WORKER__COMMAND", &command);

@@ -10,7 +10,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::LazyLock;
 
-use common::schemas::{self, assert_valid, errors, validator};
+use common::schemas::{
+    self, assert_valid, assert_worker_lines, errors, run_worker, turn_input, validator,
+};
 use common::turns::{Field, TurnFields, turn_fields};
 use jsonschema::Validator;
 use proptest::prelude::*;
@@ -270,50 +272,6 @@ fn worker_lines_schema_and_parser() {
     }
 }
 
-/// Runs a worker binary on `lines` (its stdin, then EOF) and returns its stdout lines.
-fn run_worker(program: &str, lines: &[Value]) -> Vec<String> {
-    let mut child = Command::new(program)
-        .env_clear()
-        .env("TURND_DEPLOYMENT", "a-0123456789abcdef")
-        .env("TURND_EPOCH", "7")
-        .env("TURND_PROTOCOL", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    let mut stdin = child.stdin.take().expect("stdin");
-    for line in lines {
-        writeln!(stdin, "{line}").expect("write a turn");
-    }
-    drop(stdin); // EOF: the worker exits
-    let out = child.wait_with_output().expect("worker output");
-    assert!(out.status.success(), "{program} exited {}", out.status);
-    String::from_utf8(out.stdout).expect("UTF-8").lines().map(str::to_owned).collect()
-}
-
-fn turn_input(message_id: &str, payload: Value) -> Value {
-    let line = json!({"type": "turn", "epoch": 7, "turn": {
-        "messageId": message_id, "agentId": "a", "conversationId": "c", "payload": payload,
-    }});
-    assert_valid(&STDIN, &line, "the test's stdin line");
-    line
-}
-
-/// Each stdout line validates and turnd parses it as the line type it claims.
-fn assert_worker_lines(program: &str, out: &[String], expect: usize) {
-    assert!(out.len() >= expect, "{program} wrote {out:?}");
-    for line in out {
-        let value = json(line);
-        assert_valid(&STDOUT, &value, &format!("{program}'s line"));
-        let parsed = parse_line(line.as_bytes())
-            .unwrap_or_else(|e| panic!("turnd refuses {program}'s line {line}: {e}"));
-        let kind = format!("{parsed:?}").to_lowercase();
-        let claimed = value["type"].as_str().unwrap_or_default().replace('_', "");
-        assert!(kind.starts_with(&claimed), "{line} parsed as {parsed:?}");
-    }
-}
-
 #[test]
 fn the_test_and_demo_workers_write_valid_lines() {
     let inputs = [
@@ -330,9 +288,9 @@ fn the_test_and_demo_workers_write_valid_lines() {
         turn_input("x1", json!({"action": "echo"})),
         turn_input("u1", json!({"action": "no-such-action"})),
     ];
-    let test_worker = common::test_worker();
-    let out = run_worker(test_worker, &inputs);
-    assert_worker_lines(test_worker, &out, inputs.len());
+    let test_worker = [common::test_worker().to_owned()];
+    let out = run_worker(&test_worker, &inputs);
+    assert_worker_lines(&test_worker[0], &out, inputs.len());
     for kind in ["reply", "error", "heartbeat", "provider_failed", "provider_recovered"] {
         assert!(
             out.iter().any(|l| json(l)["type"] == kind),
@@ -340,10 +298,10 @@ fn the_test_and_demo_workers_write_valid_lines() {
         );
     }
 
-    let demo = env!("CARGO_BIN_EXE_turnd-demo-worker");
+    let demo = [env!("CARGO_BIN_EXE_turnd-demo-worker").to_owned()];
     let out = run_worker(
-        demo,
+        &demo,
         &[turn_input("d1", json!({"text": "hi"})), turn_input("d2", json!([1, 2]))],
     );
-    assert_worker_lines(demo, &out, 2);
+    assert_worker_lines(&demo[0], &out, 2);
 }

@@ -65,7 +65,13 @@ def main():
             print(f"consumer: duplicate {properties.message_id} dropped", file=sys.stderr, flush=True)
             ch.basic_ack(method.delivery_tag)
             return
-        event = json.loads(body)
+        try:
+            event = json.loads(body)
+        except ValueError as e:
+            # Not turnd's: requeueing would loop it forever.
+            print(f"consumer: dropping a delivery that is not JSON: {e}", file=sys.stderr, flush=True)
+            ch.basic_reject(method.delivery_tag, requeue=False)
+            return
         # The turn's messageId is also the AMQP correlation_id; kind is "reply" or "error".
         if event["kind"] == "error":
             print(f"consumer: turn {event['messageId']} failed: {event['error']['code']}", file=sys.stderr, flush=True)

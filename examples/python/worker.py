@@ -81,7 +81,10 @@ def main():
         if not isinstance(line, dict) or line.get("type") != "turn":
             log(f"ignoring a line of type {line.get('type') if isinstance(line, dict) else None!r}")
             continue
-        turn = line["turn"]
+        turn = line.get("turn")
+        if not isinstance(turn, dict) or not isinstance(turn.get("messageId"), str):
+            log("ignoring a turn line without a turn")
+            continue
         answered += 1
         try:
             send(answer(turn, answered))

@@ -70,7 +70,15 @@ async function main(): Promise<void> {
         ch.ack(msg);
         return;
       }
-      const event = JSON.parse(msg.content.toString("utf8")) as TerminalEvent;
+      let event: TerminalEvent;
+      try {
+        event = JSON.parse(msg.content.toString("utf8")) as TerminalEvent;
+      } catch (e) {
+        // Not turnd's: requeueing would loop it forever.
+        process.stderr.write(`consumer: dropping a delivery that is not JSON: ${(e as Error).message}\n`);
+        ch.reject(msg, false);
+        return;
+      }
       // The turn's messageId is also the AMQP correlation_id; kind is "reply" or "error".
       if (event.kind === "error") {
         process.stderr.write(`consumer: turn ${event.messageId} failed: ${event.error?.code}\n`);
