@@ -1,12 +1,14 @@
 //! The JSON Schemas in docs/schemas/ (issue 20) against what turnd really accepts and emits:
 //! generated turns (valid and invalid) against the turn parser, the events turnd builds, the
-//! stdin lines it writes, and the stdout lines of the test and demo workers. No services
-//! needed. Where a schema cannot say what turnd checks (lengths in bytes, duplicate keys, a
-//! runId spelled `1e3`), the case is listed here and in the schema's description.
+//! stdin lines it writes, and the stdout lines of the test and demo workers; last, a daemon's
+//! stdin lines and published events of every kind. Where a schema cannot say what turnd checks
+//! (lengths in bytes, duplicate keys, a runId spelled `1e3`), the case is listed here and in
+//! the schema's description.
 
 mod common;
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use common::schemas::{
     self, assert_valid, assert_worker_lines, errors, run_worker, turn_input, validator,
@@ -302,4 +304,61 @@ fn the_test_and_demo_workers_write_valid_lines() {
         &[turn_input("d1", json!({"text": "hi"})), turn_input("d2", json!([1, 2]))],
     );
     assert_worker_lines(&demo[0], &out, 2);
+}
+
+/// A daemon's own output: the stdin lines it writes (the test worker echoes each one back) and
+/// the events it publishes, replies and errors of several origins, all validate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemons_stdin_lines_and_events_validate() {
+    let mut cluster = common::Cluster::new().await;
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let echo = |conversation: &str| common::turn("a1", conversation, json!({"action": "echo"}));
+    let mut turns = vec![
+        echo("c1"),
+        // Every optional field, a runId with its snapshot context, digits that do not fit a
+        // double, non-ASCII, an unknown field.
+        {
+            let mut t = echo("c2");
+            t["organizationId"] = json!("org-1");
+            t["runId"] = json!(9007199254740993_u64);
+            t["userId"] = json!("ü");
+            t["channelId"] = json!("ch");
+            t["platform"] = json!("slack");
+            t["platformMetadata"] = json!({"thread": "t1"});
+            t["payload"]["n"] =
+                serde_json::from_str("123456789012345678901234567890.10").expect("JSON");
+            t["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+            t
+        },
+        common::turn("a1", "c3", json!({"action": "error", "error": "boom", "code": "MY_CODE"})),
+        common::turn("a1", "c4", json!({"action": "error"})),
+        common::turn("a1", "c5", json!({"action": "crash"})),
+    ];
+    for t in &turns {
+        client.publish(t).await;
+    }
+    // An invalid turn that can still be answered: INVALID_TURN.
+    let mut invalid = echo("c6");
+    invalid["platformMetadata"] = json!("not an object");
+    client.publish(&invalid).await;
+    turns.push(invalid);
+
+    let ids: Vec<String> = turns.iter().map(common::mid).collect();
+    client.wait_for(&ids, Duration::from_secs(30)).await;
+    let mut codes = Vec::new();
+    for event in &client.events {
+        assert_valid(&EVENT, &event.body, &format!("the published event {}", event.body));
+        codes.push(if event.kind() == "reply" {
+            "reply".to_owned()
+        } else {
+            event.code().to_owned()
+        });
+        if event.kind() == "reply" {
+            let line = event.body["payload"]["line"].as_str().expect("the echoed stdin line");
+            assert_valid(&STDIN, &json(line), &format!("the stdin line {line}"));
+        }
+    }
+    codes.sort();
+    assert_eq!(codes, ["INVALID_TURN", "MY_CODE", "WORKER_DIED", "WORKER_ERROR", "reply", "reply"]);
 }

@@ -54,7 +54,7 @@ def main():
                     body=json.dumps(turn).encode(),
                     properties=pika.BasicProperties(
                         content_type="application/json",
-                        delivery_mode=pika.DeliveryMode.Persistent,
+                        delivery_mode=2,  # persistent: the turn survives a broker restart
                     ),
                     # Unroutable (no inbox bound: turnd never ran with this prefix) is an
                     # error, not a silent drop.
