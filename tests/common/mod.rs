@@ -18,6 +18,9 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use sqlx::{Connection as _, PgConnection, PgPool};
 
+pub mod schemas;
+pub mod turns;
+
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -347,6 +350,8 @@ pub async fn delete_topology(prefix: &str) {
     ];
     // The outage tests' durable reply queue (tests/outage.rs).
     queues.push(format!("{prefix}.outage-replies"));
+    // The examples' consumers' durable queue (tests/examples.rs).
+    queues.push(format!("{prefix}.example-replies"));
     queues.extend((1..10).map(|k| format!("{prefix}.retry.{k}")));
     for q in queues {
         let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
