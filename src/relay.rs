@@ -27,6 +27,14 @@ const BATCH: usize = 256;
 /// Rows younger than this belong to the daemon that committed them (in its memory queue).
 const CATCH_UP_MIN_AGE: Duration = Duration::from_secs(2);
 const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
+/// Confirmed events are marked published together, at most this long after their confirm
+/// (or as soon as `MARK_BATCH` are waiting): one UPDATE per publish batch cost a statement
+/// per few events once several daemons share the load (each relay's batches are smaller).
+/// Far below `CATCH_UP_MIN_AGE`, so no other daemon's catch-up takes an unmarked event for
+/// an unpublished one; a daemon that dies in between leaves them to be published again
+/// (at least once, as before).
+const MARK_EVERY: Duration = Duration::from_millis(100);
+const MARK_BATCH: usize = 1024;
 pub const NOTIFY_CHANNEL: &str = "turnd_outbox";
 
 /// Hands committed events to the relay; every event committed in this daemon passes here,
@@ -85,18 +93,33 @@ impl Relay {
         let mut listener = self.listen().await;
         let mut pending: VecDeque<Committed> = VecDeque::new();
         let mut received: Vec<Committed> = Vec::with_capacity(BATCH);
+        // Confirmed, not yet marked published; marked by `mark_at` at the latest.
+        let mut unmarked: Vec<i64> = Vec::new();
+        let mut mark_at: Option<tokio::time::Instant> = None;
         // Set when a publish failed: wait for the tick before trying again.
         let mut stalled = false;
         loop {
             while !pending.is_empty() && !stalled {
-                stalled = !self.publish_local(&mut pending).await;
+                stalled = !self.publish_local(&mut pending, &mut unmarked).await;
+                if unmarked.len() >= MARK_BATCH {
+                    self.mark(&mut unmarked).await;
+                }
                 // Let events committed meanwhile join the next batch, in order.
                 while let Ok(e) = rx.try_recv() {
                     pending.push_back(e);
                 }
             }
+            if unmarked.is_empty() {
+                mark_at = None;
+            } else if mark_at.is_none() {
+                mark_at = Some(tokio::time::Instant::now() + MARK_EVERY);
+            }
             tokio::select! {
                 biased;
+                _ = sleep_until_opt(mark_at) => {
+                    self.mark(&mut unmarked).await;
+                    mark_at = None;
+                }
                 n = rx.recv_many(&mut received, BATCH) => {
                     if n == 0 {
                         break;
@@ -125,13 +148,14 @@ impl Relay {
                             pending.extend(received.drain(..));
                         }
                         while !pending.is_empty() {
-                            if !self.publish_local(&mut pending).await {
+                            if !self.publish_local(&mut pending, &mut unmarked).await {
                                 // Left in the outbox: another daemon's catch-up publishes it.
                                 break;
                             }
                         }
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.mark(&mut unmarked)).await;
                     break;
                 }
             }
@@ -147,11 +171,27 @@ impl Relay {
         Some(listener)
     }
 
+    /// Marks the confirmed events published (best effort: a failure leaves them to be
+    /// published again by a catch-up).
+    async fn mark(&self, unmarked: &mut Vec<i64>) {
+        if unmarked.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.mark_published(unmarked).await {
+            tracing::warn!(error = %e, "cannot mark events published; they may be published again");
+        }
+        unmarked.clear();
+    }
+
     /// Publishes the first `BATCH` pending events. What was confirmed leaves `pending`, up to
     /// the first event that was not (the rest stays, in order, to be published again: a
-    /// consumer may see a duplicate, never a newer event before an older one). False when
-    /// not all of them went out.
-    async fn publish_local(&self, pending: &mut VecDeque<Committed>) -> bool {
+    /// consumer may see a duplicate, never a newer event before an older one), and joins
+    /// `unmarked`. False when not all of them went out.
+    async fn publish_local(
+        &self,
+        pending: &mut VecDeque<Committed>,
+        unmarked: &mut Vec<i64>,
+    ) -> bool {
         let n = pending.len().min(BATCH);
         let rows: Vec<Row<'_>> = pending
             .iter()
@@ -166,11 +206,7 @@ impl Relay {
             .collect();
         let ids = self.publish(&rows).await.unwrap_or_default();
         drop(rows);
-        if !ids.is_empty()
-            && let Err(e) = self.store.mark_published(&ids).await
-        {
-            tracing::warn!(error = %e, "cannot mark events published; they may be published again");
-        }
+        unmarked.extend_from_slice(&ids);
         // The confirmed prefix leaves; from the first unconfirmed event on, all stay.
         let confirmed: std::collections::HashSet<i64> = ids.into_iter().collect();
         let mut done = 0;
@@ -263,6 +299,13 @@ struct Row<'a> {
     routing_key: &'a str,
     message_id: &'a str,
     body: &'a str,
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// True on a notification, false when the listener failed (it is rebuilt).
