@@ -63,6 +63,14 @@ impl RelayHandle {
         }
     }
 
+    /// Events committed elsewhere and not yet published, taken with a deployment (they go
+    /// out before anything committed here for it). Counted where they were committed.
+    pub fn resend(&self, events: Vec<Committed>) {
+        for e in events {
+            let _ = self.tx.send(e);
+        }
+    }
+
     /// Pending turns failed on `path` (fast, sweep, takeover, timeout, shutdown, …).
     pub fn failed(&self, path: &'static str, events: Vec<Committed>) {
         self.metrics.failed(path, events.len());

@@ -73,6 +73,7 @@ impl Owner<'_> {
                 return End::Done;
             }
         };
+        ctx.relay.resend(takeover.unpublished);
         ctx.relay.failed("takeover", takeover.failed);
         // Another daemon that owned it and did not let go may still run its worker, unaware
         // that its lock session is gone (see lock::LOSS_NOTICED_WITHIN).

@@ -151,12 +151,46 @@ impl Store {
         Box::pin(async {
             // The common case in one round trip (a new conversation's path; the transaction
             // took five): nothing runs under an older epoch, so nothing needs failing.
-            match take_over_statement(&self.pool, deployment, epoch, owner, false).await? {
-                TakeoverRow::Stale => self.take_over_tx(deployment, epoch, owner).await,
-                row => Ok(row.into_takeover(Vec::new())),
+            let mut takeover =
+                match take_over_statement(&self.pool, deployment, epoch, owner, false).await? {
+                    TakeoverRow::Stale => self.take_over_tx(deployment, epoch, owner).await?,
+                    row => row.into_takeover(Vec::new()),
+                };
+            if takeover.meta.is_some() && takeover.has_unpublished {
+                takeover.unpublished = self.unpublished_of(deployment).await?;
             }
+            Ok(takeover.into())
         })
         .await
+    }
+
+    /// The deployment's events not yet marked published, in commit order. A few rows at
+    /// most: the partial index holds only unpublished events, of every deployment.
+    async fn unpublished_of(&self, deployment: &DeploymentName) -> Result<Vec<Committed>> {
+        let rows: Vec<PgRow> = sqlx::query(
+            "SELECT id, message_id, event_id, routing_key, kind, code, body FROM turnd_outbox
+             WHERE published_at IS NULL AND deployment = $1 ORDER BY id",
+        )
+        .bind(deployment.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("kind")?;
+                Ok(Committed {
+                    id: row.try_get("id")?,
+                    event: TerminalEvent {
+                        deployment: deployment.clone(),
+                        message_id: MessageId::from_trusted(row.try_get("message_id")?),
+                        event_id: row.try_get("event_id")?,
+                        routing_key: row.try_get("routing_key")?,
+                        kind: if kind == "reply" { "reply" } else { "error" },
+                        code: row.try_get("code")?,
+                        body: row.try_get::<Option<String>, _>("body")?.unwrap_or_default(),
+                    },
+                })
+            })
+            .collect()
     }
 
     /// A take-over that finds turns still running under an older epoch fails them in the
@@ -166,7 +200,7 @@ impl Store {
         deployment: &DeploymentName,
         epoch: Epoch,
         owner: &str,
-    ) -> Result<Takeover> {
+    ) -> Result<TakenOver> {
         let mut tx = self.pool.begin().await?;
         let row = take_over_statement(&mut *tx, deployment, epoch, owner, true).await?;
         let stale = pending_rows(
@@ -642,6 +676,31 @@ fn timeout_outcome(state: &str) -> Outcome {
     }
 }
 
+/// A take-over before its unpublished events are read.
+struct TakenOver {
+    takeover: Takeover,
+    has_unpublished: bool,
+}
+
+impl std::ops::Deref for TakenOver {
+    type Target = Takeover;
+    fn deref(&self) -> &Takeover {
+        &self.takeover
+    }
+}
+
+impl std::ops::DerefMut for TakenOver {
+    fn deref_mut(&mut self) -> &mut Takeover {
+        &mut self.takeover
+    }
+}
+
+impl From<TakenOver> for Takeover {
+    fn from(t: TakenOver) -> Takeover {
+        t.takeover
+    }
+}
+
 /// What the take-over statement found.
 enum TakeoverRow {
     /// The deployment has no turn record at all (nothing to do).
@@ -652,21 +711,33 @@ enum TakeoverRow {
         meta: DeploymentMeta,
         previous_owner: Option<String>,
         backoff_ms: Option<i64>,
+        has_unpublished: bool,
     },
 }
 
 impl TakeoverRow {
-    fn into_takeover(self, failed: Vec<Committed>) -> Takeover {
+    fn into_takeover(self, failed: Vec<Committed>) -> TakenOver {
         match self {
-            TakeoverRow::Taken { meta, previous_owner, backoff_ms } => Takeover {
-                meta: Some(meta),
-                failed,
-                backoff_ms: backoff_ms.filter(|ms| *ms > 0),
-                previous_owner,
+            TakeoverRow::Taken { meta, previous_owner, backoff_ms, has_unpublished } => TakenOver {
+                takeover: Takeover {
+                    meta: Some(meta),
+                    failed,
+                    unpublished: Vec::new(),
+                    backoff_ms: backoff_ms.filter(|ms| *ms > 0),
+                    previous_owner,
+                },
+                has_unpublished,
             },
-            TakeoverRow::NoTurns | TakeoverRow::Stale => {
-                Takeover { meta: None, failed, backoff_ms: None, previous_owner: None }
-            }
+            TakeoverRow::NoTurns | TakeoverRow::Stale => TakenOver {
+                takeover: Takeover {
+                    meta: None,
+                    failed,
+                    unpublished: Vec::new(),
+                    backoff_ms: None,
+                    previous_owner: None,
+                },
+                has_unpublished: false,
+            },
         }
     }
 }
@@ -682,7 +753,7 @@ async fn take_over_statement<'e>(
     owner: &str,
     force: bool,
 ) -> Result<TakeoverRow> {
-    type Row = (Option<String>, String, String, Option<String>, bool, Option<i64>);
+    type Row = (Option<String>, String, String, Option<String>, bool, Option<i64>, bool);
     let row: Option<Row> = sqlx::query_as(
         "WITH meta AS (
              SELECT organization_id, agent_id, conversation_key FROM turnd_turns
@@ -705,7 +776,9 @@ async fn take_over_statement<'e>(
              RETURNING (EXTRACT(EPOCH FROM (backoff_until - now())) * 1000)::bigint AS ms)
          SELECT meta.organization_id, meta.agent_id, meta.conversation_key,
                 (SELECT owner FROM turnd_deployments WHERE deployment = $1),
-                stale.any, (SELECT ms FROM up)
+                stale.any, (SELECT ms FROM up),
+                EXISTS (SELECT 1 FROM turnd_outbox
+                        WHERE published_at IS NULL AND deployment = $1)
          FROM meta, stale",
     )
     .bind(deployment.as_str())
@@ -716,14 +789,21 @@ async fn take_over_statement<'e>(
     .await?;
     Ok(match row {
         None => TakeoverRow::NoTurns,
-        Some((.., true, _)) if !force => TakeoverRow::Stale,
-        Some((organization_id, agent_id, conversation_key, previous_owner, _, backoff_ms)) => {
-            TakeoverRow::Taken {
-                meta: DeploymentMeta { organization_id, agent_id, conversation_key },
-                previous_owner,
-                backoff_ms,
-            }
-        }
+        Some((.., true, _, _)) if !force => TakeoverRow::Stale,
+        Some((
+            organization_id,
+            agent_id,
+            conversation_key,
+            previous_owner,
+            _,
+            backoff_ms,
+            has_unpublished,
+        )) => TakeoverRow::Taken {
+            meta: DeploymentMeta { organization_id, agent_id, conversation_key },
+            previous_owner,
+            backoff_ms,
+            has_unpublished,
+        },
     })
 }
 

@@ -133,6 +133,11 @@ pub struct Takeover {
     pub meta: Option<DeploymentMeta>,
     /// Turns left running under an older epoch: failed with WORKER_DIED.
     pub failed: Vec<Committed>,
+    /// Events of this deployment committed before the take-over and not yet marked
+    /// published (an earlier owner's relay may still hold them, e.g. across a broker outage
+    /// of its own), in commit order: the new owner's relay publishes them before anything it
+    /// commits, so replies keep commit order per deployment whichever daemon committed them.
+    pub unpublished: Vec<Committed>,
     /// Set while the deployment's crash-loop back-off lasts (milliseconds left).
     pub backoff_ms: Option<i64>,
     /// The daemon recorded as owner before this takeover: None when it was released cleanly
