@@ -1,7 +1,6 @@
 //! Integration-test harness: a fresh PostgreSQL database and a fresh `amqp.prefix` per test,
 //! real `turnd run` processes as pods, and a client that publishes turns and collects the
 //! terminal events. Everything waits on conditions with a timeout; nothing sleeps blindly.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,12 +20,40 @@ use sqlx::{Connection as _, PgConnection, PgPool};
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The directory of the workspace's binaries (`target/<profile>`): the running executable's
+/// own, or its parent when that is `deps` (a test binary). `CARGO_BIN_EXE_*` names only the
+/// binaries of the test's own package, and the test worker lives in this one.
+pub fn bin_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the running executable's path");
+        let dir = exe.parent().expect("the executable's directory");
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.parent().unwrap_or(dir).to_path_buf()
+        } else {
+            dir.to_path_buf()
+        }
+    })
+}
+
+/// A binary of the workspace; panics naming the build command when it was not built.
+pub fn workspace_bin(name: &str) -> &'static str {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, \
+         as scripts/test.sh does)",
+        path.display()
+    );
+    Box::leak(path.display().to_string().into_boxed_str())
+}
+
 pub fn turnd_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_turnd")
+    workspace_bin("turnd")
 }
 
 pub fn test_worker() -> &'static str {
-    env!("CARGO_BIN_EXE_turnd-test-worker")
+    workspace_bin("turnd-test-worker")
 }
 
 /// One isolated cluster: its database, its prefix, its daemons.

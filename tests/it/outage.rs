@@ -7,13 +7,12 @@
 //! database outage goes through the harness's `Proxy`, so the shared PostgreSQL server keeps
 //! serving every other test; the chaos run (`turnd-chaos`) restarts the real server.
 
-mod common;
 
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use turnd_harness::*;
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;

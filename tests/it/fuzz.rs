@@ -629,7 +629,7 @@ fn load(vars: &[(usize, String)]) -> Result<String, String> {
     }
 }
 
-const EXAMPLE: &str = include_str!("../config/turnd.toml");
+const EXAMPLE: &str = include_str!("../../config/turnd.toml");
 
 proptest! {
     #![proptest_config(config(256))]

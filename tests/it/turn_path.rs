@@ -1,11 +1,10 @@
 //! The core turn path (issue 2): one reply per turn with the contract's fields, duplicates,
 //! order, tenant isolation, the worker's environment, invalid turns.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use turnd_harness::*;
 use lapin::types::AMQPValue;
 use serde_json::json;
 

@@ -2,11 +2,10 @@
 //! heartbeats, provider failures, late replies, idle reaping, stop escalation, graceful
 //! shutdown, the crash-loop guard and garbage on stdout. Every turn still ends exactly once.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use turnd_harness::*;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);

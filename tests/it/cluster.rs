@@ -4,13 +4,12 @@
 //!
 //! The test that holds thousands of advisory locks lives in `tests/many_locks.rs`.
 
-mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use turnd_harness::*;
 
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};

@@ -5,12 +5,11 @@
 //! once (exit detection does not wait for the pipe or for the orphans), and no orphan stays a
 //! zombie.
 
-mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use turnd_harness::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);

@@ -1,12 +1,11 @@
 //! `turnd parked`: parked turns are recorded, listed, replayed once (with a fresh attempt
 //! count) and purged.
 
-mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use turnd_harness::*;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);

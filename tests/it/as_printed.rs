@@ -3,13 +3,12 @@
 //! subcommand; errors in one line naming what failed and why, each cause once; SIGHUP reloads
 //! what can change live and never stops the daemon.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::*;
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 

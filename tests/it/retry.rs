@@ -4,11 +4,10 @@
 //! restart with other `intake.retry_delay`, `retry_max_delay` or `max_attempts` never makes a
 //! declaration fail, and delay queues that an older turnd declared with a TTL still work.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use turnd_harness::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde_json::{Value, json};

@@ -3,11 +3,10 @@
 //! `turnd_turns.seq`) in publish order whatever the number of daemons, and across the death
 //! of the daemon whose intake is active.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use turnd_harness::*;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(90);

@@ -4,11 +4,10 @@
 //! parked by the inbox's delivery limit; an inbox declared without that limit does not stop
 //! the daemon; the retry mover never acks a turn whose move came back unroutable.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use turnd_harness::*;
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,

@@ -6,13 +6,12 @@
 //! Needs Debian's `chromium` and `chromium-driver` (scripts/test-tools.sh installs them); without
 //! them the test prints SKIPPED with the reason and passes.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use turnd_harness::*;
 use fantoccini::{Client as Browser, ClientBuilder, Locator};
 use serde_json::{Value, json};
 

@@ -20,15 +20,10 @@
 //! target/debug/turnd-chaos --faults worker-kill,pg-restart --rounds 3 --json
 //! ```
 
-#[path = "chaos/check.rs"]
 mod check;
-#[path = "chaos/client.rs"]
 mod client;
-#[path = "chaos/cluster.rs"]
 mod cluster;
-#[path = "chaos/faults.rs"]
 mod faults;
-#[path = "chaos/proxy.rs"]
 mod proxy;
 
 use std::collections::{BTreeSet, HashMap};

@@ -3,11 +3,10 @@
 //! session can see — locks are taken and released at once, the block is committed and
 //! reopened by the probe, and a statement error inside it costs no lock and no session.
 
-mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, wait_for_async};
+use turnd_harness::{Cluster, wait_for_async};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use turnd::lock::{LockError, LockSession};

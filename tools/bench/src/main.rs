@@ -37,19 +37,12 @@
 //! and 3 file descriptors per worker in the daemon (RLIMIT_NOFILE, inherited from the
 //! harness); `scale` says so before it runs into either.
 
-#[path = "bench/client.rs"]
 mod client;
-#[path = "bench/cluster.rs"]
 mod cluster;
-#[path = "bench/cpu.rs"]
 mod cpu;
-#[path = "bench/floor.rs"]
 mod floor;
-#[path = "bench/modes.rs"]
 mod modes;
-#[path = "bench/report.rs"]
 mod report;
-#[path = "bench/stats.rs"]
 mod stats;
 
 use std::path::{Path, PathBuf};
