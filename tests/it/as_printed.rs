@@ -3,7 +3,6 @@
 //! subcommand; errors in one line naming what failed and why, each cause once; SIGHUP reloads
 //! what can change live and never stops the daemon.
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -3,12 +3,11 @@
 //! parked with a reason naming the field, an error reply when the turn can be identified,
 //! logged and ignored, `WORKER_DIED` — and the daemon keeps serving, with bounded memory.
 
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use turnd_harness::*;
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -4,7 +4,6 @@
 //!
 //! The test that holds thousands of advisory locks lives in `tests/many_locks.rs`.
 
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};

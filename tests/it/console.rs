@@ -4,13 +4,12 @@
 //! read token (bearer or login cookie; the admin token reads too), the ops listener, the Host
 //! check, capped lists that never carry parked bodies.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use turnd_harness::*;
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "console-test-token-7f3a";

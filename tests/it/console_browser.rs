@@ -6,14 +6,13 @@
 //! Needs Debian's `chromium` and `chromium-driver` (scripts/test-tools.sh installs them); without
 //! them the test prints SKIPPED with the reason and passes.
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use turnd_harness::*;
 use fantoccini::{Client as Browser, ClientBuilder, Locator};
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "browser-test-token-51c2";

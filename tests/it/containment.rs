@@ -12,12 +12,11 @@
 //! the refusal is the daemon's flag and nothing else. Under Landlock no capability matters:
 //! the worker's domain may not ptrace (nor open the /proc entries of) anything outside it.
 
-
 use std::path::Path;
 use std::time::Duration;
 
-use turnd_harness::*;
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -5,15 +5,14 @@
 //! deterministic, and must allocate at most a bounded multiple of its input (a body over
 //! `intake.max_turn_bytes` is refused before it is parsed at all).
 //!
-//! Bounded for CI (a few seconds per property); `PROPTEST_CASES=100000 cargo test --test fuzz`
-//! runs longer locally. Failures are persisted in `tests/fuzz.proptest-regressions` and
+//! Bounded for CI (a few seconds per property); `PROPTEST_CASES=100000 cargo test --test it fuzz`
+//! runs longer locally. Failures are persisted in `tests/it/fuzz.proptest-regressions` and
 //! replayed first on every run (commit that file).
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::types::generation::{gen_field_table, gen_value};
@@ -28,35 +27,43 @@ use turnd::{broker, intake};
 
 // ---- allocation accounting --------------------------------------------------------------------
 
-/// Counts live heap bytes and their peak, so a property can bound what one input costs.
+/// Counts the heap bytes of the thread that measures, so a property can bound what one input
+/// costs. Per thread: every integration test runs in this one binary, and process-wide
+/// counters would count the other tests' allocations too.
 struct Counting;
 
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// (measuring, live bytes since the measurement began, their peak). A const initialiser
+    /// and no destructor: the allocator reads it without allocating.
+    static HEAP: Cell<(bool, isize, isize)> = const { Cell::new((false, 0, 0)) };
+}
+
+/// Adds `delta` bytes to this thread's count while it measures.
+fn account(delta: isize) {
+    let _ = HEAP.try_with(|h| {
+        let (on, now, peak) = h.get();
+        if on {
+            h.set((on, now + delta, peak.max(now + delta)));
+        }
+    });
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
+            account(layout.size() as isize);
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+        account(-(layout.size() as isize));
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            if new_size >= layout.size() {
-                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
-                    - layout.size();
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
+            account(new_size as isize - layout.size() as isize);
         }
         p
     }
@@ -65,19 +72,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// The properties run one at a time (the counters are process-wide).
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `f` and returns its result with the peak heap bytes it added.
+/// Runs `f` and returns its result with the peak heap bytes it added (on this thread).
 fn measure<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    HEAP.with(|h| h.set((true, 0, 0)));
     let r = f();
-    (r, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+    let (_, _, peak) = HEAP.with(|h| h.replace((false, 0, 0)));
+    (r, peak.max(0) as usize)
 }
 
 /// What one input of `len` bytes may cost: linear, with a fixed allowance.
@@ -407,7 +407,6 @@ proptest! {
 
     #[test]
     fn turn_parse_never_panics_on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..4096)) {
-        let _s = serial();
         let (a, cost) = verdict(&body);
         let (b, _) = verdict(&body);
         prop_assert_eq!(&a, &b, "deterministic");
@@ -416,7 +415,6 @@ proptest! {
 
     #[test]
     fn turn_validation_follows_the_contract(fields in turn_fields(), pretty in any::<bool>()) {
-        let _s = serial();
         let text = fields.json(pretty);
         let (a, cost) = verdict(text.as_bytes());
         let (b, _) = verdict(text.as_bytes());
@@ -438,7 +436,6 @@ proptest! {
 
     #[test]
     fn turn_parse_never_panics_on_perturbed_turns(fields in turn_fields(), ps in prop::collection::vec(perturb(), 1..4)) {
-        let _s = serial();
         let mut text = fields.json(false).into_bytes();
         for p in &ps {
             text = apply(&String::from_utf8_lossy(&text), p);
@@ -461,7 +458,6 @@ proptest! {
         org2 in prop::option::of("[A-Za-z0-9_-]{1,64}".prop_filter("not _", |s| s != "_")),
         key2 in ".{1,64}",
     ) {
-        let _s = serial();
         let o = org.as_deref().map(|o| OrganizationId::parse(o).expect("valid org"));
         let a = AgentId::parse(&agent).expect("valid agent");
         let name = turn::deployment_name(o.as_ref(), &a, &key);
@@ -488,7 +484,6 @@ proptest! {
 
     #[test]
     fn worker_lines_never_panic_and_cost_a_bounded_multiple(line in prop::collection::vec(any::<u8>(), 0..4096)) {
-        let _s = serial();
         let (a, cost) = measure(|| protocol::parse_line(&line));
         let b = protocol::parse_line(&line);
         prop_assert_eq!(&a, &b);
@@ -504,7 +499,6 @@ proptest! {
         text in prop::option::of(".{0,64}"),
         ps in prop::collection::vec(perturb(), 0..3),
     ) {
-        let _s = serial();
         let mut fields = vec![format!("\"type\":{}", serde_json::to_string(kind).unwrap_or_default())];
         if let Some(m) = &message_id { fields.push(format!("\"messageId\":{}", serde_json::to_string(m).unwrap_or_default())); }
         if let Some(p) = &payload { fields.push(format!("\"payload\":{p}")); }
@@ -636,7 +630,6 @@ proptest! {
 
     #[test]
     fn config_env_overrides_never_panic_and_name_the_key(vars in prop::collection::vec((any::<usize>(), env_value()), 0..6)) {
-        let _s = serial();
         let (a, cost) = measure(|| load(&vars));
         prop_assert_eq!(&a, &load(&vars), "deterministic");
         let input: usize = vars.iter().map(|(_, v)| v.len()).sum();
@@ -649,7 +642,6 @@ proptest! {
 
     #[test]
     fn config_files_never_panic(text in prop_oneof![".{0,400}", "[a-z_=\\[\\]\"{}., 0-9\n]{0,400}"]) {
-        let _s = serial();
         let (a, cost) = measure(|| TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
         prop_assert_eq!(&a, &TurndConfig::from_toml_str(&text).map(|c| c.redacted_toml()).map_err(|e| e.to_string()));
         prop_assert!(cost <= budget(text.len()));
@@ -657,7 +649,6 @@ proptest! {
 
     #[test]
     fn perturbed_example_configs_never_panic(ps in prop::collection::vec(perturb(), 1..5)) {
-        let _s = serial();
         let mut text = EXAMPLE.as_bytes().to_vec();
         for p in &ps {
             text = apply(&String::from_utf8_lossy(&text), p);
@@ -810,7 +801,6 @@ proptest! {
 
     #[test]
     fn header_tables_round_trip_through_the_patched_decoder(table in amqp_table()) {
-        let _s = serial();
         let bytes = encode_table(&table);
         prop_assert_eq!(broker::encoded_len(&table), bytes.len(), "turnd's size estimate is exact");
         let len = bytes.len();
@@ -824,7 +814,6 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic_the_header_decoder(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
-        let _s = serial();
         let len = bytes.len();
         let (decoded, cost) = decode_on_small_stack(bytes);
         prop_assert!(cost <= budget(len));
@@ -839,7 +828,6 @@ proptest! {
         shape in prop::collection::vec(any::<bool>(), 0..4000),
         leaf in amqp_leaf(),
     ) {
-        let _s = serial();
         let mut encoded_leaf = vec![0u8; 256];
         let (_, n) = cookie_factory::r#gen(gen_value(&leaf), &mut encoded_leaf[..]).expect("leaf");
         encoded_leaf.truncate(n as usize);
@@ -859,7 +847,6 @@ proptest! {
 
 #[test]
 fn a_frame_full_of_the_cheapest_values_costs_a_bounded_multiple() {
-    let _s = serial();
     // A content header is one frame: its headers table is at most frame_max (RabbitMQ's
     // default, 131,072 bytes). The shapes that make the most values out of the fewest bytes.
     const FRAME: usize = 131_072 - 64;
@@ -921,7 +908,6 @@ fn a_frame_full_of_the_cheapest_values_costs_a_bounded_multiple() {
 
 #[test]
 fn a_body_over_the_limit_is_refused_without_being_parsed() {
-    let _s = serial();
     for body in [
         vec![b'['; 10 << 20],
         vec![0xff; MAX + 1],
@@ -939,7 +925,6 @@ fn a_body_over_the_limit_is_refused_without_being_parsed() {
 
 #[test]
 fn pathological_turns_are_refused_or_accepted_within_budget() {
-    let _s = serial();
     let deep = |open: &str, close: &str, n: usize| {
         format!(
             "{{\"messageId\":\"m\",\"agentId\":\"a\",\"conversationId\":\"c\",\"payload\":{}1{}}}",
@@ -977,7 +962,6 @@ fn pathological_turns_are_refused_or_accepted_within_budget() {
 
 #[test]
 fn a_worker_line_at_the_size_limit_costs_a_bounded_multiple() {
-    let _s = serial();
     let big = format!(
         "{{\"type\":\"reply\",\"messageId\":\"m\",\"payload\":\"{}\"}}",
         "x".repeat(1 << 20)
@@ -997,7 +981,6 @@ fn a_worker_line_at_the_size_limit_costs_a_bounded_multiple() {
 
 #[test]
 fn deep_or_huge_configs_are_refused_with_a_bounded_message() {
-    let _s = serial();
     for n in [1000usize, 100_000, 500_000] {
         for text in [
             format!("a = {}", "[".repeat(n)),

@@ -4,10 +4,8 @@
 //! parked by the inbox's delivery limit; an inbox declared without that limit does not stop
 //! the daemon; the retry mover never acks a turn whose move came back unroutable.
 
-
 use std::time::Duration;
 
-use turnd_harness::*;
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -16,6 +14,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use serde_json::json;
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 

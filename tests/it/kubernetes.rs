@@ -2,13 +2,12 @@
 //! their sources, and turnd runs with exactly the command, environment and probes the
 //! Deployment declares (rendered by `kubectl kustomize`, as CI renders it).
 
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use turnd_harness::*;
 use serde_yaml_ng::Value;
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -2,11 +2,10 @@
 //! heartbeats, provider failures, late replies, idle reaping, stop escalation, graceful
 //! shutdown, the crash-loop guard and garbage on stdout. Every turn still ends exactly once.
 
-
 use std::time::{Duration, Instant};
 
-use turnd_harness::*;
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -3,13 +3,12 @@
 //! session can see — locks are taken and released at once, the block is committed and
 //! reopened by the probe, and a statement error inside it costs no lock and no session.
 
-
 use std::time::Duration;
 
-use turnd_harness::{Cluster, wait_for_async};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use turnd::lock::{LockError, LockSession};
+use turnd_harness::{Cluster, wait_for_async};
 
 const APP: &str = "turnd-lock:lock-session-test";
 

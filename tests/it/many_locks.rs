@@ -4,13 +4,12 @@
 //! Its own test binary, and a machine-wide file lock besides: PostgreSQL's lock table is
 //! server-wide, so tests that hold thousands of locks must not run at the same time.
 
-
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use turnd_harness::*;
 use serde_json::json;
+use turnd_harness::*;
 
 const DEPLOYMENTS: usize = 2_000;
 

@@ -1,13 +1,12 @@
 //! The operator surface (issue 5): metrics, health, status, sd_notify, the unit file, config
 //! errors, secrets kept out of output, JSON logs.
 
-
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
-use turnd_harness::*;
 use serde_json::json;
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -3,11 +3,10 @@
 //! `turnd_turns.seq`) in publish order whatever the number of daemons, and across the death
 //! of the daemon whose intake is active.
 
-
 use std::time::{Duration, Instant};
 
-use turnd_harness::*;
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(90);
 const PRODUCERS: usize = 6;

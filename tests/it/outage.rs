@@ -2,24 +2,21 @@
 //! daemon stays up and says so on /readyz, reconnects with back-off, re-declares its
 //! topology, pauses intake without acknowledging or counting anything, and loses nothing.
 //!
-//! These tests stop shared services (`rabbitmqctl stop_app`), so they live in a test binary of
-//! their own (cargo runs test binaries one after another) and run one at a time here. The
+//! These tests stop shared services (`rabbitmqctl stop_app`), so each runs alone
+//! ([`Cluster::alone`]: no other test of the binary runs meanwhile). The
 //! database outage goes through the harness's `Proxy`, so the shared PostgreSQL server keeps
 //! serving every other test; the chaos run (`turnd-chaos`) restarts the real server.
-
 
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use turnd_harness::*;
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use turnd_harness::*;
 
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output().expect("run rabbitmqctl");
@@ -150,9 +147,10 @@ async fn scalar(cluster: &Cluster, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_stopped_for_30s_loses_nothing_and_the_daemon_reconnects() {
-    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::alone().await;
+    // After the cluster: dropped first, so RabbitMQ is back before the cluster's teardown and
+    // before the other tests go on.
     let _guard = RabbitGuard;
-    let mut cluster = Cluster::new().await;
     let port = free_port();
     cluster
         .start_daemon(&[
@@ -254,8 +252,7 @@ const T: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_postgresql_unreachable_intake_pauses_counts_nothing_and_resumes() {
-    let _serial = SERIAL.lock().await;
-    let mut cluster = Cluster::new().await;
+    let mut cluster = Cluster::alone().await;
     let proxy = Proxy::start(5432).await;
     let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, cluster.db_name);
     cluster.set("TURND_DATABASE__URL", &url);
@@ -356,8 +353,7 @@ async fn with_postgresql_unreachable_intake_pauses_counts_nothing_and_resumes() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_keep_commit_order_when_the_relays_broker_connection_is_cut_mid_stream() {
-    let _serial = SERIAL.lock().await;
-    let mut cluster = Cluster::new().await;
+    let mut cluster = Cluster::alone().await;
     // The daemon reaches RabbitMQ through a proxy the test cuts: its connection (relay,
     // intake, everything) goes away while the worker keeps committing replies.
     let proxy = Proxy::start(5672).await;

@@ -1,12 +1,11 @@
 //! `turnd parked`: parked turns are recorded, listed, replayed once (with a fresh attempt
 //! count) and purged.
 
-
 use std::process::Command;
 use std::time::Duration;
 
-use turnd_harness::*;
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -5,12 +5,11 @@
 //! once (exit detection does not wait for the pipe or for the orphans), and no orphan stays a
 //! zombie.
 
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use turnd_harness::*;
 use serde_json::json;
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 /// Workers that crash at once, each leaving an orphan.

@@ -4,13 +4,12 @@
 //! restart with other `intake.retry_delay`, `retry_max_delay` or `max_attempts` never makes a
 //! declaration fail, and delay queues that an older turnd declared with a TTL still work.
 
-
 use std::time::Duration;
 
-use turnd_harness::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(60);
 

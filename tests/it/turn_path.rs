@@ -1,12 +1,11 @@
 //! The core turn path (issue 2): one reply per turn with the contract's fields, duplicates,
 //! order, tenant isolation, the worker's environment, invalid turns.
 
-
 use std::time::Duration;
 
-use turnd_harness::*;
 use lapin::types::AMQPValue;
 use serde_json::json;
+use turnd_harness::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -56,6 +56,18 @@ pub fn test_worker() -> &'static str {
     workspace_bin("turnd-test-worker")
 }
 
+/// Tests that stop or cut the shared PostgreSQL or RabbitMQ run alone although every test is
+/// in one binary: each cluster holds this lock shared, theirs ([`Cluster::alone`]) holds it
+/// exclusively. tokio's lock is fair, so once such a test waits no new cluster starts; it runs
+/// when the ones running end, and the others after it.
+static SERVICES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// How a cluster uses the shared services (held until the cluster is cleaned up).
+enum Services {
+    Shared { _guard: tokio::sync::RwLockReadGuard<'static, ()> },
+    Alone { _guard: tokio::sync::RwLockWriteGuard<'static, ()> },
+}
+
 /// One isolated cluster: its database, its prefix, its daemons.
 pub struct Cluster {
     pub db_name: String,
@@ -71,6 +83,8 @@ pub struct Cluster {
     /// Arguments after `turnd run` (e.g. `--config FILE`).
     pub daemon_args: Vec<String>,
     pub daemons: Vec<Daemon>,
+    /// Dropped after `Drop for Cluster` has cleaned up.
+    _services: Services,
 }
 
 /// Runs a program as the test's uid with no capabilities at all (empty bounding set): what a
@@ -89,7 +103,18 @@ pub struct Daemon {
 }
 
 impl Cluster {
+    /// A cluster beside the other tests' (the services shared).
     pub async fn new() -> Cluster {
+        Cluster::create(Services::Shared { _guard: SERVICES.read().await }).await
+    }
+
+    /// A cluster for a test that stops or cuts the shared services: it starts once no other
+    /// test's cluster exists, and none starts until it is gone.
+    pub async fn alone() -> Cluster {
+        Cluster::create(Services::Alone { _guard: SERVICES.write().await }).await
+    }
+
+    async fn create(services: Services) -> Cluster {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_name = format!("turnd_t_{suffix}");
         let prefix = format!("t{suffix}");
@@ -142,6 +167,7 @@ impl Cluster {
             daemon_prefix: Vec::new(),
             daemon_args: Vec::new(),
             daemons: Vec::new(),
+            _services: services,
         }
     }
 
