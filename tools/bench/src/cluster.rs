@@ -11,11 +11,10 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::process::{Child, Command};
+use turnd_harness::{strip_ansi, teardown};
 
 /// What every mode shares: where the services and binaries are, how long to wait.
 #[derive(Debug, Clone)]
@@ -414,13 +413,9 @@ impl Drop for Cluster {
         );
         let attempts = self.config.intake.max_attempts;
         let deployments = std::mem::take(&mut self.deployments);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            rt.block_on(teardown(&admin, &amqp, &db, &prefix, attempts, &deployments));
-        })
-        .join();
+        turnd_harness::teardown::on_own_thread(async move {
+            teardown(&admin, &amqp, &db, &prefix, attempts, &deployments).await;
+        });
         eprintln!("daemon log of the failed mode kept in {}", self.log.display());
     }
 }
@@ -435,76 +430,29 @@ async fn teardown(
     deployments: &BTreeSet<String>,
 ) {
     drop_database(admin_url, db_name).await;
-    let mut queues = vec![
-        format!("{prefix}.inbox"),
-        format!("{prefix}.retry"),
-        format!("{prefix}.parked"),
-        format!("{prefix}.owners"),
-    ];
-    queues.extend((1..max_attempts.max(10)).map(|k| format!("{prefix}.retry.{k}")));
-    queues.extend(deployments.iter().map(|d| format!("{prefix}.thread.{d}")));
-    let exchanges = ["turns", "replies", "retry"].map(|e| format!("{prefix}.{e}"));
-    delete_broker_objects(amqp_url, &queues, &exchanges).await;
+    let queues =
+        teardown::queues(prefix, max_attempts, deployments.iter().map(String::as_str), &[]);
+    delete_broker_objects(amqp_url, &queues, &teardown::exchanges(prefix)).await;
 }
 
 pub async fn drop_database(admin_url: &str, db_name: &str) {
-    match admin_connection(admin_url).await {
-        Ok(mut admin) => {
-            let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
-            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
-                eprintln!("turnd-bench: cannot drop database {db_name}: {e}");
-            }
-            let _ = admin.close().await;
-        }
-        Err(e) => eprintln!("turnd-bench: cannot drop database {db_name}: {e:#}"),
+    if let Err(e) = teardown::drop_database(admin_url, db_name).await {
+        eprintln!("turnd-bench: cannot drop database {db_name}: {e}");
     }
 }
 
-/// Deletes queues (pipelined on a few channels: thousands of thread queues take a while
-/// otherwise) and exchanges; retries the connection for 10 s (the broker may be restarting).
+/// Deletes queues and exchanges (the harness retries the connection for 10 s: the broker
+/// may be restarting); says so when RabbitMQ cannot be reached.
 pub async fn delete_broker_objects(amqp_url: &str, queues: &[String], exchanges: &[String]) {
-    let mut conn = None;
-    for _ in 0..10 {
-        match Connection::connect(amqp_url, ConnectionProperties::default()).await {
-            Ok(c) => {
-                conn = Some(c);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-        }
-    }
-    let Some(conn) = conn else {
+    if let Err(e) = teardown::delete_broker_objects(amqp_url, queues, exchanges).await {
         eprintln!(
-            "turnd-bench: cannot connect to RabbitMQ to delete {} queues and {} exchanges \
-             (first {:?}); `turnd-bench cleanup` removes them later",
+            "turnd-bench: cannot reach RabbitMQ to delete {} queues and {} exchanges \
+             (first {:?}): {e}; `turnd-bench cleanup` removes them later",
             queues.len(),
             exchanges.len(),
             queues.first()
         );
-        return;
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    let per = queues.len().div_ceil(8).max(1);
-    for chunk in queues.chunks(per) {
-        let Ok(ch) = conn.create_channel().await else {
-            break;
-        };
-        let chunk = chunk.to_vec();
-        tasks.spawn(async move {
-            for q in chunk {
-                // Deleting a queue that is gone (an expired thread queue) is not an error.
-                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-            }
-        });
     }
-    while tasks.join_next().await.is_some() {}
-    if let Ok(ch) = conn.create_channel().await {
-        for name in exchanges {
-            let _ =
-                ch.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default()).await;
-        }
-    }
-    let _ = conn.close(200, "bench done".into()).await;
 }
 
 pub async fn admin_connection(url: &str) -> Result<PgConnection> {
@@ -555,24 +503,6 @@ fn is_field(word: &str) -> bool {
     word.split_once('=').is_some_and(|(k, _)| {
         !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
     })
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ … final byte in @..~
-            for d in chars.by_ref() {
-                if ('@'..='~').contains(&d) && d != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `turnd run --config <config>` with exactly `env` (plus PATH), its output into `log`.

@@ -8,11 +8,10 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::process::{Child, Command};
+use turnd_harness::teardown;
 
 /// Where the services and binaries are.
 #[derive(Debug, Clone)]
@@ -66,11 +65,6 @@ pub async fn admin_connection(admin_url: &str) -> Result<PgConnection> {
     PgConnection::connect(admin_url)
         .await
         .with_context(|| format!("connect to PostgreSQL at {admin_url} (is it running?)"))
-}
-
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 impl Cluster {
@@ -153,7 +147,7 @@ impl Cluster {
                 db_url: proxied.to_string(),
                 log: dir.join(format!("d{i}.log")),
                 id,
-                port: free_port()?,
+                port: turnd_harness::try_free_port().context("find a free port")?,
                 child: None,
                 pid: None,
                 starts: 0,
@@ -266,7 +260,7 @@ impl Cluster {
 
     /// GET /readyz of daemon `i` → HTTP status.
     pub async fn readyz(&self, i: usize) -> Option<u16> {
-        http_status(self.daemons[i].port, "/readyz").await
+        turnd_harness::http_status(self.daemons[i].port, "/readyz").await
     }
 
     pub fn daemon_log(&self, i: usize) -> String {
@@ -280,55 +274,15 @@ impl Cluster {
             self.kill(i).await;
         }
         self.pool.close().await;
-        if let Ok(mut admin) = admin_connection(&self.admin_url).await {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.db_name
-            )))
-            .execute(&mut admin)
-            .await;
-        }
-        if let Ok(conn) = Connection::connect(&self.amqp_url, ConnectionProperties::default()).await
-            && let Ok(ch) = conn.create_channel().await
-        {
-            let p = &self.prefix;
-            let mut queues = vec![
-                format!("{p}.inbox"),
-                format!("{p}.retry"),
-                format!("{p}.parked"),
-                format!("{p}.chaos-replies"),
-                format!("{p}.owners"),
-            ];
-            queues.extend((1..16).map(|k| format!("{p}.retry.{k}")));
-            queues.extend(deployments.iter().map(|d| format!("{p}.thread.{d}")));
-            for q in queues {
-                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-            }
-            for e in ["turns", "replies", "retry"] {
-                let _ = ch
-                    .exchange_delete(
-                        format!("{p}.{e}").as_str().into(),
-                        ExchangeDeleteOptions::default(),
-                    )
-                    .await;
-            }
-            let _ = conn.close(200, "chaos cleanup".into()).await;
-        }
+        let _ = teardown::drop_database(&self.admin_url, &self.db_name).await;
+        let queues = teardown::queues(
+            &self.prefix,
+            self.config.intake.max_attempts,
+            deployments.iter().map(String::as_str),
+            &["chaos-replies"],
+        );
+        let exchanges = teardown::exchanges(&self.prefix);
+        let _ = teardown::delete_broker_objects(&self.amqp_url, &queues, &exchanges).await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// GET http://127.0.0.1:<port><path> with HTTP/1.0 → status code.
-pub async fn http_status(port: u16, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut).await.ok().flatten()
 }

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use sqlx::{Connection as _, PgConnection, PgPool};
+
+pub mod teardown;
 
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -364,55 +366,22 @@ impl Drop for Cluster {
         }
         let db = self.db_name.clone();
         let prefix = self.prefix.clone();
-        // Async cleanup on a thread of its own: Drop may run inside a runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(PG_ADMIN).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-                    )))
-                    .execute(&mut admin)
-                    .await;
-                }
-                delete_topology(&prefix).await;
-            });
-        })
-        .join();
+        // Every retry delay queue any of its daemons declared: the largest max_attempts set.
+        let max_attempts = std::iter::once(&self.env)
+            .chain(self.daemons.iter().map(|d| &d.env))
+            .flatten()
+            .filter(|(k, _)| k == "TURND_INTAKE__MAX_ATTEMPTS")
+            .filter_map(|(_, v)| v.parse().ok())
+            .fold(config_for(&prefix).intake.max_attempts, u32::max);
+        // The outage tests' durable reply queue (tests/it/outage.rs).
+        let queues = teardown::queues(&prefix, max_attempts, [], &["outage-replies"]);
+        teardown::on_own_thread(async move {
+            let _ = teardown::drop_database(PG_ADMIN, &db).await;
+            // Thread queues expire on their own.
+            let _ =
+                teardown::delete_broker_objects(AMQP, &queues, &teardown::exchanges(&prefix)).await;
+        });
     }
-}
-
-/// Deletes a test prefix's durable exchanges and queues (thread queues expire on their own).
-pub async fn delete_topology(prefix: &str) {
-    let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await else {
-        return;
-    };
-    let Ok(ch) = conn.create_channel().await else {
-        return;
-    };
-    let mut queues = vec![
-        format!("{prefix}.inbox"),
-        format!("{prefix}.retry"),
-        format!("{prefix}.parked"),
-        format!("{prefix}.owners"),
-    ];
-    // The outage tests' durable reply queue (tests/outage.rs).
-    queues.push(format!("{prefix}.outage-replies"));
-    queues.extend((1..10).map(|k| format!("{prefix}.retry.{k}")));
-    for q in queues {
-        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-    }
-    for e in ["turns", "replies", "retry"] {
-        let _ = ch
-            .exchange_delete(
-                format!("{prefix}.{e}").as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-    }
-    let _ = conn.close(200, "bye".into()).await;
 }
 
 /// A producer and reply consumer for one prefix.
@@ -782,6 +751,11 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((r.status, r.body))
 }
 
+/// GET http://127.0.0.1:<port><path> → its status code (e.g. a `/readyz` probe).
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_request(port, "GET", path, &[], b"").await.map(|r| r.status)
+}
+
 /// One HTTP response as [`http_request`] read it.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
@@ -848,11 +822,13 @@ async fn http_exchange(port: u16, request: &[u8], within: Duration) -> Option<Ht
     Some(HttpResponse { status, headers, body: body.to_owned() })
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn try_free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr().map(|a| a.port())
+}
+
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    try_free_port().expect("a free port on 127.0.0.1")
 }
 
 /// POST http://127.0.0.1:<port><path> with an empty body and, when given, an
@@ -865,14 +841,14 @@ pub async fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u1
     Some((r.status, r.body))
 }
 
-/// A log line without its terminal colour codes (CSI: ESC [ parameters final-byte).
-pub fn strip_ansi(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
+/// A log without its terminal colour codes (CSI: ESC [ parameters final byte in `@`..`~`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
     while let Some(c) = chars.next() {
         if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
                     break;
                 }
             }
