@@ -15,24 +15,6 @@ use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 
-/// Every turn's events, de-duplicated on the AMQP message_id: exactly one each.
-fn assert_one_event_each(client: &Client, ids: &[String]) -> HashMap<String, Event> {
-    let by = client.by_message();
-    let mut one = HashMap::new();
-    for id in ids {
-        let events = by.get(id).map(Vec::as_slice).unwrap_or_default();
-        assert_eq!(
-            events.len(),
-            1,
-            "turn {id} must have exactly one terminal event, has {}: {:#?}",
-            events.len(),
-            events.iter().map(|e| (&e.event_id, e.kind(), e.code())).collect::<Vec<_>>()
-        );
-        one.insert(id.clone(), events[0].clone());
-    }
-    one
-}
-
 /// The lines of a daemon's log that mention `needle` and the turn `message_id`.
 fn log_lines_about(log: &str, needle: &str, message_id: &str) -> usize {
     let field = format!("message_id={message_id}");
@@ -226,7 +208,7 @@ async fn two_pods_refuse_a_snapshot_turn_without_context_then_park_it_once() {
 
     // Nothing more arrives for them: one error reply each.
     client.drain_for(Duration::from_millis(1500)).await;
-    assert_one_event_each(&client, &refused_ids);
+    client.assert_exactly_once(&refused_ids);
 
     // The same turns without runId are legacy turns: they run (with new messageIds).
     let mut legacy = Vec::new();
@@ -273,7 +255,7 @@ async fn with_the_file_session_store_a_run_id_turn_without_context_runs() {
         assert!(!l.contains("refused: missing context"), "nothing is refused with the file store");
     }
     client.drain_for(Duration::from_millis(500)).await;
-    assert_one_event_each(&client, &ids);
+    client.assert_exactly_once(&ids);
 }
 
 // ---- 4. fencing: a stale epoch's reply is refused -------------------------------------------
@@ -464,7 +446,7 @@ async fn many_turns_over_three_pods_with_one_killed_get_one_event_each_and_one_w
     // Catch-up republishing (relay of another pod) would arrive within a few seconds.
     client.drain_for(Duration::from_millis(2500)).await;
 
-    let events = assert_one_event_each(&client, &ids);
+    let events = client.assert_exactly_once(&ids);
     let mut codes: HashMap<String, usize> = HashMap::new();
     for e in events.values() {
         let label = if e.kind() == "reply" { "reply".to_owned() } else { e.code().to_owned() };
@@ -587,7 +569,7 @@ async fn a_terminated_lock_session_stops_its_workers_and_another_pod_answers() {
     client.wait_for(&ids, T).await;
     eprintln!("all turns ended {:?} after the cut", cut.elapsed());
     client.drain_for(Duration::from_millis(2500)).await;
-    let events = assert_one_event_each(&client, &ids);
+    let events = client.assert_exactly_once(&ids);
     for t in &long {
         let e = &events[&mid(t)];
         assert_eq!(e.kind(), "error", "{} was running when the lock went", mid(t));
@@ -679,7 +661,7 @@ async fn a_killed_pods_deployment_is_adopted_and_its_queue_answered_in_order() {
     ids.extend(rest.iter().map(mid));
     client.wait_for(&ids, T).await;
     client.drain_for(Duration::from_millis(2500)).await;
-    let events = assert_one_event_each(&client, &ids);
+    let events = client.assert_exactly_once(&ids);
     let e = &events[&mid(&first)];
     assert!(
         ["WORKER_DIED", "TURN_TIMEOUT"].contains(&e.code()),
@@ -768,5 +750,5 @@ async fn a_turn_arriving_while_its_owner_stops_is_served_without_waiting_for_ado
     client.drain_for(Duration::from_millis(300)).await;
     let ids: Vec<String> = client.events.iter().map(|e| e.message_id().to_owned()).collect();
     assert_eq!(ids.len(), ROUNDS);
-    assert_one_event_each(&client, &ids);
+    client.assert_exactly_once(&ids);
 }

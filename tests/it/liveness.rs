@@ -51,25 +51,6 @@ async fn turn_state(cluster: &Cluster, dep: &str, message_id: &str) -> String {
         .expect("turn state")
 }
 
-/// Asserts one terminal event per id (de-duplicated on the AMQP message_id) and no others.
-fn assert_exactly_once(client: &Client, ids: &[String]) {
-    let by = client.by_message();
-    for id in ids {
-        assert_eq!(
-            by.get(id).map(Vec::len),
-            Some(1),
-            "exactly one terminal event for {id}: {:#?}",
-            by.get(id)
-        );
-    }
-    assert_eq!(
-        by.len(),
-        ids.len(),
-        "no events for other turns: {:?}",
-        by.keys().collect::<Vec<_>>()
-    );
-}
-
 fn reply_pid(client: &Client, id: &str) -> i64 {
     let e = client.event(id).expect("event");
     assert_eq!(e.kind(), "reply", "{id} was answered: {}", e.body);
@@ -136,7 +117,7 @@ async fn a_killed_worker_fails_every_pending_turn_at_once_and_a_new_worker_takes
 
     client.drain_for(Duration::from_millis(500)).await;
     ids.push(mid(&next));
-    assert_exactly_once(&client, &ids);
+    client.assert_exactly_once_and_nothing_else(&ids);
     assert_eq!(cluster.pending().await, 0);
 }
 
@@ -168,7 +149,7 @@ async fn a_worker_that_exits_without_replying_fails_its_turn_with_worker_died() 
     client.wait_for(&[mid(&again)], T).await;
     assert_eq!(client.event(&mid(&again)).unwrap().body["payload"]["text"], "still there");
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&exit0), mid(&exit3), mid(&again)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&exit0), mid(&exit3), mid(&again)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +192,7 @@ async fn a_worker_that_cannot_be_started_fails_with_worker_start_failed_and_the_
         assert_eq!(client.event(&mid(&same)).unwrap().code(), "WORKER_START_FAILED");
         assert!(process_alive(pid));
         client.drain_for(Duration::from_millis(300)).await;
-        assert_exactly_once(&client, &[mid(&first), mid(&other), mid(&same)]);
+        client.assert_exactly_once_and_nothing_else(&[mid(&first), mid(&other), mid(&same)]);
         assert_eq!(cluster.pending().await, 0);
     }
 }
@@ -241,7 +222,7 @@ async fn a_hung_worker_times_out_and_is_replaced() {
     client.wait_for(&[mid(&next)], T).await;
     assert_ne!(reply_pid(&client, &mid(&next)), i64::from(pid));
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&hang), mid(&next)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&hang), mid(&next)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +245,7 @@ async fn heartbeats_keep_a_long_turn_alive_past_its_deadline() {
     assert_eq!(e.body["payload"]["text"], "done");
     assert!(took >= Duration::from_secs(3), "three deadlines long: {took:?}");
     client.drain_for(Duration::from_millis(1500)).await;
-    assert_exactly_once(&client, &[mid(&long)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&long)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +284,7 @@ async fn a_provider_failure_fails_the_turn_with_its_code_despite_heartbeats() {
     );
     assert!(!process_alive(pid), "and it was stopped");
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&failing), mid(&next)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&failing), mid(&next)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,7 +322,7 @@ async fn a_reply_after_the_deadline_fired_is_dropped() {
     // … and never becomes a second event, however long we listen.
     client.wait_for(&[mid(&next)], T).await;
     client.drain_for(Duration::from_millis(1500)).await;
-    assert_exactly_once(&client, &[mid(&slow), mid(&next)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&slow), mid(&next)]);
     assert_eq!(client.event(&mid(&slow)).unwrap().code(), "TURN_TIMEOUT");
     let outbox: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM turnd_outbox WHERE deployment = $1 AND message_id = $2",
@@ -383,7 +364,7 @@ async fn an_idle_worker_is_reaped_without_failing_anything_and_a_fresh_one_answe
     })
     .await;
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&first)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&first)]);
 
     // A turn longer than idle_timeout is never reaped mid-way.
     let long = turn("a1", "c1", json!({"action": "sleep", "ms": 1500, "text": "long"}));
@@ -397,7 +378,7 @@ async fn an_idle_worker_is_reaped_without_failing_anything_and_a_fresh_one_answe
     assert_eq!(client.event(&mid(&long)).unwrap().body["payload"]["text"], "long");
     assert_eq!(log_count(&cluster, &dep, "start"), 2);
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&first), mid(&long), mid(&quick)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&first), mid(&long), mid(&quick)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,7 +439,7 @@ async fn a_worker_that_ignores_sigterm_is_killed_after_stop_timeout() {
     );
     assert_ne!(leader_pid(&cluster, &dep).await, Some(leader));
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&first), mid(&during)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&first), mid(&during)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,7 +510,7 @@ async fn sigterm_lets_the_running_turn_finish_and_leaves_the_queued_one_for_the_
     assert_eq!(client.event(&mid(&queued)).unwrap().body["payload"]["text"], "later");
     assert_ne!(reply_pid(&client, &mid(&queued)), i64::from(pid));
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&running), mid(&queued)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&running), mid(&queued)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -611,7 +592,7 @@ async fn a_crash_looping_worker_backs_off_and_its_turns_fail_fast() {
     assert_eq!(client.event(&mid(&healthy)).unwrap().body["payload"]["text"], "better now");
     client.drain_for(Duration::from_millis(300)).await;
     ids.push(mid(&healthy));
-    assert_exactly_once(&client, &ids);
+    client.assert_exactly_once_and_nothing_else(&ids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -676,7 +657,7 @@ async fn garbage_on_stdout_is_logged_and_ignored() {
     assert_eq!(reply_pid(&client, &mid(&next)), pid);
     assert_eq!(log_count(&cluster, &dep, "start"), 1);
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[id, mid(&next)]);
+    client.assert_exactly_once_and_nothing_else(&[id, mid(&next)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -710,7 +691,7 @@ async fn a_worker_that_never_reads_stdin_cannot_wedge_its_deployment() {
         cluster.daemons[d].terminate(Duration::from_secs(10)).await.expect("daemon exited");
     assert!(status.success());
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&big)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&big)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -748,7 +729,7 @@ async fn heartbeats_from_an_idle_worker_do_not_keep_it_alive() {
         "{idle_for:?}"
     );
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&t)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&t)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -780,7 +761,7 @@ async fn at_max_workers_the_least_recently_used_idle_worker_is_evicted() {
     wait_until(Duration::from_secs(5), "the second worker evicted in turn", || !process_alive(p2))
         .await;
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&c1), mid(&c2), mid(&again)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&c1), mid(&c2), mid(&again)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -805,7 +786,7 @@ async fn a_turn_still_running_when_the_grace_is_over_gets_worker_stopped() {
     client.wait_for(&[mid(&long)], T).await;
     assert_eq!(client.event(&mid(&long)).unwrap().code(), "WORKER_STOPPED");
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&long)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&long)]);
     assert_eq!(cluster.pending().await, 0);
 }
 
@@ -840,7 +821,7 @@ async fn a_worker_dies_with_its_daemon_and_its_turn_fails_when_the_deployment_is
     );
     assert_ne!(reply_pid(&client, &mid(&next)), i64::from(pid));
     client.drain_for(Duration::from_millis(300)).await;
-    assert_exactly_once(&client, &[mid(&hang), mid(&next)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&hang), mid(&next)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -876,5 +857,5 @@ done"#;
     );
     assert!(sent.elapsed() >= Duration::from_secs(2), "{:?}", sent.elapsed());
     client.drain_for(Duration::from_millis(500)).await;
-    assert_exactly_once(&client, &[mid(&t)]);
+    client.assert_exactly_once_and_nothing_else(&[mid(&t)]);
 }

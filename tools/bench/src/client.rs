@@ -3,7 +3,7 @@
 //! delivery on arrival and the ledger checks it: one terminal event per turn, de-duplicated
 //! on the AMQP message_id, with the outcome the turn asked for.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -16,6 +16,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use turnd_harness::{Expected, Ledger};
 
 use crate::cluster::{Cluster, redact};
 
@@ -207,7 +208,9 @@ pub struct Client {
     arrivals: mpsc::UnboundedReceiver<Result<Arrival>>,
     sent: HashMap<String, Sent>,
     got: HashMap<String, Got>,
-    event_ids: HashSet<String>,
+    /// The events, de-duplicated (the harness's exactly-once check).
+    ledger: Ledger,
+    /// The outcomes not as asked, counted as events arrive.
     check: ExactlyOnce,
     timeout: Duration,
 }
@@ -288,7 +291,7 @@ impl Client {
             arrivals,
             sent: HashMap::new(),
             got: HashMap::new(),
-            event_ids: HashSet::new(),
+            ledger: Ledger::default(),
             check: ExactlyOnce::default(),
             timeout,
         })
@@ -430,15 +433,24 @@ impl Client {
 
     /// The exactly-once check over everything sent and received so far.
     pub fn check(&self) -> ExactlyOnce {
+        let keys: HashMap<&str, String> = self
+            .sent
+            .iter()
+            .map(|(m, s)| (m.as_str(), format!("reply.bench.{}", s.deployment)))
+            .collect();
+        let verdict = self
+            .ledger
+            .verdict(keys.iter().map(|(m, k)| Expected { message_id: m, routing_key: Some(k) }));
         let mut c = self.check.clone();
-        c.sent = self.sent.len();
+        c.sent = verdict.sent;
         c.answered = self.got.len();
-        c.missing = self.sent.keys().filter(|m| !self.got.contains_key(*m)).count();
-        if c.missing > 0 && c.examples.len() < 8 {
-            let some: Vec<&String> =
-                self.sent.keys().filter(|m| !self.got.contains_key(*m)).take(3).collect();
-            c.examples.push(format!("no terminal event for {some:?}"));
-        }
+        c.missing = verdict.missing.len();
+        c.duplicates = verdict.duplicated.iter().map(|(_, e)| e.len() - 1).sum();
+        c.unknown = verdict.unknown.iter().map(|(_, n)| n).sum();
+        c.malformed = verdict.malformed.len() + verdict.misaddressed.len();
+        c.redelivered = self.ledger.redelivered as usize;
+        let room = 8usize.saturating_sub(c.examples.len());
+        c.examples.extend(verdict.problems().into_iter().take(room));
         c
     }
 
@@ -460,79 +472,38 @@ impl Client {
     }
 
     fn record(&mut self, a: Arrival) {
-        let c = &mut self.check;
-        let note = |c: &mut ExactlyOnce, what: String| {
-            if c.examples.len() < 8 {
-                c.examples.push(what);
-            }
-        };
-        let Some(event_id) = a.event_id.filter(|e| !e.is_empty()) else {
-            c.malformed += 1;
-            note(c, format!("event without AMQP message_id (routing key {})", a.routing_key));
+        let Some(event) = self.ledger.record(
+            a.event_id.as_deref(),
+            a.correlation_id.as_deref(),
+            &a.routing_key,
+            &a.body,
+        ) else {
             return;
         };
-        if !self.event_ids.insert(event_id.clone()) {
-            c.redelivered += 1;
-            return;
-        }
-        let body: Value = match serde_json::from_slice(&a.body) {
-            Ok(v) => v,
-            Err(e) => {
-                c.malformed += 1;
-                note(c, format!("event {event_id} is not JSON: {e}"));
-                return;
-            }
-        };
-        let Some(message_id) = body.get("messageId").and_then(Value::as_str) else {
-            c.malformed += 1;
-            note(c, format!("event {event_id} has no messageId"));
-            return;
-        };
-        let Some(sent) = self.sent.get(message_id) else {
-            c.unknown += 1;
-            note(c, format!("event {event_id} for unknown messageId {message_id}"));
-            return;
-        };
-        if a.correlation_id.as_deref() != Some(message_id) {
-            c.malformed += 1;
-            note(c, format!("event for {message_id} has correlation_id {:?}", a.correlation_id));
-        }
-        let routing = format!("reply.bench.{}", sent.deployment);
-        if a.routing_key != routing {
-            c.malformed += 1;
-            note(
-                c,
-                format!(
-                    "event for {message_id} has routing key {} (expected {routing})",
-                    a.routing_key
-                ),
-            );
-        }
-        let kind = body.get("kind").and_then(Value::as_str).unwrap_or("").to_owned();
-        let code = body.pointer("/error/code").and_then(Value::as_str).map(str::to_owned);
+        let message_id = event.message_id();
+        // Unknown turns and second events are the ledger's to report; the first event of a
+        // turn sent is timed and its outcome compared with what the turn asked for.
+        let Some(sent) = self.sent.get(message_id) else { return };
         if self.got.contains_key(message_id) {
-            c.duplicates += 1;
-            note(c, format!("second terminal event {event_id} for {message_id} ({kind} {code:?})"));
             return;
         }
+        let (kind, code) = (event.kind(), event.code());
         let as_expected = match &sent.expect {
             Expect::Reply => kind == "reply",
-            Expect::Error(want) => kind == "error" && code.as_deref() == Some(*want),
+            Expect::Error(want) => kind == "error" && code == *want,
         };
         if !as_expected {
+            let c = &mut self.check;
             c.wrong_outcome += 1;
-            *c.wrong_by_code
-                .entry(format!("{kind} {}", code.as_deref().unwrap_or("")))
-                .or_default() += 1;
-            let message = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("");
-            note(
-                c,
-                format!(
-                    "{message_id}: expected {:?}, got {kind} {} {message}",
+            *c.wrong_by_code.entry(format!("{kind} {code}")).or_default() += 1;
+            if c.examples.len() < 8 {
+                let message = event.body.pointer("/error/message").and_then(Value::as_str);
+                c.examples.push(format!(
+                    "{message_id}: expected {:?}, got {kind} {code} {}",
                     sent.expect,
-                    code.as_deref().unwrap_or("")
-                ),
-            );
+                    message.unwrap_or("")
+                ));
+            }
         }
         self.got.insert(message_id.to_owned(), Got { at: a.at, wall_ns: a.wall_ns });
     }

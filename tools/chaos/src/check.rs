@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
+use turnd_harness::Expected;
+
 use crate::client::Events;
 use crate::faults::{Injected, Kind};
 use crate::{Clock, Sent};
@@ -105,48 +107,54 @@ pub struct Inputs<'a> {
 
 pub fn violations(inp: &Inputs<'_>) -> Vec<Violation> {
     let mut out = inp.extra.clone();
-    let sent_ids: HashSet<&str> = inp.sent.iter().map(|s| s.message_id.as_str()).collect();
     let v = |what, detail: String, mid: Option<&str>| Violation {
         what,
         detail,
         message_id: mid.map(str::to_owned),
         at_ns: None,
     };
-    for s in inp.sent {
-        let mid = s.message_id.as_str();
-        let events = inp.events.by_message.get(mid).map(Vec::as_slice).unwrap_or(&[]);
-        match events.len() {
-            0 => out.push(v(
-                "lost",
-                format!("{mid} ({}, {}) got no terminal event", s.deployment, s.action),
-                Some(mid),
-            )),
-            1 => {}
-            n => out.push(v(
-                "duplicate event",
-                format!(
-                    "{mid} got {n} distinct terminal events: {}",
-                    events
-                        .iter()
-                        .map(|e| format!("{} [{}]", e.outcome(), e.event_id))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                Some(mid),
-            )),
-        }
-        for e in events {
+    // The exactly-once check proper (the harness's): one event per turn, on its routing key,
+    // none for a turn never sent, nothing malformed.
+    let keys: Vec<String> = inp
+        .sent
+        .iter()
+        .map(|s| {
             let org = serde_json::from_slice::<Value>(&s.body)
                 .ok()
                 .and_then(|t| t["organizationId"].as_str().map(str::to_owned));
-            let want_key = format!("reply.{}.{}", org.as_deref().unwrap_or("_"), s.deployment);
-            if e.routing_key != want_key {
-                out.push(v(
-                    "wrong routing key",
-                    format!("{mid}: {} instead of {want_key}", e.routing_key),
-                    Some(mid),
-                ));
-            }
+            format!("reply.{}.{}", org.as_deref().unwrap_or("_"), s.deployment)
+        })
+        .collect();
+    let verdict = inp.events.ledger.verdict(
+        inp.sent
+            .iter()
+            .zip(&keys)
+            .map(|(s, k)| Expected { message_id: &s.message_id, routing_key: Some(k) }),
+    );
+    let sent: HashMap<&str, &Sent> = inp.sent.iter().map(|s| (s.message_id.as_str(), s)).collect();
+    for mid in &verdict.missing {
+        let s = sent[mid.as_str()];
+        let detail = format!("{mid} ({}, {}) got no terminal event", s.deployment, s.action);
+        out.push(v("lost", detail, Some(mid)));
+    }
+    for (mid, events) in &verdict.duplicated {
+        let detail =
+            format!("{mid} got {} distinct terminal events: {}", events.len(), events.join(", "));
+        out.push(v("duplicate event", detail, Some(mid)));
+    }
+    for (mid, what) in &verdict.misaddressed {
+        out.push(v("misaddressed event", format!("{mid}: {what}"), Some(mid)));
+    }
+    for (mid, n) in &verdict.unknown {
+        out.push(v("event for a turn never sent", format!("{mid}: {n} event(s)"), None));
+    }
+    for m in &verdict.malformed {
+        out.push(v("malformed event", m.clone(), None));
+    }
+    for s in inp.sent {
+        let mid = s.message_id.as_str();
+        let events = inp.events.ledger.by_message.get(mid).map(Vec::as_slice).unwrap_or(&[]);
+        for e in events {
             if e.deployment() != s.deployment {
                 out.push(v(
                     "wrong deployment",
@@ -237,18 +245,6 @@ pub fn violations(inp: &Inputs<'_>) -> Vec<Violation> {
             }
         }
     }
-    for (mid, events) in &inp.events.by_message {
-        if !sent_ids.contains(mid.as_str()) {
-            out.push(v(
-                "event for a turn never sent",
-                format!("{mid}: {} event(s)", events.len()),
-                None,
-            ));
-        }
-    }
-    for m in &inp.events.malformed {
-        out.push(v("malformed event", m.clone(), None));
-    }
     for (line, at) in &inp.logs.violations {
         let pid = line.split(' ').nth(1).unwrap_or("");
         let deployment = inp.logs.deployment_of.get(pid).map_or("?", String::as_str);
@@ -330,16 +326,18 @@ pub fn table(
 ) -> Table {
     let answered: HashMap<&str, Instant> = inp
         .events
+        .ledger
         .by_message
         .iter()
         .filter_map(|(m, e)| e.first().map(|e| (m.as_str(), e.at)))
         .collect();
     let outcome_of = |mid: &str| {
         inp.events
+            .ledger
             .by_message
             .get(mid)
             .and_then(|e| e.first())
-            .map_or_else(|| "LOST".to_owned(), |e| e.outcome())
+            .map_or_else(|| "LOST".to_owned(), |e| e.outcome().to_owned())
     };
     let action_of: HashMap<&str, &str> =
         inp.sent.iter().map(|s| (s.message_id.as_str(), s.action)).collect();
@@ -527,14 +525,14 @@ pub fn roll(inp: &Inputs<'_>, slack: std::time::Duration) -> (Vec<Violation>, Ve
         let mut latencies = Vec::new();
         let mut failed = 0;
         for s in inp.sent.iter().filter(|s| chosen_outcome(s.action) == "reply") {
-            let first = inp.events.by_message.get(&s.message_id).and_then(|e| e.first());
+            let first = inp.events.ledger.by_message.get(&s.message_id).and_then(|e| e.first());
             let answered = first.map(|e| e.at);
             if !overlaps(s, answered, f, slack, inp.end)
                 || others.iter().any(|o| overlaps(s, answered, o, slack, inp.end))
             {
                 continue;
             }
-            let outcome = first.map_or_else(|| "LOST".to_owned(), |e| e.outcome());
+            let outcome = first.map_or_else(|| "LOST".to_owned(), |e| e.outcome().to_owned());
             if outcome != "reply" {
                 failed += 1;
                 found.push(Violation {

@@ -4,9 +4,8 @@
 //! to `<prefix>.replies` with manual acks, so events published while it is disconnected wait
 //! for it; redeliveries are de-duplicated on the AMQP message_id, as the contract asks.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -15,70 +14,19 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-
-/// One terminal event as received.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub event_id: String,
-    pub routing_key: String,
-    pub body: Value,
-    pub at: Instant,
-}
-
-impl Event {
-    pub fn message_id(&self) -> &str {
-        self.body["messageId"].as_str().unwrap_or("")
-    }
-    pub fn deployment(&self) -> &str {
-        self.body["deployment"].as_str().unwrap_or("")
-    }
-    /// `reply` or the error code.
-    pub fn outcome(&self) -> String {
-        match self.body["kind"].as_str() {
-            Some("reply") => "reply".to_owned(),
-            _ => self.body["error"]["code"].as_str().unwrap_or("?").to_owned(),
-        }
-    }
-}
+use turnd_harness::Ledger;
 
 #[derive(Debug, Default)]
 pub struct Events {
-    /// Distinct events (by AMQP message_id) per turn messageId, in arrival order.
-    pub by_message: HashMap<String, Vec<Event>>,
-    seen: HashSet<String>,
-    /// Deliveries of an event already received (at-least-once redeliveries; harmless).
-    pub redelivered: u64,
-    /// Deliveries without an AMQP message_id or with a body that is not JSON.
-    pub malformed: Vec<String>,
+    /// Distinct events per turn, de-duplicated on the AMQP message_id (the harness's check).
+    pub ledger: Ledger,
     pub reconnects: u64,
 }
 
 impl Events {
-    fn record(&mut self, event_id: Option<String>, routing_key: String, data: &[u8]) {
-        let Some(event_id) = event_id.filter(|e| !e.is_empty()) else {
-            self.malformed
-                .push(format!("event without message_id: {}", String::from_utf8_lossy(data)));
-            return;
-        };
-        if !self.seen.insert(event_id.clone()) {
-            self.redelivered += 1;
-            return;
-        }
-        let body: Value = match serde_json::from_slice(data) {
-            Ok(b) => b,
-            Err(e) => {
-                self.malformed.push(format!("event {event_id} is not JSON: {e}"));
-                return;
-            }
-        };
-        let event = Event { event_id, routing_key, body, at: Instant::now() };
-        self.by_message.entry(event.message_id().to_owned()).or_default().push(event);
-    }
-
     pub fn count_answered(&self, ids: &[String]) -> usize {
-        ids.iter().filter(|id| self.by_message.contains_key(*id)).count()
+        ids.iter().filter(|id| self.ledger.by_message.contains_key(*id)).count()
     }
 }
 
@@ -150,9 +98,10 @@ pub async fn collect(url: String, prefix: String, events: Shared, cancel: Cancel
                 d = consumer.next() => d,
             };
             let Some(Ok(delivery)) = next else { break };
-            lock(&events).record(
-                delivery.properties.message_id().as_ref().map(|s| s.to_string()),
-                delivery.routing_key.to_string(),
+            lock(&events).ledger.record(
+                delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+                delivery.properties.correlation_id().as_ref().map(|s| s.as_str()),
+                delivery.routing_key.as_str(),
                 &delivery.data,
             );
             // An ack lost to a fault means a redelivery, which `record` recognises.

@@ -700,7 +700,7 @@ async fn drive(
     say!(
         cli,
         "client: {} event redeliveries de-duplicated, collector reconnects {}, publisher reconnects {pub_reconnects}, re-publishes {republished}; probes answered by {} daemon(s)",
-        events.redelivered,
+        events.ledger.redelivered,
         events.reconnects,
         owners.len()
     );
@@ -749,7 +749,7 @@ async fn drive(
                 "not_injected": never_injected,
                 "violations": found.iter().map(|v| json!({"what": v.what, "detail": v.detail, "messageId": v.message_id})).collect::<Vec<_>>(),
                 "worker_starts": logs.starts,
-                "event_redeliveries": events.redelivered,
+                "event_redeliveries": events.ledger.redelivered,
                 "database": cluster.db_name,
                 "prefix": cluster.prefix,
             })

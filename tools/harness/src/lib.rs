@@ -17,7 +17,10 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use sqlx::{Connection as _, PgConnection, PgPool};
 
+pub mod exactly_once;
 pub mod teardown;
+
+pub use exactly_once::{Event, Expected, Ledger, Verdict};
 
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -390,28 +393,10 @@ pub struct Client {
     pub conn: Connection,
     pub publisher: Channel,
     replies: lapin::Consumer,
-    /// Every event received, in order: (AMQP message_id, routing key, body).
+    /// Every event received, in order, redeliveries included.
     pub events: Vec<Event>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub event_id: String,
-    pub correlation_id: String,
-    pub routing_key: String,
-    pub body: Value,
-}
-
-impl Event {
-    pub fn message_id(&self) -> &str {
-        self.body["messageId"].as_str().unwrap_or("")
-    }
-    pub fn kind(&self) -> &str {
-        self.body["kind"].as_str().unwrap_or("")
-    }
-    pub fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().unwrap_or("")
-    }
+    /// The same, de-duplicated: what the exactly-once check reads.
+    pub ledger: Ledger,
 }
 
 impl Client {
@@ -457,7 +442,14 @@ impl Client {
             )
             .await
             .expect("consume replies");
-        Client { prefix: prefix.to_owned(), conn, publisher, replies, events: Vec::new() }
+        Client {
+            prefix: prefix.to_owned(),
+            conn,
+            publisher,
+            replies,
+            events: Vec::new(),
+            ledger: Ledger::default(),
+        }
     }
 
     /// Publishes raw bytes to `<prefix>.turns` with a confirm.
@@ -513,26 +505,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + within;
         while !done(&self.events) {
             match tokio::time::timeout_at(deadline, self.replies.next()).await {
-                Ok(Some(Ok(d))) => {
-                    let body: Value =
-                        serde_json::from_slice(&d.data).expect("terminal event is JSON");
-                    self.events.push(Event {
-                        event_id: d
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|s| s.to_string())
-                            .unwrap_or_default(),
-                        correlation_id: d
-                            .properties
-                            .correlation_id()
-                            .as_ref()
-                            .map(|s| s.to_string())
-                            .unwrap_or_default(),
-                        routing_key: d.routing_key.to_string(),
-                        body,
-                    });
-                }
+                Ok(Some(Ok(d))) => self.receive(&d),
                 Ok(other) => panic!("reply consumer ended: {other:?}"),
                 Err(_) => panic!(
                     "timed out after {within:?} waiting for {what}; got {} events: {:#?}",
@@ -562,37 +535,44 @@ impl Client {
     /// Keeps receiving for `d` (to prove something does NOT arrive).
     pub async fn drain_for(&mut self, d: Duration) {
         let deadline = tokio::time::Instant::now() + d;
-        while let Ok(Some(Ok(del))) = tokio::time::timeout_at(deadline, self.replies.next()).await {
-            let body: Value = serde_json::from_slice(&del.data).expect("JSON");
-            self.events.push(Event {
-                event_id: del
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                correlation_id: del
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                routing_key: del.routing_key.to_string(),
-                body,
-            });
+        while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, self.replies.next()).await {
+            self.receive(&d);
         }
+    }
+
+    fn receive(&mut self, d: &lapin::message::Delivery) {
+        let event_id = d.properties.message_id().as_ref().map(|s| s.as_str());
+        let correlation_id = d.properties.correlation_id().as_ref().map(|s| s.as_str());
+        let routing_key = d.routing_key.as_str();
+        let event = self.ledger.record(event_id, correlation_id, routing_key, &d.data).cloned();
+        // A redelivery is the event received before; anything else is turnd's fault.
+        let event = event
+            .or_else(|| {
+                let id = event_id?;
+                self.events.iter().find(|e| e.event_id == id).cloned()
+            })
+            .unwrap_or_else(|| panic!("unusable terminal event: {:?}", self.ledger.malformed));
+        self.events.push(event);
     }
 
     /// Events per messageId, de-duplicated on the AMQP message_id.
     pub fn by_message(&self) -> HashMap<String, Vec<Event>> {
-        let mut seen = std::collections::HashSet::new();
-        let mut map: HashMap<String, Vec<Event>> = HashMap::new();
-        for e in &self.events {
-            if seen.insert(e.event_id.clone()) {
-                map.entry(e.message_id().to_owned()).or_default().push(e.clone());
-            }
-        }
-        map
+        self.ledger.by_message.clone()
+    }
+
+    /// Asserts one terminal event per id, naming it (correlation_id); returns each.
+    pub fn assert_exactly_once(&self, ids: &[String]) -> HashMap<String, Event> {
+        let verdict = self.ledger.verdict(ids.iter().map(|id| Expected::id(id)));
+        // Events of other turns are not this check's business.
+        let verdict = Verdict { unknown: Vec::new(), ..verdict };
+        assert!(verdict.holds(), "exactly once: {:#?}", verdict.problems());
+        ids.iter().filter_map(|id| Some((id.clone(), self.ledger.first(id)?.clone()))).collect()
+    }
+
+    /// [`Client::assert_exactly_once`], and no event for any other turn.
+    pub fn assert_exactly_once_and_nothing_else(&self, ids: &[String]) {
+        let verdict = self.ledger.verdict(ids.iter().map(|id| Expected::id(id)));
+        assert!(verdict.holds(), "exactly once and nothing else: {:#?}", verdict.problems());
     }
 
     /// Publishes `turn` and waits for its terminal event.
