@@ -9,7 +9,9 @@ cargo fmt --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every binary of the workspace, the tools' too: the integration tests run turnd and
 # turnd-test-worker (a bin of tools/harness, which `cargo test` does not build for them).
-cargo build --workspace --bins --locked
+# All targets at once: the same dependency features as `cargo test --workspace` below, so
+# nothing is compiled twice.
+cargo build --workspace --all-targets --locked
 # Shipping (README "Container image", "Kubernetes", "Debian package"): the image's root
 # filesystem, the Debian package and the kustomize base, each built and checked. The debug
 # build stands in for the release one (same paths and contents; a release build would add

@@ -2,7 +2,7 @@
 //! Missing-context refusal on every pod, one worker per deployment across the cluster while a
 //! daemon is killed, lock-session loss, fencing of stale epochs, and adoption.
 //!
-//! The test that holds thousands of advisory locks lives in `tests/many_locks.rs`.
+//! The test that holds thousands of advisory locks lives in `tests/it/many_locks.rs`.
 
 use std::collections::HashMap;
 use std::path::Path;

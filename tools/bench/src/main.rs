@@ -23,7 +23,7 @@
 //! taken while other processes used more than 10% of the machine are flagged DISTURBED.
 //!
 //! ```sh
-//! cargo build --release --bins
+//! cargo build --release --workspace --bins
 //! ./target/release/turnd-bench all --floor /tmp/floor-bench/target/release/floor-bench
 //! ./target/release/turnd-bench throughput --conversations 50 --turns 40
 //! ./target/release/turnd-bench pods --daemons 3 --floor /tmp/floor-bench/target/release/floor-bench
@@ -304,7 +304,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     {
         ensure!(
             path.is_file(),
-            "{what} is not at {} (build with `cargo build --release --bins`, or pass {flag})",
+            "{what} is not at {} (build with `cargo build --release --workspace --bins`, or pass {flag})",
             path.display()
         );
     }

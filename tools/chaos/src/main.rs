@@ -15,7 +15,7 @@
 //! it after `cargo test`). A guard starts both again however the harness ends.
 //!
 //! ```sh
-//! cargo build --bins
+//! cargo build --workspace --bins
 //! target/debug/turnd-chaos --seed 7 --turns 300 --conversations 30 --duration 2m
 //! target/debug/turnd-chaos --faults worker-kill,pg-restart --rounds 3 --json
 //! ```
@@ -136,7 +136,8 @@ fn mix(seed: u64) -> u64 {
 
 const ACTIONS: [&str; 5] = ["reply", "error", "hang", "crash", "exit0"];
 
-/// The test worker's `random` choice for this seed (src/bin/test_worker.rs `pick_random`).
+/// The test worker's `random` choice for this seed (`pick_random` in
+/// tools/harness/src/bin/test_worker.rs).
 fn worker_choice(seed: u64, w: &[f64; 5]) -> &'static str {
     let total: f64 = w.iter().sum();
     let unit = (mix(seed) >> 11) as f64 / (1u64 << 53) as f64;
@@ -279,7 +280,7 @@ async fn run(cli: &Cli, guard: &ServiceGuard) -> Result<bool> {
     let turnd = cli.turnd.clone().unwrap_or_else(|| here.join("turnd"));
     let worker = cli.worker.clone().unwrap_or_else(|| here.join("turnd-test-worker"));
     for p in [&turnd, &worker] {
-        ensure!(p.is_file(), "{} is missing (cargo build --bins)", p.display());
+        ensure!(p.is_file(), "{} is missing (cargo build --workspace --bins)", p.display());
     }
     ensure!(
         cli.turns > 0 && cli.conversations > 0 && cli.daemons > 0,

@@ -1,6 +1,8 @@
-//! Integration-test harness: a fresh PostgreSQL database and a fresh `amqp.prefix` per test,
-//! real `turnd run` processes as pods, and a client that publishes turns and collects the
-//! terminal events. Everything waits on conditions with a timeout; nothing sleeps blindly.
+//! turnd's test harness, one for the integration tests (`tests/it/`), `turnd-bench` and
+//! `turnd-chaos`: a fresh PostgreSQL database and a fresh `amqp.prefix` per test, real
+//! `turnd run` processes as pods, a client that publishes turns and collects the terminal
+//! events, the exactly-once check ([`exactly_once`]), teardown ([`teardown`]), HTTP probes.
+//! Everything waits on conditions with a timeout; nothing sleeps blindly.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,7 +48,7 @@ pub fn workspace_bin(name: &str) -> &'static str {
     let path = bin_dir().join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, \
+        "{} is missing: build the workspace first (`cargo build --workspace --all-targets`, \
          as scripts/test.sh does)",
         path.display()
     );
