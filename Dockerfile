@@ -18,6 +18,9 @@ COPY patches patches
 COPY migrations migrations
 COPY src src
 COPY examples examples
+# The workspace's tool crates (bench, chaos, test harness): cargo reads every member's manifest
+# to resolve the workspace, though only turnd's binaries are built here.
+COPY tools tools
 RUN cargo build --release --locked --bin turnd --bin turnd-demo-worker
 
 FROM debian:bookworm-slim

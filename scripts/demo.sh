@@ -3,7 +3,7 @@
 # prints its reply, then keeps the daemon in the foreground (Ctrl-C stops it gracefully).
 # Everything it prints works as printed from the repository's root, in another terminal:
 # the config is a file (target/demo/turnd.toml, by scripts/demo-config.sh), not this shell's
-# environment. tests/as_printed.rs runs those commands.
+# environment. tests/it/as_printed.rs runs those commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh

@@ -3,9 +3,9 @@
 # without them). Each test that needs one skips with a clear message when it is still missing,
 # so a failure here is a warning, not an error.
 #
-# - chromium + chromium-driver: tests/console_browser.rs drives the console in headless
+# - chromium + chromium-driver: tests/it/console_browser.rs drives the console in headless
 #   Chromium. About 100 MB to download, installed once per machine.
-# - promtool: tests/console.rs runs `promtool check rules` on deploy/prometheus/. Installing
+# - promtool: tests/it/console.rs runs `promtool check rules` on deploy/prometheus/. Installing
 #   Debian's `prometheus` package would add ~96 MB, a service user and a Prometheus server
 #   started on the machine, for one binary; instead the .deb (~19 MB) is downloaded with
 #   `apt-get download` and only unpacked into target/tools/prometheus (nothing is installed).
@@ -32,7 +32,7 @@ apt_update() {
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   log "installing chromium and chromium-driver (for the console's browser test)"
   if ! { apt_update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
-    log "WARNING: could not install chromium; tests/console_browser.rs will be skipped"
+    log "WARNING: could not install chromium; tests/it/console_browser.rs will be skipped"
   fi
 fi
 

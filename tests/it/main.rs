@@ -1,0 +1,26 @@
+//! The integration tests, one module per area, in one test binary: the harness
+//! (`tools/harness`) is compiled once and every helper it has is used somewhere.
+//! Each test gets its own database and `amqp.prefix` (ARCHITECTURE "Testing").
+
+mod as_printed;
+mod bad_input;
+mod cluster;
+mod console;
+mod console_browser;
+mod containment;
+mod examples;
+mod fuzz;
+mod hostile_headers;
+mod kubernetes;
+mod liveness;
+mod lock_session;
+mod many_locks;
+mod operator;
+mod order;
+mod outage;
+mod parked;
+mod pid1;
+mod retry;
+mod schemas;
+mod support;
+mod turn_path;
