@@ -186,3 +186,57 @@ async fn killing_the_active_intakes_daemon_mid_stream_keeps_order_and_loses_noth
     assert!(failed <= conversations.len(), "{failed} failed");
     assert_eq!(cluster.pending().await, 0);
 }
+
+/// CONTRACT §6, commit order per deployment whichever daemon committed: events an earlier
+/// owner committed and did not publish (its relay held them, e.g. through its own broker
+/// outage) come with the take-over, in commit order, so the new owner's relay sends them
+/// before anything it commits itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_hands_the_earlier_owners_unpublished_events_over_in_commit_order() {
+    use turnd::event::Outcome;
+    use turnd::store::Store;
+    use turnd::turn::{Epoch, parse};
+
+    let cluster = Cluster::new().await;
+    let store = Store::from_pool(cluster.pool.clone());
+    let turn = |id: &str| {
+        let body = json!({"messageId": id, "agentId": "a1", "organizationId": "o1", "conversationId": "handover"});
+        parse(body.to_string().as_bytes(), 1 << 20).unwrap()
+    };
+    let turns: Vec<_> = ["h-1", "h-2", "h-3"].into_iter().map(turn).collect();
+    let dep = turns[0].deployment.clone();
+    let refs: Vec<_> = turns.iter().collect();
+    store.arm(&refs, Duration::from_secs(60)).await.unwrap();
+    let reply = |text: &str| {
+        Outcome::Reply(
+            serde_json::value::RawValue::from_string(json!({"text": text}).to_string()).unwrap(),
+        )
+    };
+    let deadline = Duration::from_secs(60);
+
+    let first = store.take_over(&dep, Epoch::new(1), "old-daemon").await.unwrap();
+    assert!(first.unpublished.is_empty(), "nothing committed yet");
+    let mut ids = Vec::new();
+    for expected in ["h-1", "h-2"] {
+        let c = store.claim_next(&dep, Epoch::new(1), deadline).await.unwrap().unwrap();
+        assert_eq!(c.envelope.message_id.as_str(), expected);
+        let done = store.commit(&c.envelope, Epoch::new(1), &reply(expected)).await.unwrap();
+        ids.push(done.expect("the owner's commit").id);
+    }
+
+    // The old owner's relay never published them: the next owner gets both, oldest first.
+    let second = store.take_over(&dep, Epoch::new(2), "new-daemon").await.unwrap();
+    let handed: Vec<(i64, &str)> =
+        second.unpublished.iter().map(|c| (c.id, c.event.message_id.as_str())).collect();
+    assert_eq!(handed, vec![(ids[0], "h-1"), (ids[1], "h-2")]);
+    assert!(second.unpublished.iter().all(|c| c.event.kind == "reply" && !c.event.body.is_empty()));
+
+    // Published ones are not handed over again; the new owner's own commit comes after.
+    store.mark_published(&ids[..1]).await.unwrap();
+    let c3 = store.claim_next(&dep, Epoch::new(2), deadline).await.unwrap().unwrap();
+    let own = store.commit(&c3.envelope, Epoch::new(2), &reply("h-3")).await.unwrap().unwrap();
+    assert!(own.id > ids[1], "commit order is outbox id order");
+    let third = store.take_over(&dep, Epoch::new(3), "third-daemon").await.unwrap();
+    let handed: Vec<&str> = third.unpublished.iter().map(|c| c.event.message_id.as_str()).collect();
+    assert_eq!(handed, vec!["h-2", "h-3"]);
+}
