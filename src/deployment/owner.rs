@@ -345,13 +345,10 @@ pub(super) const PANIC_KILL_GRACE: Duration = Duration::from_millis(500);
 /// Runs `fut`, turning a panic into its message.
 pub(super) async fn panic_message<T>(fut: impl Future<Output = T>) -> Result<T, String> {
     use futures_lite::FutureExt;
-    std::panic::AssertUnwindSafe(fut).catch_unwind().await.map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned())
-    })
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|payload| crate::supervise::panic_text(payload.as_ref()))
 }
 
 pub(super) async fn next_event(worker: Option<&mut Worker>) -> Option<WorkerEvent> {
