@@ -69,7 +69,7 @@ impl Owner<'_> {
         let takeover = match ctx.store.take_over(&self.name, self.epoch(), &ctx.daemon_id).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(deployment = %self.name, error = %e, "cannot take over deployment; leaving it for adoption");
+                tracing::warn!(error = %e, "cannot take over deployment; leaving it for adoption");
                 return End::Done;
             }
         };
@@ -173,7 +173,7 @@ impl Owner<'_> {
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(deployment = %self.name, error = %e, "cannot consume thread queue; waiting for the next broker session");
+                    tracing::debug!(error = %e, "cannot consume thread queue; waiting for the next broker session");
                 }
             }
         }
@@ -190,13 +190,13 @@ impl Owner<'_> {
         let ctx = self.ctx();
         match Worker::spawn(&ctx.spawner, &ctx.spec, who).await {
             Ok(w) => {
-                tracing::debug!(deployment = %self.name, pid = w.pid, epoch = self.epoch().get(), "worker started");
+                tracing::debug!(pid = w.pid, "worker started");
                 ctx.relay.metrics().worker_spawns.inc();
                 self.has_worker.store(true, Ordering::Relaxed);
                 Ok(w)
             }
             Err(e) => {
-                tracing::error!(deployment = %self.name, error = %e, "worker could not be started");
+                tracing::error!(error = %e, "worker could not be started");
                 ctx.relay.metrics().worker_exit("start_failed");
                 Err(e.to_string())
             }
@@ -213,7 +213,7 @@ impl Owner<'_> {
     /// A bug, not an input: the task's state is gone, but the deployment must not stay
     /// registered (it would never be adopted) nor its turns wait for the sweep.
     pub(super) async fn panicked(&self, message: &str) -> End {
-        tracing::error!(deployment = %self.name, "deployment task panicked: {message}; failing its turns and releasing it");
+        tracing::error!("deployment task panicked: {message}; failing its turns and releasing it");
         self.ctx().relay.metrics().worker_exit("panic");
         // The worker's handle went with the unwinding, and its I/O task SIGKILLs the group on
         // that: give the kill a moment before the lock can go to another daemon.
@@ -230,17 +230,17 @@ impl Owner<'_> {
     pub(super) async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
         let ctx = self.ctx();
         let line = turn_line(self.epoch(), &claimed.line);
-        tracing::trace!(deployment = %self.name, message_id = %claimed.envelope.message_id, "turn given to worker");
+        tracing::trace!(message_id = %claimed.envelope.message_id, "turn given to worker");
         let now = Instant::now();
         let deadline = now + ctx.config.turn.deadline;
         if let Some(w) = worker {
             tokio::select! {
                 written = w.send(&line) => if let Err(e) = written {
                     // The worker is going away; its exit fails the turn.
-                    tracing::debug!(deployment = %self.name, error = %e, "cannot write turn to worker");
+                    tracing::debug!(error = %e, "cannot write turn to worker");
                 },
                 _ = tokio::time::sleep_until(deadline + LOCAL_DEADLINE_SLACK) => {
-                    tracing::warn!(deployment = %self.name, message_id = %claimed.envelope.message_id, "the worker did not read its turn within turn.deadline");
+                    tracing::warn!(message_id = %claimed.envelope.message_id, "the worker did not read its turn within turn.deadline");
                 }
                 _ = ctx.hard.cancelled() => {}
                 _ = ctx.locks.lost(self.held.generation) => {}
@@ -272,14 +272,14 @@ impl Owner<'_> {
     pub(super) async fn provider_failed(&self, code: &str) {
         let ctx = self.ctx();
         if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), Some(code)).await {
-            tracing::warn!(deployment = %self.name, error = %e, "cannot record provider failure");
+            tracing::warn!(error = %e, "cannot record provider failure");
         }
     }
 
     pub(super) async fn provider_recovered(&self) {
         let ctx = self.ctx();
         if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), None).await {
-            tracing::warn!(deployment = %self.name, error = %e, "cannot record provider recovery");
+            tracing::warn!(error = %e, "cannot record provider recovery");
         }
         let _ = self.extend_deadlines().await;
     }
@@ -297,11 +297,11 @@ impl Owner<'_> {
                     return;
                 }
                 Ok(None) => {
-                    tracing::info!(deployment = %self.name, message_id = %r.envelope.message_id, "turn already ended elsewhere (deadline or newer owner); reply dropped");
+                    tracing::info!(message_id = %r.envelope.message_id, "turn already ended elsewhere (deadline or newer owner); reply dropped");
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(deployment = %self.name, error = %e, "cannot commit the terminal event; retrying");
+                    tracing::warn!(error = %e, "cannot commit the terminal event; retrying");
                     if ctx.hard.is_cancelled() && backoff > Duration::from_secs(2) {
                         return;
                     }
@@ -333,7 +333,7 @@ impl Owner<'_> {
         match ctx.store.fail_pending(&self.name, self.epoch(), running_only, &outcome).await {
             Ok(failed) => ctx.relay.failed(path, failed),
             Err(e) => {
-                tracing::error!(deployment = %self.name, error = %e, "cannot fail pending turns; the deadline sweep will")
+                tracing::error!(error = %e, "cannot fail pending turns; the deadline sweep will")
             }
         }
     }
@@ -376,13 +376,13 @@ pub(super) async fn request_owner_elsewhere(ctx: &Ctx, name: DeploymentName) {
     };
     match tokio::time::timeout(std::time::Duration::from_secs(2), request).await {
         Ok(Ok(())) => {
-            tracing::debug!(deployment = %name, "queued turns offered to the other daemons")
+            tracing::debug!("queued turns offered to the other daemons")
         }
         Ok(Err(e)) => {
-            tracing::debug!(deployment = %name, error = %e, "cannot offer queued turns; adoption will")
+            tracing::debug!(error = %e, "cannot offer queued turns; adoption will")
         }
         Err(_) => {
-            tracing::debug!(deployment = %name, "offering queued turns timed out; adoption will")
+            tracing::debug!("offering queued turns timed out; adoption will")
         }
     }
 }

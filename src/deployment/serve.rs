@@ -162,7 +162,7 @@ impl Serving<'_> {
                 None => Then::Wait,
             },
             Err(e) => {
-                tracing::warn!(deployment = %owner.name, error = %e, "cannot claim the next turn; retrying");
+                tracing::warn!(error = %e, "cannot claim the next turn; retrying");
                 self.want_claim = false;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => self.want_claim = true,
@@ -266,7 +266,7 @@ impl Serving<'_> {
             Wake::Worker(event) => return self.worker_event(event).await,
             Wake::Deadline => self.deadline_lapsed().await,
             Wake::Idle => {
-                tracing::debug!(deployment = %self.owner.name, "worker idle for worker.idle_timeout; stopping it");
+                tracing::debug!("worker idle for worker.idle_timeout; stopping it");
                 self.stop_worker();
             }
             Wake::Evict => self.stop_worker(),
@@ -305,7 +305,7 @@ impl Serving<'_> {
 
     async fn lock_lost(&mut self) -> End {
         let (owner, ctx) = (self.owner, self.owner.ctx());
-        tracing::error!(deployment = %owner.name, "lock session lost: killing the worker now");
+        tracing::error!("lock session lost: killing the worker now");
         if let Some(mut w) = self.worker.take() {
             w.kill();
             ctx.relay.metrics().worker_exit("lock_lost");
@@ -329,7 +329,10 @@ impl Serving<'_> {
             // Boxed: the commit inside is the owner's largest future, and it is idle most of the time.
             Some(WorkerEvent::Line(line)) => Box::pin(self.on_line(line)).await,
             Some(WorkerEvent::Invalid(msg)) => {
-                tracing::warn!(deployment = %self.owner.name, "worker wrote a line that is not protocol, ignored: {}", crate::untrusted::inert(&msg));
+                tracing::warn!(
+                    "worker wrote a line that is not protocol, ignored: {}",
+                    crate::untrusted::inert(&msg)
+                );
             }
             Some(WorkerEvent::Exited(s)) => return self.worker_exited(s.0).await,
             None => return self.worker_exited("ended".to_owned()).await,
@@ -347,7 +350,7 @@ impl Serving<'_> {
         owner.has_worker.store(false, Ordering::Relaxed);
         let _ = ctx.store.set_worker(&owner.name, owner.epoch(), None).await;
         if !deliberate {
-            tracing::warn!(deployment = %owner.name, "worker {status} without being asked to; failing its turns");
+            tracing::warn!("worker {status} without being asked to; failing its turns");
             owner.fail_all("fast", ErrorCode::WorkerDied, &format!("the worker {status}")).await;
             let _ = ctx.store.record_crash(&owner.name).await;
             return Some(End::Crashed);
@@ -373,7 +376,7 @@ impl Serving<'_> {
 
     async fn deadline_lapsed(&mut self) {
         let Some(r) = self.running.take() else { return };
-        tracing::warn!(deployment = %self.owner.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
+        tracing::warn!(message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
         self.owner
             .fail_running(
                 "timeout",
@@ -394,7 +397,7 @@ impl Serving<'_> {
                     .as_ref()
                     .is_none_or(|r| r.envelope.message_id.as_str() != message_id) =>
             {
-                tracing::info!(deployment = %owner.name, message_id, "reply for a turn that is not pending here; dropped");
+                tracing::info!(message_id, "reply for a turn that is not pending here; dropped");
             }
             WorkerLine::Reply { payload, .. } => self.answered(Outcome::Reply(payload)).await,
             WorkerLine::Error { error, code, .. } => {
@@ -404,7 +407,11 @@ impl Serving<'_> {
             WorkerLine::Heartbeat => self.heartbeat().await,
             WorkerLine::ProviderFailed { code, reason } => {
                 let Some(r) = self.running.as_mut() else { return };
-                tracing::info!(deployment = %owner.name, code, reason = reason.as_deref().unwrap_or(""), "provider failed; deadline extensions withdrawn");
+                tracing::info!(
+                    code,
+                    reason = reason.as_deref().unwrap_or(""),
+                    "provider failed; deadline extensions withdrawn"
+                );
                 r.provider_failed = true;
                 owner.provider_failed(&code).await;
             }
@@ -439,7 +446,7 @@ impl Serving<'_> {
         if now.duration_since(r.last_extension) >= extension_interval(deadline) {
             r.last_extension = now;
             if let Err(e) = self.owner.extend_deadlines().await {
-                tracing::warn!(deployment = %self.owner.name, error = %e, "cannot extend deadlines");
+                tracing::warn!(error = %e, "cannot extend deadlines");
             }
         }
     }
