@@ -37,6 +37,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::broker::{Broker, Names};
 use crate::config::Config;
 use crate::deployment::{Ctx, Deployments};
@@ -84,13 +85,13 @@ pub async fn run(
     let background = CancellationToken::new();
 
     // The database first: migrations (when enabled) and the daemon record. Wait for it.
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let step = async {
             if config.database.auto_migrate {
                 store.migrate().await?;
             }
-            store.register_daemon(&daemon_id, &hostname(), std::process::id()).await
+            store.register_daemon(&daemon_id, &crate::config::hostname(), std::process::id()).await
         };
         match step.await {
             Ok(()) => break,
@@ -101,9 +102,8 @@ pub async fn run(
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 
     // Components in three groups, stopped in this order: `front` (what takes work in),
@@ -370,12 +370,6 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         }
     }
     keys
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned())
 }
 
 /// Every second: gauges, STATUS= for systemd; WATCHDOG=1 as often as systemd asks. Runs on

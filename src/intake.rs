@@ -23,6 +23,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::broker::{self, Broker, BrokerError, Names, Session, long_string};
 use crate::config::{Config, SessionStore};
 use crate::deployment::Deployments;
@@ -130,7 +131,7 @@ impl Intake {
     pub async fn run(self, cancel: CancellationToken) -> ComponentResult {
         let names = Names::new(&self.config.amqp.prefix);
         let tag = format!("turnd-intake-{}", self.config.daemon.id);
-        let mut pause = PAUSE_MIN;
+        let mut pause = Backoff::new(PAUSE_MIN, PAUSE_MAX);
         loop {
             let session = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -175,18 +176,17 @@ impl Intake {
                     // towards the inbox's delivery limit: back off while batches keep failing
                     // at once (a database that answers pings but fails writes).
                     if progressed {
-                        pause = PAUSE_MIN;
+                        pause.reset();
                     }
-                    tracing::warn!(error = %e, retry_in = ?pause, "intake paused; deliveries go back to the inbox");
-                    sleep_or_cancel(pause, &cancel).await;
-                    pause = (pause * 2).min(PAUSE_MAX);
+                    tracing::warn!(error = %e, retry_in = ?pause.peek(), "intake paused; deliveries go back to the inbox");
+                    sleep_or_cancel(pause.next_delay(), &cancel).await;
                 }
             }
         }
     }
 
     async fn wait_for_database(&self, cancel: &CancellationToken) -> bool {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
                 Ok(Ok(())) => return true,
@@ -195,10 +195,9 @@ impl Intake {
                     tracing::warn!(timeout = ?PING_TIMEOUT, "intake waits for PostgreSQL: no answer")
                 }
             }
-            if !sleep_or_cancel(backoff, cancel).await {
+            if !sleep_or_cancel(backoff.next_delay(), cancel).await {
                 return false;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -4,6 +4,7 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 #![warn(clippy::await_holding_lock)]
 
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -30,6 +30,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::supervise::ComponentResult;
 
 use crate::turn::Epoch;
@@ -189,7 +190,7 @@ struct Task {
 
 impl Task {
     async fn run(mut self, cancel: CancellationToken) -> ComponentResult {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
         loop {
             let conn = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -197,7 +198,7 @@ impl Task {
             };
             match conn {
                 Ok(conn) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     self.generation.send_modify(|g| *g += 1);
                     self.healthy.send_replace(true);
                     tracing::info!(
@@ -218,15 +219,14 @@ impl Task {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "lock session cannot connect");
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "lock session cannot connect");
                     self.fail_waiting();
                 }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
         }
     }
 

@@ -4,16 +4,16 @@
 //! Events committed by this daemon arrive in memory, in commit order, and are published in
 //! batches (all publishes, then all confirms, then one UPDATE). Anything else — events of a
 //! daemon that died between commit and publish, or ones whose publish failed — is caught up
-//! from the table by every daemon (`FOR UPDATE SKIP LOCKED`), woken by LISTEN/NOTIFY and by a
-//! periodic tick. The hot path sends no NOTIFY: commits serialise on it (~12–15% of throughput
-//! in the floor study), and the local hand-off makes it unnecessary.
+//! from the table by every daemon (`FOR UPDATE SKIP LOCKED`) on a tick (`CATCH_UP_EVERY`).
+//! Nothing sends a NOTIFY: commits serialise on it (~12–15% of throughput in the floor study),
+//! and the local hand-off makes it unnecessary; so the relay does not LISTEN either, which
+//! would hold a pooled connection for nothing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::types::ShortString;
-use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,6 @@ const BATCH: usize = 256;
 /// Rows younger than this belong to the daemon that committed them (in its memory queue).
 const CATCH_UP_MIN_AGE: Duration = Duration::from_secs(2);
 const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
-pub const NOTIFY_CHANNEL: &str = "turnd_outbox";
 
 /// Hands committed events to the relay; every event committed in this daemon passes here,
 /// so this is also where they are counted.
@@ -87,7 +86,6 @@ impl Relay {
     ) -> ComponentResult {
         let mut tick = tokio::time::interval(CATCH_UP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut listener = self.listen().await;
         let mut pending: VecDeque<Committed> = VecDeque::new();
         let mut received: Vec<Committed> = Vec::with_capacity(BATCH);
         // Set when a publish failed: wait for the tick before trying again.
@@ -115,14 +113,6 @@ impl Relay {
                         self.catch_up().await;
                     }
                 }
-                notified = recv_notify(listener.as_mut()) => {
-                    if !notified {
-                        listener = None;
-                    }
-                    if pending.is_empty() {
-                        self.catch_up().await;
-                    }
-                }
                 _ = cancel.cancelled() => {
                     rx.close();
                     let drain = async {
@@ -140,17 +130,8 @@ impl Relay {
                     break;
                 }
             }
-            if listener.is_none() {
-                listener = self.listen().await;
-            }
         }
         Ok(())
-    }
-
-    async fn listen(&self) -> Option<PgListener> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await.ok()?;
-        listener.listen(NOTIFY_CHANNEL).await.ok()?;
-        Some(listener)
     }
 
     /// Publishes the first `BATCH` pending events. What was confirmed leaves `pending`, up to
@@ -269,12 +250,4 @@ struct Row<'a> {
     routing_key: &'a str,
     message_id: &'a str,
     body: &'a str,
-}
-
-/// True on a notification, false when the listener failed (it is rebuilt).
-async fn recv_notify(listener: Option<&mut PgListener>) -> bool {
-    match listener {
-        Some(l) => l.recv().await.is_ok(),
-        None => std::future::pending().await,
-    }
 }
