@@ -37,6 +37,8 @@ pub enum Ended {
     Returned,
     Failed(ComponentError),
     Panicked(String),
+    /// Its task was aborted (nothing in turnd aborts one; named should it happen).
+    Aborted,
 }
 
 impl fmt::Display for Ended {
@@ -45,6 +47,7 @@ impl fmt::Display for Ended {
             Ended::Returned => f.write_str("ended without being asked to"),
             Ended::Failed(e) => write!(f, "failed: {e}"),
             Ended::Panicked(message) => write!(f, "panicked: {message}"),
+            Ended::Aborted => f.write_str("was aborted"),
         }
     }
 }
@@ -103,7 +106,7 @@ impl Components {
                 let id = e.id();
                 let how = match e.try_into_panic() {
                     Ok(payload) => Ended::Panicked(panic_text(payload.as_ref())),
-                    Err(_) => Ended::Panicked("cancelled".to_owned()),
+                    Err(_) => Ended::Aborted,
                 };
                 (id, how)
             }
