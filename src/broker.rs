@@ -140,11 +140,7 @@ impl Session {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<lapin::PublisherConfirm> {
-        let options = BasicPublishOptions { mandatory, ..Default::default() };
-        Ok(self
-            .publisher
-            .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
-            .await?)
+        publish_on(&self.publisher, exchange, routing_key, mandatory, body, properties).await
     }
 
     /// Awaits a confirm. Ok(false): the publish was mandatory and came back unroutable.
@@ -555,7 +551,7 @@ impl Broker {
     pub fn start(
         config: Arc<Config>,
         cancel: CancellationToken,
-    ) -> (Broker, impl Future<Output = ()>) {
+    ) -> (Broker, impl Future<Output = crate::supervise::ComponentResult>) {
         let (tx, rx) = watch::channel(None);
         (Broker { session: rx }, supervise(config, tx, cancel))
     }
@@ -591,8 +587,8 @@ async fn supervise(
     config: Arc<Config>,
     tx: watch::Sender<Option<Arc<Session>>>,
     cancel: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(100);
+) -> crate::supervise::ComponentResult {
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
     let name = format!("turnd {}", config.daemon.id);
     loop {
         let attempt = async {
@@ -606,7 +602,7 @@ async fn supervise(
         };
         match result {
             Ok((connection, publisher)) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 let mut events = connection.events_listener();
                 let session = Arc::new(Session {
                     connection,
@@ -623,7 +619,7 @@ async fn supervise(
                         _ = cancel.cancelled() => {
                             tx.send_replace(None);
                             let _ = session.connection.close(200, "turnd stopping".into()).await;
-                            return;
+                            return Ok(());
                         }
                         event = events.next() => match event {
                             Some(lapin::Event::Error(e)) => {
@@ -643,14 +639,52 @@ async fn supervise(
                 drop(session);
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to RabbitMQ");
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot connect to RabbitMQ");
             }
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        backoff = (backoff * 2).min(RECONNECT_MAX);
     }
     tx.send_replace(None);
+    Ok(())
+}
+
+/// Publishes on a confirm-mode channel and returns the confirm to await: `Session::publish`,
+/// and one-shot commands, which hold a bare connection from [`connect`] and no session.
+pub async fn publish_on(
+    publisher: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm> {
+    let options = BasicPublishOptions { mandatory, ..Default::default() };
+    Ok(publisher
+        .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
+        .await?)
+}
+
+/// `turnd send --wait`: an exclusive, auto-deleted queue bound to `<prefix>.replies` with
+/// `routing_key`, consumed without acks on a channel of its own; it goes with the connection.
+pub async fn reply_consumer(
+    connection: &Connection,
+    names: &Names,
+    routing_key: &str,
+) -> Result<Consumer> {
+    let ch = connection.create_channel().await?;
+    let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let queue = ch.queue_declare("".into(), options, FieldTable::default()).await?;
+    ch.queue_bind(
+        queue.name().clone(),
+        names.replies().as_str().into(),
+        routing_key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let options = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
+    Ok(ch.basic_consume(queue.name().clone(), "".into(), options, FieldTable::default()).await?)
 }

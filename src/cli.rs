@@ -8,8 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 
 use crate::broker::{self, Names, Session, json_properties};
 use crate::config::{Config, ConfigError};
@@ -229,36 +228,13 @@ pub async fn send(config: &Config, args: &SendArgs) -> anyhow::Result<ExitCode> 
     let names = Names::new(&config.amqp.prefix);
     let mut replies = None;
     if args.wait {
-        let ch = connection.create_channel().await?;
-        let options =
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        let queue = ch.queue_declare("".into(), options, FieldTable::default()).await?;
         let key = crate::event::routing_key(args.org.as_deref(), &parsed.deployment);
-        ch.queue_bind(
-            queue.name().clone(),
-            names.replies().as_str().into(),
-            key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        let options = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
-        replies = Some(
-            ch.basic_consume(queue.name().clone(), "".into(), options, FieldTable::default())
-                .await?,
-        );
+        replies = Some(broker::reply_consumer(&connection, &names, &key).await?);
     }
     let key = format!("turn.{}", args.org.as_deref().unwrap_or("_"));
     let properties = json_properties().with_message_id(ShortString::from(message_id.as_str()));
-    let confirm = publisher
-        .basic_publish(
-            names.turns().as_str().into(),
-            key.as_str().into(),
-            lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() },
-            &body,
-            properties,
-        )
-        .await?;
+    let confirm =
+        broker::publish_on(&publisher, &names.turns(), &key, true, &body, properties).await?;
     if !Session::confirmed(confirm, &names.turns()).await? {
         bail!("the turn was not routed: is {} bound to {}?", names.inbox(), names.turns());
     }

@@ -713,8 +713,8 @@ fn default_url(s: &str) -> SecretUrl {
     }
 }
 
-/// This host's name, for the default `daemon.id`.
-fn hostname() -> String {
+/// This host's name: the default `daemon.id`'s prefix, and the daemon record's `hostname`.
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call;
     // the result is read only up to the first NUL or the end of `buf`.

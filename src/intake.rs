@@ -23,11 +23,13 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::broker::{self, Broker, BrokerError, Names, Session, long_string};
 use crate::config::{Config, SessionStore};
 use crate::deployment::Deployments;
 use crate::event::{Envelope, Outcome};
 use crate::store::{ParkedRecord, Store, StoreError};
+use crate::supervise::{ComponentError, ComponentResult};
 use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn};
 
 /// Intake's pause after a failed batch, doubling while batches keep failing at once. Short
@@ -126,19 +128,20 @@ impl OwnerRequests {
 }
 
 impl Intake {
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(self, cancel: CancellationToken) -> ComponentResult {
         let names = Names::new(&self.config.amqp.prefix);
         let tag = format!("turnd-intake-{}", self.config.daemon.id);
-        let mut pause = PAUSE_MIN;
+        let mut pause = Backoff::new(PAUSE_MIN, PAUSE_MAX);
         loop {
             let session = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 s = self.broker.session() => s,
             };
-            let Some(session) = session else { return };
+            // None: the broker supervisor is gone, and with it every session.
+            let Some(session) = session else { return Err(ComponentError::BrokerGone) };
             // Consume only while the database can take what we accept.
             if !self.wait_for_database(&cancel).await {
-                return;
+                return Ok(());
             }
             let (channel, consumer) = match session
                 .consumer(&names.inbox(), self.config.amqp.prefetch, &tag)
@@ -167,24 +170,23 @@ impl Intake {
             // inversion of publish order once they are returned).
             let _ = channel.close(200, "intake paused".into()).await;
             match result {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     // Each pause returns the deliveries in flight, and every return counts
                     // towards the inbox's delivery limit: back off while batches keep failing
                     // at once (a database that answers pings but fails writes).
                     if progressed {
-                        pause = PAUSE_MIN;
+                        pause.reset();
                     }
-                    tracing::warn!(error = %e, retry_in = ?pause, "intake paused; deliveries go back to the inbox");
-                    sleep_or_cancel(pause, &cancel).await;
-                    pause = (pause * 2).min(PAUSE_MAX);
+                    tracing::warn!(error = %e, retry_in = ?pause.peek(), "intake paused; deliveries go back to the inbox");
+                    sleep_or_cancel(pause.next_delay(), &cancel).await;
                 }
             }
         }
     }
 
     async fn wait_for_database(&self, cancel: &CancellationToken) -> bool {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
                 Ok(Ok(())) => return true,
@@ -193,10 +195,9 @@ impl Intake {
                     tracing::warn!(timeout = ?PING_TIMEOUT, "intake waits for PostgreSQL: no answer")
                 }
             }
-            if !sleep_or_cancel(backoff, cancel).await {
+            if !sleep_or_cancel(backoff.next_delay(), cancel).await {
                 return false;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -492,15 +493,16 @@ impl Intake {
     /// Moves turns the inbox dead-lettered into the delay queue for their attempt (refusals):
     /// confirm the publish, then ack. The delay queue's TTL sends them back to `<prefix>.turns`.
     /// A turn dead-lettered by the inbox's delivery limit is parked instead (`INVALID_TURN`).
-    pub async fn run_retry(self, cancel: CancellationToken) {
+    pub async fn run_retry(self, cancel: CancellationToken) -> ComponentResult {
         let names = Names::new(&self.config.amqp.prefix);
         let tag = format!("turnd-retry-{}", self.config.daemon.id);
         loop {
             let session = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 s = self.broker.session() => s,
             };
-            let Some(session) = session else { return };
+            // None: the broker supervisor is gone, and with it every session.
+            let Some(session) = session else { return Err(ComponentError::BrokerGone) };
             let (channel, mut consumer) = match session.consumer(&names.retry(), 16, &tag).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -526,7 +528,7 @@ impl Intake {
             }
             let _ = channel.close(200, "retry mover stopping".into()).await;
             if cancel.is_cancelled() {
-                return;
+                return Ok(());
             }
             sleep_or_cancel(Duration::from_millis(500), &cancel).await;
         }
@@ -538,7 +540,7 @@ impl Intake {
     /// tried, so a daemon that stops hands its requests back to the others. The broker
     /// spreads requests over the daemons, so new deployments, and their workers, are spread
     /// too while one daemon's intake is the active one.
-    pub async fn run_owners(self, cancel: CancellationToken) {
+    pub async fn run_owners(self, cancel: CancellationToken) -> ComponentResult {
         /// Requests in flight per daemon: enough to keep lock batches full, few enough that a
         /// slow daemon does not hold many of them.
         const PREFETCH: u16 = 32;
@@ -546,10 +548,11 @@ impl Intake {
         let tag = format!("turnd-owners-{}", self.config.daemon.id);
         loop {
             let session = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 s = self.broker.session() => s,
             };
-            let Some(session) = session else { return };
+            // None: the broker supervisor is gone, and with it every session.
+            let Some(session) = session else { return Err(ComponentError::BrokerGone) };
             let (channel, mut consumer) =
                 match session.consumer(&names.owners(), PREFETCH, &tag).await {
                     Ok(c) => c,
@@ -597,7 +600,7 @@ impl Intake {
             // Unacknowledged requests go back to the queue, for another daemon.
             let _ = channel.close(200, "owner requests stopped".into()).await;
             if cancel.is_cancelled() {
-                return;
+                return Ok(());
             }
             sleep_or_cancel(Duration::from_millis(500), &cancel).await;
         }

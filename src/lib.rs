@@ -4,6 +4,7 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 #![warn(clippy::await_holding_lock)]
 
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod parked;
 pub mod relay;
 pub mod store;
+pub mod supervise;
 pub mod sweep;
 pub mod systemd;
 pub mod turn;

@@ -30,6 +30,9 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
+use crate::supervise::ComponentResult;
+
 use crate::turn::Epoch;
 
 /// How often the session proves it is alive; a lost session is noticed within
@@ -103,7 +106,7 @@ impl LockSession {
     pub fn start(
         options: PgConnectOptions,
         cancel: CancellationToken,
-    ) -> (LockSession, impl Future<Output = ()>) {
+    ) -> (LockSession, impl Future<Output = ComponentResult>) {
         let (requests, rx) = mpsc::unbounded_channel();
         let (generation_tx, generation) = watch::channel(0);
         let (healthy_tx, healthy) = watch::channel(false);
@@ -186,16 +189,16 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+    async fn run(mut self, cancel: CancellationToken) -> ComponentResult {
+        let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
         loop {
             let conn = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 conn = self.connect() => conn,
             };
             match conn {
                 Ok(conn) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     self.generation.send_modify(|g| *g += 1);
                     self.healthy.send_replace(true);
                     tracing::info!(
@@ -209,22 +212,21 @@ impl Task {
                     // Every lock of this generation is gone with the connection.
                     self.generation.send_modify(|g| *g += 1);
                     match reason {
-                        None => return,
+                        None => return Ok(()),
                         Some(e) => {
                             tracing::error!(error = %e, "lock session lost; its workers are stopped and it reconnects")
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "lock session cannot connect");
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "lock session cannot connect");
                     self.fail_waiting();
                 }
             }
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
         }
     }
 

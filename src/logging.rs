@@ -36,7 +36,10 @@ pub fn init(config: &Config, daemon: bool) {
     let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
     let installed = match config.log.format {
         LogFormat::Json => {
-            Registry::default().with(layer).with(fmt.json().flatten_event(true)).try_init()
+            // The current span's fields (an owner's `deployment` and `epoch`) go under
+            // "span"; the list of every enclosing span would only repeat them.
+            let json = fmt.json().flatten_event(true).with_current_span(true).with_span_list(false);
+            Registry::default().with(layer).with(json).try_init()
         }
         LogFormat::Pretty => Registry::default().with(layer).with(fmt).try_init(),
     };

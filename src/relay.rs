@@ -4,22 +4,23 @@
 //! Events committed by this daemon arrive in memory, in commit order, and are published in
 //! batches (all publishes, then all confirms, then one UPDATE). Anything else — events of a
 //! daemon that died between commit and publish, or ones whose publish failed — is caught up
-//! from the table by every daemon (`FOR UPDATE SKIP LOCKED`), woken by LISTEN/NOTIFY and by a
-//! periodic tick. The hot path sends no NOTIFY: commits serialise on it (~12–15% of throughput
-//! in the floor study), and the local hand-off makes it unnecessary.
+//! from the table by every daemon (`FOR UPDATE SKIP LOCKED`) on a tick (`CATCH_UP_EVERY`).
+//! Nothing sends a NOTIFY: commits serialise on it (~12–15% of throughput in the floor study),
+//! and the local hand-off makes it unnecessary; so the relay does not LISTEN either, which
+//! would hold a pooled connection for nothing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::types::ShortString;
-use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Session, json_properties};
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
+use crate::supervise::ComponentResult;
 
 /// Events per publish batch: large enough to amortise confirms and the UPDATE, small enough
 /// to keep a batch's latency low.
@@ -35,7 +36,6 @@ const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
 /// (at least once, as before).
 const MARK_EVERY: Duration = Duration::from_millis(100);
 const MARK_BATCH: usize = 1024;
-pub const NOTIFY_CHANNEL: &str = "turnd_outbox";
 
 /// Hands committed events to the relay; every event committed in this daemon passes here,
 /// so this is also where they are counted.
@@ -95,10 +95,13 @@ impl Relay {
     /// after it, and tried again once a session is back (checked every `CATCH_UP_EVERY`);
     /// nothing newer goes out before it. Memory: while the broker is away no turn comes in
     /// (intake needs it), so what piles up here is bounded by the turns already accepted.
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Committed>, cancel: CancellationToken) {
+    pub async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<Committed>,
+        cancel: CancellationToken,
+    ) -> ComponentResult {
         let mut tick = tokio::time::interval(CATCH_UP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut listener = self.listen().await;
         let mut pending: VecDeque<Committed> = VecDeque::new();
         let mut received: Vec<Committed> = Vec::with_capacity(BATCH);
         // Confirmed, not yet marked published; marked by `mark_at` at the latest.
@@ -141,14 +144,6 @@ impl Relay {
                         self.catch_up().await;
                     }
                 }
-                notified = recv_notify(listener.as_mut()) => {
-                    if !notified {
-                        listener = None;
-                    }
-                    if pending.is_empty() {
-                        self.catch_up().await;
-                    }
-                }
                 _ = cancel.cancelled() => {
                     rx.close();
                     let drain = async {
@@ -167,16 +162,8 @@ impl Relay {
                     break;
                 }
             }
-            if listener.is_none() {
-                listener = self.listen().await;
-            }
         }
-    }
-
-    async fn listen(&self) -> Option<PgListener> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await.ok()?;
-        listener.listen(NOTIFY_CHANNEL).await.ok()?;
-        Some(listener)
+        Ok(())
     }
 
     /// Marks the confirmed events published (best effort: a failure leaves them to be
@@ -312,14 +299,6 @@ struct Row<'a> {
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// True on a notification, false when the listener failed (it is rebuilt).
-async fn recv_notify(listener: Option<&mut PgListener>) -> bool {
-    match listener {
-        Some(l) => l.recv().await.is_ok(),
         None => std::future::pending().await,
     }
 }

@@ -166,7 +166,12 @@ impl Deployments {
             )
         };
         let this = self.clone();
-        self.inner.tasks.spawn(async move {
+        // Every line the task logs, its worker's I/O task's included, carries the deployment
+        // and the epoch of its lock. ERROR, the span's level, only decides when it is recorded:
+        // always, as long as any of turnd's lines are (an INFO span would vanish, fields and
+        // all, under `log.level = "warn"`).
+        let span = tracing::error_span!("owner", deployment = %name, epoch = held.epoch.get());
+        let task = async move {
             let owner = Owner {
                 d: &this,
                 name: name.clone(),
@@ -182,7 +187,8 @@ impl Deployments {
                 Err(message) => owner.panicked(&message).await,
             };
             this.finish(name, held, end).await;
-        });
+        };
+        self.inner.tasks.spawn(tracing::Instrument::instrument(task, span));
     }
 
     /// After the task's worker has exited: registry removal, then the lock.
@@ -193,7 +199,7 @@ impl Deployments {
             return;
         }
         if let Err(e) = ctx.store.release_owner(&name, held.epoch).await {
-            tracing::debug!(deployment = %name, error = %e, "cannot clear the owner record");
+            tracing::debug!(error = %e, "cannot clear the owner record");
         }
         // Wait until the lock is really free before looking: a turn armed after the look then
         // finds it free (whichever daemon took the turn in takes the deployment), and one armed

@@ -211,15 +211,15 @@ impl Worker {
         let stderr = pipe::Receiver::from_owned_fd(stderr).map_err(registered)?;
         let (tx, events) = mpsc::channel(64);
         let (control, control_rx) = mpsc::unbounded_channel();
-        let io = tokio::spawn(io_task(
+        // In the caller's span (the owner's: deployment and epoch) for its log lines.
+        let io = tokio::spawn(tracing::Instrument::in_current_span(io_task(
             process,
             stdout,
             stderr,
-            who.deployment.clone(),
             spec.max_line_bytes,
             tx,
             control_rx,
-        ));
+        )));
         Ok(Worker { pid, stdin: Some(stdin), events, control, io: Some(io), stop_requested: false })
     }
 
@@ -383,7 +383,6 @@ async fn io_task(
     mut process: Process,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
-    deployment: DeploymentName,
     max_line_bytes: usize,
     events: mpsc::Sender<Box<WorkerEvent>>,
     mut control: mpsc::UnboundedReceiver<Control>,
@@ -397,10 +396,17 @@ async fn io_task(
             match budget.take(std::time::Instant::now()) {
                 Budget::Log { dropped_before: 0 } => {}
                 Budget::Log { dropped_before } => {
-                    tracing::warn!(deployment = %deployment, pid, dropped = dropped_before, "worker stderr lines dropped: more than {STDERR_LINES_PER_SECOND} a second");
+                    tracing::warn!(
+                        pid,
+                        dropped = dropped_before,
+                        "worker stderr lines dropped: more than {STDERR_LINES_PER_SECOND} a second"
+                    );
                 }
                 Budget::DropFirst => {
-                    tracing::warn!(deployment = %deployment, pid, "worker stderr over {STDERR_LINES_PER_SECOND} lines a second: dropping lines until the next second");
+                    tracing::warn!(
+                        pid,
+                        "worker stderr over {STDERR_LINES_PER_SECOND} lines a second: dropping lines until the next second"
+                    );
                     continue;
                 }
                 Budget::Drop => continue,
@@ -408,15 +414,19 @@ async fn io_task(
             match line {
                 Ok(text) => {
                     let text = String::from_utf8_lossy(text);
-                    tracing::info!(deployment = %deployment, pid, "worker stderr: {}", inert(text.trim_end()))
+                    tracing::info!(pid, "worker stderr: {}", inert(text.trim_end()))
                 }
                 Err(len) => {
-                    tracing::warn!(deployment = %deployment, pid, len, "worker stderr line too long; dropped")
+                    tracing::warn!(pid, len, "worker stderr line too long; dropped")
                 }
             }
         }
         if budget.dropped > 0 {
-            tracing::warn!(deployment = %deployment, pid, dropped = budget.dropped, "worker stderr lines dropped: more than {STDERR_LINES_PER_SECOND} a second");
+            tracing::warn!(
+                pid,
+                dropped = budget.dropped,
+                "worker stderr lines dropped: more than {STDERR_LINES_PER_SECOND} a second"
+            );
         }
     };
     let stdout_task = async {
@@ -463,7 +473,7 @@ async fn io_task(
                     }
                 },
                 _ = async { match kill_at { Some(s) => s.await, None => std::future::pending().await } } => {
-                    tracing::warn!(deployment = %deployment, pid, "worker ignored SIGTERM; killing it");
+                    tracing::warn!(pid, "worker ignored SIGTERM; killing it");
                     signal_group(pid, libc::SIGKILL);
                     stopping = None;
                 }

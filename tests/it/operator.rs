@@ -245,7 +245,7 @@ fn bad_config_exits_2_naming_the_key_and_secrets_are_redacted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_carry_deployment_and_message_id_and_no_secrets() {
+async fn json_logs_carry_deployment_epoch_and_no_secrets() {
     let mut cluster = Cluster::new().await;
     let with_password = cluster.db_url.replace("postgres@", "postgres:s3cret-pw@");
     cluster.set("TURND_DATABASE__URL", &with_password);
@@ -260,15 +260,20 @@ async fn json_logs_carry_deployment_and_message_id_and_no_secrets() {
     client.wait_for(&[mid(&t), mid(&late)], T).await;
     let log = cluster.daemon_log(0);
     let dep = deployment_of(&t);
-    let mut with_dep = 0;
+    // An owner's lines carry its span's fields: the deployment and the epoch of its lock.
+    let mut from_owner = 0;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
-        if v["deployment"] == dep.as_str() {
-            with_dep += 1;
+        if v["span"]["deployment"] == dep.as_str() {
+            assert!(
+                v["span"]["epoch"].as_u64().is_some_and(|e| e >= 1),
+                "an owner's line carries its epoch: {line}"
+            );
+            from_owner += 1;
         }
     }
-    assert!(with_dep >= 1, "some log lines name the deployment as a field: {log}");
+    assert!(from_owner >= 1, "some log lines name the deployment and epoch: {log}");
     assert!(!log.contains("s3cret-pw"), "the database password leaked into the log");
 }
 
@@ -309,21 +314,25 @@ async fn records_of_deployments_and_daemons_gone_past_retention_are_purged() {
     client.publish(&t).await;
     client.wait_for(&["r1".into()], T).await;
 
-    // A daemon killed long ago, still named as the owner of a deployment of its own.
+    // A daemon killed long ago, still named as the owner of a deployment of its own. One
+    // transaction: a sweep between two inserts purged the daemon before its deployment
+    // existed, and that deployment then stayed owned by nobody alive forever.
+    let mut tx = cluster.pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO turnd_daemons (id, hostname, pid, version, heartbeat_at)
          VALUES ('long-gone', 'h', 1, 'v', now() - interval '1 hour')",
     )
-    .execute(&cluster.pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
     sqlx::query(
         "INSERT INTO turnd_deployments (deployment, agent_id, conversation_key, epoch, owner, since)
          VALUES ('a9-0000000000000000', 'a9', 'c9', 1, 'long-gone', now() - interval '1 hour')",
     )
-    .execute(&cluster.pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
 
     let pool = cluster.pool.clone();
     let rows = |sql: &'static str| {
