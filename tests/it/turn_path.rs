@@ -199,12 +199,17 @@ async fn invalid_turns_are_parked_with_a_reason_and_the_daemon_keeps_serving() {
     for needle in ["JSON", "messageId", "agentId", "runId", "bytes"] {
         assert!(all.contains(needle), "some reason names {needle}: {all}");
     }
-    let recorded: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM turnd_parked WHERE code = 'INVALID_TURN'")
-            .fetch_one(&cluster.pool)
-            .await
-            .unwrap();
-    assert_eq!(recorded, 6);
+    // The record is written after the parked copy is confirmed: wait for it, then no more.
+    let recorded = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM turnd_parked WHERE code = 'INVALID_TURN'",
+        )
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap()
+    };
+    wait_for_async(Duration::from_secs(10), "6 parked records", || async { recorded().await >= 6 })
+        .await;
     client.drain_for(Duration::from_millis(500)).await;
     assert_eq!(
         client.events.len(),
@@ -212,4 +217,5 @@ async fn invalid_turns_are_parked_with_a_reason_and_the_daemon_keeps_serving() {
         "only identifiable turns get an error reply: {:?}",
         client.events
     );
+    assert_eq!(recorded().await, 6, "one record per parked turn");
 }
