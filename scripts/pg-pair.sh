@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# A PostgreSQL primary and a streaming standby on this machine, beside the shared cluster 15/main
+# (5432), which it never touches. For tests/past_one_machine.rs, turnd-chaos's pg-failover fault
+# and README "Running past one machine".
+#
+#   scripts/pg-pair.sh up sync|async   primary 15/turnd_pa on 5441 and a standby 15/turnd_pb on
+#                                      5442 (pg_basebackup -R); sync: synchronous_standby_names
+#                                      = '*' on the primary, so a commit waits for the standby
+#   scripts/pg-pair.sh failover        stop the primary as a crash would (immediate: no shutdown
+#                                      checkpoint, the standby gets nothing more) and promote the
+#                                      standby; prints the promoted port
+#   scripts/pg-pair.sh down            stop and drop both clusters
+#   scripts/pg-pair.sh status          pg_lsclusters of the pair and the primary's replication
+#
+# Both accept trust connections from 127.0.0.1 (as the shared cluster does for the tests), with
+# max_locks_per_transaction raised as README "Configuration" advises for many workers.
+set -euo pipefail
+
+PRIMARY=turnd_pa
+STANDBY=turnd_pb
+PRIMARY_PORT=5441
+STANDBY_PORT=5442
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+as_pg() { as_root runuser -u postgres -- "$@"; }
+log() { printf 'pg-pair: %s\n' "$*" >&2; }
+
+version() {
+  if [ -d /etc/postgresql ] && ls /etc/postgresql >/dev/null 2>&1; then
+    ls /etc/postgresql | sort -V | tail -n 1
+  fi
+}
+
+ensure_installed() {
+  if ! command -v pg_createcluster >/dev/null 2>&1 || [ -z "$(version)" ]; then
+    log "installing postgresql"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null
+  fi
+}
+
+exists() { [ -d "/etc/postgresql/$(version)/$1" ]; }
+
+drop() {
+  local name=$1
+  if exists "$name"; then
+    as_root pg_dropcluster --stop "$(version)" "$name"
+  fi
+}
+
+trust_localhost() {
+  local hba=/etc/postgresql/$(version)/$1/pg_hba.conf
+  as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust' "$hba"
+}
+
+wait_ready() {
+  local port=$1
+  for _ in $(seq 1 120); do
+    pg_isready -q -h 127.0.0.1 -p "$port" && return 0
+    sleep 0.25
+  done
+  log "PostgreSQL on $port did not become ready"
+  return 1
+}
+
+up() {
+  local mode=${1:?sync or async}
+  [ "$mode" = sync ] || [ "$mode" = async ] || { log "mode must be sync or async"; exit 2; }
+  ensure_installed
+  local v
+  v=$(version)
+  # A fresh pair every time: a pair that failed over has a promoted standby and a dead primary.
+  drop "$STANDBY"
+  drop "$PRIMARY"
+  as_root pg_createcluster -q "$v" "$PRIMARY" -p "$PRIMARY_PORT" -- --auth=trust >/dev/null
+  trust_localhost "$PRIMARY"
+  local sync_names=""
+  [ "$mode" = sync ] && sync_names="*"
+  # wal_sender_timeout / wal_receiver_status_interval at their defaults: what users run.
+  as_root tee "/etc/postgresql/$v/$PRIMARY/conf.d/turnd-pair.conf" >/dev/null <<EOF
+listen_addresses = '127.0.0.1'
+max_locks_per_transaction = 1024
+wal_level = replica
+max_wal_senders = 4
+hot_standby = on
+synchronous_standby_names = '$sync_names'
+EOF
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$PRIMARY" start
+  wait_ready "$PRIMARY_PORT"
+
+  as_root pg_createcluster -q "$v" "$STANDBY" -p "$STANDBY_PORT" -- --auth=trust >/dev/null
+  trust_localhost "$STANDBY"
+  as_root tee "/etc/postgresql/$v/$STANDBY/conf.d/turnd-pair.conf" >/dev/null <<EOF
+listen_addresses = '127.0.0.1'
+max_locks_per_transaction = 1024
+hot_standby = on
+EOF
+  local data=/var/lib/postgresql/$v/$STANDBY
+  # Emptied, not removed: the postgres user may not create directories beside it.
+  as_root find "$data" -mindepth 1 -delete
+  # -R writes standby.signal and primary_conninfo (application_name = the cluster name).
+  as_pg pg_basebackup -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -D "$data" -R -X stream -c fast
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$STANDBY" start
+  wait_ready "$STANDBY_PORT"
+  for _ in $(seq 1 120); do
+    local state
+    state=$(psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -tAc \
+      "select sync_state from pg_stat_replication where state = 'streaming'")
+    if [ "$mode" = sync ] && [ "$state" = sync ]; then break; fi
+    if [ "$mode" = async ] && [ "$state" = async ]; then break; fi
+    sleep 0.25
+  done
+  log "up ($mode): primary 127.0.0.1:$PRIMARY_PORT, standby 127.0.0.1:$STANDBY_PORT ($(psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -tAc 'select sync_state from pg_stat_replication'))"
+}
+
+failover() {
+  local v
+  v=$(version)
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$PRIMARY" stop -m immediate
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$STANDBY" promote
+  for _ in $(seq 1 120); do
+    [ "$(psql -h 127.0.0.1 -p "$STANDBY_PORT" -U postgres -d postgres -tAc 'select pg_is_in_recovery()')" = f ] && break
+    sleep 0.1
+  done
+  echo "$STANDBY_PORT"
+}
+
+down() {
+  drop "$STANDBY"
+  drop "$PRIMARY"
+  log "down"
+}
+
+status() {
+  pg_lsclusters | awk -v a="$PRIMARY" -v b="$STANDBY" 'NR == 1 || $2 == a || $2 == b'
+  psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -c \
+    'select application_name, state, sync_state, write_lag, flush_lag, replay_lag from pg_stat_replication' 2>/dev/null || true
+}
+
+case "${1:-}" in
+  up) up "${2:-}" ;;
+  failover) failover ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up sync|async|failover|down|status" >&2; exit 2 ;;
+esac
