@@ -33,6 +33,11 @@ pub enum BrokerError {
     Unavailable,
     #[error("cannot connect to RabbitMQ at {target}: {}", crate::store::root_cause(error))]
     Connect { target: String, error: lapin::Error },
+    #[error("cannot connect to RabbitMQ at {target}: no answer within {}s", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout { target: String },
+    /// Every URL of `amqp.url` failed; one entry per URL, in the order tried.
+    #[error("no RabbitMQ node answered: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NoNode(Vec<BrokerError>),
 }
 
 /// Where an AMQP URL points, for messages: `host:port (vhost V, user U)`, never the password.
@@ -532,13 +537,50 @@ pub fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-/// Connects once and opens a confirming channel.
+/// How long one node may take to accept a connection and finish the AMQP handshake before the
+/// next URL is tried. A healthy node answers in milliseconds, even across zones; a node behind a
+/// silent partition would otherwise hold the daemon for the kernel's SYN retries (~2 min).
+/// Shorter risks skipping a node that is merely slow under load, when another is listed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the first URL of `amqp.url` that answers and opens a confirming channel.
 pub async fn connect(config: &Config, name: &str) -> Result<(Connection, Channel)> {
+    connect_from(config, name, 0).await.map(|(c, p, _)| (c, p))
+}
+
+/// Like [`connect`], trying the URLs in order from index `start` (wrapping around); also
+/// returns the index of the URL that answered. One error per URL tried when none did.
+async fn connect_from(
+    config: &Config,
+    name: &str,
+    start: usize,
+) -> Result<(Connection, Channel, usize)> {
+    let urls = &config.amqp.url;
+    let mut failures = Vec::new();
+    for k in 0..urls.len() {
+        let i = (start + k) % urls.len();
+        let Some(url) = urls.get(i) else { continue };
+        match connect_one(url.expose(), name).await {
+            Ok((connection, publisher)) => return Ok((connection, publisher, i)),
+            Err(e) => failures.push(e),
+        }
+    }
+    Err(match failures.len() {
+        1 => failures.remove(0),
+        _ => BrokerError::NoNode(failures),
+    })
+}
+
+async fn connect_one(url: &str, name: &str) -> Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connection =
-        Connection::connect(config.amqp.url.expose(), properties).await.map_err(|e| {
-            BrokerError::Connect { target: describe_target(config.amqp.url.expose()), error: e }
-        })?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                return Err(BrokerError::Connect { target: describe_target(url), error: e });
+            }
+            Err(_) => return Err(BrokerError::ConnectTimeout { target: describe_target(url) }),
+        };
     let publisher = connection.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((connection, publisher))
@@ -594,18 +636,31 @@ async fn supervise(
 ) {
     let mut backoff = Duration::from_millis(100);
     let name = format!("turnd {}", config.daemon.id);
+    // Index in `amqp.url` to try first: the first URL at start; after losing a node, the one
+    // after it, so a reconnect does not wait on the node that just went away.
+    let mut start = 0;
+    let urls = config.amqp.url.len().max(1);
     loop {
         let attempt = async {
-            let (connection, publisher) = connect(&config, &name).await?;
-            declare_topology(&connection, &config).await?;
-            Ok::<_, BrokerError>((connection, publisher))
+            let (connection, publisher, i) = connect_from(&config, &name, start).await?;
+            match declare_topology(&connection, &config).await {
+                Ok(()) => Ok((connection, publisher, i)),
+                Err(e) => {
+                    // This node answers but cannot serve the topology (e.g. a queue it needs
+                    // lives on a node that is down): try the next one first.
+                    start = (i + 1) % urls;
+                    let _ = connection.close(200, "topology not declared".into()).await;
+                    Err(e)
+                }
+            }
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => break,
             r = attempt => r,
         };
         match result {
-            Ok((connection, publisher)) => {
+            Ok((connection, publisher, i)) => {
+                start = (i + 1) % urls;
                 backoff = Duration::from_millis(100);
                 let mut events = connection.events_listener();
                 let session = Arc::new(Session {
@@ -615,7 +670,11 @@ async fn supervise(
                     next_consume: AtomicUsize::new(0),
                     names: Names::new(&config.amqp.prefix),
                 });
-                tracing::info!("connected to RabbitMQ; topology declared");
+                let node = config.amqp.url.get(i).map(|u| describe_target(u.expose()));
+                tracing::info!(
+                    node = node.as_deref().unwrap_or("?"),
+                    "connected to RabbitMQ; topology declared"
+                );
                 tx.send_replace(Some(session.clone()));
                 let mut check = tokio::time::interval(Duration::from_millis(500));
                 loop {
