@@ -6,9 +6,12 @@
 #   scripts/pg-pair.sh up sync|async   primary 15/turnd_pa on 5441 and a standby 15/turnd_pb on
 #                                      5442 (pg_basebackup -R); sync: synchronous_standby_names
 #                                      = '*' on the primary, so a commit waits for the standby
-#   scripts/pg-pair.sh failover        stop the primary as a crash would (immediate: no shutdown
+#   scripts/pg-pair.sh failover [MS]   stop the primary as a crash would (immediate: no shutdown
 #                                      checkpoint, the standby gets nothing more) and promote the
-#                                      standby; prints the promoted port
+#                                      standby; prints the promoted port. With MS, replication
+#                                      stalls first (the walsender is SIGSTOPped) for MS ms while
+#                                      the primary keeps committing: the standby falls MS behind,
+#                                      as across a congested or partitioned link before a crash
 #   scripts/pg-pair.sh down            stop and drop both clusters
 #   scripts/pg-pair.sh status          pg_lsclusters of the pair and the primary's replication
 #
@@ -114,8 +117,18 @@ EOF
 }
 
 failover() {
-  local v
+  local stall_ms=${1:-0} v
   v=$(version)
+  if [ "$stall_ms" -gt 0 ]; then
+    local sender
+    sender=$(psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -tAc 'select pid from pg_stat_replication limit 1')
+    [ -n "$sender" ] || { log "no walsender to stall"; exit 1; }
+    as_root kill -STOP "$sender"
+    sleep "$(awk -v ms="$stall_ms" 'BEGIN { printf "%.3f", ms / 1000 }')"
+    # Killed, not continued: it must not send what it holds. The postmaster then resets every
+    # backend, and the immediate stop below ends it.
+    as_root kill -KILL "$sender"
+  fi
   as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$PRIMARY" stop -m immediate
   as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$STANDBY" promote
   for _ in $(seq 1 120); do
@@ -139,7 +152,7 @@ status() {
 
 case "${1:-}" in
   up) up "${2:-}" ;;
-  failover) failover ;;
+  failover) failover "${2:-0}" ;;
   down) down ;;
   status) status ;;
   *) echo "usage: $0 up sync|async|failover|down|status" >&2; exit 2 ;;

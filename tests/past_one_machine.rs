@@ -8,7 +8,8 @@
 //!
 //! Each test brings its services up and tears them down (nothing is skipped: the scripts
 //! install what is missing). The figures are printed (`--nocapture`) and quoted in README
-//! "Running past one machine". The two tests use different services and may run together.
+//! "Running past one machine". The tests use different services and may run together; the
+//! asynchronous standby's measurement is `#[ignore]`d (run it with `-- --ignored`).
 
 mod common;
 
@@ -414,7 +415,8 @@ struct Failover {
 
 /// One failover under load: two daemons, 20 conversations owned, 300 turns at ~30/s, the
 /// primary stopped (immediate) and the standby promoted 4 s in.
-async fn failover_under_load(mode: &str, tag: &str) -> Failover {
+/// `stall_ms` > 0: replication stalls that long before the crash (`pg-pair.sh failover MS`).
+async fn failover_under_load(mode: &str, tag: &str, stall_ms: u64) -> Failover {
     // The daemons and the test reach PostgreSQL through one proxy that moves to the promoted
     // standby: a Kubernetes Service, a virtual IP, or HAProxy/PgBouncer in front of the pair.
     let proxy = Proxy::start(5441).await;
@@ -449,11 +451,13 @@ async fn failover_under_load(mode: &str, tag: &str) -> Failover {
             worst.0, worst.1
         );
         let at = Instant::now();
-        let port: u16 = tokio::task::spawn_blocking(|| script("pg-pair.sh", &["failover"]))
-            .await
-            .expect("failover")
-            .parse()
-            .expect("the promoted port");
+        let stall = stall_ms.to_string();
+        let port: u16 =
+            tokio::task::spawn_blocking(move || script("pg-pair.sh", &["failover", &stall]))
+                .await
+                .expect("failover")
+                .parse()
+                .expect("the promoted port");
         proxy.retarget(port);
         eprintln!("{mode}: primary stopped and standby promoted in {:?}", at.elapsed());
         at
@@ -468,7 +472,7 @@ async fn failover_under_load(mode: &str, tag: &str) -> Failover {
 async fn postgres_failover_to_a_synchronous_standby_keeps_exactly_once() {
     let _services = Services::up("pg-pair.sh", &["up", "sync"]);
     let Failover { _proxy, cluster, mut load, at: fault, epoch_before: before } =
-        failover_under_load("sync", "fs").await;
+        failover_under_load("sync", "fs", 0).await;
     load.settle(Duration::from_secs(90)).await;
     let around = load.latencies(fault - Duration::from_secs(1), fault + Duration::from_secs(10));
     eprintln!("pg failover (sync standby): {}; republished {}", summary(&around), load.republished);
@@ -510,15 +514,22 @@ async fn replication_lag(cluster: &Cluster) -> Option<(i64, Duration)> {
 /// consistent with itself (every turn it knows is answered and published) and no two workers
 /// of one deployment ever ran at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (~3 min, two pairs): cargo test --test past_one_machine -- --ignored --nocapture"]
 async fn postgres_failover_to_an_asynchronous_standby_has_a_measured_loss_window() {
-    let rounds: usize =
-        std::env::var("TURND_ASYNC_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(2);
+    // One failover as a crash leaves it, one after replication stalled for a second (a
+    // congested or partitioned link between the zones, then the crash).
+    let stalls: Vec<u64> = std::env::var("TURND_ASYNC_STALLS")
+        .unwrap_or_else(|_| "0,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rounds = stalls.len();
     let mut totals = (0usize, 0usize, 0usize);
-    for round in 1..=rounds {
+    for (round, stall_ms) in stalls.into_iter().enumerate() {
         let _services = Services::up("pg-pair.sh", &["up", "async"]);
         // Sample the lag while the load runs, until the primary is gone.
         let Failover { _proxy, cluster, mut load, at, epoch_before } =
-            failover_under_load("async", &format!("fa{round}")).await;
+            failover_under_load("async", &format!("fa{round}"), stall_ms).await;
         let until = Instant::now() + Duration::from_secs(60);
         let ids: Vec<String> = load.published.iter().map(|(id, _)| id.clone()).collect();
         while Instant::now() < until && !ids.iter().all(|id| load.arrived.contains_key(id)) {
@@ -529,7 +540,7 @@ async fn postgres_failover_to_an_asynchronous_standby_has_a_measured_loss_window
         let around = load.latencies(at - Duration::from_secs(1), at + Duration::from_secs(10));
         let epoch_after = max_epoch(&cluster).await;
         eprintln!(
-            "pg failover (async) round {round}: {} turns, lost {} {lost:?}, answered twice {} {doubled:?}; {}; max epoch {epoch_before} → {epoch_after}",
+            "pg failover (async) round {round}, replication stalled {stall_ms} ms before the crash: {} turns, lost {} {lost:?}, answered twice {} {doubled:?}; {}; max epoch {epoch_before} → {epoch_after}",
             load.published.len(),
             lost.len(),
             doubled.len(),
