@@ -12,6 +12,9 @@
 #                                      stalls first (the walsender is SIGSTOPped) for MS ms while
 #                                      the primary keeps committing: the standby falls MS behind,
 #                                      as across a congested or partitioned link before a crash
+#   scripts/pg-pair.sh restandby       make the stopped one a standby of the promoted one again
+#                                      (pg_basebackup), in the mode `up` chose; prints its port
+#   scripts/pg-pair.sh primary         the port of the current primary
 #   scripts/pg-pair.sh down            stop and drop both clusters
 #   scripts/pg-pair.sh status          pg_lsclusters of the pair and the primary's replication
 #
@@ -23,6 +26,8 @@ PRIMARY=turnd_pa
 STANDBY=turnd_pb
 PRIMARY_PORT=5441
 STANDBY_PORT=5442
+# The mode `up` chose, for `restandby`.
+MODE_FILE=/var/lib/postgresql/turnd-pair.mode
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 as_pg() { as_root runuser -u postgres -- "$@"; }
@@ -84,10 +89,10 @@ up() {
 listen_addresses = '127.0.0.1'
 max_locks_per_transaction = 1024
 wal_level = replica
-max_wal_senders = 4
 hot_standby = on
 synchronous_standby_names = '$sync_names'
 EOF
+  echo "$mode" | as_root tee "$MODE_FILE" >/dev/null
   as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$PRIMARY" start
   wait_ready "$PRIMARY_PORT"
 
@@ -116,12 +121,31 @@ EOF
   log "up ($mode): primary 127.0.0.1:$PRIMARY_PORT, standby 127.0.0.1:$STANDBY_PORT ($(psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -tAc 'select sync_state from pg_stat_replication'))"
 }
 
+# The cluster that runs and is not in recovery, and its port.
+roles() {
+  local name port
+  for name in "$PRIMARY" "$STANDBY"; do
+    port=$PRIMARY_PORT
+    [ "$name" = "$STANDBY" ] && port=$STANDBY_PORT
+    if [ "$(psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc 'select pg_is_in_recovery()' 2>/dev/null)" = f ]; then
+      echo "$name $port"
+      return 0
+    fi
+  done
+  log "no primary is running"
+  return 1
+}
+
+other() { if [ "$1" = "$PRIMARY" ]; then echo "$STANDBY $STANDBY_PORT"; else echo "$PRIMARY $PRIMARY_PORT"; fi; }
+
 failover() {
-  local stall_ms=${1:-0} v
+  local stall_ms=${1:-0} v primary port standby standby_port
   v=$(version)
+  read -r primary port < <(roles)
+  read -r standby standby_port < <(other "$primary")
   if [ "$stall_ms" -gt 0 ]; then
     local sender
-    sender=$(psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -tAc 'select pid from pg_stat_replication limit 1')
+    sender=$(psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc 'select pid from pg_stat_replication limit 1')
     [ -n "$sender" ] || { log "no walsender to stall"; exit 1; }
     as_root kill -STOP "$sender"
     sleep "$(awk -v ms="$stall_ms" 'BEGIN { printf "%.3f", ms / 1000 }')"
@@ -129,31 +153,67 @@ failover() {
     # backend, and the immediate stop below ends it.
     as_root kill -KILL "$sender"
   fi
-  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$PRIMARY" stop -m immediate
-  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$STANDBY" promote
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$primary" stop -m immediate
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$standby" promote
   for _ in $(seq 1 120); do
-    [ "$(psql -h 127.0.0.1 -p "$STANDBY_PORT" -U postgres -d postgres -tAc 'select pg_is_in_recovery()')" = f ] && break
+    [ "$(psql -h 127.0.0.1 -p "$standby_port" -U postgres -d postgres -tAc 'select pg_is_in_recovery()')" = f ] && break
     sleep 0.1
   done
-  echo "$STANDBY_PORT"
+  echo "$standby_port"
+}
+
+write_conf() {
+  local v=$1 name=$2 sync_names=$3
+  as_root tee "/etc/postgresql/$v/$name/conf.d/turnd-pair.conf" >/dev/null <<EOF
+listen_addresses = '127.0.0.1'
+max_locks_per_transaction = 1024
+wal_level = replica
+hot_standby = on
+synchronous_standby_names = '$sync_names'
+EOF
+}
+
+restandby() {
+  local v primary port old old_port mode sync_names=""
+  v=$(version)
+  read -r primary port < <(roles)
+  read -r old old_port < <(other "$primary")
+  mode=$(cat "$MODE_FILE" 2>/dev/null || echo async)
+  [ "$mode" = sync ] && sync_names="*"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$old" stop -m immediate >/dev/null 2>&1 || true
+  # The promoted server now waits for the rebuilt standby as the old primary did.
+  write_conf "$v" "$primary" "$sync_names"
+  write_conf "$v" "$old" ""
+  local data=/var/lib/postgresql/$v/$old
+  as_root find "$data" -mindepth 1 -delete
+  as_pg pg_basebackup -h 127.0.0.1 -p "$port" -U postgres -D "$data" -R -X stream -c fast
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$old" start
+  wait_ready "$old_port"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$primary" reload
+  echo "$old_port"
 }
 
 down() {
   drop "$STANDBY"
   drop "$PRIMARY"
+  as_root rm -f "$MODE_FILE"
   log "down"
 }
 
 status() {
   pg_lsclusters | awk -v a="$PRIMARY" -v b="$STANDBY" 'NR == 1 || $2 == a || $2 == b'
-  psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -c \
+  local primary port
+  read -r primary port < <(roles) || return 0
+  psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -c \
     'select application_name, state, sync_state, write_lag, flush_lag, replay_lag from pg_stat_replication' 2>/dev/null || true
 }
 
 case "${1:-}" in
   up) up "${2:-}" ;;
   failover) failover "${2:-0}" ;;
+  restandby) restandby ;;
+  primary) roles | cut -d' ' -f2 ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up sync|async|failover|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up sync|async|failover [MS]|restandby|primary|down|status" >&2; exit 2 ;;
 esac
