@@ -28,6 +28,8 @@ mod client;
 mod cluster;
 #[path = "chaos/faults.rs"]
 mod faults;
+#[path = "chaos/ha.rs"]
+mod ha;
 #[path = "chaos/proxy.rs"]
 mod proxy;
 
@@ -294,7 +296,7 @@ async fn run(cli: &Cli, guard: &ServiceGuard) -> Result<bool> {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
     let kinds: Vec<Kind> = if cli.faults.is_empty() {
-        Kind::ALL.to_vec()
+        Kind::DEFAULT.to_vec()
     } else {
         cli.faults.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
     };
@@ -395,10 +397,9 @@ async fn drive(
 ) -> Result<(bool, Vec<String>)> {
     // Topology first (identical to the daemons'), so nothing published early is dropped.
     {
-        let conn =
-            lapin::Connection::connect(&cluster.amqp_url, lapin::ConnectionProperties::default())
-                .await
-                .context("connect to RabbitMQ")?;
+        let conn = client::connect(&cluster.amqp_url, "turnd-chaos")
+            .await
+            .context("connect to RabbitMQ")?;
         turnd::broker::declare_topology(&conn, &cluster.config)
             .await
             .context("declare topology")?;
@@ -770,8 +771,7 @@ async fn drive(
 }
 
 async fn lapin_queue_exists(url: &str, queue: &str) -> bool {
-    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
-    else {
+    let Ok(conn) = client::connect(url, "turnd-chaos").await else {
         return false;
     };
     let ok = match conn.create_channel().await {
