@@ -85,31 +85,15 @@ up() {
   local sync_names=""
   [ "$mode" = sync ] && sync_names="*"
   # wal_sender_timeout / wal_receiver_status_interval at their defaults: what users run.
-  as_root tee "/etc/postgresql/$v/$PRIMARY/conf.d/turnd-pair.conf" >/dev/null <<EOF
-listen_addresses = '127.0.0.1'
-max_locks_per_transaction = 1024
-wal_level = replica
-hot_standby = on
-synchronous_standby_names = '$sync_names'
-EOF
+  write_conf "$v" "$PRIMARY" "$sync_names"
   echo "$mode" | as_root tee "$MODE_FILE" >/dev/null
   as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$PRIMARY" start
   wait_ready "$PRIMARY_PORT"
 
   as_root pg_createcluster -q "$v" "$STANDBY" -p "$STANDBY_PORT" -- --auth=trust >/dev/null
   trust_localhost "$STANDBY"
-  as_root tee "/etc/postgresql/$v/$STANDBY/conf.d/turnd-pair.conf" >/dev/null <<EOF
-listen_addresses = '127.0.0.1'
-max_locks_per_transaction = 1024
-hot_standby = on
-EOF
-  local data=/var/lib/postgresql/$v/$STANDBY
-  # Emptied, not removed: the postgres user may not create directories beside it.
-  as_root find "$data" -mindepth 1 -delete
-  # -R writes standby.signal and primary_conninfo (application_name = the cluster name).
-  as_pg pg_basebackup -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -D "$data" -R -X stream -c fast
-  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$STANDBY" start
-  wait_ready "$STANDBY_PORT"
+  write_conf "$v" "$STANDBY" ""
+  basebackup "$v" "$STANDBY" "$STANDBY_PORT" "$PRIMARY_PORT"
   for _ in $(seq 1 120); do
     local state
     state=$(psql -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d postgres -tAc \
@@ -173,6 +157,18 @@ synchronous_standby_names = '$sync_names'
 EOF
 }
 
+# Makes cluster NAME (port PORT) a streaming standby of the server on FROM, and starts it.
+basebackup() {
+  local v=$1 name=$2 port=$3 from=$4
+  local data=/var/lib/postgresql/$v/$name
+  # Emptied, not removed: the postgres user may not create directories beside it.
+  as_root find "$data" -mindepth 1 -delete
+  # -R writes standby.signal and primary_conninfo (application_name = the cluster name).
+  as_pg pg_basebackup -h 127.0.0.1 -p "$from" -U postgres -D "$data" -R -X stream -c fast
+  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$name" start
+  wait_ready "$port"
+}
+
 restandby() {
   local v primary port old old_port mode sync_names=""
   v=$(version)
@@ -184,11 +180,7 @@ restandby() {
   # The promoted server now waits for the rebuilt standby as the old primary did.
   write_conf "$v" "$primary" "$sync_names"
   write_conf "$v" "$old" ""
-  local data=/var/lib/postgresql/$v/$old
-  as_root find "$data" -mindepth 1 -delete
-  as_pg pg_basebackup -h 127.0.0.1 -p "$port" -U postgres -D "$data" -R -X stream -c fast
-  as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$old" start
-  wait_ready "$old_port"
+  basebackup "$v" "$old" "$old_port" "$port"
   as_root pg_ctlcluster --skip-systemctl-redirect "$v" "$primary" reload
   echo "$old_port"
 }

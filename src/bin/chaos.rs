@@ -68,7 +68,9 @@ struct Cli {
     /// The load window: turns are spread over it and faults fall within it.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Faults to inject (comma-separated), each --rounds times. Default: all of them.
+    /// Faults to inject (comma-separated), each --rounds times. Default: all of them but
+    /// node-stop, leader-stop and pg-failover, which need a RabbitMQ cluster and a PostgreSQL
+    /// pair of their own (src/bin/chaos/ha.rs).
     #[arg(long, value_delimiter = ',', value_parser = Kind::parse)]
     faults: Vec<Kind>,
     /// How many times each fault is injected.
@@ -296,7 +298,7 @@ async fn run(cli: &Cli, guard: &ServiceGuard) -> Result<bool> {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
     let kinds: Vec<Kind> = if cli.faults.is_empty() {
-        Kind::DEFAULT.to_vec()
+        Kind::ALL.into_iter().filter(|k| !k.needs_own_services()).collect()
     } else {
         cli.faults.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
     };

@@ -29,22 +29,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// What a run injects when `--faults` is not given: everything that the machine's shared
-    /// services allow (the last three need `scripts/rabbit-cluster.sh` and `scripts/pg-pair.sh`).
-    pub const DEFAULT: [Kind; 11] = [
-        Kind::WorkerKill,
-        Kind::WorkerExit0,
-        Kind::DaemonKill,
-        Kind::DaemonTerm,
-        Kind::LockKill,
-        Kind::PoolKill,
-        Kind::AmqpClose,
-        Kind::AmqpRestart,
-        Kind::PgRestart,
-        Kind::Roll,
-        Kind::Partition,
-    ];
-
     pub const ALL: [Kind; 14] = [
         Kind::WorkerKill,
         Kind::WorkerExit0,
@@ -61,6 +45,12 @@ impl Kind {
         Kind::LeaderStop,
         Kind::PgFailover,
     ];
+
+    /// Whether it needs services of its own (`scripts/rabbit-cluster.sh`,
+    /// `scripts/pg-pair.sh`): such faults run only when `--faults` names them.
+    pub fn needs_own_services(self) -> bool {
+        matches!(self, Kind::NodeStop | Kind::LeaderStop | Kind::PgFailover)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
