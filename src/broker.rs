@@ -556,7 +556,12 @@ async fn connect_from(
         let Some(url) = urls.get(i) else { continue };
         match connect_one(url.expose(), name).await {
             Ok((connection, publisher)) => return Ok((connection, publisher, i)),
-            Err(e) => failures.push(e),
+            Err(e) => {
+                if urls.len() > 1 {
+                    tracing::warn!(error = %e, "RabbitMQ node unavailable; trying the next URL of amqp.url");
+                }
+                failures.push(e);
+            }
         }
     }
     Err(match failures.len() {

@@ -228,8 +228,12 @@ impl Store {
         let target = describe_target(&options);
         let attempt = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options));
         match attempt.await {
-            Ok(Ok(conn)) => {
+            Ok(Ok(mut conn)) => {
+                let standby = refuse_standby(&mut conn).await;
                 let _ = conn.close().await;
+                if let Err(e) = standby {
+                    return Err(StoreError::Connect { target, cause: root_cause(&e) });
+                }
             }
             Ok(Err(e)) => return Err(StoreError::Connect { target, cause: root_cause(&e) }),
             Err(_) => {

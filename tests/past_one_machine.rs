@@ -472,6 +472,15 @@ async fn failover_under_load(mode: &str, tag: &str, stall_ms: u64) -> Failover {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_failover_to_a_synchronous_standby_keeps_exactly_once() {
     let _services = Services::up("pg-pair.sh", &["up", "sync"]);
+    // A name that still points at the standby is refused with the reason, not written to.
+    let out = Command::new(turnd_bin())
+        .args(["status", "--config", "/dev/null"])
+        .env("TURND_DATABASE__URL", "postgres://postgres@127.0.0.1:5442/postgres")
+        .output()
+        .expect("turnd status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "turnd status on the standby succeeded: {err}");
+    assert!(err.contains("127.0.0.1:5442") && err.contains("standby (in recovery)"), "{err}");
     let Failover { _proxy, cluster, mut load, at: fault, epoch_before: before } =
         failover_under_load("sync", "fs", 0).await;
     load.settle(Duration::from_secs(90)).await;
@@ -562,4 +571,35 @@ async fn postgres_failover_to_an_asynchronous_standby_has_a_measured_loss_window
         "pg failover (async), {rounds} rounds: {} turns, {} lost, {} answered twice",
         totals.0, totals.1, totals.2
     );
+}
+
+/// `amqp.url` lists nodes: a daemon skips one that refuses and one that accepts TCP but never
+/// answers (5 s), and serves from the next. On the shared broker; no cluster needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_skips_broker_urls_that_do_not_answer() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a silent port");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let refused_port = free_port();
+    let list = format!(
+        "amqp://guest:guest@127.0.0.1:{refused_port}/%2f,amqp://guest:guest@127.0.0.1:{silent_port}/%2f,{AMQP}"
+    );
+    let mut cluster = Cluster::new().await;
+    let started = Instant::now();
+    cluster.start_daemon(&[("TURND_AMQP__URL", &list)]).await;
+    let took = started.elapsed();
+    let mut client = cluster.client().await;
+    let event = client.ask(&turn("ha", "skip", json!({})), Duration::from_secs(20)).await;
+    assert_eq!(event.kind(), "reply");
+    let log = strip_ansi(&cluster.daemon_log(0));
+    let skipped: Vec<&str> =
+        log.lines().filter(|l| l.contains("RabbitMQ node unavailable")).collect();
+    assert!(
+        skipped.iter().any(|l| l.contains(&format!(":{refused_port}")))
+            && skipped.iter().any(
+                |l| l.contains(&format!(":{silent_port}")) && l.contains("no answer within 5s")
+            ),
+        "both skipped nodes named: {skipped:#?}"
+    );
+    assert!(took >= Duration::from_secs(5), "the silent node was waited for 5 s: {took:?}");
+    drop(silent);
 }
