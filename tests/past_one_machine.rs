@@ -24,10 +24,10 @@ use lapin::types::ShortString;
 use serde_json::{Value, json};
 
 /// Publish → terminal event, for every turn published around a RabbitMQ node stop: the most a
-/// producer waited. Measured 0.26–0.62 s (README); the bound leaves room for a loaded machine.
+/// producer waited. Measured 0.15–1.17 s (README); the bound leaves room for a loaded machine.
 const BROKER_BOUND: Duration = Duration::from_secs(10);
 /// The same around a PostgreSQL failover (stop + promote + the daemons' reconnection):
-/// measured 1.67–2.44 s.
+/// measured 1.67–3.02 s.
 const FAILOVER_BOUND: Duration = Duration::from_secs(15);
 
 fn script(name: &str, args: &[&str]) -> String {
