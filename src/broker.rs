@@ -33,6 +33,11 @@ pub enum BrokerError {
     Unavailable,
     #[error("cannot connect to RabbitMQ at {target}: {}", crate::store::root_cause(error))]
     Connect { target: String, error: lapin::Error },
+    #[error("cannot connect to RabbitMQ at {target}: no answer within {}s", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout { target: String },
+    /// Every URL of `amqp.url` failed; one entry per URL, in the order tried.
+    #[error("no RabbitMQ node answered: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NoNode(Vec<BrokerError>),
 }
 
 /// Where an AMQP URL points, for messages: `host:port (vhost V, user U)`, never the password.
@@ -262,7 +267,7 @@ pub async fn declare_topology(connection: &Connection, config: &Config) -> Resul
     let declared = async {
         declare_exchanges(&ch, &names).await?;
         declare_inbox(connection, &names).await?;
-        declare_rest(connection, &ch, &names, config).await
+        declare_rest(connection, &names, config).await
     }
     .await;
     if ch.status().connected() {
@@ -377,116 +382,110 @@ async fn declare_exchanges(ch: &Channel, names: &Names) -> Result<()> {
     Ok(())
 }
 
-async fn declare_rest(
-    connection: &Connection,
-    ch: &Channel,
-    names: &Names,
-    config: &Config,
-) -> Result<()> {
-    declare_bound(ch, &names.retry(), FieldTable::default(), &names.retry(), "").await?;
+async fn declare_rest(connection: &Connection, names: &Names, config: &Config) -> Result<()> {
+    declare_replicated(connection, &names.retry(), retry_queue_arguments()).await?;
+    bind(connection, &names.retry(), &names.retry(), "").await?;
     for k in 1..config.intake.max_attempts {
-        declare_delay_queue(connection, names, k).await?;
+        declare_replicated(connection, &names.retry_delay(k), delay_queue_arguments(names)).await?;
     }
-    ch.queue_declare(
-        names.parked().as_str().into(),
-        QueueDeclareOptions::durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    // Owner requests are hints (adoption covers a lost one): a durable classic queue with
-    // transient messages.
-    ch.queue_declare(
-        names.owners().as_str().into(),
-        QueueDeclareOptions::durable(),
-        FieldTable::default(),
-    )
-    .await?;
+    declare_replicated(connection, &names.parked(), quorum_arguments()).await?;
+    declare_replicated(connection, &names.owners(), quorum_arguments()).await?;
     Ok(())
 }
 
-/// A delay queue's arguments: only where it dead-letters to. The delay itself travels on each
-/// message as its `expiration` (see [`delay_expiration`]), so changing `intake.retry_delay`,
-/// `retry_max_delay` or `max_attempts` between restarts never changes a queue's arguments
-/// (they are fixed at declaration: a redeclaration with others is refused).
-pub fn delay_queue_arguments(names: &Names) -> FieldTable {
+/// Every durable queue turnd owns is a quorum queue: on a RabbitMQ cluster a classic queue
+/// lives on one node, and while that node is down no daemon can even declare the topology, so
+/// losing one node of three stopped every daemon (measured, README "Running past one
+/// machine"). On a single node a quorum queue is simply a queue with one member.
+pub fn quorum_arguments() -> FieldTable {
     let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    args
+}
+
+/// A delivery limit no failure loop reaches: RabbitMQ 4.0+ gives quorum queues a default limit
+/// of 20 and drops a message past it when the queue has no dead-letter exchange. The retry
+/// mover hands a turn back (requeue, or its channel closing) whenever it cannot move it on, as
+/// often as the broker or database is away; only its copy holds a refused turn.
+const RETRY_DELIVERY_LIMIT: i64 = 1_000_000;
+
+pub fn retry_queue_arguments() -> FieldTable {
+    let mut args = quorum_arguments();
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(RETRY_DELIVERY_LIMIT));
+    args
+}
+
+pub fn delay_queue_arguments(names: &Names) -> FieldTable {
+    let mut args = quorum_arguments();
     args.insert("x-dead-letter-exchange".into(), long_string(&names.turns()));
     args
 }
 
-/// The `expiration` property (milliseconds, as text) that holds a refused turn in its delay
-/// queue for the k-th delay.
 pub fn delay_expiration(config: &Config, k: u32) -> ShortString {
     ShortString::from(retry_delay(config, k).as_millis().to_string())
 }
 
-/// Warned at most once per process: a delay queue declared by an older turnd (with a TTL).
+static OLD_QUEUE_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static OLD_DELAY_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Declares `<prefix>.retry.<k>`. One that an older turnd declared with `x-message-ttl` is
-/// used as it is (the broker holds a message for the shorter of the queue's TTL and the
-/// message's own `expiration`), with one warning: refusing to start would stop a fleet on a
-/// rolling upgrade.
-async fn declare_delay_queue(connection: &Connection, names: &Names, k: u32) -> Result<()> {
-    let name = names.retry_delay(k);
+/// Declares a durable queue with `args`. One that an older turnd declared otherwise (a classic
+/// queue; a delay queue with a fixed `x-message-ttl`) answers PRECONDITION_FAILED: it is used
+/// as it is, with one warning per daemon, so a rolling upgrade never stops on it.
+async fn declare_replicated(connection: &Connection, name: &str, args: FieldTable) -> Result<()> {
     let ch = connection.create_channel().await?;
-    let declared = ch
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::durable(),
-            delay_queue_arguments(names),
-        )
-        .await;
+    let declared = ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args).await;
     let result = match declared {
         Ok(_) => Ok(()),
         Err(e) if is_precondition_failed(&e) => {
             let ch = connection.create_channel().await?;
             let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::durable() };
-            let found =
-                ch.queue_declare(name.as_str().into(), passive, FieldTable::default()).await;
-            if found.is_ok() && !OLD_DELAY_WARNED.swap(true, Ordering::Relaxed) {
+            let found = ch.queue_declare(name.into(), passive, FieldTable::default()).await;
+            let delay = name.rsplit_once('.').is_some_and(|(_, k)| k.parse::<u32>().is_ok());
+            let warned = if delay { &OLD_DELAY_WARNED } else { &OLD_QUEUE_WARNED };
+            if found.is_ok() && !warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     queue = %name,
                     error = %e,
-                    "a delay queue exists with other arguments (an older turnd gave it a fixed x-message-ttl); \
-                     using it as it is: a refused turn waits there for the shorter of that TTL and its own delay. \
-                     To drop the old TTL, delete the delay queues once empty (rabbitmqctl delete_queue <name> --if-empty); \
-                     turnd declares them again"
+                    "{} exists with other arguments (declared by an older turnd: a classic queue, or a delay \
+                     queue with a fixed x-message-ttl); using it as it is. A classic queue lives on one RabbitMQ \
+                     node: while that node is down, no daemon can declare the topology and intake stops. A delay \
+                     queue with a TTL holds a refused turn for the shorter of that TTL and its own delay. Recreate \
+                     such queues when empty (README \"Upgrading the inbox\" and \"Running past one machine\"); \
+                     turnd declares them again",
+                    if delay { "a delay queue" } else { "a queue" },
                 );
             }
             if ch.status().connected() {
-                let _ = ch.close(200, "delay queue checked".into()).await;
+                let _ = ch.close(200, "queue checked".into()).await;
             }
             found.map(|_| ()).map_err(BrokerError::from)
         }
         Err(e) => Err(e.into()),
     };
     if ch.status().connected() {
-        let _ = ch.close(200, "delay queue declared".into()).await;
+        let _ = ch.close(200, "queue declared".into()).await;
     }
     result
 }
 
-async fn declare_bound(
-    ch: &Channel,
-    queue: &str,
-    args: FieldTable,
-    exchange: &str,
-    key: &str,
-) -> Result<()> {
-    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), args).await?;
-    ch.queue_bind(
-        queue.into(),
-        exchange.into(),
-        key.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+async fn bind(connection: &Connection, queue: &str, exchange: &str, key: &str) -> Result<()> {
+    let ch = connection.create_channel().await?;
+    let bound = ch
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    if ch.status().connected() {
+        let _ = ch.close(200, "bound".into()).await;
+    }
+    bound?;
     Ok(())
 }
 
-/// The encoded size of a field table, in bytes, walked without recursion.
 pub fn encoded_len(table: &FieldTable) -> usize {
     let mut len = 4;
     let mut pending: Vec<&AMQPValue> = Vec::new();
@@ -528,13 +527,55 @@ pub fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-/// Connects once and opens a confirming channel.
+/// How long one node may take to accept a connection and finish the AMQP handshake before the
+/// next URL is tried. A healthy node answers in milliseconds, even across zones; a node behind a
+/// silent partition would otherwise hold the daemon for the kernel's SYN retries (~2 min).
+/// Shorter risks skipping a node that is merely slow under load, when another is listed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the first URL of `amqp.url` that answers and opens a confirming channel.
 pub async fn connect(config: &Config, name: &str) -> Result<(Connection, Channel)> {
+    connect_from(config, name, 0).await.map(|(c, p, _)| (c, p))
+}
+
+/// Like [`connect`], trying the URLs in order from index `start` (wrapping around); also
+/// returns the index of the URL that answered. One error per URL tried when none did.
+async fn connect_from(
+    config: &Config,
+    name: &str,
+    start: usize,
+) -> Result<(Connection, Channel, usize)> {
+    let urls = &config.amqp.url;
+    let mut failures = Vec::new();
+    for k in 0..urls.len() {
+        let i = (start + k) % urls.len();
+        let Some(url) = urls.get(i) else { continue };
+        match connect_one(url.expose(), name).await {
+            Ok((connection, publisher)) => return Ok((connection, publisher, i)),
+            Err(e) => {
+                if urls.len() > 1 {
+                    tracing::warn!(error = %e, "RabbitMQ node unavailable; trying the next URL of amqp.url");
+                }
+                failures.push(e);
+            }
+        }
+    }
+    Err(match failures.len() {
+        1 => failures.remove(0),
+        _ => BrokerError::NoNode(failures),
+    })
+}
+
+async fn connect_one(url: &str, name: &str) -> Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connection =
-        Connection::connect(config.amqp.url.expose(), properties).await.map_err(|e| {
-            BrokerError::Connect { target: describe_target(config.amqp.url.expose()), error: e }
-        })?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                return Err(BrokerError::Connect { target: describe_target(url), error: e });
+            }
+            Err(_) => return Err(BrokerError::ConnectTimeout { target: describe_target(url) }),
+        };
     let publisher = connection.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((connection, publisher))
@@ -590,18 +631,31 @@ async fn supervise(
 ) -> crate::supervise::ComponentResult {
     let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
     let name = format!("turnd {}", config.daemon.id);
+    // Index in `amqp.url` to try first: the first URL at start; after losing a node, the one
+    // after it, so a reconnect does not wait on the node that just went away.
+    let mut start = 0;
+    let urls = config.amqp.url.len().max(1);
     loop {
         let attempt = async {
-            let (connection, publisher) = connect(&config, &name).await?;
-            declare_topology(&connection, &config).await?;
-            Ok::<_, BrokerError>((connection, publisher))
+            let (connection, publisher, i) = connect_from(&config, &name, start).await?;
+            match declare_topology(&connection, &config).await {
+                Ok(()) => Ok((connection, publisher, i)),
+                Err(e) => {
+                    // This node answers but cannot serve the topology (e.g. a queue it needs
+                    // lives on a node that is down): try the next one first.
+                    start = (i + 1) % urls;
+                    let _ = connection.close(200, "topology not declared".into()).await;
+                    Err(e)
+                }
+            }
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => break,
             r = attempt => r,
         };
         match result {
-            Ok((connection, publisher)) => {
+            Ok((connection, publisher, i)) => {
+                start = (i + 1) % urls;
                 backoff.reset();
                 let mut events = connection.events_listener();
                 let session = Arc::new(Session {
@@ -611,7 +665,11 @@ async fn supervise(
                     next_consume: AtomicUsize::new(0),
                     names: Names::new(&config.amqp.prefix),
                 });
-                tracing::info!("connected to RabbitMQ; topology declared");
+                let node = config.amqp.url.get(i).map(|u| describe_target(u.expose()));
+                tracing::info!(
+                    node = node.as_deref().unwrap_or("?"),
+                    "connected to RabbitMQ; topology declared"
+                );
                 tx.send_replace(Some(session.clone()));
                 let mut check = tokio::time::interval(Duration::from_millis(500));
                 loop {

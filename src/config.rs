@@ -186,6 +186,132 @@ impl<'de> Deserialize<'de> for SecretUrl {
     }
 }
 
+/// `amqp.url`: one broker URL or several (the nodes of one RabbitMQ cluster), tried in order.
+/// In TOML a string or an array of strings; in the environment (`TURND_AMQP__URL`) one URL, URLs
+/// separated by commas, or a TOML array. A comma inside a URL is written `%2C`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrls(Vec<SecretUrl>);
+
+impl AmqpUrls {
+    /// The URLs in the order a daemon tries them; never empty once loaded.
+    pub fn iter(&self) -> impl Iterator<Item = &SecretUrl> {
+        self.0.iter()
+    }
+
+    /// How many URLs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is none (only an invalid config has none).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `i`-th URL.
+    pub fn get(&self, i: usize) -> Option<&SecretUrl> {
+        self.0.get(i)
+    }
+
+    /// The first URL: the one-shot commands (`turnd send`) and tests use it.
+    pub fn first(&self) -> Option<&SecretUrl> {
+        self.0.first()
+    }
+
+    fn parse_text(text: &str) -> Result<AmqpUrls, String> {
+        let text = text.trim();
+        let parts: Vec<String> = if text.starts_with('[') {
+            // The environment form of a TOML array.
+            let mut table: Table =
+                format!("value = {text}").parse().map_err(|e: toml::de::Error| {
+                    format!("not a TOML list of URLs: {}", e.message())
+                })?;
+            match table.remove("value") {
+                Some(Value::Array(items)) => items
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::String(s) => Ok(s),
+                        other => {
+                            Err(format!("a list of URL strings, found a {}", other.type_str()))
+                        }
+                    })
+                    .collect::<Result<_, _>>()?,
+                _ => return Err("not a TOML list of URLs".into()),
+            }
+        } else {
+            text.split(',').map(|s| s.trim().to_owned()).collect()
+        };
+        AmqpUrls::from_strings(parts)
+    }
+
+    fn from_strings(parts: Vec<String>) -> Result<AmqpUrls, String> {
+        if parts.is_empty() {
+            return Err("the list of URLs is empty".into());
+        }
+        let mut urls = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            // The value is not echoed: it may hold a password.
+            let url = part.parse().map_err(|e| {
+                if parts.len() == 1 {
+                    format!("invalid URL: {e}")
+                } else {
+                    format!("URL {} of {} is invalid: {e}", i + 1, parts.len())
+                }
+            })?;
+            urls.push(url);
+        }
+        Ok(AmqpUrls(urls))
+    }
+}
+
+impl From<SecretUrl> for AmqpUrls {
+    fn from(url: SecretUrl) -> Self {
+        AmqpUrls(vec![url])
+    }
+}
+
+impl fmt::Debug for AmqpUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.iter()).finish()
+    }
+}
+
+impl Serialize for AmqpUrls {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // One URL prints as the string it was usually written as.
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AmqpUrls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AmqpUrls;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a URL string or a list of URL strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AmqpUrls, E> {
+                AmqpUrls::parse_text(v).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AmqpUrls, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    parts.push(s);
+                }
+                AmqpUrls::from_strings(parts).map_err(serde::de::Error::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A secret string (a token). `Debug`, `Display` and `Serialize` show `***`;
 /// [`Secret::expose`] gives the real value.
 #[derive(Clone, PartialEq, Eq)]
@@ -417,9 +543,10 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
-    /// RabbitMQ URL (`amqp://` or `amqps://`). A secret: keep it in the environment file as
-    /// `TURND_AMQP__URL`.
-    pub url: SecretUrl,
+    /// RabbitMQ URL (`amqp://` or `amqps://`), or a list of them: the nodes of one cluster,
+    /// tried in order (README "Running past one machine"). A secret: keep it in the environment
+    /// file as `TURND_AMQP__URL` (several: comma-separated).
+    pub url: AmqpUrls,
     /// Prefix of every exchange and queue name, `^[a-z0-9_-]{1,64}$`.
     pub prefix: String,
     /// Inbox prefetch (unacknowledged deliveries) per daemon.
@@ -429,7 +556,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
-            url: default_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url: default_url("amqp://guest:guest@127.0.0.1:5672/%2f").into(),
             prefix: "turnd".to_owned(),
             prefetch: 64,
         }
@@ -999,11 +1126,21 @@ impl Config {
         }
 
         // amqp
-        if !matches!(self.amqp.url.scheme(), "amqp" | "amqps") {
-            return invalid(
-                "amqp.url",
-                format!("scheme is {:?}; expected amqp:// or amqps://", self.amqp.url.scheme()),
-            );
+        if self.amqp.url.is_empty() {
+            return invalid("amqp.url", "the list of URLs is empty".into());
+        }
+        for (i, url) in self.amqp.url.iter().enumerate() {
+            if !matches!(url.scheme(), "amqp" | "amqps") {
+                let which = if self.amqp.url.len() == 1 {
+                    String::new()
+                } else {
+                    format!("URL {} of {}: ", i + 1, self.amqp.url.len())
+                };
+                return invalid(
+                    "amqp.url",
+                    format!("{which}scheme is {:?}; expected amqp:// or amqps://", url.scheme()),
+                );
+            }
         }
         if !valid_prefix(&self.amqp.prefix) {
             return invalid(
@@ -1464,7 +1601,10 @@ mod tests {
         assert_eq!(c.database.url.expose(), "postgres://127.0.0.1:5432/turnd");
         assert_eq!(c.database.max_connections, 10);
         assert!(c.database.auto_migrate);
-        assert_eq!(c.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            c.amqp.url.first().map(SecretUrl::expose),
+            Some("amqp://guest:guest@127.0.0.1:5672/%2f")
+        );
         assert_eq!(c.amqp.prefix, "turnd");
         assert_eq!(c.amqp.prefetch, 64);
         assert_eq!(c.session.store, SessionStore::Snapshot);
@@ -1681,6 +1821,53 @@ mod tests {
             &[("TURND_DATABASE__URL", "postgresql://h/db"), ("TURND_AMQP__URL", "amqps://h/v")],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn amqp_url_takes_a_list_in_toml_and_in_the_environment() {
+        let nodes = ["amqp://u:pw@a:5672/%2f", "amqp://u:pw@b:5673/v", "amqps://u:pw@c/%2f"];
+        let exposed =
+            |c: &Config| c.amqp.url.iter().map(|u| u.expose().to_owned()).collect::<Vec<_>>();
+        let toml = format!("[amqp]\nurl = [{}]\n", nodes.map(|n| format!("{n:?}")).join(", "));
+        assert_eq!(exposed(&load(&toml, &[]).unwrap()), nodes);
+        for env in [
+            nodes.join(","),
+            nodes.join(" , "),
+            format!("[{}]", nodes.map(|n| format!("{n:?}")).join(",")),
+        ] {
+            let c = load("", &[("TURND_AMQP__URL", &env)]).unwrap_or_else(|e| panic!("{env}: {e}"));
+            assert_eq!(exposed(&c), nodes, "{env}");
+        }
+        // A single string keeps working, and prints as one.
+        let c = load("[amqp]\nurl = \"amqp://u:pw@a/%2f\"\n", &[]).unwrap();
+        assert_eq!(exposed(&c), ["amqp://u:pw@a/%2f"]);
+        assert!(
+            c.redacted_toml().contains("url = \"amqp://u:***@a/%2f\""),
+            "{}",
+            c.redacted_toml()
+        );
+        // Several print as a list, every password hidden.
+        let text = load(&toml, &[]).unwrap().redacted_toml();
+        assert!(!text.contains("pw"), "{text}");
+        assert_eq!(Config::from_toml_str(&text).unwrap().amqp.url.len(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_bad_amqp_url_in_a_list_is_named_and_hidden() {
+        for (toml, env, says) in [
+            ("[amqp]\nurl = []\n", None, "empty"),
+            ("[amqp]\nurl = [\"amqp://a/\", \"http://b/\"]\n", None, "URL 2 of 2: scheme"),
+            ("[amqp]\nurl = [\"amqp://a/\", 5]\n", None, "invalid type"),
+            ("", Some("amqp://u:secret@a/,amqp://u:secret@b:x/"), "URL 2 of 2 is invalid"),
+            ("", Some("amqp://u:secret@a/,,amqp://b/"), "URL 2 of 3 is invalid"),
+            ("", Some("[\"amqp://u:secret@a/\", 5]"), "list of URL strings"),
+        ] {
+            let pairs: Vec<(&str, &str)> = env.iter().map(|v| ("TURND_AMQP__URL", *v)).collect();
+            let (key, msg) = err_key(load(toml, &pairs));
+            assert_eq!(key, "amqp.url", "{toml} {env:?}: {msg}");
+            assert!(msg.contains(says), "{toml} {env:?}: {msg}");
+            assert!(!msg.contains("secret"), "{msg}");
+        }
     }
 
     #[test]

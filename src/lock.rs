@@ -232,6 +232,8 @@ impl Task {
 
     async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
         let mut conn = PgConnection::connect_with(&self.options).await?;
+        // Locks on a standby would fence nothing on the primary.
+        crate::store::refuse_standby(&mut conn).await?;
         sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await?;
         Ok(conn)
     }

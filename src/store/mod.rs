@@ -49,6 +49,23 @@ pub fn describe_target(options: &PgConnectOptions) -> String {
     )
 }
 
+/// Fails a fresh connection to a server in recovery (a standby, or an old primary that came
+/// back as one): turnd writes on every path, and advisory locks taken on a standby would fence
+/// nothing on the primary. `database.url` must reach the primary through a name or proxy that
+/// follows failover (README "Running past one machine"); this check, one round trip per new
+/// connection, turns a name that still points at the wrong server into a retried connection
+/// error naming the cause, instead of failed writes (sqlx has no `target_session_attrs`).
+pub async fn refuse_standby(conn: &mut PgConnection) -> std::result::Result<(), sqlx::Error> {
+    let in_recovery: bool =
+        sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(conn).await?;
+    if in_recovery {
+        return Err(sqlx::Error::Io(std::io::Error::other(
+            "the server is a standby (in recovery), not the primary; database.url must reach the primary",
+        )));
+    }
+    Ok(())
+}
+
 /// The innermost cause of an error: what actually went wrong, said once (sqlx's own messages
 /// repeat their source's text).
 pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -203,6 +220,7 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .after_connect(|conn, _| Box::pin(refuse_standby(conn)))
             .connect_lazy_with(options);
         Ok(Store { pool })
     }
@@ -215,8 +233,12 @@ impl Store {
         let target = describe_target(&options);
         let attempt = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options));
         match attempt.await {
-            Ok(Ok(conn)) => {
+            Ok(Ok(mut conn)) => {
+                let standby = refuse_standby(&mut conn).await;
                 let _ = conn.close().await;
+                if let Err(e) = standby {
+                    return Err(StoreError::Connect { target, cause: root_cause(&e) });
+                }
             }
             Ok(Err(e)) => return Err(StoreError::Connect { target, cause: root_cause(&e) }),
             Err(_) => {

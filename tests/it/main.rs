@@ -19,6 +19,7 @@ mod operator;
 mod order;
 mod outage;
 mod parked;
+mod past_one_machine;
 mod pid1;
 mod retry;
 mod schemas;

@@ -36,9 +36,21 @@ pub fn lock(events: &Shared) -> std::sync::MutexGuard<'_, Events> {
     events.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await??)
+/// Connects to the first of the comma-separated `urls` that answers (a RabbitMQ cluster's
+/// nodes: the harness follows a stopped node as the daemons do).
+pub async fn connect(urls: &str, name: &str) -> anyhow::Result<Connection> {
+    let mut last = None;
+    for url in urls.split(',') {
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url.trim(), props))
+            .await
+        {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => last = Some(anyhow::Error::from(e)),
+            Err(e) => last = Some(anyhow::Error::from(e)),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no AMQP URL")))
 }
 
 /// Declares the collector's durable queue and consumes it until `cancel`, reconnecting.
@@ -53,12 +65,11 @@ pub async fn collect(url: String, prefix: String, events: Shared, cancel: Cancel
             let conn = connect(&url, "turnd-chaos collector").await?;
             let ch = conn.create_channel().await?;
             ch.basic_qos(500, BasicQosOptions::default()).await?;
-            ch.queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
+            // Quorum: on a cluster, a classic queue would be lost with its node (and the events
+            // routed to it meanwhile).
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), turnd::broker::long_string("quorum"));
+            ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args).await?;
             ch.queue_bind(
                 queue.as_str().into(),
                 format!("{prefix}.replies").as_str().into(),

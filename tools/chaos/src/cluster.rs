@@ -167,6 +167,32 @@ impl Cluster {
         })
     }
 
+    /// The port of the PostgreSQL server the harness's pool reaches.
+    pub fn database_port(&self) -> Option<u16> {
+        url::Url::parse(&self.admin_url).ok()?.port()
+    }
+
+    /// After a failover: every daemon's proxy and the harness's pool go to `port`.
+    pub async fn move_database(&mut self, port: u16) -> Result<()> {
+        for d in &self.daemons {
+            d.pg.retarget(port);
+        }
+        let mut admin = url::Url::parse(&self.admin_url)?;
+        let _ = admin.set_port(Some(port));
+        self.admin_url = admin.to_string();
+        let db_url = database_url(&self.admin_url, &self.db_name)?;
+        let options = PgConnectOptions::from_str(&db_url)?.application_name("turnd-chaos");
+        let old = std::mem::replace(
+            &mut self.pool,
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options),
+        );
+        old.close().await;
+        Ok(())
+    }
+
     /// Starts daemon `i` and waits (bounded) until it logs "turnd ready".
     pub async fn start(&mut self, i: usize) -> Result<()> {
         let turnd = self.turnd.clone();
@@ -186,6 +212,9 @@ impl Cluster {
             .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
             .env("NO_COLOR", "1")
             .envs(env)
+            // Several broker URLs: each daemon lists them from another one on, as pods in
+            // three zones would (their own zone's node first).
+            .env("TURND_AMQP__URL", rotate(&self.amqp_url, i))
             .env("TURND_DAEMON__ID", &d.id)
             .env("TURND_DATABASE__URL", &d.db_url)
             .env("TURND_HTTP__LISTEN", format!("127.0.0.1:{}", d.port))
@@ -285,4 +314,11 @@ impl Cluster {
         let _ = teardown::delete_broker_objects(&self.amqp_url, &queues, &exchanges).await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A comma-separated URL list, starting from its `i`-th entry.
+fn rotate(urls: &str, i: usize) -> String {
+    let list: Vec<&str> = urls.split(',').collect();
+    let k = i % list.len();
+    list[k..].iter().chain(&list[..k]).copied().collect::<Vec<_>>().join(",")
 }

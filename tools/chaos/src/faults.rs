@@ -23,10 +23,13 @@ pub enum Kind {
     PgRestart,
     Roll,
     Partition,
+    NodeStop,
+    LeaderStop,
+    PgFailover,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 14] = [
         Kind::WorkerKill,
         Kind::WorkerExit0,
         Kind::DaemonKill,
@@ -38,7 +41,16 @@ impl Kind {
         Kind::PgRestart,
         Kind::Roll,
         Kind::Partition,
+        Kind::NodeStop,
+        Kind::LeaderStop,
+        Kind::PgFailover,
     ];
+
+    /// Whether it needs services of its own (`scripts/rabbit-cluster.sh`,
+    /// `scripts/pg-pair.sh`): such faults run only when `--faults` names them.
+    pub fn needs_own_services(self) -> bool {
+        matches!(self, Kind::NodeStop | Kind::LeaderStop | Kind::PgFailover)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -53,6 +65,9 @@ impl Kind {
             Kind::PgRestart => "pg-restart",
             Kind::Roll => "roll",
             Kind::Partition => "partition",
+            Kind::NodeStop => "node-stop",
+            Kind::LeaderStop => "leader-stop",
+            Kind::PgFailover => "pg-failover",
         }
     }
 
@@ -71,6 +86,13 @@ impl Kind {
             Kind::PgRestart => "pg_ctlcluster <version> main restart",
             Kind::Roll => {
                 "a rolling restart: SIGTERM (exit 0) and start again each daemon in turn under load; no reply turn in flight may fail, p99 ≤ 3 s"
+            }
+            Kind::NodeStop => {
+                "stop the RabbitMQ node a daemon is connected to (scripts/rabbit-cluster.sh), 2-5 s, start it"
+            }
+            Kind::LeaderStop => "stop the RabbitMQ node leading the inbox, 2-5 s, start it",
+            Kind::PgFailover => {
+                "PostgreSQL primary stopped (immediate), standby promoted (scripts/pg-pair.sh), the daemons' way moved to it; the old primary rebuilt as standby"
             }
             Kind::Partition => {
                 "a daemon's PostgreSQL link goes silent (its proxy forwards nothing, closes nothing; the server side drops after 11 s): its workers must stop within 15 s; then healed"
@@ -545,6 +567,13 @@ pub async fn inject(
                     }
                 }
             }
+        }
+        Kind::NodeStop | Kind::LeaderStop | Kind::PgFailover => {
+            (target, skipped, problems) = match kind {
+                Kind::NodeStop => crate::ha::node_stop(cluster, rng).await,
+                Kind::LeaderStop => crate::ha::leader_stop(cluster, rng).await,
+                _ => crate::ha::pg_failover(cluster).await,
+            };
         }
         Kind::PgRestart => {
             match run(

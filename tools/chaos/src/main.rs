@@ -24,6 +24,7 @@ mod check;
 mod client;
 mod cluster;
 mod faults;
+mod ha;
 mod proxy;
 
 use std::collections::{BTreeSet, HashMap};
@@ -61,7 +62,9 @@ struct Cli {
     /// The load window: turns are spread over it and faults fall within it.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Faults to inject (comma-separated), each --rounds times. Default: all of them.
+    /// Faults to inject (comma-separated), each --rounds times. Default: all of them but
+    /// node-stop, leader-stop and pg-failover, which need a RabbitMQ cluster and a PostgreSQL
+    /// pair of their own (tools/chaos/src/ha.rs).
     #[arg(long, value_delimiter = ',', value_parser = Kind::parse)]
     faults: Vec<Kind>,
     /// How many times each fault is injected.
@@ -290,7 +293,7 @@ async fn run(cli: &Cli, guard: &ServiceGuard) -> Result<bool> {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
     let kinds: Vec<Kind> = if cli.faults.is_empty() {
-        Kind::ALL.to_vec()
+        Kind::ALL.into_iter().filter(|k| !k.needs_own_services()).collect()
     } else {
         cli.faults.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
     };
@@ -391,10 +394,9 @@ async fn drive(
 ) -> Result<(bool, Vec<String>)> {
     // Topology first (identical to the daemons'), so nothing published early is dropped.
     {
-        let conn =
-            lapin::Connection::connect(&cluster.amqp_url, lapin::ConnectionProperties::default())
-                .await
-                .context("connect to RabbitMQ")?;
+        let conn = client::connect(&cluster.amqp_url, "turnd-chaos")
+            .await
+            .context("connect to RabbitMQ")?;
         turnd::broker::declare_topology(&conn, &cluster.config)
             .await
             .context("declare topology")?;
@@ -766,8 +768,7 @@ async fn drive(
 }
 
 async fn lapin_queue_exists(url: &str, queue: &str) -> bool {
-    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
-    else {
+    let Ok(conn) = client::connect(url, "turnd-chaos").await else {
         return false;
     };
     let ok = match conn.create_channel().await {

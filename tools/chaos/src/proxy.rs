@@ -26,6 +26,9 @@ pub enum State {
 
 pub struct PgProxy {
     pub port: u16,
+    /// Where new connections go (`pg-failover` moves it to the promoted server, as a Service or
+    /// a virtual IP follows a failover).
+    target: std::sync::Arc<std::sync::atomic::AtomicU16>,
     state: watch::Sender<(State, u64)>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -37,6 +40,8 @@ impl PgProxy {
         // (state, generation): a connection belongs to the generation it was accepted in; a
         // Reset ends every earlier one.
         let (state, rx) = watch::channel((State::Open, 0u64));
+        let target = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(target_port));
+        let to = target.clone();
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let (now, generation) = *rx.borrow();
@@ -54,6 +59,7 @@ impl PgProxy {
                     continue;
                 }
                 let rx = rx.clone();
+                let target_port = to.load(std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(("127.0.0.1", target_port)).await {
                         relay(inbound, outbound, rx, generation).await;
@@ -61,7 +67,12 @@ impl PgProxy {
                 });
             }
         });
-        Ok(PgProxy { port, state, accept })
+        Ok(PgProxy { port, target, state, accept })
+    }
+
+    /// New connections go to `port` from now on.
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stops forwarding (connections stay open).

@@ -73,6 +73,8 @@ static SERVICES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 enum Services {
     Shared { _guard: tokio::sync::RwLockReadGuard<'static, ()> },
     Alone { _guard: tokio::sync::RwLockWriteGuard<'static, ()> },
+    /// Services of its own ([`Cluster::on`]): no lock.
+    Own,
 }
 
 /// One isolated cluster: its database, its prefix, its daemons.
@@ -80,6 +82,10 @@ pub struct Cluster {
     pub db_name: String,
     pub db_url: String,
     pub prefix: String,
+    /// PostgreSQL (admin database) and RabbitMQ this cluster runs on: the shared services, or
+    /// the ones of [`Cluster::on`].
+    pub pg_admin: String,
+    pub amqp: String,
     dir: Option<tempfile::TempDir>,
     pub root: PathBuf,
     pub pool: PgPool,
@@ -112,26 +118,36 @@ pub struct Daemon {
 impl Cluster {
     /// A cluster beside the other tests' (the services shared).
     pub async fn new() -> Cluster {
-        Cluster::create(Services::Shared { _guard: SERVICES.read().await }).await
+        Cluster::create(Services::Shared { _guard: SERVICES.read().await }, PG_ADMIN, AMQP).await
     }
 
     /// A cluster for a test that stops or cuts the shared services: it starts once no other
     /// test's cluster exists, and none starts until it is gone.
     pub async fn alone() -> Cluster {
-        Cluster::create(Services::Alone { _guard: SERVICES.write().await }).await
+        Cluster::create(Services::Alone { _guard: SERVICES.write().await }, PG_ADMIN, AMQP).await
     }
 
-    async fn create(services: Services) -> Cluster {
+    /// A cluster on other services (tests/it/past_one_machine.rs: a RabbitMQ cluster, a
+    /// PostgreSQL pair): `pg_admin` is a URL of the server's `postgres` database, `amqp` the
+    /// daemons' `amqp.url` (a comma-separated list is fine); the test's own AMQP connections
+    /// (topology cleanup) use its first URL.
+    pub async fn on(pg_admin: &str, amqp: &str) -> Cluster {
+        Cluster::create(Services::Own, pg_admin, amqp).await
+    }
+
+    async fn create(services: Services, pg_admin: &str, amqp: &str) -> Cluster {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_name = format!("turnd_t_{suffix}");
         let prefix = format!("t{suffix}");
         let mut admin =
-            PgConnection::connect(PG_ADMIN).await.expect("connect to PostgreSQL as postgres");
+            PgConnection::connect(pg_admin).await.expect("connect to PostgreSQL as postgres");
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&mut admin)
             .await
             .expect("create test database");
-        let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
+        let mut db_url = url::Url::parse(pg_admin).expect("pg_admin is a URL");
+        db_url.set_path(&db_name);
+        let db_url = db_url.to_string();
         let pool = PgPool::connect(&db_url).await.expect("connect to test database");
         turnd::store::MIGRATOR.run(&pool).await.expect("migrate test database");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -144,7 +160,7 @@ impl Cluster {
             ("TURND_DATABASE__URL".into(), db_url.clone()),
             ("TURND_DATABASE__MAX_CONNECTIONS".into(), "6".into()),
             ("TURND_AMQP__PREFIX".into(), prefix.clone()),
-            ("TURND_AMQP__URL".into(), AMQP.into()),
+            ("TURND_AMQP__URL".into(), amqp.into()),
             ("TURND_DAEMON__STATE_DIR".into(), d.join("state").display().to_string()),
             ("TURND_WORKER__COMMAND".into(), format!("[\"{}\"]", test_worker())),
             ("TURND_HTTP__LISTEN".into(), String::new()),
@@ -167,6 +183,8 @@ impl Cluster {
             db_name,
             db_url,
             prefix,
+            pg_admin: pg_admin.to_owned(),
+            amqp: amqp.to_owned(),
             dir: Some(dir),
             root,
             pool,
@@ -386,13 +404,19 @@ impl Drop for Cluster {
         // The outage tests' durable reply queue (tests/it/outage.rs).
         let queues =
             teardown::queues(&prefix, max_attempts, [], &["outage-replies", "example-replies"]);
+        let (pg_admin, amqp) = (self.pg_admin.clone(), first_url(&self.amqp).to_owned());
         teardown::on_own_thread(async move {
-            let _ = teardown::drop_database(PG_ADMIN, &db).await;
+            let _ = teardown::drop_database(&pg_admin, &db).await;
             // Thread queues expire on their own.
             let _ =
-                teardown::delete_broker_objects(AMQP, &queues, &teardown::exchanges(&prefix)).await;
+                teardown::delete_broker_objects(&amqp, &queues, &teardown::exchanges(&prefix)).await;
         });
     }
+}
+
+/// The first URL of a comma-separated `amqp.url` list.
+pub fn first_url(urls: &str) -> &str {
+    urls.split(',').next().unwrap_or(urls)
 }
 
 /// A producer and reply consumer for one prefix.
@@ -415,7 +439,12 @@ impl Client {
     /// Like [`Client::new`], declaring the topology as `config` says (it must match the
     /// daemons': e.g. the delay queues' TTLs follow `intake.retry_delay`).
     pub async fn with_config(prefix: &str, config: &turnd::config::Config) -> Client {
-        let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        Client::on(AMQP, prefix, config).await
+    }
+
+    /// A client connected to `amqp` (one URL: e.g. one node of a RabbitMQ cluster).
+    pub async fn on(amqp: &str, prefix: &str, config: &turnd::config::Config) -> Client {
+        let conn = Connection::connect(amqp, ConnectionProperties::default())
             .await
             .expect("connect RabbitMQ");
         let publisher = conn.create_channel().await.expect("channel");
@@ -680,6 +709,9 @@ pub fn process_alive(pid: i32) -> bool {
 /// ones refused) and restore: an outage without stopping the shared service.
 pub struct Proxy {
     pub port: u16,
+    /// Where new connections go: [`Proxy::retarget`] moves it, as a service name or a virtual
+    /// IP follows a promoted database.
+    target: std::sync::Arc<std::sync::atomic::AtomicU16>,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
@@ -691,15 +723,17 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().expect("addr").port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let target = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(target_port));
         let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
             Default::default();
-        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let (cut2, conns2, target2) = (cut.clone(), conns.clone(), target.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if cut2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
+                let target_port = target2.load(Ordering::SeqCst);
                 let task = tokio::spawn(async move {
                     if let Ok(mut outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
@@ -710,7 +744,16 @@ impl Proxy {
                 conns2.lock().unwrap().push(task.abort_handle());
             }
         });
-        Proxy { port, cut, conns, accept }
+        Proxy { port, target, cut, conns, accept }
+    }
+
+    /// New connections go to `port` from now on; existing ones are dropped (they led to a
+    /// server that is gone).
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 
     /// Drops every connection and refuses new ones.
