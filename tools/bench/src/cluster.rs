@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::process::{Child, Command};
-use turnd_harness::{strip_ansi, teardown};
+use turnd_harness::{NotReady, strip_ansi, teardown, wait_ready};
 
 /// What every mode shares: where the services and binaries are, how long to wait.
 #[derive(Debug, Clone)]
@@ -173,24 +173,19 @@ impl Cluster {
         let mut child = spawn_run(s, &empty_config, &self.log, env)
             .with_context(|| format!("start {} run (see --turnd)", s.turnd.display()))?;
         self.pid = child.id().context("turnd exited at once")?;
-        let started = Instant::now();
-        loop {
-            if fs::read_to_string(&self.log).is_ok_and(|t| t.contains("turnd ready")) {
-                break;
-            }
-            if let Some(status) = child.try_wait().context("wait for turnd")? {
-                self.daemon = None;
-                bail!("turnd exited before it was ready ({status})");
-            }
-            if started.elapsed() > Duration::from_secs(60) {
+        let ready =
+            wait_ready(&self.log, 0, Duration::from_secs(60), || child.try_wait().ok().flatten())
+                .await;
+        match ready {
+            Ok(()) => {}
+            Err(e @ NotReady::Exited(_)) => bail!("turnd {e}"),
+            Err(e @ NotReady::TimedOut(_)) => {
                 self.daemon = Some(child);
                 bail!(
-                    "turnd did not log \"turnd ready\" within 60 s (log.level {:?} must let \
-                     turnd::daemon's info lines through)",
+                    "turnd {e} (log.level {:?} must let turnd::daemon's info lines through)",
                     s.log_level
                 );
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.daemon = Some(child);
         Ok(())
@@ -210,18 +205,11 @@ impl Cluster {
             env.push(("TURND_DAEMON__ID".into(), format!("{}-peer{k}", self.daemon_id)));
             let mut child = spawn_run(s, &self.dir.join("turnd.toml"), &log, env)
                 .with_context(|| format!("start peer {k}"))?;
-            let started = Instant::now();
-            loop {
-                if fs::read_to_string(&log).is_ok_and(|t| t.contains("turnd ready")) {
-                    break;
-                }
-                if let Some(status) = child.try_wait().context("wait for a peer")? {
-                    bail!("peer {k} exited before it was ready ({status}); see {}", log.display());
-                }
-                if started.elapsed() > Duration::from_secs(60) {
-                    bail!("peer {k} was not ready within 60 s; see {}", log.display());
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            let ready =
+                wait_ready(&log, 0, Duration::from_secs(60), || child.try_wait().ok().flatten())
+                    .await;
+            if let Err(e) = ready {
+                bail!("peer {k} {e}; see {}", log.display());
             }
             self.peers.push((child, log));
         }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -177,7 +177,7 @@ impl Cluster {
             .append(true)
             .open(&d.log)
             .with_context(|| format!("open {}", d.log.display()))?;
-        let offset = log.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+        let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = Command::new(&turnd);
         cmd.arg("run")
             .arg("--config")
@@ -198,24 +198,13 @@ impl Cluster {
         let mut child = cmd.spawn().with_context(|| format!("start {} run", turnd.display()))?;
         d.pid = child.id();
         d.starts += 1;
-        let started = Instant::now();
-        loop {
-            let text = std::fs::read(&d.log).unwrap_or_default();
-            if String::from_utf8_lossy(&text[offset.min(text.len())..]).contains("turnd ready") {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "daemon {} exited before it was ready ({status}); see {}",
-                    d.id,
-                    d.log.display()
-                );
-            }
-            if started.elapsed() > Duration::from_secs(90) {
-                d.child = Some(child);
-                bail!("daemon {} was not ready within 90 s; see {}", d.id, d.log.display());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        let within = Duration::from_secs(90);
+        let ready =
+            turnd_harness::wait_ready(&d.log, offset, within, || child.try_wait().ok().flatten())
+                .await;
+        if let Err(e) = ready {
+            d.child = Some(child);
+            bail!("daemon {} {e}; see {}", d.id, d.log.display());
         }
         d.child = Some(child);
         Ok(())

@@ -301,14 +301,12 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
-        self.child = Some(cmd.spawn().expect("spawn turnd run"));
-        let log = self.log.clone();
-        wait_until(Duration::from_secs(30), "daemon ready", || {
-            let text = std::fs::read(&log).unwrap_or_default();
-            let tail = &text[(start_len as usize).min(text.len())..];
-            String::from_utf8_lossy(tail).contains("turnd ready")
-        })
-        .await;
+        let child = self.child.insert(cmd.spawn().expect("spawn turnd run"));
+        let within = Duration::from_secs(30);
+        let exited = || child.try_wait().ok().flatten();
+        if let Err(e) = wait_ready(&self.log, start_len, within, exited).await {
+            panic!("daemon {} {e}; see {}", self.id, self.log.display());
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -622,6 +620,53 @@ pub fn deployment_of(turn: &Value) -> String {
         .deployment
         .as_str()
         .to_owned()
+}
+
+/// Why a daemon did not become ready.
+#[derive(Debug)]
+pub enum NotReady {
+    /// It exited first, with this status.
+    Exited(std::process::ExitStatus),
+    /// It did not say so within the time given.
+    TimedOut(Duration),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::Exited(status) => write!(f, "exited before it was ready ({status})"),
+            NotReady::TimedOut(within) => {
+                write!(f, "did not log \"turnd ready\" within {within:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NotReady {}
+
+/// Waits until a daemon's `log`, from byte `offset` on (what an earlier run wrote is not
+/// read), says `turnd ready`. `exited` reports the daemon's exit status once it has one.
+pub async fn wait_ready(
+    log: &Path,
+    offset: u64,
+    within: Duration,
+    mut exited: impl FnMut() -> Option<std::process::ExitStatus>,
+) -> Result<(), NotReady> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read(log).unwrap_or_default();
+        let tail = &text[usize::try_from(offset).unwrap_or(usize::MAX).min(text.len())..];
+        if String::from_utf8_lossy(tail).contains("turnd ready") {
+            return Ok(());
+        }
+        if let Some(status) = exited() {
+            return Err(NotReady::Exited(status));
+        }
+        if start.elapsed() > within {
+            return Err(NotReady::TimedOut(within));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after `within`.
