@@ -1,7 +1,7 @@
 //! turnd's test harness, one for the integration tests (`tests/it/`), `turnd-bench` and
 //! `turnd-chaos`: a fresh PostgreSQL database and a fresh `amqp.prefix` per test, real
 //! `turnd run` processes as pods, a client that publishes turns and collects the terminal
-//! events, the exactly-once check ([`exactly_once`]), teardown ([`teardown`]), HTTP probes.
+//! events, the exactly-once check ([`exactly_once`]), databases and topology made and removed ([`services`]), HTTP probes.
 //! Everything waits on conditions with a timeout; nothing sleeps blindly.
 
 use std::collections::HashMap;
@@ -17,10 +17,10 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::PgPool;
 
 pub mod exactly_once;
-pub mod teardown;
+pub mod services;
 
 pub use exactly_once::{Event, Expected, Ledger, Verdict};
 
@@ -125,12 +125,7 @@ impl Cluster {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_name = format!("turnd_t_{suffix}");
         let prefix = format!("t{suffix}");
-        let mut admin =
-            PgConnection::connect(PG_ADMIN).await.expect("connect to PostgreSQL as postgres");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
+        services::create_database(PG_ADMIN, &db_name).await.expect("create test database");
         let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
         let pool = PgPool::connect(&db_url).await.expect("connect to test database");
         turnd::store::MIGRATOR.run(&pool).await.expect("migrate test database");
@@ -377,12 +372,12 @@ impl Drop for Cluster {
             .filter_map(|(_, v)| v.parse().ok())
             .fold(config_for(&prefix).intake.max_attempts, u32::max);
         // The outage tests' durable reply queue (tests/it/outage.rs).
-        let queues = teardown::queues(&prefix, max_attempts, [], &["outage-replies"]);
-        teardown::on_own_thread(async move {
-            let _ = teardown::drop_database(PG_ADMIN, &db).await;
+        let queues = services::queues(&prefix, max_attempts, [], &["outage-replies"]);
+        services::on_own_thread(async move {
+            let _ = services::drop_database(PG_ADMIN, &db).await;
             // Thread queues expire on their own.
             let _ =
-                teardown::delete_broker_objects(AMQP, &queues, &teardown::exchanges(&prefix)).await;
+                services::delete_broker_objects(AMQP, &queues, &services::exchanges(&prefix)).await;
         });
     }
 }
