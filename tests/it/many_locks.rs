@@ -14,7 +14,9 @@ use turnd_harness::*;
 const DEPLOYMENTS: usize = 2_000;
 
 /// Held for the life of the test: one thousands-of-locks test at a time on this machine.
-struct ManyLocksGuard(#[allow(dead_code)] std::fs::File);
+struct ManyLocksGuard {
+    _file: std::fs::File,
+}
 
 fn many_locks_guard() -> ManyLocksGuard {
     let file = std::fs::OpenOptions::new()
@@ -26,7 +28,7 @@ fn many_locks_guard() -> ManyLocksGuard {
     // SAFETY: flock on an fd we own; released when the file is closed.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
     assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
-    ManyLocksGuard(file)
+    ManyLocksGuard { _file: file }
 }
 
 /// `Client::wait_for` for thousands of ids: it re-checks every id against every event after

@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use turnd_harness::{Expected, Ledger};
 
-use crate::cluster::{Cluster, redact};
+use turnd_harness::services::redact;
+
+use crate::cluster::Cluster;
 
 /// Publishes in flight before the producer waits for the oldest confirm (as floor-bench).
 pub const PUBLISH_WINDOW: usize = 256;

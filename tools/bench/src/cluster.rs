@@ -14,7 +14,8 @@ use anyhow::{Context, Result, bail};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::process::{Child, Command};
-use turnd_harness::{strip_ansi, teardown};
+use turnd_harness::services::{self, redact};
+use turnd_harness::{NotReady, strip_ansi, wait_ready};
 
 /// What every mode shares: where the services and binaries are, how long to wait.
 #[derive(Debug, Clone)]
@@ -93,7 +94,8 @@ impl Cluster {
         let prefix = format!("bench-{tag}");
         let daemon_id = format!("bench-{mode}-{tag}");
         let dir = std::env::temp_dir().join(format!("turnd-bench-{mode}-{tag}"));
-        let db_url = database_url(&s.admin_url, &db_name)?;
+        let db_url = services::database_url(&s.admin_url, &db_name)
+            .with_context(|| format!("bad --database-url {}", redact(&s.admin_url)))?;
         let log = dir.join("turnd.log");
 
         let mut env: Vec<(String, String)> = vec![
@@ -127,12 +129,13 @@ impl Cluster {
 
         fs::create_dir_all(dir.join("state"))
             .with_context(|| format!("create the bench directory {}", dir.display()))?;
-        let mut admin = admin_connection(&s.admin_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{db_name}\"")))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("create database {db_name}"))?;
-        let _ = admin.close().await;
+        services::create_database(&s.admin_url, &db_name).await.with_context(|| {
+            format!(
+                "create database {db_name} at {} (is PostgreSQL running, and may this user \
+                 create databases? see --database-url)",
+                services::redact(&s.admin_url)
+            )
+        })?;
 
         let mut cluster = Cluster {
             db_name,
@@ -173,24 +176,19 @@ impl Cluster {
         let mut child = spawn_run(s, &empty_config, &self.log, env)
             .with_context(|| format!("start {} run (see --turnd)", s.turnd.display()))?;
         self.pid = child.id().context("turnd exited at once")?;
-        let started = Instant::now();
-        loop {
-            if fs::read_to_string(&self.log).is_ok_and(|t| t.contains("turnd ready")) {
-                break;
-            }
-            if let Some(status) = child.try_wait().context("wait for turnd")? {
-                self.daemon = None;
-                bail!("turnd exited before it was ready ({status})");
-            }
-            if started.elapsed() > Duration::from_secs(60) {
+        let ready =
+            wait_ready(&self.log, 0, Duration::from_secs(60), || child.try_wait().ok().flatten())
+                .await;
+        match ready {
+            Ok(()) => {}
+            Err(e @ NotReady::Exited(_)) => bail!("turnd {e}"),
+            Err(e @ NotReady::TimedOut(_)) => {
                 self.daemon = Some(child);
                 bail!(
-                    "turnd did not log \"turnd ready\" within 60 s (log.level {:?} must let \
-                     turnd::daemon's info lines through)",
+                    "turnd {e} (log.level {:?} must let turnd::daemon's info lines through)",
                     s.log_level
                 );
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.daemon = Some(child);
         Ok(())
@@ -210,18 +208,11 @@ impl Cluster {
             env.push(("TURND_DAEMON__ID".into(), format!("{}-peer{k}", self.daemon_id)));
             let mut child = spawn_run(s, &self.dir.join("turnd.toml"), &log, env)
                 .with_context(|| format!("start peer {k}"))?;
-            let started = Instant::now();
-            loop {
-                if fs::read_to_string(&log).is_ok_and(|t| t.contains("turnd ready")) {
-                    break;
-                }
-                if let Some(status) = child.try_wait().context("wait for a peer")? {
-                    bail!("peer {k} exited before it was ready ({status}); see {}", log.display());
-                }
-                if started.elapsed() > Duration::from_secs(60) {
-                    bail!("peer {k} was not ready within 60 s; see {}", log.display());
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            let ready =
+                wait_ready(&log, 0, Duration::from_secs(60), || child.try_wait().ok().flatten())
+                    .await;
+            if let Err(e) = ready {
+                bail!("peer {k} {e}; see {}", log.display());
             }
             self.peers.push((child, log));
         }
@@ -413,7 +404,7 @@ impl Drop for Cluster {
         );
         let attempts = self.config.intake.max_attempts;
         let deployments = std::mem::take(&mut self.deployments);
-        turnd_harness::teardown::on_own_thread(async move {
+        turnd_harness::services::on_own_thread(async move {
             teardown(&admin, &amqp, &db, &prefix, attempts, &deployments).await;
         });
         eprintln!("daemon log of the failed mode kept in {}", self.log.display());
@@ -431,12 +422,12 @@ async fn teardown(
 ) {
     drop_database(admin_url, db_name).await;
     let queues =
-        teardown::queues(prefix, max_attempts, deployments.iter().map(String::as_str), &[]);
-    delete_broker_objects(amqp_url, &queues, &teardown::exchanges(prefix)).await;
+        services::queues(prefix, max_attempts, deployments.iter().map(String::as_str), &[]);
+    delete_broker_objects(amqp_url, &queues, &services::exchanges(prefix)).await;
 }
 
 pub async fn drop_database(admin_url: &str, db_name: &str) {
-    if let Err(e) = teardown::drop_database(admin_url, db_name).await {
+    if let Err(e) = services::drop_database(admin_url, db_name).await {
         eprintln!("turnd-bench: cannot drop database {db_name}: {e}");
     }
 }
@@ -444,7 +435,7 @@ pub async fn drop_database(admin_url: &str, db_name: &str) {
 /// Deletes queues and exchanges (the harness retries the connection for 10 s: the broker
 /// may be restarting); says so when RabbitMQ cannot be reached.
 pub async fn delete_broker_objects(amqp_url: &str, queues: &[String], exchanges: &[String]) {
-    if let Err(e) = teardown::delete_broker_objects(amqp_url, queues, exchanges).await {
+    if let Err(e) = services::delete_broker_objects(amqp_url, queues, exchanges).await {
         eprintln!(
             "turnd-bench: cannot reach RabbitMQ to delete {} queues and {} exchanges \
              (first {:?}): {e}; `turnd-bench cleanup` removes them later",
@@ -463,25 +454,6 @@ pub async fn admin_connection(url: &str) -> Result<PgConnection> {
             redact(url)
         )
     })
-}
-
-/// The admin URL with its database replaced.
-fn database_url(admin_url: &str, db_name: &str) -> Result<String> {
-    let mut url = url::Url::parse(admin_url)
-        .with_context(|| format!("bad --database-url {}", redact(admin_url)))?;
-    url.set_path(&format!("/{db_name}"));
-    Ok(url.to_string())
-}
-
-/// A URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// A TOML array of basic strings (TURND_* variables hold lists in TOML syntax).

@@ -715,7 +715,7 @@ async fn preflight(s: &Settings) -> Result<Value> {
         .with_context(|| {
             format!(
                 "connect to RabbitMQ at {} (is it running? see --amqp-url)",
-                cluster::redact(&s.amqp_url)
+                turnd_harness::services::redact(&s.amqp_url)
             )
         })?;
     let rabbitmq = tokio::process::Command::new("rabbitmqctl")

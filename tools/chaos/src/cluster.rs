@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::process::{Child, Command};
-use turnd_harness::teardown;
+use turnd_harness::services;
 
 /// Where the services and binaries are.
 #[derive(Debug, Clone)]
@@ -54,19 +54,6 @@ pub struct Cluster {
     turnd: PathBuf,
 }
 
-pub fn database_url(admin_url: &str, db: &str) -> Result<String> {
-    let mut url =
-        url::Url::parse(admin_url).with_context(|| format!("bad --database-url {admin_url}"))?;
-    url.set_path(&format!("/{db}"));
-    Ok(url.to_string())
-}
-
-pub async fn admin_connection(admin_url: &str) -> Result<PgConnection> {
-    PgConnection::connect(admin_url)
-        .await
-        .with_context(|| format!("connect to PostgreSQL at {admin_url} (is it running?)"))
-}
-
 impl Cluster {
     pub async fn create(s: &Settings) -> Result<Cluster> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
@@ -77,7 +64,8 @@ impl Cluster {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("create {}", dir.display()))?;
         }
-        let db_url = database_url(&s.admin_url, &db_name)?;
+        let db_url = services::database_url(&s.admin_url, &db_name)
+            .with_context(|| format!("bad --database-url {}", services::redact(&s.admin_url)))?;
         let deadline = humantime::format_duration(s.turn_deadline).to_string();
         let mut env: Vec<(String, String)> = vec![
             ("TURND_DATABASE__URL".into(), db_url.clone()),
@@ -116,12 +104,13 @@ impl Cluster {
         let config = turnd::config::Config::load_from(Some(Path::new("/dev/null")), env.clone())
             .context("the chaos run's turnd configuration is invalid")?;
 
-        let mut admin = admin_connection(&s.admin_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{db_name}\"")))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("create database {db_name}"))?;
-        let _ = admin.close().await;
+        services::create_database(&s.admin_url, &db_name).await.with_context(|| {
+            format!(
+                "create database {db_name} at {} (is PostgreSQL running, and may this user \
+                 create databases? see --database-url)",
+                services::redact(&s.admin_url)
+            )
+        })?;
         let options = PgConnectOptions::from_str(&db_url)?.application_name("turnd-chaos");
         let pool = PgPoolOptions::new()
             .max_connections(4)
@@ -180,7 +169,7 @@ impl Cluster {
         let mut admin = url::Url::parse(&self.admin_url)?;
         let _ = admin.set_port(Some(port));
         self.admin_url = admin.to_string();
-        let db_url = database_url(&self.admin_url, &self.db_name)?;
+        let db_url = services::database_url(&self.admin_url, &self.db_name)?;
         let options = PgConnectOptions::from_str(&db_url)?.application_name("turnd-chaos");
         let old = std::mem::replace(
             &mut self.pool,
@@ -203,7 +192,7 @@ impl Cluster {
             .append(true)
             .open(&d.log)
             .with_context(|| format!("open {}", d.log.display()))?;
-        let offset = log.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+        let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = Command::new(&turnd);
         cmd.arg("run")
             .arg("--config")
@@ -227,24 +216,13 @@ impl Cluster {
         let mut child = cmd.spawn().with_context(|| format!("start {} run", turnd.display()))?;
         d.pid = child.id();
         d.starts += 1;
-        let started = Instant::now();
-        loop {
-            let text = std::fs::read(&d.log).unwrap_or_default();
-            if String::from_utf8_lossy(&text[offset.min(text.len())..]).contains("turnd ready") {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "daemon {} exited before it was ready ({status}); see {}",
-                    d.id,
-                    d.log.display()
-                );
-            }
-            if started.elapsed() > Duration::from_secs(90) {
-                d.child = Some(child);
-                bail!("daemon {} was not ready within 90 s; see {}", d.id, d.log.display());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        let within = Duration::from_secs(90);
+        let ready =
+            turnd_harness::wait_ready(&d.log, offset, within, || child.try_wait().ok().flatten())
+                .await;
+        if let Err(e) = ready {
+            d.child = Some(child);
+            bail!("daemon {} {e}; see {}", d.id, d.log.display());
         }
         d.child = Some(child);
         Ok(())
@@ -303,15 +281,15 @@ impl Cluster {
             self.kill(i).await;
         }
         self.pool.close().await;
-        let _ = teardown::drop_database(&self.admin_url, &self.db_name).await;
-        let queues = teardown::queues(
+        let _ = services::drop_database(&self.admin_url, &self.db_name).await;
+        let queues = services::queues(
             &self.prefix,
             self.config.intake.max_attempts,
             deployments.iter().map(String::as_str),
             &["chaos-replies"],
         );
-        let exchanges = teardown::exchanges(&self.prefix);
-        let _ = teardown::delete_broker_objects(&self.amqp_url, &queues, &exchanges).await;
+        let exchanges = services::exchanges(&self.prefix);
+        let _ = services::delete_broker_objects(turnd_harness::first_url(&self.amqp_url), &queues, &exchanges).await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

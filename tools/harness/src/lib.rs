@@ -1,7 +1,7 @@
 //! turnd's test harness, one for the integration tests (`tests/it/`), `turnd-bench` and
 //! `turnd-chaos`: a fresh PostgreSQL database and a fresh `amqp.prefix` per test, real
 //! `turnd run` processes as pods, a client that publishes turns and collects the terminal
-//! events, the exactly-once check ([`exactly_once`]), teardown ([`teardown`]), HTTP probes.
+//! events, the exactly-once check ([`exactly_once`]), databases and topology made and removed ([`services`]), HTTP probes.
 //! Everything waits on conditions with a timeout; nothing sleeps blindly.
 
 use std::collections::HashMap;
@@ -17,10 +17,10 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::PgPool;
 
 pub mod exactly_once;
-pub mod teardown;
+pub mod services;
 
 pub use exactly_once::{Event, Expected, Ledger, Verdict};
 
@@ -139,15 +139,8 @@ impl Cluster {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_name = format!("turnd_t_{suffix}");
         let prefix = format!("t{suffix}");
-        let mut admin =
-            PgConnection::connect(pg_admin).await.expect("connect to PostgreSQL as postgres");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        let mut db_url = url::Url::parse(pg_admin).expect("pg_admin is a URL");
-        db_url.set_path(&db_name);
-        let db_url = db_url.to_string();
+        services::create_database(pg_admin, &db_name).await.expect("create test database");
+        let db_url = services::database_url(pg_admin, &db_name).expect("pg_admin is a URL");
         let pool = PgPool::connect(&db_url).await.expect("connect to test database");
         turnd::store::MIGRATOR.run(&pool).await.expect("migrate test database");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -319,14 +312,12 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
-        self.child = Some(cmd.spawn().expect("spawn turnd run"));
-        let log = self.log.clone();
-        wait_until(Duration::from_secs(30), "daemon ready", || {
-            let text = std::fs::read(&log).unwrap_or_default();
-            let tail = &text[(start_len as usize).min(text.len())..];
-            String::from_utf8_lossy(tail).contains("turnd ready")
-        })
-        .await;
+        let child = self.child.insert(cmd.spawn().expect("spawn turnd run"));
+        let within = Duration::from_secs(30);
+        let exited = || child.try_wait().ok().flatten();
+        if let Err(e) = wait_ready(&self.log, start_len, within, exited).await {
+            panic!("daemon {} {e}; see {}", self.id, self.log.display());
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -403,13 +394,13 @@ impl Drop for Cluster {
             .fold(config_for(&prefix).intake.max_attempts, u32::max);
         // The outage tests' durable reply queue (tests/it/outage.rs).
         let queues =
-            teardown::queues(&prefix, max_attempts, [], &["outage-replies", "example-replies"]);
+            services::queues(&prefix, max_attempts, [], &["outage-replies", "example-replies"]);
         let (pg_admin, amqp) = (self.pg_admin.clone(), first_url(&self.amqp).to_owned());
-        teardown::on_own_thread(async move {
-            let _ = teardown::drop_database(&pg_admin, &db).await;
+        services::on_own_thread(async move {
+            let _ = services::drop_database(&pg_admin, &db).await;
             // Thread queues expire on their own.
             let _ =
-                teardown::delete_broker_objects(&amqp, &queues, &teardown::exchanges(&prefix)).await;
+                services::delete_broker_objects(&amqp, &queues, &services::exchanges(&prefix)).await;
         });
     }
 }
@@ -657,6 +648,53 @@ pub fn deployment_of(turn: &Value) -> String {
         .deployment
         .as_str()
         .to_owned()
+}
+
+/// Why a daemon did not become ready.
+#[derive(Debug)]
+pub enum NotReady {
+    /// It exited first, with this status.
+    Exited(std::process::ExitStatus),
+    /// It did not say so within the time given.
+    TimedOut(Duration),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::Exited(status) => write!(f, "exited before it was ready ({status})"),
+            NotReady::TimedOut(within) => {
+                write!(f, "did not log \"turnd ready\" within {within:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NotReady {}
+
+/// Waits until a daemon's `log`, from byte `offset` on (what an earlier run wrote is not
+/// read), says `turnd ready`. `exited` reports the daemon's exit status once it has one.
+pub async fn wait_ready(
+    log: &Path,
+    offset: u64,
+    within: Duration,
+    mut exited: impl FnMut() -> Option<std::process::ExitStatus>,
+) -> Result<(), NotReady> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read(log).unwrap_or_default();
+        let tail = &text[usize::try_from(offset).unwrap_or(usize::MAX).min(text.len())..];
+        if String::from_utf8_lossy(tail).contains("turnd ready") {
+            return Ok(());
+        }
+        if let Some(status) = exited() {
+            return Err(NotReady::Exited(status));
+        }
+        if start.elapsed() > within {
+            return Err(NotReady::TimedOut(within));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after `within`.

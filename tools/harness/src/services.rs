@@ -1,6 +1,6 @@
-//! Removing what a cluster made: its database, and its prefix's exchanges and queues. The
-//! names come from `turnd::broker::Names`, so a queue turnd gains is removed without being
-//! listed here again. Best effort throughout: a teardown cannot change what was measured.
+//! What a cluster makes on the shared services and removes again: its database, and its
+//! prefix's exchanges and queues. The names come from `turnd::broker::Names`, so a queue turnd
+//! gains is removed without being listed here again.
 
 use std::time::{Duration, Instant};
 
@@ -99,4 +99,31 @@ where
         }
     })
     .join();
+}
+
+/// `CREATE DATABASE` over a connection to `admin_url` (the counterpart of [`drop_database`]).
+pub async fn create_database(admin_url: &str, db_name: &str) -> Result<(), sqlx::Error> {
+    let mut admin = PgConnection::connect(admin_url).await?;
+    let sql = format!("CREATE DATABASE \"{db_name}\"");
+    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map(drop);
+    let _ = admin.close().await;
+    created
+}
+
+/// `admin_url` with its database replaced by `db_name`.
+pub fn database_url(admin_url: &str, db_name: &str) -> Result<String, url::ParseError> {
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path(&format!("/{db_name}"));
+    Ok(url.to_string())
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
