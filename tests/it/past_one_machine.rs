@@ -11,16 +11,15 @@
 //! "Running past one machine". The tests use different services and may run together; the
 //! asynchronous standby's measurement is `#[ignore]`d (run it with `-- --ignored`).
 
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use turnd_harness::*;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use serde_json::{Value, json};
+use turnd_harness::*;
 
 /// Publish → terminal event, for every turn published around a RabbitMQ node stop: the most a
 /// producer waited. Measured 0.15–1.17 s (README); the bound leaves room for a loaded machine.

@@ -289,7 +289,12 @@ impl Cluster {
             &["chaos-replies"],
         );
         let exchanges = services::exchanges(&self.prefix);
-        let _ = services::delete_broker_objects(turnd_harness::first_url(&self.amqp_url), &queues, &exchanges).await;
+        let _ = services::delete_broker_objects(
+            turnd_harness::first_url(&self.amqp_url),
+            &queues,
+            &exchanges,
+        )
+        .await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

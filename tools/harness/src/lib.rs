@@ -71,8 +71,12 @@ static SERVICES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// How a cluster uses the shared services (held until the cluster is cleaned up).
 enum Services {
-    Shared { _guard: tokio::sync::RwLockReadGuard<'static, ()> },
-    Alone { _guard: tokio::sync::RwLockWriteGuard<'static, ()> },
+    Shared {
+        _guard: tokio::sync::RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: tokio::sync::RwLockWriteGuard<'static, ()>,
+    },
     /// Services of its own ([`Cluster::on`]): no lock.
     Own,
 }
@@ -399,8 +403,8 @@ impl Drop for Cluster {
         services::on_own_thread(async move {
             let _ = services::drop_database(&pg_admin, &db).await;
             // Thread queues expire on their own.
-            let _ =
-                services::delete_broker_objects(&amqp, &queues, &services::exchanges(&prefix)).await;
+            let _ = services::delete_broker_objects(&amqp, &queues, &services::exchanges(&prefix))
+                .await;
         });
     }
 }
