@@ -580,6 +580,12 @@ pub struct TurnConfig {
     /// A turn waiting for its worker fails after this.
     #[serde(with = "duration_str")]
     pub queue_timeout: Duration,
+    /// How long a running turn's worker has, after an operator cancelled the turn, to answer
+    /// it itself (it gets a `cancel` line) before the turn ends `TURN_CANCELLED` and the
+    /// worker is stopped. Longer lets a worker wind down cleanly; shorter frees the
+    /// conversation sooner. Zero ends a running turn at once (the worker still gets the line).
+    #[serde(with = "duration_str")]
+    pub cancel_grace: Duration,
 }
 
 impl Default for TurnConfig {
@@ -587,6 +593,7 @@ impl Default for TurnConfig {
         TurnConfig {
             deadline: Duration::from_secs(60),
             queue_timeout: Duration::from_secs(10 * 60),
+            cancel_grace: Duration::from_secs(10),
         }
     }
 }
@@ -652,6 +659,9 @@ pub struct HttpConfig {
     /// A secret: keep it in the environment file as `TURND_HTTP__ADMIN_TOKEN`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<Secret>,
+    /// Who the admin token stands for in the audit log (`turnd_audit.who`, the console's
+    /// audit section): e.g. the team or person it was given to.
+    pub admin_token_name: String,
     /// When set, the console pages and every `/api/v1/` read need it (or the admin token):
     /// as a bearer token, or entered once on the page's login form. `/metrics`, `/healthz`
     /// and `/readyz` never need it. A secret, like `admin_token`.
@@ -671,6 +681,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
             admin_token: None,
+            admin_token_name: "admin".to_owned(),
             read_token: None,
             ops_listen: None,
             show_payloads: false,
@@ -797,7 +808,10 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
             ("limits", Kind::Toml),
         ],
     ),
-    ("turn", &[("deadline", Kind::Text), ("queue_timeout", Kind::Text)]),
+    (
+        "turn",
+        &[("deadline", Kind::Text), ("queue_timeout", Kind::Text), ("cancel_grace", Kind::Text)],
+    ),
     ("reply", &[("retention", Kind::Text)]),
     ("sweep", &[("interval", Kind::Text), ("adoption_delay", Kind::Text)]),
     ("shutdown", &[("grace", Kind::Text)]),
@@ -806,6 +820,7 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
         &[
             ("listen", Kind::Text),
             ("admin_token", Kind::Text),
+            ("admin_token_name", Kind::Text),
             ("read_token", Kind::Text),
             ("ops_listen", Kind::Text),
             ("show_payloads", Kind::Toml),
@@ -1148,7 +1163,25 @@ impl Config {
             }
         }
 
+        if self.turn.cancel_grace > self.turn.deadline {
+            return invalid(
+                "turn.cancel_grace",
+                format!(
+                    "{} is longer than turn.deadline ({}): a cancelled turn would outlive the deadline it replaces",
+                    humantime::format_duration(self.turn.cancel_grace),
+                    humantime::format_duration(self.turn.deadline)
+                ),
+            );
+        }
+
         // http
+        let name = &self.http.admin_token_name;
+        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+            return invalid(
+                "http.admin_token_name",
+                "must be 1 to 64 printable characters (it names the token in the audit log)".into(),
+            );
+        }
         if let Some(token) = &self.http.admin_token
             && token.expose().is_empty()
         {
