@@ -5,6 +5,7 @@
 #![warn(clippy::await_holding_lock)]
 
 pub mod broker;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod daemon;

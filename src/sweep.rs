@@ -82,6 +82,16 @@ impl Sweep {
             }
             Err(e) => tracing::warn!(error = %e, "adoption query failed"),
         }
+        // Cancel requests whose doorbell did not reach this daemon's owner (lost, or its
+        // thread-queue consumer not started yet): wake the owner in memory.
+        match self.store.undelivered_cancels(&self.config.daemon.id).await {
+            Ok(names) => {
+                for name in names {
+                    self.deployments.cancel(&DeploymentName::from_trusted(name));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot look for undelivered cancels"),
+        }
         if let Err(e) = self.store.purge_retention(self.config.reply.retention).await {
             tracing::warn!(error = %e, "retention purge failed");
         }

@@ -25,6 +25,9 @@ pub(super) struct Running {
     pub(super) deadline: Instant,
     pub(super) provider_failed: bool,
     pub(super) last_extension: Instant,
+    /// An operator cancelled it and its worker was told: heartbeats no longer move the
+    /// deadline, which is the end of `turn.cancel_grace`.
+    pub(super) cancelled: bool,
 }
 
 pub(super) struct Owner<'a> {
@@ -32,6 +35,7 @@ pub(super) struct Owner<'a> {
     pub(super) name: DeploymentName,
     pub(super) held: Held,
     pub(super) nudge: Arc<Notify>,
+    pub(super) cancel: Arc<Notify>,
     pub(super) evict: CancellationToken,
     pub(super) busy: Arc<AtomicBool>,
     pub(super) last_active: Arc<AtomicU64>,
@@ -152,11 +156,19 @@ impl Owner<'_> {
             match Box::pin(session.consume_thread(&self.name)).await {
                 Ok((channel, consumer)) => {
                     let nudge = self.nudge.clone();
+                    let cancel = self.cancel.clone();
                     let ended = Arc::new(Notify::new());
                     let ended2 = ended.clone();
                     let tag = consumer.tag();
                     consumer.set_delegate(move |delivery: lapin::message::DeliveryResult| {
                         match delivery {
+                            Ok(Some(d))
+                                if d.properties.kind().as_ref().is_some_and(|k| {
+                                    k.as_str() == crate::cancel::CANCEL_DOORBELL
+                                }) =>
+                            {
+                                cancel.notify_one()
+                            }
                             Ok(Some(_)) => nudge.notify_one(),
                             _ => ended2.notify_one(),
                         }
@@ -324,6 +336,10 @@ impl Owner<'_> {
                     return End::LockLost;
                 }
                 _ = self.nudge.notified() => want_claim = true,
+                // Left stored while no turn runs: the next one looks once (and finds nothing).
+                _ = self.cancel.notified(), if running.is_some() => {
+                    Box::pin(self.on_cancel(worker.as_mut(), &mut running)).await;
+                }
                 event = next_event(worker.as_mut()) => match event {
                     // Boxed: the commit inside is the owner's largest future, and it is idle most of the time.
                     Some(WorkerEvent::Line(line)) => Box::pin(self.on_line(line, &mut running, &mut want_claim, &mut idle_since)).await,
@@ -364,8 +380,14 @@ impl Owner<'_> {
                 },
                 _ = sleep_until_opt(deadline) => {
                     if let Some(r) = running.take() {
-                        tracing::warn!(deployment = %self.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
-                        self.fail_running("timeout", ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline").await;
+                        if r.cancelled {
+                            // The row's cancel request makes the store's outcome TURN_CANCELLED.
+                            tracing::info!(deployment = %self.name, message_id = %r.envelope.message_id, "cancelled turn not answered within turn.cancel_grace; stopping the worker");
+                            self.fail_running("cancel", ErrorCode::TurnCancelled, "cancelled by an operator; the worker did not answer within turn.cancel_grace").await;
+                        } else {
+                            tracing::warn!(deployment = %self.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
+                            self.fail_running("timeout", ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline").await;
+                        }
                         if let Some(w) = worker.as_mut() {
                             w.stop(config.worker.stop_timeout);
                         }
@@ -477,6 +499,42 @@ impl Owner<'_> {
             deadline,
             provider_failed: false,
             last_extension: now,
+            cancelled: false,
+        }
+    }
+
+    /// An operator may have cancelled the running turn: if the database says so (and nobody
+    /// told this worker yet), write the cancel line and hold the turn to what is left of
+    /// `turn.cancel_grace`. The write is bounded like a turn's: a worker not reading stdin is
+    /// stopped at the grace's end anyway.
+    async fn on_cancel(&self, worker: Option<&mut Worker>, running: &mut Option<Running>) {
+        let ctx = self.ctx();
+        let Some(r) = running.as_mut() else { return };
+        let left = match ctx
+            .store
+            .take_cancel(&self.name, &r.envelope.message_id, self.epoch())
+            .await
+        {
+            Ok(Some(left)) => left,
+            Ok(None) => return,
+            Err(e) => {
+                // The sweep reminds us next round (the request is still undelivered).
+                tracing::warn!(deployment = %self.name, error = %e, "cannot read the cancel request");
+                return;
+            }
+        };
+        tracing::info!(deployment = %self.name, message_id = %r.envelope.message_id, grace_left_ms = left.as_millis() as u64, "turn cancelled by an operator; telling the worker");
+        r.cancelled = true;
+        r.deadline = r.deadline.min(Instant::now() + left);
+        let Some(w) = worker else { return };
+        let line = crate::worker::protocol::cancel_line(&r.envelope.message_id);
+        tokio::select! {
+            written = w.send(&line) => if let Err(e) = written {
+                tracing::debug!(deployment = %self.name, error = %e, "cannot write the cancel line");
+            },
+            _ = tokio::time::sleep_until(r.deadline) => {}
+            _ = ctx.hard.cancelled() => {}
+            _ = ctx.locks.lost(self.held.generation) => {}
         }
     }
 
@@ -510,7 +568,7 @@ impl Owner<'_> {
             }
             WorkerLine::Heartbeat => {
                 let Some(r) = running.as_mut() else { return };
-                if r.provider_failed {
+                if r.provider_failed || r.cancelled {
                     return;
                 }
                 let now = Instant::now();
@@ -545,6 +603,9 @@ impl Owner<'_> {
             }
             WorkerLine::ProviderRecovered => {
                 let Some(r) = running.as_mut() else { return };
+                if r.cancelled {
+                    return;
+                }
                 r.provider_failed = false;
                 r.deadline = Instant::now() + config.turn.deadline;
                 r.last_extension = Instant::now();

@@ -199,3 +199,15 @@ impl Store {
         .await?)
     }
 }
+
+impl Store {
+    /// Wakes every daemon's relay (LISTEN/NOTIFY): an event committed outside a daemon's own
+    /// hot path (an operator's cancel) goes out now instead of at the next catch-up tick.
+    pub async fn wake_relays(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(crate::relay::NOTIFY_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
