@@ -109,6 +109,8 @@ pub struct Tokens(Arc<std::sync::RwLock<TokenPair>>);
 #[derive(Debug, Clone, Default)]
 struct TokenPair {
     admin: Option<Secret>,
+    /// `http.admin_token_name`: who the admin token stands for in the audit log.
+    admin_name: String,
     read: Option<Secret>,
 }
 
@@ -130,7 +132,11 @@ impl Tokens {
         if pair.read != http.read_token {
             changed.push("http.read_token");
         }
-        *pair = TokenPair { admin: http.admin_token.clone(), read: http.read_token.clone() };
+        *pair = TokenPair {
+            admin: http.admin_token.clone(),
+            admin_name: http.admin_token_name.clone(),
+            read: http.read_token.clone(),
+        };
         changed
     }
 
@@ -141,6 +147,10 @@ impl Tokens {
     pub fn read(&self) -> Option<Secret> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).read.clone()
     }
+
+    pub fn admin_name(&self) -> String {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).admin_name.clone()
+    }
 }
 
 impl AppState {
@@ -150,6 +160,10 @@ impl AppState {
 
     pub(crate) fn admin_token(&self) -> Option<Secret> {
         self.tokens.admin()
+    }
+
+    pub(crate) fn admin_name(&self) -> String {
+        self.tokens.admin_name()
     }
 
     pub(crate) fn read_token(&self) -> Option<Secret> {
