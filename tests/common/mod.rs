@@ -160,6 +160,17 @@ impl Cluster {
         Client::new(&self.prefix).await
     }
 
+    /// Runs a one-shot `turnd` command with this cluster's configuration, as its daemons
+    /// get it (as the OS user `tester`, which the audit log records), off the async runtime.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = std::process::Command::new(turnd_bin());
+        cmd.args(args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.env("USER", "tester").env("TURND_LOG__LEVEL", "warn");
+        tokio::task::spawn_blocking(move || cmd.output().expect("run turnd"))
+            .await
+            .expect("turnd command thread")
+    }
+
     /// Rows of turnd_turns not done.
     pub async fn pending(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM turnd_turns WHERE state <> 'done'")
