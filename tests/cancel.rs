@@ -401,10 +401,28 @@ async fn bulk_purge_by_filter_acts_only_on_the_confirmed_set_and_audits_each() {
     let confirm = v["preview"]["confirm"].as_str().unwrap().to_owned();
     let (status, body) = http_post(port, &act(&confirm), None).await.unwrap();
     assert_eq!(status, 403, "{body}");
-    let (status, body) = http_post(port, &act(&confirm), Some("s3cret")).await.unwrap();
-    assert_eq!(status, 200, "{body}");
+    // As the console's script sends it.
+    let auth = [("Authorization", "Bearer s3cret"), ("X-Turnd-Via", "console")];
+    let r = http_request(port, "POST", &act(&confirm), &auth, b"").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
     assert!(parked(&cluster).await.is_empty());
     let rows = audit(&cluster).await;
     assert_eq!(rows.len(), 4, "{rows:?}");
-    assert!(rows.iter().all(|r| r.0 == "admin" && r.2 == "purge" && r.4 == "purged"), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.0 == "admin" && r.1 == "console" && r.2 == "purge" && r.4 == "purged"),
+        "{rows:?}"
+    );
+    // The console shows them, and offers the cancel and bulk controls.
+    let (status, page) = http_get(port, "/").await.unwrap();
+    assert_eq!(status, 200);
+    for needle in [
+        "id=\"audit\"",
+        "parked:",
+        "purged",
+        "data-action=\"cancel\"",
+        "data-action=\"bulk-count\"",
+    ] {
+        assert!(page.contains(needle), "{needle} missing from the console");
+    }
 }
