@@ -60,8 +60,18 @@ pub async fn cancel(
             store.cancel_turn(message_id, deployment, config.turn.cancel_grace, actor).await?;
         committed_any |= !committed.is_empty();
         tracing::info!(message_id, result = result.word(), by = %actor.who, via = actor.via, "cancel requested");
-        if let (CancelResult::Cancelling { deployment, .. }, Some(p)) = (&result, publisher) {
-            ring(p, &Names::new(&config.amqp.prefix), deployment, message_id).await;
+        let names = Names::new(&config.amqp.prefix);
+        match (&result, publisher) {
+            (CancelResult::Cancelling { deployment, .. }, Some(p)) => {
+                ring(p, &names, deployment, message_id, true).await
+            }
+            // A claim that waited on the row this cancel ended can come back empty even with
+            // more turns queued behind it (FOR UPDATE under LIMIT 1): a plain doorbell makes
+            // the owner look again now rather than at adoption.
+            (CancelResult::Cancelled { deployment }, Some(p)) => {
+                ring(p, &names, deployment, message_id, false).await
+            }
+            _ => {}
         }
         reports.push(CancelReport { message_id: message_id.clone(), result });
     }
@@ -72,14 +82,22 @@ pub async fn cancel(
     Ok(reports)
 }
 
-/// Best effort, bounded: a doorbell lost is the sweep's to make up for.
-async fn ring(publisher: &lapin::Channel, names: &Names, deployment: &str, message_id: &str) {
+/// Best effort, bounded: a doorbell lost is the sweep's to make up for. `cancel`: a cancel
+/// doorbell, else a plain one (the owner claims again).
+async fn ring(
+    publisher: &lapin::Channel,
+    names: &Names,
+    deployment: &str,
+    message_id: &str,
+    cancel: bool,
+) {
     let queue = names.thread(&DeploymentName::from_trusted(deployment.to_owned()));
     let body = serde_json::json!({ "type": "cancel", "messageId": message_id }).to_string();
     let publish = async {
-        let properties = BasicProperties::default()
-            .with_delivery_mode(1)
-            .with_type(ShortString::from(CANCEL_DOORBELL));
+        let mut properties = BasicProperties::default().with_delivery_mode(1);
+        if cancel {
+            properties = properties.with_type(ShortString::from(CANCEL_DOORBELL));
+        }
         // Not mandatory: a thread queue that is gone has no consumer to tell.
         publisher
             .basic_publish(
