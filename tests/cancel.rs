@@ -19,19 +19,10 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-async fn state_of(cluster: &Cluster, deployment: &str, message_id: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT state FROM turnd_turns WHERE deployment = $1 AND message_id = $2")
-        .bind(deployment)
-        .bind(message_id)
-        .fetch_optional(&cluster.pool)
-        .await
-        .expect("read turn state")
-}
-
 async fn wait_running(cluster: &Cluster, turn: &Value) {
     let (d, m) = (deployment_of(turn), mid(turn));
     wait_for_async(T, "the turn to run", || async {
-        state_of(cluster, &d, &m).await.as_deref() == Some("running")
+        cluster.turn_state(&d, &m).await.as_deref() == Some("running")
     })
     .await;
 }

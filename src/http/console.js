@@ -189,24 +189,13 @@
     if (action === "purge" && !confirm("Purge parked turn #" + id + "? Its record is deleted; the AMQP parked queue keeps its copy.")) {
       return;
     }
-    let token = sessionStorage.getItem(TOKEN);
-    if (!token) {
-      token = (prompt("Admin token (http.admin_token) for replay and purge:") || "").trim();
-      if (token) sessionStorage.setItem(TOKEN, token);
-    }
     busy = true;
     button.disabled = true;
     try {
-      const headers = token ? { Authorization: "Bearer " + token, "X-Turnd-Via": "console" } : {};
       const query = action === "replay" ? "?by=console" : "";
-      const r = await fetch("/api/v1/parked/" + encodeURIComponent(id) + "/" + action + query, { method: "POST", headers });
-      let body = {};
-      try { body = await r.json(); } catch (_) { /* not JSON */ }
-      if (r.status === 401) {
-        show("401: the console session has ended. Reload the page to log in again.", false);
-      } else if (r.status === 403) {
-        sessionStorage.removeItem(TOKEN);
-        show("403 refused: " + (body.error || "forbidden") + ". Click again to enter the token.", false);
+      const { r, body } = await call("POST", "/api/v1/parked/" + encodeURIComponent(id) + "/" + action + query);
+      if (r.status === 401 || r.status === 403) {
+        // call() said so.
       } else if (r.ok) {
         const message = "#" + id + " " + (body.result || action);
         if (action === "purge" && button.dataset.back) {

@@ -171,6 +171,18 @@ impl Cluster {
             .expect("turnd command thread")
     }
 
+    /// A turn's state (`queued`, `running`, `done`), None when it has no record.
+    pub async fn turn_state(&self, deployment: &str, message_id: &str) -> Option<String> {
+        sqlx::query_scalar(
+            "SELECT state FROM turnd_turns WHERE deployment = $1 AND message_id = $2",
+        )
+        .bind(deployment)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await
+        .expect("read turn state")
+    }
+
     /// Rows of turnd_turns not done.
     pub async fn pending(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM turnd_turns WHERE state <> 'done'")
