@@ -182,6 +182,44 @@ async fn a_cancel_through_another_daemons_api_reaches_the_owner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_dies_mid_cancel_still_ends_the_turn_cancelled_once() {
+    let mut cluster = Cluster::new().await;
+    cluster.set("TURND_TURN__CANCEL_GRACE", "2s");
+    cluster.set("TURND_TURN__DEADLINE", "30s");
+    cluster.start_daemon(&[]).await;
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let t = turn("cd", "c1", json!({"action": "wait_cancel", "on_cancel": "ignore"}));
+    client.publish(&t).await;
+    wait_running(&cluster, &t).await;
+    let owner: String =
+        sqlx::query_scalar("SELECT owner FROM turnd_deployments WHERE deployment = $1")
+            .bind(deployment_of(&t))
+            .fetch_one(&cluster.pool)
+            .await
+            .unwrap();
+    let asked = Instant::now();
+    let out = cluster.cli(&["cancel", &mid(&t)]).await;
+    assert!(stdout(&out).contains("cancelling"), "{}", stdout(&out));
+    // The owner dies before the grace ends (its worker with it): the other daemon's sweep
+    // ends the turn at the cut deadline, not at turn.deadline (30 s).
+    let i = cluster.daemons.iter().position(|d| d.id == owner).expect("the owner is ours");
+    cluster.daemons[i].kill();
+    client.wait_for(&[mid(&t)], T).await;
+    let took = asked.elapsed();
+    let e = client.event(&mid(&t)).unwrap().clone();
+    assert_eq!(e.code(), "TURN_CANCELLED", "{:?}", e.body);
+    // grace (2 s) + sweep.interval (300 ms) + slack.
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    wait_for_async(T, "the turn done", || async {
+        cluster.turn_state(&deployment_of(&t), &mid(&t)).await.as_deref() == Some("done")
+    })
+    .await;
+    client.drain_for(Duration::from_millis(500)).await;
+    assert_eq!(client.by_message()[&mid(&t)].len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_unknown_and_ambiguous_turns_get_a_clear_answer_and_no_event() {
     let mut cluster = Cluster::new().await;
     let port = free_port();
