@@ -65,6 +65,10 @@ async fn a_queued_turn_ends_with_one_turn_cancelled_and_never_reaches_its_worker
     assert!(
         stdout(&again).contains("already answered") && stdout(&again).contains("TURN_CANCELLED")
     );
+    let listed = cluster.cli(&["audit", "--json", "--action", "cancel"]).await;
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("audit --json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert_eq!(listed[0]["result"], "already_done", "newest first");
     let rows = audit(&cluster).await;
     let target = format!("turn:{}/{}", deployment_of(&queued), mid(&queued));
     assert_eq!(
