@@ -1,13 +1,14 @@
 -- Cancellation (CONTRACT §5, §6): an operator's request on a running turn. The request itself
 -- is the record owners and the sweep act on: the owner that holds the turn writes the cancel
--- line to its worker and notes when (cancel_delivered_at, so the sweep stops reminding it);
--- the turn's deadline is cut to the request + turn.cancel_grace, and every failure path ends a
--- turn with a cancel request as TURN_CANCELLED. A queued turn never gets these: it is ended at
--- once by the request.
+-- line to its worker and notes when (cancel_delivered_at, so the sweep stops reminding it),
+-- cutting the turn's deadline to the request + turn.cancel_grace; the sweep ends a turn whose
+-- request is older than the grace; every failure path ends a turn with a cancel request as
+-- TURN_CANCELLED. A queued turn never gets these: it is ended at once by the request.
 ALTER TABLE turnd_turns ADD COLUMN cancel_requested_at timestamptz;
 ALTER TABLE turnd_turns ADD COLUMN cancel_delivered_at timestamptz;
--- The sweep's look for cancel lines still to deliver (rare rows; the index stays tiny).
-CREATE INDEX turnd_turns_cancelling ON turnd_turns (deployment)
+-- The sweep's looks for cancel lines still to deliver and for requests past their grace
+-- (rare rows; the index stays tiny).
+CREATE INDEX turnd_turns_cancelling ON turnd_turns (cancel_requested_at)
     WHERE cancel_requested_at IS NOT NULL AND state = 'running';
 
 -- Every operator action (replay, purge, cancel, and the bulk forms), append-only: who (the

@@ -2,7 +2,7 @@
 //! console's Cancel button share.
 //!
 //! The request is the row (`store::cancel_turn`): a queued turn ends there, a running one is
-//! marked with a deadline of now + `turn.cancel_grace`. How the owner — on whichever daemon —
+//! marked with the time of the request. How the owner — on whichever daemon —
 //! learns of it, so its worker gets `{"type":"cancel","messageId":…}`:
 //!
 //! 1. at once, a cancel doorbell on the deployment's thread queue (AMQP `type` = `cancel`),
@@ -12,9 +12,11 @@
 //!    its owners have not delivered (`store::undelivered_cancels`) and wakes them in memory.
 //!
 //! Neither is needed for the end: the sweep of any daemon fails the turn `TURN_CANCELLED` once
-//! its cut deadline passes, so a cancelled running turn ends within `turn.cancel_grace` +
-//! `sweep.interval` of the request even when its owner died mid-cancel; the live owner ends it
-//! at the grace itself. The worker's own answer before that wins the same single election.
+//! the request is older than its `turn.cancel_grace`, so a cancelled running turn ends within
+//! `turn.cancel_grace` + `sweep.interval` of the request even when its owner died mid-cancel;
+//! the live owner ends it at the grace itself. The worker's own answer before that wins the
+//! same single election. The grace is always the daemons' (the requester's config plays no
+//! part).
 
 use std::time::Duration;
 
@@ -56,8 +58,7 @@ pub async fn cancel(
     let mut reports = Vec::with_capacity(message_ids.len());
     let mut committed_any = false;
     for message_id in message_ids {
-        let (result, committed) =
-            store.cancel_turn(message_id, deployment, config.turn.cancel_grace, actor).await?;
+        let (result, committed) = store.cancel_turn(message_id, deployment, actor).await?;
         committed_any |= !committed.is_empty();
         tracing::info!(message_id, result = result.word(), by = %actor.who, via = actor.via, "cancel requested");
         let names = Names::new(&config.amqp.prefix);

@@ -462,10 +462,9 @@ pub async fn cancel(
             R::Cancelled { deployment } => {
                 format!("{id}: cancelled (was queued in {deployment}; TURN_CANCELLED sent)")
             }
-            R::Cancelling { deployment, owner, grace_ms } => format!(
-                "{id}: cancelling (running in {deployment} on {}; its worker has {:.1}s to answer, then TURN_CANCELLED)",
+            R::Cancelling { deployment, owner } => format!(
+                "{id}: cancelling (running in {deployment} on {}; its worker has turn.cancel_grace to answer, then TURN_CANCELLED)",
                 owner.as_deref().unwrap_or("no daemon right now"),
-                *grace_ms as f64 / 1000.0
             ),
             R::AlreadyCancelling { deployment } => {
                 format!("{id}: already cancelling (in {deployment})")

@@ -82,6 +82,20 @@ impl Sweep {
             }
             Err(e) => tracing::warn!(error = %e, "adoption query failed"),
         }
+        // Running turns cancelled longer than the grace ago whose owner did not end them (it
+        // died mid-cancel, or never heard).
+        match self.store.sweep_cancelled(self.config.turn.cancel_grace).await {
+            Ok(failed) => {
+                if !failed.is_empty() {
+                    tracing::info!(
+                        turns = failed.len(),
+                        "sweep ended cancelled turns past turn.cancel_grace"
+                    );
+                }
+                relay.failed("sweep", failed);
+            }
+            Err(e) => tracing::warn!(error = %e, "cancel sweep failed; next round retries"),
+        }
         // Cancel requests whose doorbell did not reach this daemon's owner (lost, or its
         // thread-queue consumer not started yet): wake the owner in memory.
         match self.store.undelivered_cancels(&self.config.daemon.id).await {

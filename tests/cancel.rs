@@ -107,6 +107,8 @@ async fn a_worker_that_ignores_the_cancel_is_stopped_at_the_grace_and_the_turn_e
     cluster.set("TURND_TURN__CANCEL_GRACE", "1s");
     cluster.start_daemon(&[]).await;
     let mut client = cluster.client().await;
+    // The CLI runs with another grace: the daemons' applies.
+    cluster.set("TURND_TURN__CANCEL_GRACE", "60s");
     let t = turn("ci", "c1", json!({"action": "wait_cancel", "on_cancel": "ignore"}));
     client.publish(&t).await;
     wait_running(&cluster, &t).await;
@@ -206,7 +208,7 @@ async fn an_owner_that_dies_mid_cancel_still_ends_the_turn_cancelled_once() {
     let out = cluster.cli(&["cancel", &mid(&t)]).await;
     assert!(stdout(&out).contains("cancelling"), "{}", stdout(&out));
     // The owner dies before the grace ends (its worker with it): the other daemon's sweep
-    // ends the turn at the cut deadline, not at turn.deadline (30 s).
+    // ends the turn once the request is older than the grace, not at turn.deadline (30 s).
     let i = cluster.daemons.iter().position(|d| d.id == owner).expect("the owner is ours");
     cluster.daemons[i].kill();
     client.wait_for(&[mid(&t)], T).await;

@@ -470,11 +470,10 @@ impl Serving<'_> {
     async fn cancel_asked(&mut self) {
         let (owner, ctx) = (self.owner, self.owner.ctx());
         let Some(r) = self.running.as_mut() else { return };
-        let left = match ctx
-            .store
-            .take_cancel(&owner.name, &r.envelope.message_id, owner.epoch())
-            .await
-        {
+        let grace = ctx.config.turn.cancel_grace;
+        let taken =
+            ctx.store.take_cancel(&owner.name, &r.envelope.message_id, owner.epoch(), grace);
+        let left = match taken.await {
             Ok(Some(left)) => left,
             Ok(None) => return,
             Err(e) => {

@@ -2,10 +2,12 @@
 //! owners and the sweep read to deliver it to the turn's worker.
 //!
 //! A queued turn ends at once: the election and its `TURN_CANCELLED` event in the request's own
-//! transaction. A running one gets a cancel request on its row — its deadline cut to now +
-//! `turn.cancel_grace`, heartbeats no longer extending it — and whichever path ends it next
-//! (the worker's own answer, the owner at the end of the grace, the sweep, a take-over) wins
-//! the one election; every failure path then says `TURN_CANCELLED`.
+//! transaction. A running one gets a cancel request on its row (when it was asked; heartbeats
+//! no longer extend it) and whichever path ends it next wins the one election: the worker's own
+//! answer, its owner at the end of the grace, any daemon's sweep once the request is older than
+//! the grace, a take-over. Every failure path then says `TURN_CANCELLED`. The grace is the
+//! daemons' `turn.cancel_grace`, never the requester's: a `turnd cancel` run with another
+//! config changes nothing.
 
 use super::audit::{Actor, append};
 use super::lifecycle::{cancelled_outcome, finish_pending, pending_from_row};
@@ -20,9 +22,10 @@ const MAX_CANDIDATES: i64 = 20;
 pub enum CancelResult {
     /// It was queued: it ended now with `TURN_CANCELLED` (the event is in the outbox).
     Cancelled { deployment: String },
-    /// It is running: its worker is told; it ends `TURN_CANCELLED` within the grace unless the
-    /// worker answers first. `owner` is the daemon that runs it (None between owners).
-    Cancelling { deployment: String, owner: Option<String>, grace_ms: u64 },
+    /// It is running: its worker is told; it ends `TURN_CANCELLED` at the end of the daemons'
+    /// `turn.cancel_grace` unless the worker answers first. `owner` is the daemon that runs it
+    /// (None between owners).
+    Cancelling { deployment: String, owner: Option<String> },
     /// Asked before and still within its grace.
     AlreadyCancelling { deployment: String },
     /// It had already ended; nothing changed. Its event's kind and code, when still recorded.
@@ -56,17 +59,15 @@ impl Store {
         &self,
         message_id: &str,
         deployment: Option<&str>,
-        grace: Duration,
         actor: &Actor,
     ) -> Result<(CancelResult, Vec<Committed>)> {
-        Box::pin(self.cancel_turn_tx(message_id, deployment, grace, actor)).await
+        Box::pin(self.cancel_turn_tx(message_id, deployment, actor)).await
     }
 
     async fn cancel_turn_tx(
         &self,
         message_id: &str,
         deployment: Option<&str>,
-        grace: Duration,
         actor: &Actor,
     ) -> Result<(CancelResult, Vec<Committed>)> {
         let mut tx = self.pool.begin().await?;
@@ -106,8 +107,7 @@ impl Store {
                     "running" => {
                         let owner: Option<String> = sqlx::query_scalar(
                             "WITH up AS (
-                                 UPDATE turnd_turns SET cancel_requested_at = now(),
-                                        deadline = LEAST(deadline, now() + $3::bigint * interval '1 millisecond')
+                                 UPDATE turnd_turns SET cancel_requested_at = now()
                                  WHERE deployment = $1 AND message_id = $2
                                  RETURNING epoch)
                              SELECT d.owner FROM up
@@ -115,14 +115,9 @@ impl Store {
                         )
                         .bind(&d)
                         .bind(message_id)
-                        .bind(millis(grace))
                         .fetch_one(&mut *tx)
                         .await?;
-                        CancelResult::Cancelling {
-                            deployment: d,
-                            owner,
-                            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
-                        }
+                        CancelResult::Cancelling { deployment: d, owner }
                     }
                     _ => {
                         let event: Option<(String, Option<String>)> = sqlx::query_as(
@@ -160,16 +155,19 @@ impl Store {
         Ok((result, committed))
     }
 
-    /// The owner's side: marks the cancel of its running turn delivered and says how much of
-    /// the grace is left (None: no cancel asked, already delivered, or not ours under `epoch`).
+    /// The owner's side: marks the cancel of its running turn delivered, cuts its stored
+    /// deadline to the request + `grace` (never later than it was) and says how long is left
+    /// (None: no cancel asked, already delivered, or not ours under `epoch`).
     pub async fn take_cancel(
         &self,
         deployment: &DeploymentName,
         message_id: &MessageId,
         epoch: Epoch,
+        grace: Duration,
     ) -> Result<Option<Duration>> {
         let left: Option<f64> = sqlx::query_scalar(
-            "UPDATE turnd_turns SET cancel_delivered_at = now()
+            "UPDATE turnd_turns SET cancel_delivered_at = now(),
+                    deadline = LEAST(deadline, cancel_requested_at + $4::bigint * interval '1 millisecond')
              WHERE deployment = $1 AND message_id = $2 AND state = 'running' AND epoch = $3
                AND cancel_requested_at IS NOT NULL AND cancel_delivered_at IS NULL
              RETURNING GREATEST(EXTRACT(EPOCH FROM deadline - now()), 0)::float8",
@@ -177,6 +175,7 @@ impl Store {
         .bind(deployment.as_str())
         .bind(message_id.as_str())
         .bind(epoch.get())
+        .bind(millis(grace))
         .fetch_optional(&self.pool)
         .await?;
         Ok(left.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()))
@@ -201,6 +200,31 @@ impl Store {
 }
 
 impl Store {
+    /// The sweep's side, for an owner that died mid-cancel (or never heard): fails, once across
+    /// daemons, a bounded batch of running turns whose cancel request is older than `grace`.
+    pub async fn sweep_cancelled(&self, grace: Duration) -> Result<Vec<Committed>> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<PgRow> = sqlx::query(
+            "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
+                    state, provider_code, true AS cancelled
+             FROM turnd_turns
+             WHERE cancel_requested_at < now() - $1::bigint * interval '1 millisecond'
+               AND state = 'running'
+             ORDER BY cancel_requested_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(millis(grace))
+        .bind(FAIL_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        let pending = rows.iter().map(pending_from_row).collect::<Result<Vec<_>>>()?;
+        let failed = finish_pending(&mut tx, pending, &|_| {
+            Outcome::error(ErrorCode::TurnTimeout, "the grace lapsed")
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(failed)
+    }
+
     /// Wakes every daemon's relay (LISTEN/NOTIFY): an event committed outside a daemon's own
     /// hot path (an operator's cancel) goes out now instead of at the next catch-up tick.
     pub async fn wake_relays(&self) -> Result<()> {
