@@ -51,6 +51,29 @@ pub enum Command {
         #[command(subcommand)]
         action: ParkedAction,
     },
+    /// Cancel turns: a queued one ends TURN_CANCELLED now; a running one's worker is told and
+    /// has turn.cancel_grace to answer first. Exit 1 unless every turn was (being) cancelled
+    Cancel {
+        /// messageIds (unique per deployment; see --deployment)
+        #[arg(required = true)]
+        message_ids: Vec<String>,
+        /// The deployment, when a messageId is used in several (the error lists them)
+        #[arg(long)]
+        deployment: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log of operator actions (replay, purge, cancel), newest first
+    Audit {
+        /// Only this action (replay, purge, cancel)
+        #[arg(long)]
+        action: Option<String>,
+        /// At most this many (lists stop at 1000)
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,7 +362,7 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                 .clone()
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "cli".to_owned());
-            let results = crate::parked::replay(config, &store, &ids, &who).await?;
+            let results = crate::parked::replay(config, &store, &ids, &who, &cli_actor()).await?;
             let mut failed = false;
             for r in &results {
                 println!("{:>8} {}", r.id, r.result);
@@ -355,11 +378,131 @@ pub async fn parked(config: &Config, action: &ParkedAction) -> anyhow::Result<Ex
                     "name parked ids, --code or --older-than (purging everything needs an explicit --older-than 0s)"
                 );
             }
-            let n = store.parked_purge(ids, code.as_deref(), *older_than).await?;
-            println!("purged {n} parked records");
+            let purged =
+                crate::parked::purge(&store, ids, code.as_deref(), *older_than, &cli_actor())
+                    .await?;
+            println!("purged {} parked records", purged.len());
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who runs a one-shot command, for the audit log: the OS user.
+pub fn cli_actor() -> store::Actor {
+    let who = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        // SAFETY: getuid cannot fail.
+        .unwrap_or_else(|| format!("uid:{}", unsafe { libc::getuid() }));
+    store::Actor { who, via: "cli" }
+}
+
+pub async fn cancel(
+    config: &Config,
+    message_ids: &[String],
+    deployment: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::store::CancelResult as R;
+    let store = Store::connect_now(&config.database, &config.daemon.id).await?;
+    // The owners hear at once through their thread queues; without the broker, the sweep
+    // tells them within sweep.interval.
+    let broker = match crate::broker::connect(config, "turnd cancel").await {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!(
+                "RabbitMQ unavailable ({e}); the owners learn of the cancel within sweep.interval"
+            );
+            None
+        }
+    };
+    let reports = crate::cancel::cancel(
+        config,
+        &store,
+        broker.as_ref().map(|(_, ch)| ch),
+        message_ids,
+        deployment,
+        &cli_actor(),
+    )
+    .await?;
+    if let Some((connection, _)) = broker {
+        let _ = connection.close(200, "done".into()).await;
+    }
+    let mut all = true;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    for r in &reports {
+        let id = inert(&r.message_id);
+        let line = match &r.result {
+            R::Cancelled { deployment } => {
+                format!("{id}: cancelled (was queued in {deployment}; TURN_CANCELLED sent)")
+            }
+            R::Cancelling { deployment, owner } => format!(
+                "{id}: cancelling (running in {deployment} on {}; its worker has turn.cancel_grace to answer, then TURN_CANCELLED)",
+                owner.as_deref().unwrap_or("no daemon right now"),
+            ),
+            R::AlreadyCancelling { deployment } => {
+                format!("{id}: already cancelling (in {deployment})")
+            }
+            R::AlreadyDone { deployment, kind, code } => {
+                all = false;
+                format!(
+                    "{id}: already answered in {deployment} ({}); nothing changed",
+                    match (kind.as_deref(), code.as_deref()) {
+                        (Some("error"), Some(c)) => format!("error {c}"),
+                        (Some(k), _) => k.to_owned(),
+                        (None, _) => "event no longer kept".to_owned(),
+                    }
+                )
+            }
+            R::NotFound => {
+                all = false;
+                format!(
+                    "{id}: no such turn{} (never accepted, or older than reply.retention)",
+                    deployment.map(|d| format!(" in {d}")).unwrap_or_default()
+                )
+            }
+            R::Ambiguous { candidates } => {
+                all = false;
+                format!(
+                    "{id}: in several deployments, name one with --deployment: {}",
+                    candidates.join(", ")
+                )
+            }
+        };
+        if !json {
+            println!("{line}");
+        }
+    }
+    Ok(if all { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+pub async fn audit(
+    config: &Config,
+    action: Option<&str>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = Store::connect_now(&config.database, &config.daemon.id).await?;
+    let rows = store.audit_list(action, limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<16} {:<8} {:<8} {:<40} RESULT", "AT", "WHO", "VIA", "ACTION", "TARGET");
+    for r in rows {
+        println!(
+            "{:<24} {:<16} {:<8} {:<8} {:<40} {}",
+            r.at,
+            inert(&r.who),
+            r.via,
+            inert(&r.action),
+            inert(&r.target),
+            inert(&r.result)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -707,6 +707,13 @@ pub struct TurnConfig {
     /// A turn waiting for its worker fails after this.
     #[serde(with = "duration_str")]
     pub queue_timeout: Duration,
+    /// How long a running turn's worker has, after an operator cancelled the turn, to answer
+    /// it itself (it gets a `cancel` line) before the turn ends `TURN_CANCELLED` and the
+    /// worker is stopped. Longer lets a worker wind down cleanly; shorter frees the
+    /// conversation sooner. Zero ends a running turn at once (the worker still gets the line).
+    /// A cancel never extends a turn: its deadline at the time still applies if it is sooner.
+    #[serde(with = "duration_str")]
+    pub cancel_grace: Duration,
 }
 
 impl Default for TurnConfig {
@@ -714,6 +721,7 @@ impl Default for TurnConfig {
         TurnConfig {
             deadline: Duration::from_secs(60),
             queue_timeout: Duration::from_secs(10 * 60),
+            cancel_grace: Duration::from_secs(10),
         }
     }
 }
@@ -779,6 +787,9 @@ pub struct HttpConfig {
     /// A secret: keep it in the environment file as `TURND_HTTP__ADMIN_TOKEN`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<Secret>,
+    /// Who the admin token stands for in the audit log (`turnd_audit.who`, the console's
+    /// audit section): e.g. the team or person it was given to.
+    pub admin_token_name: String,
     /// When set, the console pages and every `/api/v1/` read need it (or the admin token):
     /// as a bearer token, or entered once on the page's login form. `/metrics`, `/healthz`
     /// and `/readyz` never need it. A secret, like `admin_token`.
@@ -798,6 +809,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
             admin_token: None,
+            admin_token_name: "admin".to_owned(),
             read_token: None,
             ops_listen: None,
             show_payloads: false,
@@ -924,7 +936,10 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
             ("limits", Kind::Toml),
         ],
     ),
-    ("turn", &[("deadline", Kind::Text), ("queue_timeout", Kind::Text)]),
+    (
+        "turn",
+        &[("deadline", Kind::Text), ("queue_timeout", Kind::Text), ("cancel_grace", Kind::Text)],
+    ),
     ("reply", &[("retention", Kind::Text)]),
     ("sweep", &[("interval", Kind::Text), ("adoption_delay", Kind::Text)]),
     ("shutdown", &[("grace", Kind::Text)]),
@@ -933,6 +948,7 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
         &[
             ("listen", Kind::Text),
             ("admin_token", Kind::Text),
+            ("admin_token_name", Kind::Text),
             ("read_token", Kind::Text),
             ("ops_listen", Kind::Text),
             ("show_payloads", Kind::Toml),
@@ -1286,6 +1302,13 @@ impl Config {
         }
 
         // http
+        let name = &self.http.admin_token_name;
+        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+            return invalid(
+                "http.admin_token_name",
+                "must be 1 to 64 printable characters (it names the token in the audit log)".into(),
+            );
+        }
         if let Some(token) = &self.http.admin_token
             && token.expose().is_empty()
         {

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -55,6 +55,14 @@ fn main() -> ExitCode {
             }
             Command::Send(args) => cli::send(&config, args).await,
             Command::Parked { action, .. } => cli::parked(&config, action).await,
+            Command::Cancel { message_ids, deployment, json } => {
+                cli::cancel(&config, message_ids, deployment.as_deref(), *json).await
+            }
+            Command::Audit { action, limit, json } => {
+                cli::audit(&config, action.as_deref(), *limit, *json)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
             Command::CheckConfig => Ok(ExitCode::SUCCESS),
         }
     });

@@ -5,7 +5,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::broker::{self, Names, Session, json_properties, long_string};
 use crate::config::Config;
-use crate::store::{ParkedTurn, Store, StoreError};
+use crate::store::{Actor, ParkedTurn, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParkedError {
@@ -27,12 +27,14 @@ pub struct ReplayResult {
 
 /// Republishes each parked turn once. The claim in the database comes first, so two operators
 /// (or one command naming an id twice) never publish a turn twice; a failed publish undoes
-/// the claim.
+/// the claim. `who` is recorded on the parked record; each attempt, whatever its result, in
+/// the audit log as `actor`'s.
 pub async fn replay(
     config: &Config,
     store: &Store,
     ids: &[i64],
     who: &str,
+    actor: &Actor,
 ) -> Result<Vec<ReplayResult>, ParkedError> {
     let (connection, publisher) = broker::connect(config, "turnd parked replay").await?;
     let names = Names::new(&config.amqp.prefix);
@@ -58,10 +60,157 @@ pub async fn replay(
                 }
             },
         };
+        store.audit(actor, "replay", &format!("parked:{id}"), &result).await?;
         results.push(ReplayResult { id, result });
     }
     let _ = connection.close(200, "done".into()).await;
     Ok(results)
+}
+
+/// Deletes parked records by id, or by code and/or age, and records each one deleted in the
+/// audit log (a purge that matched nothing is recorded once, by what it asked for).
+pub async fn purge(
+    store: &Store,
+    ids: &[i64],
+    code: Option<&str>,
+    older_than: Option<std::time::Duration>,
+    actor: &Actor,
+) -> Result<Vec<i64>, ParkedError> {
+    let purged = store.parked_purge(ids, code, older_than).await?;
+    for id in &purged {
+        store.audit(actor, "purge", &format!("parked:{id}"), "purged").await?;
+    }
+    if purged.is_empty() {
+        let target = match (ids, code, older_than) {
+            ([id], ..) => format!("parked:{id}"),
+            _ => format!(
+                "filter:ids={ids:?},code={},older_than={}",
+                code.unwrap_or("*"),
+                older_than.map_or("*".to_owned(), |d| humantime::format_duration(d).to_string())
+            ),
+        };
+        store.audit(actor, "purge", &target, "not_found").await?;
+    }
+    Ok(purged)
+}
+
+/// A bulk action by filter: what it would act on, and the confirmation that must come back
+/// with the request to act, so a set that changed in between is not acted on blindly.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BulkPreview {
+    /// "replay" or "purge".
+    pub action: String,
+    /// How many parked turns it acts on now (at most `store::MAX_LIST_ROWS`; `more` is set
+    /// when the batch is full, so others may match beyond it: act again afterwards).
+    pub count: usize,
+    pub more: bool,
+    /// A hash of the action and the exact ids: the same ids give the same confirmation.
+    pub confirm: String,
+    /// The first few ids, to look at.
+    pub sample: Vec<i64>,
+}
+
+/// The filter of a bulk action (each part optional; at least one must be given).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct BulkFilter {
+    pub code: Option<String>,
+    pub deployment: Option<String>,
+    /// Parked longer ago than this (a duration like "1h").
+    pub older_than: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BulkError {
+    #[error("{0}")]
+    BadFilter(String),
+    /// The set changed since the preview; here is the new one.
+    #[error("the matching set changed since it was counted (now {} turns); confirm again", .0.count)]
+    Changed(BulkPreview),
+    #[error(transparent)]
+    Parked(#[from] ParkedError),
+}
+
+impl From<StoreError> for BulkError {
+    fn from(e: StoreError) -> Self {
+        BulkError::Parked(ParkedError::Store(e))
+    }
+}
+
+/// Counts what a bulk action would act on.
+pub async fn bulk_preview(
+    store: &Store,
+    action: &str,
+    filter: &BulkFilter,
+) -> Result<(BulkPreview, Vec<i64>), BulkError> {
+    let replay = match action {
+        "replay" => true,
+        "purge" => false,
+        other => return Err(BulkError::BadFilter(format!("action {other:?}: replay or purge"))),
+    };
+    let older_than = match filter.older_than.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(humantime::parse_duration(s).map_err(|e| {
+            BulkError::BadFilter(format!("older_than {s:?}: {e} (e.g. \"30m\", \"2h\")"))
+        })?),
+    };
+    let code = filter.code.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let deployment = filter.deployment.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    if code.is_none() && deployment.is_none() && older_than.is_none() {
+        return Err(BulkError::BadFilter(
+            "name a code, a deployment or an age (older_than); \"0s\" means every age".into(),
+        ));
+    }
+    let limit = crate::store::MAX_LIST_ROWS;
+    let mut ids =
+        store.parked_ids_matching(code, deployment, older_than, replay, limit + 1).await?;
+    // Lists stop at MAX_LIST_ROWS (the store clamps): a full batch may have more behind it.
+    let more = ids.len() as i64 >= limit;
+    ids.truncate(limit as usize);
+    let preview = BulkPreview {
+        action: action.to_owned(),
+        count: ids.len(),
+        more,
+        confirm: confirmation(action, &ids),
+        sample: ids.iter().take(10).copied().collect(),
+    };
+    Ok((preview, ids))
+}
+
+/// Acts on the filter's set if it is still the one confirmed; each turn acted on is audited.
+pub async fn bulk_act(
+    config: &Config,
+    store: &Store,
+    action: &str,
+    filter: &BulkFilter,
+    confirm: &str,
+    actor: &Actor,
+) -> Result<Vec<ReplayResult>, BulkError> {
+    let (preview, ids) = bulk_preview(store, action, filter).await?;
+    if preview.confirm != confirm {
+        return Err(BulkError::Changed(preview));
+    }
+    if action == "replay" {
+        let who = actor.who.clone();
+        return Ok(replay(config, store, &ids, &who, actor).await?);
+    }
+    let purged = purge(store, &ids, None, None, actor).await?;
+    Ok(ids
+        .iter()
+        .map(|id| ReplayResult {
+            id: *id,
+            result: if purged.contains(id) { "purged" } else { "not_found" }.to_owned(),
+        })
+        .collect())
+}
+
+fn confirmation(action: &str, ids: &[i64]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(action.as_bytes());
+    for id in ids {
+        h.update(id.to_be_bytes());
+    }
+    hex::encode(&h.finalize()[..8])
 }
 
 async fn publish(
@@ -124,6 +273,15 @@ fn replay_headers(json: &str) -> FieldTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confirmations_change_with_the_set_and_the_action() {
+        let a = confirmation("purge", &[1, 2, 3]);
+        assert_eq!(a, confirmation("purge", &[1, 2, 3]));
+        assert_ne!(a, confirmation("purge", &[1, 2]));
+        assert_ne!(a, confirmation("replay", &[1, 2, 3]));
+        assert_eq!(a.len(), 16);
+    }
 
     #[test]
     fn replay_drops_bookkeeping_headers_and_keeps_the_producers() {

@@ -82,6 +82,30 @@ impl Sweep {
             }
             Err(e) => tracing::warn!(error = %e, "adoption query failed"),
         }
+        // Running turns cancelled longer than the grace ago whose owner did not end them (it
+        // died mid-cancel, or never heard).
+        match self.store.sweep_cancelled(self.config.turn.cancel_grace).await {
+            Ok(failed) => {
+                if !failed.is_empty() {
+                    tracing::info!(
+                        turns = failed.len(),
+                        "sweep ended cancelled turns past turn.cancel_grace"
+                    );
+                }
+                relay.failed("sweep", failed);
+            }
+            Err(e) => tracing::warn!(error = %e, "cancel sweep failed; next round retries"),
+        }
+        // Cancel requests whose doorbell did not reach this daemon's owner (lost, or its
+        // thread-queue consumer not started yet): wake the owner in memory.
+        match self.store.undelivered_cancels(&self.config.daemon.id).await {
+            Ok(names) => {
+                for name in names {
+                    self.deployments.cancel(&DeploymentName::from_trusted(name));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot look for undelivered cancels"),
+        }
         if let Err(e) = self.store.purge_retention(self.config.reply.retention).await {
             tracing::warn!(error = %e, "retention purge failed");
         }

@@ -741,6 +741,9 @@ pub enum ErrorCode {
     MissingContext,
     InvalidTurn,
     WorkerError,
+    /// An operator cancelled the turn (`turnd cancel`, the API, the console) and its worker did
+    /// not answer first.
+    TurnCancelled,
     /// A worker's own code (from an `error` line, or the code of `provider_failed`).
     Other(String),
 }
@@ -756,6 +759,7 @@ impl ErrorCode {
             Self::MissingContext => "MISSING_CONTEXT",
             Self::InvalidTurn => "INVALID_TURN",
             Self::WorkerError => "WORKER_ERROR",
+            Self::TurnCancelled => "TURN_CANCELLED",
             Self::Other(code) => code,
         }
     }
@@ -773,6 +777,7 @@ impl ErrorCode {
             Some("MISSING_CONTEXT") => Self::MissingContext,
             Some("INVALID_TURN") => Self::InvalidTurn,
             Some("WORKER_ERROR") => Self::WorkerError,
+            Some("TURN_CANCELLED") => Self::TurnCancelled,
             Some(other) => Self::Other(other.to_owned()),
         }
     }
@@ -1313,6 +1318,7 @@ mod tests {
             (ErrorCode::WorkerStartFailed, "WORKER_START_FAILED"),
             (ErrorCode::TurnTimeout, "TURN_TIMEOUT"),
             (ErrorCode::WorkerStopped, "WORKER_STOPPED"),
+            (ErrorCode::TurnCancelled, "TURN_CANCELLED"),
             (ErrorCode::WorkerCrashLoop, "WORKER_CRASH_LOOP"),
             (ErrorCode::MissingContext, "MISSING_CONTEXT"),
             (ErrorCode::InvalidTurn, "INVALID_TURN"),

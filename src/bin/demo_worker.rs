@@ -97,6 +97,9 @@ fn main() {
         };
         let turn = match (msg.kind.as_ref(), msg.turn) {
             ("turn", Some(turn)) => turn,
+            // An operator cancelled a turn: this worker answers each turn before reading the
+            // next line, so the turn named is already answered and there is nothing to stop.
+            ("cancel", _) => continue,
             (kind, _) => {
                 eprintln!("demo-worker: ignoring line of type {kind:?}");
                 continue;

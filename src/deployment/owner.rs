@@ -25,6 +25,9 @@ pub(super) struct Running {
     pub(super) deadline: Instant,
     pub(super) provider_failed: bool,
     pub(super) last_extension: Instant,
+    /// An operator cancelled it and its worker was told: heartbeats no longer move the
+    /// deadline, which is the end of `turn.cancel_grace`.
+    pub(super) cancelled: bool,
 }
 
 pub(super) struct Owner<'a> {
@@ -32,6 +35,8 @@ pub(super) struct Owner<'a> {
     pub(super) name: DeploymentName,
     pub(super) held: Held,
     pub(super) nudge: Arc<Notify>,
+    /// An operator cancelled one of its turns (cancel doorbell, or the sweep's reminder).
+    pub(super) cancel: Arc<Notify>,
     pub(super) evict: CancellationToken,
     pub(super) busy: Arc<AtomicBool>,
     pub(super) last_active: Arc<AtomicU64>,
@@ -153,11 +158,19 @@ impl Owner<'_> {
             match Box::pin(session.consume_thread(&self.name)).await {
                 Ok((channel, consumer)) => {
                     let nudge = self.nudge.clone();
+                    let cancel = self.cancel.clone();
                     let ended = Arc::new(Notify::new());
                     let ended2 = ended.clone();
                     let tag = consumer.tag();
                     consumer.set_delegate(move |delivery: lapin::message::DeliveryResult| {
                         match delivery {
+                            Ok(Some(d))
+                                if d.properties.kind().as_ref().is_some_and(|k| {
+                                    k.as_str() == crate::cancel::CANCEL_DOORBELL
+                                }) =>
+                            {
+                                cancel.notify_one()
+                            }
                             Ok(Some(_)) => nudge.notify_one(),
                             _ => ended2.notify_one(),
                         }
@@ -254,6 +267,7 @@ impl Owner<'_> {
             deadline,
             provider_failed: false,
             last_extension: now,
+            cancelled: false,
         }
     }
 

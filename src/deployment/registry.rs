@@ -8,6 +8,8 @@ use super::*;
 #[derive(Debug)]
 pub(super) struct Entry {
     pub(super) nudge: Arc<Notify>,
+    /// An operator cancelled a turn here: the owner looks whether its running turn is it.
+    pub(super) cancel: Arc<Notify>,
     pub(super) evict: CancellationToken,
     pub(super) busy: Arc<AtomicBool>,
     /// Milliseconds since the registry's start when the deployment last finished a turn.
@@ -68,6 +70,18 @@ impl Deployments {
         match self.entries().get(name) {
             Some(e) => {
                 e.nudge.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tells a locally owned deployment that one of its turns was cancelled (the sweep's
+    /// reminder). False when this daemon does not own it.
+    pub fn cancel(&self, name: &DeploymentName) -> bool {
+        match self.entries().get(name) {
+            Some(e) => {
+                e.cancel.notify_one();
                 true
             }
             None => false,
@@ -154,11 +168,12 @@ impl Deployments {
     }
 
     fn start(&self, name: DeploymentName, held: Held) {
-        let (nudge, evict, busy, last_active, has_worker) = {
+        let (nudge, cancel, evict, busy, last_active, has_worker) = {
             let entries = self.entries();
             let Some(e) = entries.get(&name) else { return };
             (
                 e.nudge.clone(),
+                e.cancel.clone(),
                 e.evict.clone(),
                 e.busy.clone(),
                 e.last_active.clone(),
@@ -177,6 +192,7 @@ impl Deployments {
                 name: name.clone(),
                 held,
                 nudge,
+                cancel,
                 evict,
                 busy,
                 last_active,
@@ -233,6 +249,7 @@ impl Entry {
     fn new(now_ms: u64) -> Entry {
         Entry {
             nudge: Arc::new(Notify::new()),
+            cancel: Arc::new(Notify::new()),
             evict: CancellationToken::new(),
             busy: Arc::new(AtomicBool::new(true)),
             last_active: Arc::new(AtomicU64::new(now_ms)),

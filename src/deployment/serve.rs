@@ -12,6 +12,7 @@ use super::*;
 enum Wake {
     LockLost,
     Nudge,
+    Cancel,
     Worker(Option<WorkerEvent>),
     Deadline,
     Idle,
@@ -250,6 +251,8 @@ impl Serving<'_> {
         tokio::select! {
             _ = lost => Wake::LockLost,
             _ = owner.nudge.notified() => Wake::Nudge,
+            // Left stored while no turn runs: the next one looks once (and finds nothing).
+            _ = owner.cancel.notified(), if running => Wake::Cancel,
             event = next_event(self.worker.as_mut()) => Wake::Worker(event),
             _ = sleep_until_opt(deadline) => Wake::Deadline,
             _ = sleep_until_opt(idle_at) => Wake::Idle,
@@ -263,6 +266,7 @@ impl Serving<'_> {
         match wake {
             Wake::LockLost => return Some(self.lock_lost().await),
             Wake::Nudge => self.want_claim = true,
+            Wake::Cancel => Box::pin(self.cancel_asked()).await,
             Wake::Worker(event) => return self.worker_event(event).await,
             Wake::Deadline => self.deadline_lapsed().await,
             Wake::Idle => {
@@ -376,14 +380,26 @@ impl Serving<'_> {
 
     async fn deadline_lapsed(&mut self) {
         let Some(r) = self.running.take() else { return };
-        tracing::warn!(message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
-        self.owner
-            .fail_running(
-                "timeout",
-                ErrorCode::TurnTimeout,
-                "no heartbeat or reply within turn.deadline",
-            )
-            .await;
+        if r.cancelled {
+            // The row's cancel request makes the store's outcome TURN_CANCELLED either way.
+            tracing::info!(message_id = %r.envelope.message_id, "cancelled turn not answered within turn.cancel_grace; stopping the worker");
+            self.owner
+                .fail_running(
+                    "cancel",
+                    ErrorCode::TurnCancelled,
+                    "cancelled by an operator; the worker did not answer within turn.cancel_grace",
+                )
+                .await;
+        } else {
+            tracing::warn!(message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
+            self.owner
+                .fail_running(
+                    "timeout",
+                    ErrorCode::TurnTimeout,
+                    "no heartbeat or reply within turn.deadline",
+                )
+                .await;
+        }
         self.stop_worker();
         self.want_claim = true;
     }
@@ -417,6 +433,9 @@ impl Serving<'_> {
             }
             WorkerLine::ProviderRecovered => {
                 let Some(r) = self.running.as_mut() else { return };
+                if r.cancelled {
+                    return;
+                }
                 r.provider_failed = false;
                 r.deadline = Instant::now() + owner.ctx().config.turn.deadline;
                 r.last_extension = Instant::now();
@@ -437,7 +456,7 @@ impl Serving<'_> {
     async fn heartbeat(&mut self) {
         let deadline = self.config().turn.deadline;
         let Some(r) = self.running.as_mut() else { return };
-        if r.provider_failed {
+        if r.provider_failed || r.cancelled {
             return;
         }
         let now = Instant::now();
@@ -448,6 +467,41 @@ impl Serving<'_> {
             if let Err(e) = self.owner.extend_deadlines().await {
                 tracing::warn!(error = %e, "cannot extend deadlines");
             }
+        }
+    }
+
+    /// An operator may have cancelled the running turn: if the database says so (and nobody
+    /// told this worker yet), write the cancel line and hold the turn to what is left of
+    /// `turn.cancel_grace`. The write is bounded like a turn's: a worker not reading stdin is
+    /// stopped at the grace's end anyway.
+    async fn cancel_asked(&mut self) {
+        let (owner, ctx) = (self.owner, self.owner.ctx());
+        let Some(r) = self.running.as_mut() else { return };
+        let grace = ctx.config.turn.cancel_grace;
+        let taken =
+            ctx.store.take_cancel(&owner.name, &r.envelope.message_id, owner.epoch(), grace);
+        let left = match taken.await {
+            Ok(Some(left)) => left,
+            Ok(None) => return,
+            Err(e) => {
+                // The sweep reminds us next round (the request is still undelivered).
+                tracing::warn!(error = %e, "cannot read the cancel request");
+                return;
+            }
+        };
+        tracing::info!(message_id = %r.envelope.message_id, grace_left_ms = left.as_millis() as u64, "turn cancelled by an operator; telling the worker");
+        r.cancelled = true;
+        r.deadline = r.deadline.min(Instant::now() + left);
+        let until = r.deadline;
+        let Some(w) = self.worker.as_mut() else { return };
+        let line = crate::worker::protocol::cancel_line(&r.envelope.message_id);
+        tokio::select! {
+            written = w.send(&line) => if let Err(e) = written {
+                tracing::debug!(error = %e, "cannot write the cancel line");
+            },
+            _ = tokio::time::sleep_until(until) => {}
+            _ = ctx.hard.cancelled() => {}
+            _ = ctx.locks.lost(owner.held.generation) => {}
         }
     }
 }

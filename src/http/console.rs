@@ -4,8 +4,10 @@
 //! Server-rendered from the database on every request with maud (templates are Rust macros,
 //! checked and compiled into the binary, escaped by default). The page refreshes its `data-live`
 //! parts every 5 s with a small inline script (`console.js`; a `<noscript>` meta refresh without
-//! it). Replay and Purge buttons exist only when `http.admin_token` is set; they call the JSON
-//! API (`api.rs`) with the token as a bearer token, asked for once per browser tab. With
+//! it). Replay, Purge and Cancel buttons, and the bulk replay/purge by filter (count first,
+//! then a confirmation that carries the set's hash), exist only when `http.admin_token` is
+//! set; they call the JSON API (`api.rs`) with the token as a bearer token, asked for once per
+//! browser tab. The Audit section lists the latest operator actions. With
 //! `http.read_token` set, a page request without it gets [`login_page`] (see `access.rs`).
 
 use std::fmt::Write as _;
@@ -21,8 +23,12 @@ use serde::Deserialize;
 use super::AppState;
 use super::views::{self, Cluster, Deployments, ParkedDetail, ParkedList, Turns};
 use crate::store::{
-    ConsoleDeployment, EVENT_BUCKET_SECONDS, EVENT_WINDOW_SECONDS, EventBucket, StoreError,
+    AuditRow, ConsoleDeployment, EVENT_BUCKET_SECONDS, EVENT_WINDOW_SECONDS, EventBucket,
+    StoreError,
 };
+
+/// Audit rows on the main page (the API lists more).
+const AUDIT_SHOWN: i64 = 20;
 
 const CSS: &str = include_str!("console.css");
 const JS: &str = include_str!("console.js");
@@ -50,6 +56,7 @@ struct Overview {
     all_deployments: Option<Vec<ConsoleDeployment>>,
     turns: Turns,
     parked: ParkedList,
+    audit: Vec<AuditRow>,
 }
 
 async fn overview(s: &AppState, q: Option<&str>) -> Result<Overview, StoreError> {
@@ -66,6 +73,7 @@ async fn overview(s: &AppState, q: Option<&str>) -> Result<Overview, StoreError>
         all_deployments,
         turns: views::turns_view(s).await?,
         parked: views::parked_view(s, None, views::DEFAULT_PARKED).await?,
+        audit: s.store().audit_list(None, AUDIT_SHOWN).await?,
     })
 }
 
@@ -78,9 +86,11 @@ async fn index(State(s): State<AppState>, Query(q): Query<IndexQuery>) -> Respon
                 main {
                     (attention_section(&s, &v))
                     (cluster_section(&v.cluster))
-                    (turns_section(&v.turns))
+                    (turns_section(&v.turns, v.cluster.actions_enabled))
                     (deployments_section(&s, &v.deployments))
                     (parked_section(&v.parked, v.cluster.actions_enabled))
+                    @if v.cluster.actions_enabled { (bulk_section()) }
+                    (audit_section(&v.audit))
                 }
             };
             respond(StatusCode::OK, page(&s, &nonce, &title, body))
@@ -421,7 +431,7 @@ fn cluster_section(c: &Cluster) -> Markup {
     }
 }
 
-fn turns_section(t: &Turns) -> Markup {
+fn turns_section(t: &Turns, actions: bool) -> Markup {
     let total: i64 = t.terminal_events.buckets.iter().map(|b| b.count).sum();
     html! {
         section #turns data-live {
@@ -437,6 +447,9 @@ fn turns_section(t: &Turns) -> Markup {
                             td {
                                 @if let Some(d) = &p.oldest_deployment { a href=(search_href(d)) { (d) } }
                                 @if let Some(m) = &p.oldest_message_id { " " code.mute { (m) } }
+                                @if let (true, Some(d), Some(m)) = (actions, &p.oldest_deployment, &p.oldest_message_id) {
+                                    " " (cancel_button(d, m))
+                                }
                             }
                         }
                     }
@@ -445,6 +458,17 @@ fn turns_section(t: &Turns) -> Markup {
                         td.num.warn[t.unpublished_events > 100] { b { (t.unpublished_events) } }
                         td {} td {}
                     }
+                }
+            }
+            @if actions {
+                // Outside data-live: what is typed here survives the refresh.
+                div.cancel-form {
+                    "Cancel a turn: "
+                    input #cancel-message type="text" placeholder="messageId" aria-label="messageId";
+                    " "
+                    input #cancel-deployment type="text" placeholder="deployment (if ambiguous)" aria-label="deployment";
+                    " "
+                    button.danger type="button" data-action="cancel" title="Queued: ends TURN_CANCELLED now. Running: its worker gets a cancel line and turn.cancel_grace to answer" { "Cancel" }
                 }
             }
             div.chart {
@@ -602,6 +626,61 @@ fn parked_detail(s: &AppState, d: &ParkedDetail) -> Markup {
                 @if cut { p.mute { "Cut at " (MAX_BODY_SHOWN) " bytes; " a href={ "/api/v1/parked/" (p.id) } { "the API" } " has all of it." } }
                 h2 { "Headers" }
                 pre #headers { (pretty(&d.headers)) }
+            }
+        }
+    }
+}
+
+fn cancel_button(deployment: &str, message_id: &str) -> Markup {
+    html! {
+        button.danger type="button" data-action="cancel" data-deployment=(deployment) data-message=(message_id)
+            title="Cancel this turn (queued: TURN_CANCELLED now; running: its worker is told)" { "Cancel" }
+    }
+}
+
+/// Bulk replay or purge of parked turns by filter: Count shows how many and which, and only
+/// then a button that acts on exactly that set (console.js sends its confirmation back).
+fn bulk_section() -> Markup {
+    html! {
+        section.wide #bulk {
+            h2 { "Bulk replay or purge" span.count { "parked turns by filter; the count comes first, and a changed set is not acted on" } }
+            div.bulk-form {
+                select #bulk-action aria-label="action" {
+                    option value="replay" { "replay" }
+                    option value="purge" { "purge" }
+                }
+                " code " input #bulk-code type="text" placeholder="e.g. INVALID_TURN" size="16";
+                " deployment " input #bulk-deployment type="text" size="24";
+                " parked longer ago than " input #bulk-older type="text" placeholder="e.g. 1h, 0s = any" size="10";
+                " " button type="button" data-action="bulk-count" { "Count" }
+                " " span #bulk-result {}
+            }
+        }
+    }
+}
+
+fn audit_section(rows: &[AuditRow]) -> Markup {
+    html! {
+        section.wide #audit data-live {
+            h2 { "Audit" span.count { "operator actions, newest " (AUDIT_SHOWN) " · " a href="/api/v1/audit" { "more in the API" } } }
+            @if rows.is_empty() {
+                p.mute { "no operator action yet" }
+            } @else {
+                table {
+                    thead { tr { th { "when" } th { "who" } th { "via" } th { "action" } th { "target" } th { "result" } } }
+                    tbody {
+                        @for r in rows {
+                            tr {
+                                td.num title=(r.at) { (age(r.age_s)) " ago" }
+                                td { (r.who) }
+                                td { (r.via) }
+                                td { b { (r.action) } }
+                                td.mono { (shorten(&r.target, 120)) }
+                                td { (r.result) }
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -6,8 +6,8 @@
 //!                                                 readiness (503 unless database, broker and
 //!                                                 lock session are healthy); always open
 //!                   /api/v1/...                   api.rs: the console's views as JSON, and the
-//!                                                 two actions on parked turns (replay, purge)
-//!                                                 behind http.admin_token
+//!                                                 operator actions (replay, purge, bulk,
+//!                                                 cancel) behind http.admin_token
 //!                   /, /parked/{id}               console.rs: the operator console,
 //!                                                 server-rendered from the database (maud
 //!                                                 templates compiled into the binary)
@@ -17,9 +17,10 @@
 //! http.ops_listen   /metrics, /healthz, /readyz   only these; anything else is 404
 //! ```
 //!
-//! **Architecture invariant**: it never takes a lock or changes a pending turn. The only writes
-//! are the two parked-turn actions, which need the bearer token and go through `parked` and
-//! `store`, the same code as `turnd parked`. Lists never read a parked turn's body (only the
+//! **Architecture invariant**: it never takes a lock. The only writes are the operator actions
+//! (parked replay and purge, one by one or in bulk; cancelling a turn, the one change to a
+//! pending turn), which need the bearer token, go through `parked`, `cancel` and `store` (the
+//! same code as `turnd parked` and `turnd cancel`) and are audited. Lists never read a parked turn's body (only the
 //! one-turn view does) and never return more than `store::MAX_LIST_ROWS` rows.
 
 use std::net::SocketAddr;
@@ -110,6 +111,8 @@ pub struct Tokens(Arc<std::sync::RwLock<TokenPair>>);
 #[derive(Debug, Clone, Default)]
 struct TokenPair {
     admin: Option<Secret>,
+    /// `http.admin_token_name`: who the admin token stands for in the audit log.
+    admin_name: String,
     read: Option<Secret>,
 }
 
@@ -131,7 +134,11 @@ impl Tokens {
         if pair.read != http.read_token {
             changed.push("http.read_token");
         }
-        *pair = TokenPair { admin: http.admin_token.clone(), read: http.read_token.clone() };
+        *pair = TokenPair {
+            admin: http.admin_token.clone(),
+            admin_name: http.admin_token_name.clone(),
+            read: http.read_token.clone(),
+        };
         changed
     }
 
@@ -142,6 +149,10 @@ impl Tokens {
     pub fn read(&self) -> Option<Secret> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).read.clone()
     }
+
+    pub fn admin_name(&self) -> String {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).admin_name.clone()
+    }
 }
 
 impl AppState {
@@ -151,6 +162,10 @@ impl AppState {
 
     pub(crate) fn admin_token(&self) -> Option<Secret> {
         self.tokens.admin()
+    }
+
+    pub(crate) fn admin_name(&self) -> String {
+        self.tokens.admin_name()
     }
 
     pub(crate) fn read_token(&self) -> Option<Secret> {

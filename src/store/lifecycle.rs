@@ -306,7 +306,8 @@ impl Store {
                  WHEN state = 'running' THEN now() + $3::bigint * interval '1 millisecond'
                  ELSE GREATEST(deadline, now() + $4::bigint * interval '1 millisecond') END
              WHERE deployment = $1 AND state <> 'done'
-               AND (state = 'queued' OR (epoch = $2 AND provider_code IS NULL))",
+               AND (state = 'queued'
+                    OR (epoch = $2 AND provider_code IS NULL AND cancel_requested_at IS NULL))",
         )
         .bind(deployment.as_str())
         .bind(epoch.get())
@@ -462,7 +463,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
-                    state, provider_code
+                    state, provider_code, cancel_requested_at IS NOT NULL AS cancelled
              FROM turnd_turns WHERE state <> 'done' AND deadline < now()
              ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -701,6 +702,21 @@ impl From<TakenOver> for Takeover {
     }
 }
 
+/// A cancelled turn's error, whatever path ended it: the lapse of its deadline is the end of
+/// `turn.cancel_grace`; any other path (the worker died, shutdown) says so after the cancel.
+pub(super) fn cancelled_outcome(path: &Outcome) -> Outcome {
+    let message = match path {
+        Outcome::Error { code: ErrorCode::TurnTimeout, .. } => {
+            "cancelled by an operator; the worker did not answer within turn.cancel_grace"
+                .to_owned()
+        }
+        Outcome::Error { code: ErrorCode::TurnCancelled, message } => message.clone(),
+        Outcome::Error { message, .. } => format!("cancelled by an operator; then {message}"),
+        Outcome::Reply(_) => "cancelled by an operator".to_owned(),
+    };
+    Outcome::error(ErrorCode::TurnCancelled, message)
+}
+
 /// What the take-over statement found.
 enum TakeoverRow {
     /// The deployment has no turn record at all (nothing to do).
@@ -815,7 +831,7 @@ async fn pending_rows(
 ) -> Result<Vec<Pending>> {
     let sql = format!(
         "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
-                state, provider_code
+                state, provider_code, cancel_requested_at IS NOT NULL AS cancelled
          FROM turnd_turns {filter} ORDER BY seq FOR UPDATE"
     );
     let rows: Vec<PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -826,12 +842,13 @@ async fn pending_rows(
     rows.iter().map(pending_from_row).collect()
 }
 
-fn pending_from_row(row: &PgRow) -> Result<Pending> {
+pub(super) fn pending_from_row(row: &PgRow) -> Result<Pending> {
     let deployment = DeploymentName::from_trusted(row.try_get("deployment")?);
     Ok(Pending {
         envelope: envelope_from_row(&deployment, row)?,
         state: row.try_get("state")?,
         provider_code: row.try_get("provider_code")?,
+        cancelled: row.try_get("cancelled")?,
     })
 }
 
@@ -848,7 +865,7 @@ fn envelope_from_row(deployment: &DeploymentName, row: &PgRow) -> Result<Envelop
 
 /// The election for many turns at once: marks the given (locked) pending rows done and
 /// inserts their error events, inside the caller's transaction.
-async fn finish_pending(
+pub(super) async fn finish_pending(
     tx: &mut Transaction<'_, Postgres>,
     pending: Vec<Pending>,
     outcome: &(dyn Fn(&str) -> Outcome + Sync),
@@ -860,6 +877,8 @@ async fn finish_pending(
         .iter()
         .map(|p| {
             let outcome = match (&p.provider_code, p.state.as_str()) {
+                // The operator's cancel names what ended it; the path says why it ended now.
+                _ if p.cancelled => cancelled_outcome(&outcome(&p.state)),
                 // A provider outage outlived the deadline: the error says so.
                 (Some(code), "running") => match outcome(&p.state) {
                     Outcome::Error { code: ErrorCode::TurnTimeout, message } => Outcome::Error {

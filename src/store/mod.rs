@@ -167,6 +167,8 @@ struct Pending {
     envelope: Envelope,
     state: String,
     provider_code: Option<String>,
+    /// An operator asked to cancel it: whichever path ends it, it ends `TURN_CANCELLED`.
+    cancelled: bool,
 }
 
 /// The first key of the outbox catch-up's transaction-level advisory lock ("tdrc").
@@ -296,8 +298,13 @@ impl Store {
     }
 }
 
+mod audit;
+mod cancel;
 mod lifecycle;
 mod parked;
 mod views;
+
+pub use audit::{Actor, AuditRow};
+pub use cancel::CancelResult;
 
 pub use views::*;

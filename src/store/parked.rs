@@ -46,24 +46,24 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes parked records by id, or by code and/or age. Returns how many.
+    /// Deletes parked records by id, or by code and/or age. Returns the ids deleted.
     pub async fn parked_purge(
         &self,
         ids: &[i64],
         code: Option<&str>,
         older_than: Option<Duration>,
-    ) -> Result<u64> {
-        Ok(sqlx::query(
+    ) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
             "DELETE FROM turnd_parked
              WHERE (cardinality($1::bigint[]) = 0 OR id = ANY($1))
                AND ($2::text IS NULL OR code = $2)
-               AND ($3::bigint IS NULL OR parked_at < now() - $3::bigint * interval '1 millisecond')",
+               AND ($3::bigint IS NULL OR parked_at < now() - $3::bigint * interval '1 millisecond')
+             RETURNING id",
         )
         .bind(ids)
         .bind(code)
         .bind(older_than.map(millis))
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .fetch_all(&self.pool)
+        .await?)
     }
 }

@@ -203,6 +203,34 @@ impl Store {
         .await?)
     }
 
+    /// The ids a bulk action by filter acts on, oldest first, at most `limit` (clamped to
+    /// [`MAX_LIST_ROWS`]): those with `code`, in `deployment`, parked longer than `older_than`
+    /// ago (each filter optional), and, with `not_replayed`, not replayed yet.
+    pub async fn parked_ids_matching(
+        &self,
+        code: Option<&str>,
+        deployment: Option<&str>,
+        older_than: Option<Duration>,
+        not_replayed: bool,
+        limit: i64,
+    ) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM turnd_parked
+             WHERE ($1::text IS NULL OR code = $1)
+               AND ($2::text IS NULL OR deployment = $2)
+               AND ($3::bigint IS NULL OR parked_at < now() - $3::bigint * interval '1 millisecond')
+               AND (NOT $4 OR replayed_at IS NULL)
+             ORDER BY id LIMIT $5",
+        )
+        .bind(code)
+        .bind(deployment)
+        .bind(older_than.map(millis))
+        .bind(not_replayed)
+        .bind(list_limit(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// One parked turn with its body and headers: with [`Store::parked_claim_replay`], which
     /// republishes them, the only query that reads them.
     pub async fn parked_get(&self, id: i64) -> Result<Option<ParkedTurn>> {

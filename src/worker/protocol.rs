@@ -33,6 +33,19 @@ pub fn turn_line(epoch: Epoch, turn_line: &str) -> Vec<u8> {
     out
 }
 
+/// The stdin line that tells a worker an operator cancelled its turn `message_id` (it may
+/// answer it with an error or a reply of its own before `turn.cancel_grace` ends; a
+/// protocol-1 worker that ignores unknown lines keeps working).
+pub fn cancel_line(message_id: &crate::turn::MessageId) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&serde_json::json!({
+        "type": "cancel",
+        "messageId": message_id.as_str(),
+    }))
+    .unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
 /// One stdout line of a worker.
 #[derive(Debug)]
 pub enum WorkerLine {
@@ -282,6 +295,13 @@ mod tests {
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         let line = turn_line(Epoch::new(i64::MAX), "{}");
         assert_eq!(line, b"{\"type\":\"turn\",\"epoch\":9223372036854775807,\"turn\":{}}\n");
+    }
+
+    #[test]
+    fn cancel_line_is_one_json_line() {
+        let line = cancel_line(&crate::turn::MessageId::from_trusted("m\"1".into()));
+        assert_eq!(line, b"{\"type\":\"cancel\",\"messageId\":\"m\\\"1\"}\n");
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
     }
 
     #[test]

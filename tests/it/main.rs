@@ -4,6 +4,7 @@
 
 mod as_printed;
 mod bad_input;
+mod cancel;
 mod cluster;
 mod console;
 mod console_browser;

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use turnd::event::{Outcome, TerminalEvent};
 use turnd::intake::{envelope_of, envelope_of_invalid};
 use turnd::turn::{self, Epoch, ErrorCode};
-use turnd::worker::protocol::{parse_line, turn_line};
+use turnd::worker::protocol::{cancel_line, parse_line, turn_line};
 
 const MAX: usize = 262_144;
 
@@ -88,6 +88,9 @@ proptest! {
                 let line = turn_line(Epoch::new(7), &turn.line);
                 let line = json(std::str::from_utf8(&line).expect("UTF-8"));
                 prop_assert!(STDIN.is_valid(&line), "{:?}", errors(&STDIN, &line));
+                let cancel = cancel_line(&turn.message_id);
+                let cancel = json(std::str::from_utf8(&cancel).expect("UTF-8"));
+                prop_assert!(STDIN.is_valid(&cancel), "{:?}", errors(&STDIN, &cancel));
                 for outcome in outcomes() {
                     let event = TerminalEvent::new(&envelope_of(&turn), &outcome);
                     let body = json(&event.body);

@@ -235,6 +235,29 @@ impl Cluster {
         Client::new(&self.prefix).await
     }
 
+    /// Runs a one-shot `turnd` command with this cluster's configuration, as its daemons
+    /// get it (as the OS user `tester`, which the audit log records), off the async runtime.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = std::process::Command::new(turnd_bin());
+        cmd.args(args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.env("USER", "tester").env("TURND_LOG__LEVEL", "warn");
+        tokio::task::spawn_blocking(move || cmd.output().expect("run turnd"))
+            .await
+            .expect("turnd command thread")
+    }
+
+    /// A turn's state (`queued`, `running`, `done`), None when it has no record.
+    pub async fn turn_state(&self, deployment: &str, message_id: &str) -> Option<String> {
+        sqlx::query_scalar(
+            "SELECT state FROM turnd_turns WHERE deployment = $1 AND message_id = $2",
+        )
+        .bind(deployment)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await
+        .expect("read turn state")
+    }
+
     /// Rows of turnd_turns not done.
     pub async fn pending(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM turnd_turns WHERE state <> 'done'")

@@ -22,6 +22,7 @@
 //! | `env` | reply with the whole environment as an object |
 //! | `echo` | reply `{"line":<the stdin line exactly as received, as a string>}` |
 //! | `probe` | try each of `payload.probes` and reply `{"results":[{"ok":bool,"error":<text or null>,"text":<what was read, ≤ 4 KiB, or null>}...]}` in order; a probe is `{"read":PATH}`, `{"write":PATH}` (create/truncate, write `payload.data` or `"x"`), `{"signal":PID}` (signal 0), `{"connect":"HOST:PORT"}` (TCP, 2 s timeout), `{"bind":"HOST:PORT"}` (TCP listen), `{"listen_abstract":NAME}` (an abstract Unix socket kept open for the worker's life) or `{"connect_abstract":NAME}` |
+//! | `wait_cancel` | read stdin until `{"type":"cancel"}` for this turn arrives, then per `payload.on_cancel`: `error` (default: an error line with code `payload.code`, default `CANCELLED_BY_WORKER`), `reply` (reply), `ignore` (never answer; keep reading stdin). A `payload.reply_after_ms` replies by itself that long after the turn unless the cancel came first |
 //! | `random` | pick one of reply/error/hang/crash/exit0 from `payload.seed` (splitmix64) weighted by `payload.p` |
 //!
 //! With `payload.exit_after`, `garbage`, `noise` and `flood` exit 0 instead of replying (what they
@@ -34,7 +35,7 @@
 //!
 //! * `TEST_WORKER_LOG=<dir>`: append to `<dir>/<TURND_DEPLOYMENT>.log` one line per event:
 //!   `start <pid> <TURND_EPOCH> <unix_nanos>`, `turn <pid> <epoch> <messageId> <unix_nanos>`,
-//!   `exit <pid> <unix_nanos>` (on EOF, SIGTERM, `exit0`, `exit_code`). With it, SIGTERM writes
+//!   `cancel <pid> <messageId> <unix_nanos>` (a cancel line read), `exit <pid> <unix_nanos>` (on EOF, SIGTERM, `exit0`, `exit_code`). With it, SIGTERM writes
 //!   the exit line and `_exit(0)`s.
 //! * `TEST_WORKER_EXCLUSIVE=<dir>`: `flock(LOCK_EX|LOCK_NB)` on `<dir>/<TURND_DEPLOYMENT>.lock`;
 //!   if already held, append `VIOLATION <pid> <unix_nanos>` to `<dir>/violations.log`.
@@ -62,6 +63,9 @@ struct Input<'a> {
     epoch: Option<&'a RawValue>,
     #[serde(borrow)]
     turn: Option<Turn<'a>>,
+    /// Of a `cancel` line.
+    #[serde(rename = "messageId", borrow)]
+    message_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -157,7 +161,9 @@ fn main() {
 
     let mut worker =
         Worker { pid, out: io::stdout().lock(), buf: Vec::with_capacity(256), seen: 0 };
-    let mut input = io::stdin().lock();
+    // Our own buffer, not StdinLock's: `wait_cancel` polls the pipe only when nothing is
+    // buffered, and must see what is.
+    let mut input = io::BufReader::new(stdin_file());
     let mut line = String::new();
     let null = null_raw();
     loop {
@@ -186,6 +192,12 @@ fn main() {
         };
         let turn = match (msg.kind.as_ref(), msg.turn) {
             ("turn", Some(turn)) => turn,
+            ("cancel", _) => {
+                // For a turn already answered: nothing to do but note it.
+                let id = msg.message_id.as_deref().unwrap_or("-");
+                log_event(&format!("cancel {pid} {id} {}\n", unix_nanos()));
+                continue;
+            }
             (kind, _) => {
                 eprintln!("test-worker: ignoring line of type {kind:?}");
                 continue;
@@ -224,11 +236,71 @@ fn main() {
             });
             continue;
         }
+        if action == "wait_cancel" {
+            worker.wait_cancel(&mut input, &turn.message_id, epoch, &payload);
+            continue;
+        }
         worker.act(action, &turn.message_id, epoch, &payload);
     }
 }
 
 impl Worker {
+    /// `wait_cancel`: stdin is read on a thread of its own so that `reply_after_ms` can race
+    /// the cancel line, as a real worker's own answer races an operator.
+    fn wait_cancel(
+        &mut self,
+        input: &mut StdinReader,
+        message_id: &str,
+        epoch: &RawValue,
+        payload: &Value,
+    ) {
+        let reply_after =
+            payload.get("reply_after_ms").and_then(Value::as_u64).map(Duration::from_millis);
+        let started = Instant::now();
+        let cancelled = loop {
+            let wait = reply_after.map(|d| d.saturating_sub(started.elapsed()));
+            if wait.is_some_and(|w| w.is_zero()) {
+                break false;
+            }
+            match read_line_within(input, wait) {
+                Some(line) => {
+                    let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                    if v["type"] == "cancel" {
+                        let id = v["messageId"].as_str().unwrap_or("-");
+                        log_event(&format!("cancel {} {id} {}\n", self.pid, unix_nanos()));
+                        if id == message_id {
+                            break true;
+                        }
+                    }
+                }
+                None if wait.is_some() => break false,
+                None => exit_logged(0),
+            }
+        };
+        if !cancelled {
+            return self.reply(message_id, epoch, payload);
+        }
+        match payload.get("on_cancel").and_then(Value::as_str).unwrap_or("error") {
+            "reply" => self.reply(message_id, epoch, payload),
+            "ignore" => loop {
+                // Keep reading (and logging) stdin; never answer.
+                if read_line_within(input, None).is_none() {
+                    exit_logged(0);
+                }
+            },
+            _ => {
+                let code =
+                    payload.get("code").and_then(Value::as_str).unwrap_or("CANCELLED_BY_WORKER");
+                self.send_json(&ErrorLine {
+                    kind: "error",
+                    message_id,
+                    error: "cancelled",
+                    code: Some(code),
+                });
+            }
+        }
+    }
+
     fn act(&mut self, action: &str, message_id: &str, epoch: &RawValue, payload: &Value) {
         match action {
             "reply" => self.reply(message_id, epoch, payload),
@@ -682,4 +754,40 @@ fn write_decimal(out: &mut [u8], mut n: u64) -> usize {
     let len = digits.len() - i;
     out[..len].copy_from_slice(&digits[i..]);
     len
+}
+
+/// One stdin line, or None at EOF or once `within` passed (polled: the worker is single
+/// threaded and its stdin a pipe).
+fn read_line_within(input: &mut StdinReader, within: Option<Duration>) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    if let Some(within) = within {
+        // Lines already buffered need no poll.
+        if input.buffer().is_empty() {
+            let mut fds =
+                libc::pollfd { fd: input.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let ms = libc::c_int::try_from(within.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut fds, 1, ms) } <= 0 {
+                return None;
+            }
+        }
+    }
+    let mut line = String::new();
+    match input.read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(line),
+    }
+}
+
+type StdinReader = io::BufReader<std::fs::File>;
+
+fn stdin_file() -> std::fs::File {
+    use std::os::fd::AsFd;
+    match io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            eprintln!("test-worker: cannot take stdin: {e}");
+            std::process::exit(1);
+        }
+    }
 }
