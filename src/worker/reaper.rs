@@ -219,6 +219,9 @@ impl Reaper {
                     if matches!(reap(pid, libc::WNOHANG), Ok((true, _))) {
                         ORPHANS_REAPED.fetch_add(1, Ordering::Relaxed);
                     }
+                    // Signals coalesce: one SIGCHLD may stand for many orphans gone at once,
+                    // so look again before sleeping (ECHILD ends the search).
+                    CHILD_SIGNALLED.store(true, Ordering::SeqCst);
                 }
                 None => {
                     // Someone else's child: its owner reaps it. Ours may be behind it in the
