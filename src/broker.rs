@@ -532,6 +532,16 @@ pub fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
+/// W3C trace context headers (`traceparent`, `tracestate`), as AMQP carries them by convention.
+pub fn trace_headers(cx: &crate::otel::TraceContext) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert("traceparent".into(), long_string(&cx.traceparent));
+    if let Some(state) = &cx.tracestate {
+        headers.insert("tracestate".into(), long_string(state));
+    }
+    headers
+}
+
 /// Connects once and opens a confirming channel.
 pub async fn connect(config: &Config, name: &str) -> Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());

@@ -27,6 +27,7 @@ use crate::broker::{self, Broker, BrokerError, Names, Session, long_string};
 use crate::config::{Config, SessionStore};
 use crate::deployment::Deployments;
 use crate::event::{Envelope, Outcome};
+use crate::otel::{self, TraceContext};
 use crate::store::{ParkedRecord, Store, StoreError};
 use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn};
 
@@ -247,7 +248,17 @@ impl Intake {
         batch: &mut Vec<Delivery>,
     ) -> Result<(), BatchError> {
         let config = &self.config;
-        let verdicts: Vec<Verdict> = batch.iter().map(|d| self.judge(d)).collect();
+        let mut verdicts: Vec<Verdict> = batch.iter().map(|d| self.judge(d)).collect();
+        // Each turn's intake and arm spans, open until its delivery is acked; the intake
+        // span's context is stored with the turn.
+        let spans: Vec<(tracing::Span, tracing::Span)> = batch
+            .iter()
+            .zip(verdicts.iter_mut())
+            .filter_map(|(delivery, verdict)| match verdict {
+                Verdict::Arm(turn) => Some(trace_turn(delivery, turn)),
+                _ => None,
+            })
+            .collect();
         let turns: Vec<&Turn> = verdicts
             .iter()
             .filter_map(|v| match v {
@@ -266,6 +277,9 @@ impl Intake {
         } else {
             self.store.arm(&turns, config.turn.queue_timeout).await?
         };
+        for ((_, arm), armed) in spans.iter().zip(&armed) {
+            arm.record("armed", *armed);
+        }
         // What was armed, one entry per deployment. A deployment owned here is woken in memory
         // at once (its turn is committed: the owner may claim it now, before the doorbell's
         // round trip); one owned nowhere gets its owner sought while the doorbells go out.
@@ -712,6 +726,7 @@ fn envelope_of(turn: &Turn) -> Envelope {
         agent_id: turn.agent_id.as_str().to_owned(),
         conversation_id: turn.conversation_id.clone(),
         routing: Some(turn.routing.clone()),
+        trace: turn.trace.clone(),
     }
 }
 
@@ -729,6 +744,7 @@ fn ident_of_invalid(invalid: &InvalidTurn) -> Option<Box<Ident>> {
             agent_id: agent_id.as_str().to_owned(),
             conversation_id: invalid.conversation_id.clone(),
             routing: invalid.routing.clone(),
+            trace: None,
         },
         conversation_key: deployment.as_str().to_owned(),
     }))
@@ -764,6 +780,25 @@ pub fn refusals(properties: &BasicProperties) -> u32 {
         Some(AMQPValue::ShortShortUInt(n)) => u32::from(*n),
         _ => 0,
     }
+}
+
+/// Opens the intake and arm spans of a turn, parented on the producer's trace context (AMQP
+/// headers `traceparent`/`tracestate`, else `platformMetadata.traceparent`/`.tracestate`), and
+/// sets the context stored with the turn: the intake span's.
+fn trace_turn(delivery: &Delivery, turn: &mut Turn) -> (tracing::Span, tracing::Span) {
+    let headers = delivery.properties.headers().as_ref();
+    let from_headers = headers.and_then(|h| {
+        TraceContext::parse(field_str(h, "traceparent")?, field_str(h, "tracestate"))
+    });
+    let producer = from_headers.or_else(|| {
+        let (tp, ts) = turn.metadata_trace.as_ref()?;
+        TraceContext::parse(tp, ts.as_deref())
+    });
+    let (deployment, message_id) = (turn.deployment.as_str(), turn.message_id.as_str());
+    let intake = otel::intake_span(producer.as_ref(), deployment, message_id);
+    let arm = otel::arm_span(&intake, deployment, message_id);
+    turn.trace = otel::context_of(&intake);
+    (intake, arm)
 }
 
 fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {

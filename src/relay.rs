@@ -17,7 +17,8 @@ use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, Session, json_properties};
+use crate::broker::{Broker, Session, json_properties, trace_headers};
+use crate::otel::{self, TraceContext};
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
 
@@ -162,6 +163,7 @@ impl Relay {
                 routing_key: &c.event.routing_key,
                 message_id: c.event.message_id.as_str(),
                 body: &c.event.body,
+                trace: c.event.trace.as_ref(),
             })
             .collect();
         let ids = self.publish(&rows).await.unwrap_or_default();
@@ -186,14 +188,21 @@ impl Relay {
         let session: Arc<Session> = self.broker.current()?;
         let mut confirms = Vec::with_capacity(rows.len());
         for row in rows {
-            let properties = json_properties()
+            // The routing key ends in the deployment (`reply.<org>.<deployment>`).
+            let deployment = row.routing_key.rsplit('.').next().unwrap_or("");
+            let span = otel::relay_span(row.trace, deployment, row.message_id);
+            let mut properties = json_properties()
                 .with_correlation_id(ShortString::from(row.message_id))
                 .with_message_id(ShortString::from(row.event_id));
+            // Consumers continue the turn's trace from the event (CONTRACT §6).
+            if let Some(cx) = otel::context_of(&span) {
+                properties = properties.with_headers(trace_headers(&cx));
+            }
             match session
                 .publish(&self.exchange, row.routing_key, false, row.body.as_bytes(), properties)
                 .await
             {
-                Ok(c) => confirms.push((row.id, c)),
+                Ok(c) => confirms.push((row.id, c, span)),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot publish terminal event; will retry from the outbox");
                     break;
@@ -201,14 +210,16 @@ impl Relay {
             }
         }
         let mut ids = Vec::with_capacity(confirms.len());
-        for (id, confirm) in confirms {
+        for (id, confirm, span) in confirms {
             match Session::confirmed(confirm, &self.exchange).await {
                 Ok(_) => {
+                    drop(span);
                     self.metrics.events_published.inc();
                     ids.push(id);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "terminal event not confirmed; will retry from the outbox")
+                    otel::set_error(&span);
+                    tracing::warn!(parent: &span, error = %e, "terminal event not confirmed; will retry from the outbox")
                 }
             }
         }
@@ -240,6 +251,7 @@ impl Relay {
                     routing_key: &r.routing_key,
                     message_id: &r.message_id,
                     body: &r.body,
+                    trace: r.trace.as_ref(),
                 })
                 .collect();
             let Some(ids) = self.publish(&refs).await else { return };
@@ -263,6 +275,7 @@ struct Row<'a> {
     routing_key: &'a str,
     message_id: &'a str,
     body: &'a str,
+    trace: Option<&'a TraceContext>,
 }
 
 /// True on a notification, false when the listener failed (it is rebuilt).
