@@ -727,7 +727,9 @@ impl Default for OtelConfig {
     }
 }
 
-fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
     Ok(s.filter(|s| !s.is_empty()))
 }
@@ -1257,13 +1259,17 @@ impl Config {
                 Ok(u) if u.scheme() == "https" => {
                     return invalid(
                         "otel.endpoint",
-                        format!("{endpoint:?}: https is not supported (turnd carries no TLS stack for export); use a local collector over http://"),
+                        format!(
+                            "{endpoint:?}: https is not supported (turnd carries no TLS stack for export); use a local collector over http://"
+                        ),
                     );
                 }
                 Ok(_) => {
                     return invalid(
                         "otel.endpoint",
-                        format!("{endpoint:?} is not an http:// URL with a host, e.g. \"http://127.0.0.1:4318\""),
+                        format!(
+                            "{endpoint:?} is not an http:// URL with a host, e.g. \"http://127.0.0.1:4318\""
+                        ),
                     );
                 }
                 Err(e) => {
@@ -1274,8 +1280,12 @@ impl Config {
                 }
             }
         }
-        if self.otel.service_name.is_empty() || self.otel.service_name.chars().any(char::is_control) {
-            return invalid("otel.service_name", "must be a non-empty name without control characters".into());
+        if self.otel.service_name.is_empty() || self.otel.service_name.chars().any(char::is_control)
+        {
+            return invalid(
+                "otel.service_name",
+                "must be a non-empty name without control characters".into(),
+            );
         }
         if !(0.0..=1.0).contains(&self.otel.sample_ratio) {
             return invalid(
@@ -1814,6 +1824,13 @@ mod tests {
             ("[http]\nread_token = \"with space\"", "http.read_token"),
             ("[http]\nread_token = \"caf\\u00e9\"", "http.read_token"),
             ("[log]\nlevel = \"turnd=loud\"", "log.level"),
+            ("[otel]\nendpoint = \"https://c:4318\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"127.0.0.1:4318\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"not a url\"", "otel.endpoint"),
+            ("[otel]\nservice_name = \"\"", "otel.service_name"),
+            ("[otel]\nsample_ratio = 1.5", "otel.sample_ratio"),
+            ("[otel]\nsample_ratio = -0.1", "otel.sample_ratio"),
+            ("[otel]\nqueue_size = 0", "otel.queue_size"),
         ] {
             let (key, _) = err_key(load(toml, &[]));
             assert_eq!(key, want, "{toml}");
@@ -1821,6 +1838,11 @@ mod tests {
         let (key, _) = err_key(load("", &[("TURND_DAEMON__ID", &"x".repeat(129))]));
         assert_eq!(key, "daemon.id");
         load("", &[("TURND_LOG__LEVEL", "turnd=debug,info")]).unwrap();
+        // Export is off by default; an empty endpoint is off too.
+        assert_eq!(load("", &[]).unwrap().otel.endpoint, None);
+        assert_eq!(load("[otel]\nendpoint = \"\"", &[]).unwrap().otel.endpoint, None);
+        let c = load("", &[("TURND_OTEL__ENDPOINT", "http://127.0.0.1:4318")]).unwrap();
+        assert_eq!(c.otel.endpoint.as_deref(), Some("http://127.0.0.1:4318"));
     }
 
     #[test]
@@ -2018,6 +2040,7 @@ mod tests {
         let mut d = Config::default();
         d.http.admin_token = Some(Secret::new("x"));
         d.http.read_token = Some(Secret::new("y"));
+        d.otel.endpoint = Some("http://127.0.0.1:4318".into());
         let table = Table::try_from(&d).unwrap();
         let from_structs: BTreeSet<(String, String, bool)> = table
             .iter()

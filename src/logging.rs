@@ -50,17 +50,17 @@ pub fn init(config: &Config, daemon: bool) -> Result<(), crate::otel::Error> {
         // Spans only: log events stay in the log, and a span's attributes are its fields.
         .with_location(false)
         .with_threads(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.target() == crate::otel::TARGET
-        }));
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() == crate::otel::TARGET));
     // Colours only on a terminal: under systemd or in a pod the log is a file, and escape
     // codes there only hide what a grep looks for.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
     let installed = match config.log.format {
-        LogFormat::Json => {
-            Registry::default().with(layer).with(otel).with(fmt.json().flatten_event(true)).try_init()
-        }
+        LogFormat::Json => Registry::default()
+            .with(layer)
+            .with(otel)
+            .with(fmt.json().flatten_event(true))
+            .try_init(),
         LogFormat::Pretty => Registry::default().with(layer).with(otel).with(fmt).try_init(),
     };
     if installed.is_ok() {

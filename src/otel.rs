@@ -56,7 +56,7 @@ pub struct TraceContext {
 impl TraceContext {
     /// The context if `traceparent` is a valid W3C one (a bad `tracestate` is left out).
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<TraceContext> {
-        if traceparent.len() > MAX_TRACEPARENT {
+        if traceparent.len() > MAX_TRACEPARENT || !well_formed(traceparent) {
             return None;
         }
         let tracestate = tracestate.filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE);
@@ -86,6 +86,28 @@ impl TraceContext {
     }
 }
 
+/// W3C Trace Context level 1, strictly (the SDK's parser takes short ids): lowercase hex,
+/// version not `ff`, version 00 exactly 55 bytes, a later version 55 bytes or more with a `-`
+/// after them, ids not all zeros.
+fn well_formed(tp: &str) -> bool {
+    let b = tp.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b.get(r).is_some_and(|s| s.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)))
+    };
+    let zeros = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
+    let shape = b.len() >= 55
+        && hex(0..2)
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+        && [b[2], b[35], b[52]] == [b'-'; 3];
+    shape
+        && &b[0..2] != b"ff"
+        && !zeros(3..35)
+        && !zeros(36..52)
+        && if &b[0..2] == b"00" { b.len() == 55 } else { b.len() == 55 || b[55] == b'-' }
+}
+
 fn extract(traceparent: &str, tracestate: Option<&str>) -> opentelemetry::Context {
     let mut carrier = HashMap::with_capacity(2);
     carrier.insert("traceparent".to_owned(), traceparent.to_owned());
@@ -113,7 +135,8 @@ pub fn context_of(span: &Span) -> Option<TraceContext> {
 }
 
 /// Parents `span` on `parent` (a remote or stored context; none: `span` keeps its `tracing`
-/// parent, or starts a trace) and records its trace id for the log.
+/// parent, or starts a trace) and records its trace id for the log. Spans parented this way
+/// are `tracing` roots (`parent: None`): whatever span happens to be current is not theirs.
 fn attach(span: Span, parent: Option<&TraceContext>) -> Span {
     if let Some(parent) = parent {
         let _ = span.set_parent(parent.context());
@@ -126,7 +149,7 @@ fn attach(span: Span, parent: Option<&TraceContext>) -> Span {
 
 /// A turn taken from the inbox, parented on the producer's context.
 pub fn intake_span(parent: Option<&TraceContext>, deployment: &str, message_id: &str) -> Span {
-    let span = tracing::info_span!(target: TARGET, "turnd.intake", otel.kind = "consumer",
+    let span = tracing::info_span!(target: TARGET, parent: None, "turnd.intake", otel.kind = "consumer",
         deployment, message_id, trace_id = tracing::field::Empty);
     attach(span, parent)
 }
@@ -139,21 +162,35 @@ pub fn arm_span(intake: &Span, deployment: &str, message_id: &str) -> Span {
 }
 
 /// The turn claimed by its owner, parented on the stored context.
-pub fn claim_span(stored: Option<&TraceContext>, deployment: &str, epoch: i64, message_id: &str, waited: Duration) -> Span {
-    let span = tracing::info_span!(target: TARGET, "turnd.claim", deployment, epoch, message_id,
+pub fn claim_span(
+    stored: Option<&TraceContext>,
+    deployment: &str,
+    epoch: i64,
+    message_id: &str,
+    waited: Duration,
+) -> Span {
+    let span = tracing::info_span!(target: TARGET, parent: None, "turnd.claim", deployment, epoch, message_id,
         waited_ms = waited.as_millis() as u64, trace_id = tracing::field::Empty);
     attach(span, stored)
 }
 
-/// From the turn's line written to the worker until its answer (or its end without one).
+/// From the turn's line written to the worker until its answer (or its end without one). Its
+/// parent is the claim's context, not the `tracing` span: that would keep the claim span open
+/// (and unexported) for as long as the worker works.
 pub fn worker_span(claim: &Span, deployment: &str, epoch: i64, message_id: &str) -> Span {
-    let span = tracing::info_span!(target: TARGET, parent: claim, "turnd.worker", deployment,
+    let span = tracing::info_span!(target: TARGET, parent: None, "turnd.worker", deployment,
         epoch, message_id, otel.status_code = tracing::field::Empty, trace_id = tracing::field::Empty);
-    attach(span, None)
+    attach(span, context_of(claim).as_ref())
 }
 
 /// The worker's answer committed (the election and the outbox row).
-pub fn commit_span(worker: &Span, deployment: &str, epoch: i64, message_id: &str, kind: &str) -> Span {
+pub fn commit_span(
+    worker: &Span,
+    deployment: &str,
+    epoch: i64,
+    message_id: &str,
+    kind: &str,
+) -> Span {
     let span = tracing::info_span!(target: TARGET, parent: worker, "turnd.commit", deployment,
         epoch, message_id, kind, committed = tracing::field::Empty, trace_id = tracing::field::Empty);
     attach(span, None)
@@ -161,7 +198,7 @@ pub fn commit_span(worker: &Span, deployment: &str, epoch: i64, message_id: &str
 
 /// The terminal event published, parented on the context stored with it.
 pub fn relay_span(stored: Option<&TraceContext>, deployment: &str, message_id: &str) -> Span {
-    let span = tracing::info_span!(target: TARGET, "turnd.relay", otel.kind = "producer",
+    let span = tracing::info_span!(target: TARGET, parent: None, "turnd.relay", otel.kind = "producer",
         deployment, message_id, trace_id = tracing::field::Empty);
     attach(span, stored)
 }
@@ -209,7 +246,10 @@ pub fn tracer(config: &Config, export: bool) -> Result<opentelemetry_sdk::trace:
     let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(otel.sample_ratio)));
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(otel.service_name.clone())
-        .with_attribute(opentelemetry::KeyValue::new("service.instance.id", config.daemon.id.clone()))
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            config.daemon.id.clone(),
+        ))
         .build();
     let mut builder = SdkTracerProvider::builder().with_sampler(sampler).with_resource(resource);
     if export && let Some(endpoint) = otel.endpoint.as_deref() {
@@ -223,15 +263,17 @@ pub fn tracer(config: &Config, export: bool) -> Result<opentelemetry_sdk::trace:
             .build()
             .map_err(|source| Error::Exporter { endpoint: url, source })?;
         let in_queue = Arc::new(AtomicUsize::new(0));
-        let batch = BatchSpanProcessor::builder(Counted { inner: exporter, in_queue: in_queue.clone() })
-            .with_batch_config(
-                BatchConfigBuilder::default()
-                    .with_max_queue_size(otel.queue_size)
-                    .with_max_export_batch_size(otel.queue_size.min(512))
-                    .build(),
-            )
-            .build();
-        builder = builder.with_span_processor(Bounded { inner: batch, in_queue, cap: otel.queue_size });
+        let batch =
+            BatchSpanProcessor::builder(Counted { inner: exporter, in_queue: in_queue.clone() })
+                .with_batch_config(
+                    BatchConfigBuilder::default()
+                        .with_max_queue_size(otel.queue_size)
+                        .with_max_export_batch_size(otel.queue_size.min(512))
+                        .build(),
+                )
+                .build();
+        builder =
+            builder.with_span_processor(Bounded { inner: batch, in_queue, cap: otel.queue_size });
     }
     let provider = builder.build();
     let tracer = provider.tracer("turnd");

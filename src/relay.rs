@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Session, json_properties, trace_headers};
-use crate::otel::{self, TraceContext};
 use crate::metrics::Metrics;
+use crate::otel::{self, TraceContext};
 use crate::store::{Committed, Store};
 
 /// Events per publish batch: large enough to amortise confirms and the UPDATE, small enough

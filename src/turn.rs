@@ -452,10 +452,9 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
     };
     let metadata_trace = match &platform_metadata {
         Ok(Some(Value::Object(m))) => match m.get("traceparent") {
-            Some(Value::String(tp)) => Some((
-                tp.clone(),
-                m.get("tracestate").and_then(Value::as_str).map(str::to_owned),
-            )),
+            Some(Value::String(tp)) => {
+                Some((tp.clone(), m.get("tracestate").and_then(Value::as_str).map(str::to_owned)))
+            }
             _ => None,
         },
         _ => None,

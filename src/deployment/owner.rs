@@ -457,8 +457,13 @@ impl Owner<'_> {
     async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
         let ctx = self.ctx();
         let (epoch, id) = (self.epoch().get(), claimed.envelope.message_id.as_str());
-        let claim =
-            otel::claim_span(claimed.envelope.trace.as_ref(), self.name.as_str(), epoch, id, claimed.waited);
+        let claim = otel::claim_span(
+            claimed.envelope.trace.as_ref(),
+            self.name.as_str(),
+            epoch,
+            id,
+            claimed.waited,
+        );
         let span = otel::worker_span(&claim, self.name.as_str(), epoch, id);
         drop(claim);
         let line = turn_line(self.epoch(), otel::context_of(&span).as_ref(), &claimed.line);

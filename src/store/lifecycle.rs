@@ -779,7 +779,9 @@ fn envelope_from_row(deployment: &DeploymentName, row: &PgRow) -> Result<Envelop
         conversation_id: row.try_get("conversation_id")?,
         routing: row.try_get("routing")?,
         trace: match row.try_get::<Option<String>, _>("traceparent")? {
-            Some(tp) => TraceContext::parse(&tp, row.try_get::<Option<String>, _>("tracestate")?.as_deref()),
+            Some(tp) => {
+                TraceContext::parse(&tp, row.try_get::<Option<String>, _>("tracestate")?.as_deref())
+            }
             None => None,
         },
     })

@@ -378,9 +378,29 @@ pub struct Event {
     pub correlation_id: String,
     pub routing_key: String,
     pub body: Value,
+    /// The `traceparent` header (CONTRACT §6), if any.
+    pub traceparent: Option<String>,
 }
 
 impl Event {
+    fn of(d: &lapin::message::Delivery) -> Event {
+        let text = |s: Option<&ShortString>| s.map(|s| s.to_string()).unwrap_or_default();
+        let traceparent =
+            d.properties.headers().as_ref().and_then(|h| match h.inner().get("traceparent") {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            });
+        Event {
+            event_id: text(d.properties.message_id().as_ref()),
+            correlation_id: text(d.properties.correlation_id().as_ref()),
+            routing_key: d.routing_key.to_string(),
+            body: serde_json::from_slice(&d.data).expect("terminal event is JSON"),
+            traceparent,
+        }
+    }
+
     pub fn message_id(&self) -> &str {
         self.body["messageId"].as_str().unwrap_or("")
     }
@@ -491,26 +511,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + within;
         while !done(&self.events) {
             match tokio::time::timeout_at(deadline, self.replies.next()).await {
-                Ok(Some(Ok(d))) => {
-                    let body: Value =
-                        serde_json::from_slice(&d.data).expect("terminal event is JSON");
-                    self.events.push(Event {
-                        event_id: d
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|s| s.to_string())
-                            .unwrap_or_default(),
-                        correlation_id: d
-                            .properties
-                            .correlation_id()
-                            .as_ref()
-                            .map(|s| s.to_string())
-                            .unwrap_or_default(),
-                        routing_key: d.routing_key.to_string(),
-                        body,
-                    });
-                }
+                Ok(Some(Ok(d))) => self.events.push(Event::of(&d)),
                 Ok(other) => panic!("reply consumer ended: {other:?}"),
                 Err(_) => panic!(
                     "timed out after {within:?} waiting for {what}; got {} events: {:#?}",
@@ -541,23 +542,7 @@ impl Client {
     pub async fn drain_for(&mut self, d: Duration) {
         let deadline = tokio::time::Instant::now() + d;
         while let Ok(Some(Ok(del))) = tokio::time::timeout_at(deadline, self.replies.next()).await {
-            let body: Value = serde_json::from_slice(&del.data).expect("JSON");
-            self.events.push(Event {
-                event_id: del
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                correlation_id: del
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                routing_key: del.routing_key.to_string(),
-                body,
-            });
+            self.events.push(Event::of(&del));
         }
     }
 
@@ -1173,4 +1158,132 @@ pub async fn accept_inversions(
         }
     }
     (inversions, missing)
+}
+
+/// One span as an OTLP collector received it.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    /// Attributes as text (OTLP JSON carries integers as strings).
+    pub attributes: HashMap<String, String>,
+    /// `service.instance.id` of the resource: the daemon that exported it.
+    pub instance: String,
+    pub error: bool,
+}
+
+/// An in-test OTLP/HTTP collector taking JSON (`POST /v1/traces`), keeping every span.
+pub struct OtlpReceiver {
+    pub port: u16,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+                        return (axum::http::StatusCode::BAD_REQUEST, "not JSON");
+                    };
+                    kept.lock().unwrap().extend(otlp_spans(&v));
+                    (axum::http::StatusCode::OK, "{}")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let port = listener.local_addr().expect("receiver address").port();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        OtlpReceiver { port, spans, server }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// The spans of one turn (attribute `message_id`).
+    pub fn of_turn(&self, message_id: &str) -> Vec<ReceivedSpan> {
+        let spans = self.spans();
+        spans
+            .into_iter()
+            .filter(|s| s.attributes.get("message_id").map(String::as_str) == Some(message_id))
+            .collect()
+    }
+
+    /// Waits until spans named `names` have arrived for the turn; returns them by name (the
+    /// first of each name).
+    pub async fn wait_turn(
+        &self,
+        message_id: &str,
+        names: &[&str],
+        within: Duration,
+    ) -> HashMap<String, ReceivedSpan> {
+        wait_for_value(within, &format!("spans {names:?} of {message_id}"), || async {
+            let spans = self.of_turn(message_id);
+            let mut by_name = HashMap::new();
+            for s in spans {
+                by_name.entry(s.name.clone()).or_insert(s);
+            }
+            names.iter().all(|n| by_name.contains_key(*n)).then_some(by_name)
+        })
+        .await
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn otlp_spans(v: &Value) -> Vec<ReceivedSpan> {
+    // {"stringValue":"x"} or {"intValue":"7"} (OTLP JSON), perhaps nested once more.
+    fn text(v: &Value) -> String {
+        match v {
+            Value::Object(o) => o.values().next().map(text).unwrap_or_default(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    let attributes = |a: &Value| -> HashMap<String, String> {
+        a.as_array()
+            .into_iter()
+            .flatten()
+            .map(|kv| (kv["key"].as_str().unwrap_or("").to_owned(), text(&kv["value"])))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+        let resource = attributes(&rs["resource"]["attributes"]);
+        let instance = resource.get("service.instance.id").cloned().unwrap_or_default();
+        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+            for s in ss["spans"].as_array().into_iter().flatten() {
+                out.push(ReceivedSpan {
+                    name: s["name"].as_str().unwrap_or("").to_owned(),
+                    trace_id: s["traceId"].as_str().unwrap_or("").to_lowercase(),
+                    span_id: s["spanId"].as_str().unwrap_or("").to_lowercase(),
+                    parent_span_id: s["parentSpanId"].as_str().unwrap_or("").to_lowercase(),
+                    attributes: attributes(&s["attributes"]),
+                    instance: instance.clone(),
+                    error: s["status"]["code"].as_i64() == Some(2)
+                        || s["status"]["code"].as_str() == Some("STATUS_CODE_ERROR"),
+                });
+            }
+        }
+    }
+    out
 }
