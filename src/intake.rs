@@ -249,6 +249,13 @@ impl Intake {
     ) -> Result<(), BatchError> {
         let config = &self.config;
         let mut verdicts: Vec<Verdict> = batch.iter().map(|d| self.judge(d)).collect();
+        // A parked turn's error event continues the producer's trace (headers only: an
+        // invalid body is not read for it).
+        for (delivery, verdict) in batch.iter().zip(verdicts.iter_mut()) {
+            if let Verdict::Park { ident: Some(ident), .. } = verdict {
+                ident.envelope.trace = header_trace(delivery);
+            }
+        }
         // Each turn's intake and arm spans, open until its delivery is acked; the intake
         // span's context is stored with the turn.
         let spans: Vec<(tracing::Span, tracing::Span)> = batch
@@ -786,11 +793,7 @@ pub fn refusals(properties: &BasicProperties) -> u32 {
 /// headers `traceparent`/`tracestate`, else `platformMetadata.traceparent`/`.tracestate`), and
 /// sets the context stored with the turn: the intake span's.
 fn trace_turn(delivery: &Delivery, turn: &mut Turn) -> (tracing::Span, tracing::Span) {
-    let headers = delivery.properties.headers().as_ref();
-    let from_headers = headers.and_then(|h| {
-        TraceContext::parse(field_str(h, "traceparent")?, field_str(h, "tracestate"))
-    });
-    let producer = from_headers.or_else(|| {
+    let producer = header_trace(delivery).or_else(|| {
         let (tp, ts) = turn.metadata_trace.as_ref()?;
         TraceContext::parse(tp, ts.as_deref())
     });
@@ -799,6 +802,12 @@ fn trace_turn(delivery: &Delivery, turn: &mut Turn) -> (tracing::Span, tracing::
     let arm = otel::arm_span(&intake, deployment, message_id);
     turn.trace = otel::context_of(&intake);
     (intake, arm)
+}
+
+/// The producer's trace context from the delivery's `traceparent`/`tracestate` headers.
+fn header_trace(delivery: &Delivery) -> Option<TraceContext> {
+    let h = delivery.properties.headers().as_ref()?;
+    TraceContext::parse(field_str(h, "traceparent")?, field_str(h, "tracestate"))
 }
 
 fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {

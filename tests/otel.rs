@@ -280,3 +280,23 @@ async fn without_an_endpoint_contexts_still_travel() {
     let on_event = event.traceparent.expect("the event carries a traceparent");
     assert!(on_event.starts_with(&format!("00-{trace}-")), "{on_event}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_turns_error_event_continues_the_producers_trace() {
+    let receiver = OtlpReceiver::start().await;
+    let mut cluster = traced_cluster(&receiver).await;
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let (trace, producer, tp) = producer_context();
+    let mut bad = turn("op", "parked", json!({}));
+    bad["runId"] = json!(0); // invalid, but identifiable: it gets an error event
+    let id = mid(&bad);
+    client.publish_with_headers(&bad, trace_headers(&tp)).await;
+    client.wait_for(std::slice::from_ref(&id), T).await;
+    let event = client.event(&id).unwrap().clone();
+    assert_eq!(event.code(), "INVALID_TURN");
+    let spans = receiver.wait_turn(&id, &["turnd.relay"], T).await;
+    assert_eq!(spans["turnd.relay"].trace_id, trace);
+    assert_eq!(spans["turnd.relay"].parent_span_id, producer);
+    assert_eq!(event.traceparent, Some(format!("00-{trace}-{}-01", spans["turnd.relay"].span_id)));
+}
