@@ -300,3 +300,60 @@ async fn a_parked_turns_error_event_continues_the_producers_trace() {
     assert_eq!(spans["turnd.relay"].parent_span_id, producer);
     assert_eq!(event.traceparent, Some(format!("00-{trace}-{}-01", spans["turnd.relay"].span_id)));
 }
+
+/// The context travels through PostgreSQL: armed with the turn, handed to its claimer, kept
+/// with its event for whichever daemon's catch-up publishes it, and dropped once done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_context_is_stored_with_the_turn_and_its_event() {
+    use turnd::event::Outcome;
+    use turnd::otel::TraceContext;
+    use turnd::store::Store;
+    use turnd::turn::{Epoch, ErrorCode, parse};
+
+    let cluster = Cluster::new().await;
+    let store = Store::from_pool(cluster.pool.clone());
+    let (_, _, tp) = producer_context();
+    let (_, _, committed_tp) = producer_context();
+    let stored = TraceContext::parse(&tp, Some("vendor=abc")).unwrap();
+    let committed = TraceContext::parse(&committed_tp, None).unwrap();
+    let body = |id: &str| {
+        json!({"messageId": id, "agentId": "a1", "organizationId": "o1", "conversationId": "db"})
+            .to_string()
+    };
+    let mut t1 = parse(body("s-1").as_bytes(), 1 << 20).unwrap();
+    let mut t2 = parse(body("s-2").as_bytes(), 1 << 20).unwrap();
+    t1.trace = Some(stored.clone());
+    t2.trace = Some(stored.clone());
+    let dep = t1.deployment.clone();
+    store.arm(&[&t1, &t2], Duration::from_secs(60)).await.unwrap();
+    let epoch = Epoch::new(1);
+    store.take_over(&dep, epoch, "d").await.unwrap();
+    let mut c1 = store.claim_next(&dep, epoch, Duration::from_secs(60)).await.unwrap().unwrap();
+    assert_eq!(c1.envelope.trace.as_ref(), Some(&stored), "the claimer gets the stored context");
+
+    // A worker's answer: the event keeps the commit span's context.
+    c1.envelope.trace = Some(committed.clone());
+    let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
+    store.commit(&c1.envelope, epoch, &Outcome::Reply(payload)).await.unwrap().unwrap();
+    // A fail path: the event keeps the turn's stored context.
+    let outcome = |_: &str| Outcome::error(ErrorCode::WorkerDied, "gone");
+    let failed = store.fail_pending(&dep, epoch, false, &outcome).await.unwrap();
+    assert_eq!(failed[0].event.trace.as_ref(), Some(&stored));
+
+    // Another daemon's catch-up reads both contexts from the outbox.
+    let (tx, rows) = store.lock_unpublished(Duration::ZERO, 10).await.unwrap();
+    let by_id: HashMap<&str, Option<&TraceContext>> =
+        rows.iter().map(|r| (r.message_id.as_str(), r.trace.as_ref())).collect();
+    assert_eq!(by_id["s-1"], Some(&committed));
+    assert_eq!(by_id["s-2"], Some(&stored));
+    drop(tx);
+
+    // Done turns keep no context (tombstones stay small).
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM turnd_turns WHERE traceparent IS NOT NULL OR tracestate IS NOT NULL",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+}
