@@ -50,6 +50,8 @@ pub fn init(config: &Config, daemon: bool) -> Result<(), crate::otel::Error> {
         // Spans only: log events stay in the log, and a span's attributes are its fields.
         .with_location(false)
         .with_threads(false)
+        // Turn spans are never entered: busy/idle times would say nothing.
+        .with_tracked_inactivity(false)
         .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() == crate::otel::TARGET));
     // Colours only on a terminal: under systemd or in a pod the log is a file, and escape
     // codes there only hide what a grep looks for.

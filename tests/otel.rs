@@ -195,6 +195,7 @@ async fn a_worker_crash_keeps_each_turn_in_its_own_trace() {
     assert_eq!(spans1["turnd.intake"].parent_span_id, producer1);
     assert_eq!(spans1["turnd.claim"].parent_span_id, spans1["turnd.intake"].span_id);
     assert_eq!(spans1["turnd.worker"].parent_span_id, spans1["turnd.claim"].span_id);
+    assert!(spans1["turnd.worker"].error, "the crashed worker's span is an error");
     assert_eq!(spans1["turnd.relay"].parent_span_id, spans1["turnd.intake"].span_id);
     let e1 = client.event(&id1).unwrap();
     assert_eq!(e1.traceparent, Some(format!("00-{trace1}-{}-01", spans1["turnd.relay"].span_id)));
@@ -207,6 +208,7 @@ async fn a_worker_crash_keeps_each_turn_in_its_own_trace() {
     // The turn after the crash, answered by a fresh worker, is a whole chain in its own trace.
     let spans3 = receiver.wait_turn(&id3, ANSWERED, T).await;
     assert_answered_chain(&spans3, &trace3, &producer3);
+    assert!(!spans3["turnd.worker"].error);
     for (id, trace, n) in [(&id1, &trace1, 5), (&id2, &trace2, 3), (&id3, &trace3, 6)] {
         let of_turn = receiver.of_turn(id);
         assert!(of_turn.iter().all(|s| &s.trace_id == trace), "{id}: {of_turn:#?}");

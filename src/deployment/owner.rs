@@ -346,6 +346,9 @@ impl Owner<'_> {
                         self.has_worker.store(false, Ordering::Relaxed);
                         let _ = ctx.store.set_worker(&self.name, self.epoch(), None).await;
                         if !deliberate {
+                            if let Some(r) = &running {
+                                otel::set_error(&r.span);
+                            }
                             tracing::warn!(deployment = %self.name, "worker {status} without being asked to; failing its turns");
                             self.fail_all("fast", ErrorCode::WorkerDied, &format!("the worker {status}")).await;
                             let _ = ctx.store.record_crash(&self.name).await;
@@ -367,7 +370,8 @@ impl Owner<'_> {
                 },
                 _ = sleep_until_opt(deadline) => {
                     if let Some(r) = running.take() {
-                        tracing::warn!(deployment = %self.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
+                        otel::set_error(&r.span);
+                        tracing::warn!(parent: &r.span, deployment = %self.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
                         self.fail_running("timeout", ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline").await;
                         if let Some(w) = worker.as_mut() {
                             w.stop(config.worker.stop_timeout);
