@@ -60,15 +60,8 @@ impl TraceContext {
             return None;
         }
         let tracestate = tracestate.filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE);
-        let cx = extract(traceparent, tracestate);
-        let span = cx.span();
-        let sc = span.span_context();
-        if !sc.is_valid() {
-            return None;
-        }
-        let tracestate = Some(sc.trace_state().header()).filter(|s| !s.is_empty());
-        // Re-rendered: what is stored and handed on is canonical (lowercase, version 00).
-        Some(TraceContext { traceparent: traceparent_of(sc), tracestate })
+        // Re-rendered: what is stored and handed on is canonical (version 00).
+        of_context(&extract(traceparent, tracestate))
     }
 
     /// The 32 hex digits of the trace id.
@@ -117,21 +110,23 @@ fn extract(traceparent: &str, tracestate: Option<&str>) -> opentelemetry::Contex
     TraceContextPropagator::new().extract(&carrier)
 }
 
-fn traceparent_of(sc: &opentelemetry::trace::SpanContext) -> String {
-    format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
+/// The W3C strings of a context's span, if it has a valid one.
+fn of_context(cx: &opentelemetry::Context) -> Option<TraceContext> {
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return None;
+    }
+    let traceparent =
+        format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8());
+    let tracestate = Some(sc.trace_state().header()).filter(|s| !s.is_empty());
+    Some(TraceContext { traceparent, tracestate })
 }
 
 /// The context of `span` to hand on (to the worker, in the event's headers, into the turn
 /// row); None when no OpenTelemetry layer is installed (a test's own subscriber).
 pub fn context_of(span: &Span) -> Option<TraceContext> {
-    let cx = span.context();
-    let otel = cx.span();
-    let sc = otel.span_context();
-    if !sc.is_valid() {
-        return None;
-    }
-    let tracestate = Some(sc.trace_state().header()).filter(|s| !s.is_empty());
-    Some(TraceContext { traceparent: traceparent_of(sc), tracestate })
+    of_context(&span.context())
 }
 
 /// Parents `span` on `parent` (a remote or stored context; none: `span` keeps its `tracing`
