@@ -359,3 +359,34 @@ async fn the_context_is_stored_with_the_turn_and_its_event() {
     .unwrap();
     assert_eq!(left, 0);
 }
+
+/// A collector that does not answer never slows a turn: export waits on the SDK's thread, and
+/// what does not fit the bounded queue is dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_collector_never_slows_a_turn_and_drops_are_counted() {
+    let receiver = OtlpReceiver::stalled(Duration::from_secs(60)).await;
+    let mut cluster = traced_cluster(&receiver).await;
+    cluster.set("TURND_OTEL__QUEUE_SIZE", "4");
+    let port = free_port();
+    cluster.start_daemon(&[("TURND_HTTP__LISTEN", &format!("127.0.0.1:{port}"))]).await;
+    let mut client = cluster.client().await;
+    // Warm up: the worker is spawned and the first export is stuck in the collector.
+    client.ask(&turn("os", "stalled", json!({})), T).await;
+    let turns: Vec<Value> = (0..10).map(|_| turn("os", "stalled", json!({}))).collect();
+    let ids: Vec<String> = turns.iter().map(mid).collect();
+    let started = std::time::Instant::now();
+    for t in &turns {
+        client.publish(t).await;
+    }
+    client.wait_for(&ids, T).await;
+    let took = started.elapsed();
+    // An export waiting on the collector would hold each turn for the export timeout (5 s).
+    assert!(took < Duration::from_secs(5), "10 turns took {took:?} with a stalled collector");
+    let (_, metrics) = http_get(port, "/metrics").await.expect("metrics");
+    let dropped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnd_otel_spans_dropped_total")?.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no drop counter in:\n{metrics}"));
+    assert!(dropped > 0.0, "66 spans through a queue of 4 with a stalled collector: {metrics}");
+    eprintln!("10 turns in {took:?} with a stalled collector; {dropped} spans dropped");
+}

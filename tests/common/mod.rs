@@ -1184,6 +1184,15 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> OtlpReceiver {
+        OtlpReceiver::serve(Duration::ZERO).await
+    }
+
+    /// A collector that holds every request for `stall` before taking it.
+    pub async fn stalled(stall: Duration) -> OtlpReceiver {
+        OtlpReceiver::serve(stall).await
+    }
+
+    async fn serve(stall: Duration) -> OtlpReceiver {
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept = spans.clone();
         let app = axum::Router::new().route(
@@ -1191,6 +1200,7 @@ impl OtlpReceiver {
             axum::routing::post(move |body: axum::body::Bytes| {
                 let kept = kept.clone();
                 async move {
+                    tokio::time::sleep(stall).await;
                     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
                         return (axum::http::StatusCode::BAD_REQUEST, "not JSON");
                     };
