@@ -204,7 +204,8 @@ impl Relay {
             {
                 Ok(c) => confirms.push((row.id, c, span)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot publish terminal event; will retry from the outbox");
+                    otel::set_error(&span);
+                    tracing::warn!(parent: &span, error = %e, "cannot publish terminal event; will retry from the outbox");
                     break;
                 }
             }
