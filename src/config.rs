@@ -1255,6 +1255,13 @@ impl Config {
         // otel
         if let Some(endpoint) = &self.otel.endpoint {
             match url::Url::parse(endpoint) {
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    // check-config prints this key: no secrets in it.
+                    return invalid(
+                        "otel.endpoint",
+                        "must not carry credentials; send them as headers with OTEL_EXPORTER_OTLP_HEADERS".into(),
+                    );
+                }
                 Ok(u) if u.scheme() == "http" && u.host_str().is_some() => {}
                 Ok(u) if u.scheme() == "https" => {
                     return invalid(
@@ -1827,6 +1834,7 @@ mod tests {
             ("[otel]\nendpoint = \"https://c:4318\"", "otel.endpoint"),
             ("[otel]\nendpoint = \"127.0.0.1:4318\"", "otel.endpoint"),
             ("[otel]\nendpoint = \"not a url\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"http://u:p@c:4318\"", "otel.endpoint"),
             ("[otel]\nservice_name = \"\"", "otel.service_name"),
             ("[otel]\nsample_ratio = 1.5", "otel.sample_ratio"),
             ("[otel]\nsample_ratio = -0.1", "otel.sample_ratio"),
