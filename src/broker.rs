@@ -527,6 +527,16 @@ pub fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
+/// W3C trace context headers (`traceparent`, `tracestate`), as AMQP carries them by convention.
+pub fn trace_headers(cx: &crate::otel::TraceContext) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert("traceparent".into(), long_string(&cx.traceparent));
+    if let Some(state) = &cx.tracestate {
+        headers.insert("tracestate".into(), long_string(state));
+    }
+    headers
+}
+
 /// How long one node may take to accept a connection and finish the AMQP handshake before the
 /// next URL is tried. A healthy node answers in milliseconds, even across zones; a node behind a
 /// silent partition would otherwise hold the daemon for the kernel's SYN retries (~2 min).

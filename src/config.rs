@@ -491,6 +491,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// `[otel]`: OpenTelemetry trace export.
+    pub otel: OtelConfig,
     /// The file this was read from, if any (not a key): a sandboxed worker may not read it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -833,6 +835,44 @@ impl Default for LogConfig {
     }
 }
 
+/// `[otel]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// Base URL of an OTLP/HTTP collector (as `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to
+    /// `<endpoint>/v1/traces`, JSON-encoded); `None` (an empty string in TOML, the default)
+    /// exports nothing. `http://` only: turnd carries no TLS stack for it (a local collector
+    /// or agent sidecar forwards).
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "empty_is_none")]
+    pub endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Share of the traces that start at turnd (a turn without a producer's context) that are
+    /// sampled, 0.0 to 1.0. A producer's own decision (its `traceparent` flag) always stands.
+    pub sample_ratio: f64,
+    /// Spans waiting for export at most; past it new spans are dropped (counted in
+    /// `turnd_otel_spans_dropped_total`), never waited for: export never slows a turn.
+    pub queue_size: usize,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        OtelConfig {
+            endpoint: None,
+            service_name: "turnd".to_owned(),
+            sample_ratio: 1.0,
+            queue_size: 2048,
+        }
+    }
+}
+
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()))
+}
+
 /// `log.format`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -955,6 +995,15 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     ("log", &[("format", Kind::Text), ("level", Kind::Text)]),
+    (
+        "otel",
+        &[
+            ("endpoint", Kind::Text),
+            ("service_name", Kind::Text),
+            ("sample_ratio", Kind::Toml),
+            ("queue_size", Kind::Toml),
+        ],
+    ),
 ];
 
 fn section_keys(section: &str) -> Option<&'static [(&'static str, Kind)]> {
@@ -1363,6 +1412,61 @@ impl Config {
             );
         }
 
+        // otel
+        if let Some(endpoint) = &self.otel.endpoint {
+            match url::Url::parse(endpoint) {
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    // check-config prints this key: no secrets in it.
+                    return invalid(
+                        "otel.endpoint",
+                        "must not carry credentials; send them as headers with OTEL_EXPORTER_OTLP_HEADERS".into(),
+                    );
+                }
+                Ok(u) if u.scheme() == "http" && u.host_str().is_some() => {}
+                Ok(u) if u.scheme() == "https" => {
+                    return invalid(
+                        "otel.endpoint",
+                        format!(
+                            "{endpoint:?}: https is not supported (turnd carries no TLS stack for export); use a local collector over http://"
+                        ),
+                    );
+                }
+                Ok(_) => {
+                    return invalid(
+                        "otel.endpoint",
+                        format!(
+                            "{endpoint:?} is not an http:// URL with a host, e.g. \"http://127.0.0.1:4318\""
+                        ),
+                    );
+                }
+                Err(e) => {
+                    return invalid(
+                        "otel.endpoint",
+                        format!("{endpoint:?} is not a URL ({e}); e.g. \"http://127.0.0.1:4318\""),
+                    );
+                }
+            }
+        }
+        if self.otel.service_name.is_empty() || self.otel.service_name.chars().any(char::is_control)
+        {
+            return invalid(
+                "otel.service_name",
+                "must be a non-empty name without control characters".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.otel.sample_ratio) {
+            return invalid(
+                "otel.sample_ratio",
+                format!("is {}; between 0.0 and 1.0", self.otel.sample_ratio),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.otel.queue_size) {
+            return invalid(
+                "otel.queue_size",
+                format!("is {}; between 1 and 1000000", self.otel.queue_size),
+            );
+        }
+
         Ok(())
     }
 }
@@ -1530,6 +1634,7 @@ fn build(
         shutdown: section(&mut table, "shutdown", &origins)?,
         http: section(&mut table, "http", &origins)?,
         log: section(&mut table, "log", &origins)?,
+        otel: section(&mut table, "otel", &origins)?,
         source: None,
     };
 
@@ -1936,6 +2041,14 @@ mod tests {
             ("[http]\nread_token = \"with space\"", "http.read_token"),
             ("[http]\nread_token = \"caf\\u00e9\"", "http.read_token"),
             ("[log]\nlevel = \"turnd=loud\"", "log.level"),
+            ("[otel]\nendpoint = \"https://c:4318\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"127.0.0.1:4318\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"not a url\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"http://u:p@c:4318\"", "otel.endpoint"),
+            ("[otel]\nservice_name = \"\"", "otel.service_name"),
+            ("[otel]\nsample_ratio = 1.5", "otel.sample_ratio"),
+            ("[otel]\nsample_ratio = -0.1", "otel.sample_ratio"),
+            ("[otel]\nqueue_size = 0", "otel.queue_size"),
         ] {
             let (key, _) = err_key(load(toml, &[]));
             assert_eq!(key, want, "{toml}");
@@ -1943,6 +2056,11 @@ mod tests {
         let (key, _) = err_key(load("", &[("TURND_DAEMON__ID", &"x".repeat(129))]));
         assert_eq!(key, "daemon.id");
         load("", &[("TURND_LOG__LEVEL", "turnd=debug,info")]).unwrap();
+        // Export is off by default; an empty endpoint is off too.
+        assert_eq!(load("", &[]).unwrap().otel.endpoint, None);
+        assert_eq!(load("[otel]\nendpoint = \"\"", &[]).unwrap().otel.endpoint, None);
+        let c = load("", &[("TURND_OTEL__ENDPOINT", "http://127.0.0.1:4318")]).unwrap();
+        assert_eq!(c.otel.endpoint.as_deref(), Some("http://127.0.0.1:4318"));
     }
 
     #[test]
@@ -2140,6 +2258,7 @@ mod tests {
         let mut d = Config::default();
         d.http.admin_token = Some(Secret::new("x"));
         d.http.read_token = Some(Secret::new("y"));
+        d.otel.endpoint = Some("http://127.0.0.1:4318".into());
         let table = Table::try_from(&d).unwrap();
         let from_structs: BTreeSet<(String, String, bool)> = table
             .iter()

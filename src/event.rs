@@ -6,6 +6,7 @@
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::otel::TraceContext;
 use crate::turn::{DeploymentName, ErrorCode, MessageId};
 
 /// What a turn ended with.
@@ -45,6 +46,9 @@ pub struct Envelope {
     pub conversation_id: Option<String>,
     /// Compact JSON object {"userId":..,"channelId":..,"platform":..,"platformMetadata":..}.
     pub routing: Option<String>,
+    /// The turn's stored trace context (`crate::otel`): what its event's relay span is parented
+    /// on when no commit span is (fail paths).
+    pub trace: Option<TraceContext>,
 }
 
 /// A terminal event ready for the outbox.
@@ -58,6 +62,9 @@ pub struct TerminalEvent {
     pub kind: &'static str,
     pub code: Option<String>,
     pub body: String,
+    /// What the relay span is parented on: the commit span's context for a worker's answer,
+    /// the turn's stored one otherwise.
+    pub trace: Option<TraceContext>,
 }
 
 #[derive(Serialize)]
@@ -123,6 +130,7 @@ impl TerminalEvent {
             kind: outcome.kind(),
             code: outcome.code().map(str::to_owned),
             body,
+            trace: envelope.trace.clone(),
         }
     }
 }

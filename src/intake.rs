@@ -28,6 +28,7 @@ use crate::broker::{self, Broker, BrokerError, Names, Session, long_string};
 use crate::config::{Config, SessionStore};
 use crate::deployment::Deployments;
 use crate::event::{Envelope, Outcome};
+use crate::otel::{self, TraceContext};
 use crate::store::{ParkedRecord, Store, StoreError};
 use crate::supervise::{ComponentError, ComponentResult};
 use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn};
@@ -248,7 +249,24 @@ impl Intake {
         batch: &mut Vec<Delivery>,
     ) -> Result<(), BatchError> {
         let config = &self.config;
-        let verdicts: Vec<Verdict> = batch.iter().map(|d| self.judge(d)).collect();
+        let mut verdicts: Vec<Verdict> = batch.iter().map(|d| self.judge(d)).collect();
+        // A parked turn's error event continues the producer's trace (headers only: an
+        // invalid body is not read for it).
+        for (delivery, verdict) in batch.iter().zip(verdicts.iter_mut()) {
+            if let Verdict::Park { ident: Some(ident), .. } = verdict {
+                ident.envelope.trace = header_trace(delivery);
+            }
+        }
+        // Each turn's intake and arm spans, open until its delivery is acked; the intake
+        // span's context is stored with the turn.
+        let spans: Vec<(tracing::Span, tracing::Span)> = batch
+            .iter()
+            .zip(verdicts.iter_mut())
+            .filter_map(|(delivery, verdict)| match verdict {
+                Verdict::Arm(turn) => Some(trace_turn(delivery, turn)),
+                _ => None,
+            })
+            .collect();
         let turns: Vec<&Turn> = verdicts
             .iter()
             .filter_map(|v| match v {
@@ -267,6 +285,9 @@ impl Intake {
         } else {
             self.store.arm(&turns, config.turn.queue_timeout).await?
         };
+        for ((_, arm), armed) in spans.iter().zip(&armed) {
+            arm.record("armed", *armed);
+        }
         // What was armed, one entry per deployment. A deployment owned here is woken in memory
         // at once (its turn is committed: the owner may claim it now, before the doorbell's
         // round trip); one owned nowhere gets its owner sought while the doorbells go out.
@@ -716,6 +737,7 @@ pub fn envelope_of(turn: &Turn) -> Envelope {
         agent_id: turn.agent_id.as_str().to_owned(),
         conversation_id: turn.conversation_id.clone(),
         routing: Some(turn.routing.clone()),
+        trace: turn.trace.clone(),
     }
 }
 
@@ -740,6 +762,7 @@ pub fn envelope_of_invalid(invalid: &InvalidTurn) -> Option<Envelope> {
         agent_id: agent_id.as_str().to_owned(),
         conversation_id: invalid.conversation_id.clone(),
         routing: invalid.routing.clone(),
+        trace: None,
     })
 }
 
@@ -773,6 +796,27 @@ pub fn refusals(properties: &BasicProperties) -> u32 {
         Some(AMQPValue::ShortShortUInt(n)) => u32::from(*n),
         _ => 0,
     }
+}
+
+/// Opens the intake and arm spans of a turn, parented on the producer's trace context (AMQP
+/// headers `traceparent`/`tracestate`, else `platformMetadata.traceparent`/`.tracestate`), and
+/// sets the context stored with the turn: the intake span's.
+fn trace_turn(delivery: &Delivery, turn: &mut Turn) -> (tracing::Span, tracing::Span) {
+    let producer = header_trace(delivery).or_else(|| {
+        let (tp, ts) = turn.metadata_trace.as_ref()?;
+        TraceContext::parse(tp, ts.as_deref())
+    });
+    let (deployment, message_id) = (turn.deployment.as_str(), turn.message_id.as_str());
+    let intake = otel::intake_span(producer.as_ref(), deployment, message_id);
+    let arm = otel::arm_span(&intake, deployment, message_id);
+    turn.trace = otel::context_of(&intake);
+    (intake, arm)
+}
+
+/// The producer's trace context from the delivery's `traceparent`/`tracestate` headers.
+fn header_trace(delivery: &Delivery) -> Option<TraceContext> {
+    let h = delivery.properties.headers().as_ref()?;
+    TraceContext::parse(field_str(h, "traceparent")?, field_str(h, "tracestate"))
 }
 
 fn field_str<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {

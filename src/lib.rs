@@ -17,6 +17,7 @@ pub mod intake;
 pub mod lock;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod parked;
 pub mod relay;
 pub mod store;

@@ -1,8 +1,10 @@
 //! The log: tracing to stderr (pretty or JSON), with a filter that SIGHUP can replace while
-//! the daemon runs (`log.level`), through a reload layer set up once per process.
+//! the daemon runs (`log.level`), through a reload layer set up once per process; and the
+//! OpenTelemetry layer that makes turn spans (`crate::otel`) of target `turnd::otel` only.
 
 use std::sync::OnceLock;
 
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -24,12 +26,33 @@ fn filter(level: &str, daemon: bool) -> EnvFilter {
     {
         filter = filter.add_directive(d);
     }
+    // Turn spans whatever the level: they carry the trace context that workers and replies
+    // get. They log nothing by themselves; the events inside them keep their own levels.
+    if !level.contains(crate::otel::TARGET)
+        && let Ok(d) = format!("{}=info", crate::otel::TARGET).parse()
+    {
+        filter = filter.add_directive(d);
+    }
     filter
 }
 
-/// Installs the process's subscriber. `daemon`: `turnd run` (lapin's warnings are kept).
-pub fn init(config: &Config, daemon: bool) {
+/// Installs the process's subscriber. `daemon`: `turnd run` (lapin's warnings are kept, and
+/// spans are exported when `otel.endpoint` is set).
+///
+/// # Errors
+///
+/// The OTLP exporter could not be built (the endpoint was validated already).
+pub fn init(config: &Config, daemon: bool) -> Result<(), crate::otel::Error> {
     let (layer, handle) = reload::Layer::new(filter(&config.log.level, daemon));
+    let tracer = crate::otel::tracer(config, daemon)?;
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        // Spans only: log events stay in the log, and a span's attributes are its fields.
+        .with_location(false)
+        .with_threads(false)
+        // Turn spans are never entered: busy/idle times would say nothing.
+        .with_tracked_inactivity(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() == crate::otel::TARGET));
     // Colours only on a terminal: under systemd or in a pod the log is a file, and escape
     // codes there only hide what a grep looks for.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -39,13 +62,14 @@ pub fn init(config: &Config, daemon: bool) {
             // The current span's fields (an owner's `deployment` and `epoch`) go under
             // "span"; the list of every enclosing span would only repeat them.
             let json = fmt.json().flatten_event(true).with_current_span(true).with_span_list(false);
-            Registry::default().with(layer).with(json).try_init()
+            Registry::default().with(layer).with(otel).with(json).try_init()
         }
-        LogFormat::Pretty => Registry::default().with(layer).with(fmt).try_init(),
+        LogFormat::Pretty => Registry::default().with(layer).with(otel).with(fmt).try_init(),
     };
     if installed.is_ok() {
         let _ = FILTER.set(handle);
     }
+    Ok(())
 }
 
 /// Replaces the filter with `level` (SIGHUP). An error says why; the old filter stays.

@@ -35,7 +35,10 @@ fn main() -> ExitCode {
         print!("{}", config.redacted_toml());
         return ExitCode::SUCCESS;
     }
-    turnd::logging::init(&config, matches!(cli.command, Command::Run));
+    if let Err(e) = turnd::logging::init(&config, matches!(cli.command, Command::Run)) {
+        eprintln!("turnd: invalid configuration: {e}");
+        return ExitCode::from(cli::EXIT_BAD_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -66,6 +69,8 @@ fn main() -> ExitCode {
             Command::CheckConfig => Ok(ExitCode::SUCCESS),
         }
     });
+    // Spans still queued for export go out now (bounded by the export timeout).
+    turnd::otel::shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

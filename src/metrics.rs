@@ -176,6 +176,23 @@ impl Metrics {
             m.oldest_pending_seconds.clone(),
         );
         registry.register("up", "1 when the component is healthy", m.up.clone());
+        // OpenTelemetry export (`[otel]`); counted by `otel` from the process's start.
+        let otel = &crate::otel::STATS;
+        registry.register(
+            "otel_spans_exported",
+            "Spans handed to the OTLP exporter",
+            otel.exported.clone(),
+        );
+        registry.register(
+            "otel_spans_dropped",
+            "Spans dropped because the export queue (otel.queue_size) was full",
+            otel.dropped.clone(),
+        );
+        registry.register(
+            "otel_spans_failed",
+            "Spans in export requests that the collector did not take",
+            otel.failed.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {

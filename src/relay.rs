@@ -17,8 +17,9 @@ use lapin::types::ShortString;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, Session, json_properties};
+use crate::broker::{Broker, Session, json_properties, trace_headers};
 use crate::metrics::Metrics;
+use crate::otel::{self, TraceContext};
 use crate::store::{Committed, Store};
 use crate::supervise::ComponentResult;
 
@@ -117,7 +118,7 @@ impl Relay {
                 }
                 // Let events committed meanwhile join the next batch, in order.
                 while let Ok(e) = rx.try_recv() {
-                    pending.push_back(e);
+                    admit(&mut pending, &unmarked, e);
                 }
             }
             if unmarked.is_empty() {
@@ -135,7 +136,9 @@ impl Relay {
                     if n == 0 {
                         break;
                     }
-                    pending.extend(received.drain(..));
+                    for e in received.drain(..) {
+                        admit(&mut pending, &unmarked, e);
+                    }
                 }
                 _ = tick.tick() => {
                     stalled = false;
@@ -148,7 +151,9 @@ impl Relay {
                     rx.close();
                     let drain = async {
                         while rx.recv_many(&mut received, BATCH).await > 0 {
-                            pending.extend(received.drain(..));
+                            for e in received.drain(..) {
+                                admit(&mut pending, &unmarked, e);
+                            }
                         }
                         while !pending.is_empty() {
                             if !self.publish_local(&mut pending, &mut unmarked).await {
@@ -197,6 +202,7 @@ impl Relay {
                 routing_key: &c.event.routing_key,
                 message_id: c.event.message_id.as_str(),
                 body: &c.event.body,
+                trace: c.event.trace.as_ref(),
             })
             .collect();
         let ids = self.publish(&rows).await.unwrap_or_default();
@@ -217,29 +223,39 @@ impl Relay {
         let session: Arc<Session> = self.broker.current()?;
         let mut confirms = Vec::with_capacity(rows.len());
         for row in rows {
-            let properties = json_properties()
+            // The routing key ends in the deployment (`reply.<org>.<deployment>`).
+            let deployment = row.routing_key.rsplit('.').next().unwrap_or("");
+            let span = otel::relay_span(row.trace, deployment, row.message_id);
+            let mut properties = json_properties()
                 .with_correlation_id(ShortString::from(row.message_id))
                 .with_message_id(ShortString::from(row.event_id));
+            // Consumers continue the turn's trace from the event (CONTRACT §6).
+            if let Some(cx) = otel::context_of(&span) {
+                properties = properties.with_headers(trace_headers(&cx));
+            }
             match session
                 .publish(&self.exchange, row.routing_key, false, row.body.as_bytes(), properties)
                 .await
             {
-                Ok(c) => confirms.push((row.id, c)),
+                Ok(c) => confirms.push((row.id, c, span)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot publish terminal event; will retry from the outbox");
+                    otel::set_error(&span);
+                    tracing::warn!(parent: &span, error = %e, "cannot publish terminal event; will retry from the outbox");
                     break;
                 }
             }
         }
         let mut ids = Vec::with_capacity(confirms.len());
-        for (id, confirm) in confirms {
+        for (id, confirm, span) in confirms {
             match Session::confirmed(confirm, &self.exchange).await {
                 Ok(_) => {
+                    drop(span);
                     self.metrics.events_published.inc();
                     ids.push(id);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "terminal event not confirmed; will retry from the outbox")
+                    otel::set_error(&span);
+                    tracing::warn!(parent: &span, error = %e, "terminal event not confirmed; will retry from the outbox")
                 }
             }
         }
@@ -271,6 +287,7 @@ impl Relay {
                     routing_key: &r.routing_key,
                     message_id: &r.message_id,
                     body: &r.body,
+                    trace: r.trace.as_ref(),
                 })
                 .collect();
             let Some(ids) = self.publish(&refs).await else { return };
@@ -294,6 +311,16 @@ struct Row<'a> {
     routing_key: &'a str,
     message_id: &'a str,
     body: &'a str,
+    trace: Option<&'a TraceContext>,
+}
+
+/// Queues an event unless this relay already holds it (pending, or published and not yet
+/// marked): a take-over hands over the deployment's unpublished events, which are this
+/// daemon's own when it took the deployment back from itself.
+fn admit(pending: &mut VecDeque<Committed>, unmarked: &[i64], e: Committed) {
+    if !unmarked.contains(&e.id) && !pending.iter().any(|p| p.id == e.id) {
+        pending.push_back(e);
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

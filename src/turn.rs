@@ -232,6 +232,12 @@ pub struct Turn {
     /// Compact JSON `{"userId":..,"channelId":..,"platform":..,"platformMetadata":..}`,
     /// absent fields as null.
     pub routing: String,
+    /// The producer's trace context from `platformMetadata.traceparent`/`.tracestate` (the
+    /// orchestrator turnd replaces puts it there), as written; AMQP headers take precedence
+    /// and intake checks it (`crate::otel::TraceContext::parse`). Not part of the identity.
+    pub metadata_trace: Option<(String, Option<String>)>,
+    /// The context stored with the turn (its intake span's), set by intake before arming.
+    pub trace: Option<crate::otel::TraceContext>,
 }
 
 impl Turn {
@@ -444,6 +450,15 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
     else {
         return Err(missing());
     };
+    let metadata_trace = match &platform_metadata {
+        Ok(Some(Value::Object(m))) => match m.get("traceparent") {
+            Some(Value::String(tp)) => {
+                Some((tp.clone(), m.get("tracestate").and_then(Value::as_str).map(str::to_owned)))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
     let line = minify(text);
     Ok(Turn {
         message_id,
@@ -455,6 +470,8 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Turn, InvalidTurn> {
         deployment,
         line,
         routing,
+        metadata_trace,
+        trace: None,
     })
 }
 

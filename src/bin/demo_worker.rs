@@ -3,7 +3,9 @@
 //! The protocol (CONTRACT §5) is plain JSON lines:
 //!
 //! * stdin: one turn per line, one at a time:
-//!   `{"type":"turn","epoch":7,"turn":{"messageId":"m1","agentId":"a1","payload":{...},...}}`
+//!   `{"type":"turn","epoch":7,"traceparent":"00-…","turn":{"messageId":"m1","agentId":"a1","payload":{...},...}}`
+//!   (`traceparent`/`tracestate`: the W3C trace context to parent the worker's own spans on;
+//!   this worker, like any, ignores fields it does not use)
 //! * stdout: one answer per turn, one line each, flushed:
 //!   `{"type":"reply","messageId":"m1","payload":<any JSON>}` or
 //!   `{"type":"error","messageId":"m1","error":"text","code":"OPTIONAL_CODE"}`.

@@ -3,6 +3,7 @@
 
 use super::registry::*;
 use super::*;
+use crate::otel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum End {
@@ -28,6 +29,8 @@ pub(super) struct Running {
     /// An operator cancelled it and its worker was told: heartbeats no longer move the
     /// deadline, which is the end of `turn.cancel_grace`.
     pub(super) cancelled: bool,
+    /// The turn's `turnd.worker` span (crate::otel): open until the turn ends here.
+    pub(super) span: tracing::Span,
 }
 
 pub(super) struct Owner<'a> {
@@ -243,7 +246,17 @@ impl Owner<'_> {
     /// of the lock cut the write short too; the serve loop handles either next.
     pub(super) async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
         let ctx = self.ctx();
-        let line = turn_line(self.epoch(), &claimed.line);
+        let (epoch, id) = (self.epoch().get(), claimed.envelope.message_id.as_str());
+        let claim = otel::claim_span(
+            claimed.envelope.trace.as_ref(),
+            self.name.as_str(),
+            epoch,
+            id,
+            claimed.waited,
+        );
+        let span = otel::worker_span(&claim, self.name.as_str(), epoch, id);
+        drop(claim);
+        let line = turn_line(self.epoch(), otel::context_of(&span).as_ref(), &claimed.line);
         tracing::trace!(message_id = %claimed.envelope.message_id, "turn given to worker");
         let now = Instant::now();
         let deadline = now + ctx.config.turn.deadline;
@@ -268,6 +281,7 @@ impl Owner<'_> {
             provider_failed: false,
             last_extension: now,
             cancelled: false,
+            span,
         }
     }
 
@@ -299,20 +313,37 @@ impl Owner<'_> {
         let _ = self.extend_deadlines().await;
     }
 
-    pub(super) async fn commit(&self, r: Running, outcome: Outcome) {
+    pub(super) async fn commit(&self, mut r: Running, outcome: Outcome) {
         let ctx = self.ctx();
+        let span = otel::commit_span(
+            &r.span,
+            self.name.as_str(),
+            self.epoch().get(),
+            r.envelope.message_id.as_str(),
+            outcome.kind(),
+        );
+        if let Outcome::Error { .. } = outcome {
+            otel::set_error(&r.span);
+        }
+        // The event's relay span hangs off this commit, wherever it is published.
+        if let Some(cx) = otel::context_of(&span) {
+            r.envelope.trace = Some(cx);
+        }
         // Retried while the database is away: the obligation is ours until it commits or
         // someone else (sweep, takeover) ends it.
         let mut backoff = Duration::from_millis(50);
         loop {
             match ctx.store.commit(&r.envelope, self.epoch(), &outcome).await {
                 Ok(Some(committed)) => {
+                    span.record("committed", true);
+                    tracing::debug!(parent: &span, message_id = %r.envelope.message_id, kind = outcome.kind(), "turn committed");
                     ctx.relay.metrics().turn_latency.observe(r.accepted.elapsed().as_secs_f64());
                     ctx.relay.send(vec![committed]);
                     return;
                 }
                 Ok(None) => {
-                    tracing::info!(message_id = %r.envelope.message_id, "turn already ended elsewhere (deadline or newer owner); reply dropped");
+                    span.record("committed", false);
+                    tracing::info!(parent: &span, message_id = %r.envelope.message_id, "turn already ended elsewhere (deadline or newer owner); reply dropped");
                     return;
                 }
                 Err(e) => {

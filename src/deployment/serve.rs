@@ -354,6 +354,9 @@ impl Serving<'_> {
         owner.has_worker.store(false, Ordering::Relaxed);
         let _ = ctx.store.set_worker(&owner.name, owner.epoch(), None).await;
         if !deliberate {
+            if let Some(r) = &self.running {
+                crate::otel::set_error(&r.span);
+            }
             tracing::warn!("worker {status} without being asked to; failing its turns");
             owner.fail_all("fast", ErrorCode::WorkerDied, &format!("the worker {status}")).await;
             let _ = ctx.store.record_crash(&owner.name).await;
@@ -391,7 +394,8 @@ impl Serving<'_> {
                 )
                 .await;
         } else {
-            tracing::warn!(message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
+            crate::otel::set_error(&r.span);
+            tracing::warn!(parent: &r.span, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
             self.owner
                 .fail_running(
                     "timeout",

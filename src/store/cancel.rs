@@ -75,7 +75,8 @@ impl Store {
         // for it): the state read here is the state acted on.
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
-                    state, provider_code, cancel_requested_at IS NOT NULL AS cancelled
+                    state, provider_code, cancel_requested_at IS NOT NULL AS cancelled,
+                    traceparent, tracestate
              FROM turnd_turns
              WHERE message_id = $1 AND ($2::text IS NULL OR deployment = $2)
              ORDER BY deployment LIMIT $3 FOR UPDATE",
@@ -206,7 +207,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
-                    state, provider_code, true AS cancelled
+                    state, provider_code, true AS cancelled, traceparent, tracestate
              FROM turnd_turns
              WHERE cancel_requested_at < now() - $1::bigint * interval '1 millisecond'
                AND state = 'running'

@@ -19,7 +19,11 @@ impl Store {
         let mut conversations = Vec::with_capacity(turns.len());
         let mut lines = Vec::with_capacity(turns.len());
         let mut routings = Vec::with_capacity(turns.len());
+        let mut parents = Vec::with_capacity(turns.len());
+        let mut states = Vec::with_capacity(turns.len());
         for t in turns {
+            parents.push(t.trace.as_ref().map(|c| c.traceparent.as_str()));
+            states.push(t.trace.as_ref().and_then(|c| c.tracestate.as_deref()));
             deployments.push(t.deployment.as_str());
             message_ids.push(t.message_id.as_str());
             orgs.push(t.organization_id.as_ref().map(|o| o.as_str()));
@@ -32,12 +36,14 @@ impl Store {
         // ORDER BY ord makes nextval() follow the given order: the accept order.
         let armed: Vec<(String, String)> = sqlx::query_as(
             "INSERT INTO turnd_turns (deployment, message_id, seq, state, organization_id,
-                 agent_id, conversation_key, conversation_id, turn, routing, deadline)
+                 agent_id, conversation_key, conversation_id, turn, routing, deadline,
+                 traceparent, tracestate)
              SELECT d, m, nextval('turnd_accept_seq'), 'queued', o, a, k, c, l, r,
-                    now() + $9::bigint * interval '1 millisecond'
+                    now() + $9::bigint * interval '1 millisecond', tp, ts
              FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                          $5::text[], $6::text[], $7::text[], $8::text[])
-                          WITH ORDINALITY AS x(d, m, o, a, k, c, l, r, ord)
+                          $5::text[], $6::text[], $7::text[], $8::text[], $10::text[],
+                          $11::text[])
+                          WITH ORDINALITY AS x(d, m, o, a, k, c, l, r, tp, ts, ord)
                    ORDER BY ord) x
              ON CONFLICT (deployment, message_id) DO NOTHING
              RETURNING deployment, message_id",
@@ -51,6 +57,8 @@ impl Store {
         .bind(&lines)
         .bind(&routings)
         .bind(millis(queue_timeout))
+        .bind(&parents)
+        .bind(&states)
         .fetch_all(&self.pool)
         .await?;
         if armed.len() == turns.len() {
@@ -168,8 +176,9 @@ impl Store {
     /// most: the partial index holds only unpublished events, of every deployment.
     async fn unpublished_of(&self, deployment: &DeploymentName) -> Result<Vec<Committed>> {
         let rows: Vec<PgRow> = sqlx::query(
-            "SELECT id, message_id, event_id, routing_key, kind, code, body FROM turnd_outbox
-             WHERE published_at IS NULL AND deployment = $1 ORDER BY id",
+            "SELECT id, message_id, event_id, routing_key, kind, code, body, traceparent,
+                    tracestate
+             FROM turnd_outbox WHERE published_at IS NULL AND deployment = $1 ORDER BY id",
         )
         .bind(deployment.as_str())
         .fetch_all(&self.pool)
@@ -187,6 +196,13 @@ impl Store {
                         kind: if kind == "reply" { "reply" } else { "error" },
                         code: row.try_get("code")?,
                         body: row.try_get::<Option<String>, _>("body")?.unwrap_or_default(),
+                        trace: match row.try_get::<Option<String>, _>("traceparent")? {
+                            Some(tp) => TraceContext::parse(
+                                &tp,
+                                row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
+                            ),
+                            None => None,
+                        },
                     },
                 })
             })
@@ -240,7 +256,7 @@ impl Store {
                AND EXISTS (SELECT 1 FROM turnd_deployments d
                            WHERE d.deployment = $1 AND d.epoch = $2)
              RETURNING t.message_id, t.turn, t.organization_id, t.agent_id,
-                       t.conversation_id, t.routing,
+                       t.conversation_id, t.routing, t.traceparent, t.tracestate,
                        EXTRACT(EPOCH FROM now() - t.accepted_at)::float8 AS waited",
         )
         .bind(deployment.as_str())
@@ -268,14 +284,15 @@ impl Store {
         let id: Option<i64> = sqlx::query_scalar(
             "WITH done AS (
                  UPDATE turnd_turns SET state = 'done', turn = NULL, routing = NULL,
-                        done_at = now()
+                        done_at = now(), traceparent = NULL, tracestate = NULL
                  WHERE deployment = $1 AND message_id = $2 AND state = 'running'
                    AND epoch = $3
                    AND EXISTS (SELECT 1 FROM turnd_deployments d
                                WHERE d.deployment = $1 AND d.epoch = $3)
                  RETURNING 1)
-             INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code, body)
-             SELECT $1, $2, $4, $5, $6, $7, $8 FROM done
+             INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code,
+                                       body, traceparent, tracestate)
+             SELECT $1, $2, $4, $5, $6, $7, $8, $9, $10 FROM done
              ON CONFLICT (deployment, message_id) DO NOTHING
              RETURNING id",
         )
@@ -287,6 +304,8 @@ impl Store {
         .bind(event.kind)
         .bind(event.code.as_deref())
         .bind(&event.body)
+        .bind(event.trace.as_ref().map(|c| c.traceparent.as_str()))
+        .bind(event.trace.as_ref().and_then(|c| c.tracestate.as_deref()))
         .fetch_optional(&self.pool)
         .await?;
         Ok(id.map(|id| Committed { id, event }))
@@ -463,7 +482,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
-                    state, provider_code, cancel_requested_at IS NOT NULL AS cancelled
+                    state, provider_code, cancel_requested_at IS NOT NULL AS cancelled,
+                    traceparent, tracestate
              FROM turnd_turns WHERE state <> 'done' AND deadline < now()
              ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -623,8 +643,10 @@ impl Store {
         if !ours {
             return Ok((tx, Vec::new()));
         }
-        let rows: Vec<(i64, String, String, String, Option<String>)> = sqlx::query_as(
-            "SELECT id, event_id, routing_key, message_id, body FROM turnd_outbox
+        type Row = (i64, String, String, String, Option<String>, Option<String>, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, event_id, routing_key, message_id, body, traceparent, tracestate
+             FROM turnd_outbox
              WHERE published_at IS NULL
                AND created_at < now() - $1::bigint * interval '1 millisecond'
              ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
@@ -635,12 +657,13 @@ impl Store {
         .await?;
         let rows = rows
             .into_iter()
-            .map(|(id, event_id, routing_key, message_id, body)| Unpublished {
+            .map(|(id, event_id, routing_key, message_id, body, tp, ts)| Unpublished {
                 id,
                 event_id,
                 routing_key,
                 message_id,
                 body: body.unwrap_or_default(),
+                trace: tp.and_then(|tp| TraceContext::parse(&tp, ts.as_deref())),
             })
             .collect();
         Ok((tx, rows))
@@ -657,7 +680,8 @@ impl Store {
 /// Records events as published and drops their bodies (retention keeps key and time only).
 async fn mark_published<'e>(executor: impl sqlx::PgExecutor<'e>, ids: &[i64]) -> Result<()> {
     sqlx::query(
-        "UPDATE turnd_outbox SET published_at = now(), body = NULL
+        "UPDATE turnd_outbox SET published_at = now(), body = NULL, traceparent = NULL,
+                tracestate = NULL
          WHERE id = ANY($1) AND published_at IS NULL",
     )
     .bind(ids)
@@ -831,7 +855,8 @@ async fn pending_rows(
 ) -> Result<Vec<Pending>> {
     let sql = format!(
         "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
-                state, provider_code, cancel_requested_at IS NOT NULL AS cancelled
+                state, provider_code, cancel_requested_at IS NOT NULL AS cancelled,
+                traceparent, tracestate
          FROM turnd_turns {filter} ORDER BY seq FOR UPDATE"
     );
     let rows: Vec<PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -860,6 +885,12 @@ fn envelope_from_row(deployment: &DeploymentName, row: &PgRow) -> Result<Envelop
         agent_id: row.try_get("agent_id")?,
         conversation_id: row.try_get("conversation_id")?,
         routing: row.try_get("routing")?,
+        trace: match row.try_get::<Option<String>, _>("traceparent")? {
+            Some(tp) => {
+                TraceContext::parse(&tp, row.try_get::<Option<String>, _>("tracestate")?.as_deref())
+            }
+            None => None,
+        },
     })
 }
 
@@ -895,7 +926,8 @@ pub(super) async fn finish_pending(
     let deployments: Vec<&str> = events.iter().map(|e| e.deployment.as_str()).collect();
     let message_ids: Vec<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
     sqlx::query(
-        "UPDATE turnd_turns t SET state = 'done', turn = NULL, routing = NULL, done_at = now()
+        "UPDATE turnd_turns t SET state = 'done', turn = NULL, routing = NULL, done_at = now(),
+                traceparent = NULL, tracestate = NULL
          FROM unnest($1::text[], $2::text[]) AS x(d, m)
          WHERE t.deployment = x.d AND t.message_id = x.m AND t.state <> 'done'",
     )
@@ -907,11 +939,17 @@ pub(super) async fn finish_pending(
     let keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
     let codes: Vec<Option<&str>> = events.iter().map(|e| e.code.as_deref()).collect();
     let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+    let parents: Vec<Option<&str>> =
+        events.iter().map(|e| e.trace.as_ref().map(|c| c.traceparent.as_str())).collect();
+    let states: Vec<Option<&str>> =
+        events.iter().map(|e| e.trace.as_ref().and_then(|c| c.tracestate.as_deref())).collect();
     let ids: Vec<(String, String, i64)> = sqlx::query_as(
-        "INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code, body)
-         SELECT d, m, e, k, 'error', c, b
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-              WITH ORDINALITY AS x(d, m, e, k, c, b, ord)
+        "INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code, body,
+                                   traceparent, tracestate)
+         SELECT d, m, e, k, 'error', c, b, tp, ts
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[])
+              WITH ORDINALITY AS x(d, m, e, k, c, b, tp, ts, ord)
          ORDER BY ord
          ON CONFLICT (deployment, message_id) DO NOTHING
          RETURNING deployment, message_id, id",
@@ -922,6 +960,8 @@ pub(super) async fn finish_pending(
     .bind(&keys)
     .bind(&codes)
     .bind(&bodies)
+    .bind(&parents)
+    .bind(&states)
     .fetch_all(&mut **tx)
     .await?;
     Ok(events

@@ -14,6 +14,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::config::DatabaseConfig;
 use crate::event::{Envelope, Outcome, TerminalEvent};
+use crate::otel::TraceContext;
 use crate::turn::{DeploymentName, Epoch, ErrorCode, MessageId, Turn};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -182,6 +183,8 @@ pub struct Unpublished {
     pub routing_key: String,
     pub message_id: String,
     pub body: String,
+    /// What its relay span is parented on.
+    pub trace: Option<TraceContext>,
 }
 
 #[derive(Debug, Clone)]

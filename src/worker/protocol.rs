@@ -1,6 +1,8 @@
 //! The worker's stdio protocol (CONTRACT §5): one JSON object per line.
 //!
-//! turnd → worker (stdin): `{"type":"turn","epoch":7,"turn":{...}}`.
+//! turnd → worker (stdin): `{"type":"turn","epoch":7,"traceparent":"00-…","turn":{...}}`
+//! (`traceparent`, and `tracestate` when there is one, added with issue 20: a protocol-1
+//! worker ignores fields it does not know).
 //! worker → turnd (stdout): `reply`, `error`, `heartbeat`, `provider_failed`,
 //! `provider_recovered`. Pure: no I/O.
 
@@ -8,6 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::otel::TraceContext;
 use crate::turn::Epoch;
 
 /// Longest error text or reason kept from a worker line, in bytes.
@@ -22,11 +25,26 @@ pub const MAX_PAYLOAD_DEPTH: usize = 100;
 pub const DEFAULT_PROVIDER_CODE: &str = "PROVIDER_FAILED";
 
 /// The stdin line for one turn. `turn_line` is the turn's compact one-line JSON
-/// ([`crate::turn::Turn::line`]); it is spliced in as is, not re-parsed.
-pub fn turn_line(epoch: Epoch, turn_line: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(turn_line.len() + 48);
+/// ([`crate::turn::Turn::line`]); it is spliced in as is, not re-parsed. `trace`: the context
+/// of the turn's worker span, for the worker's own spans (W3C strings, JSON-safe once parsed:
+/// hex, dashes, and a tracestate of printable ASCII without quotes or backslashes).
+pub fn turn_line(epoch: Epoch, trace: Option<&TraceContext>, turn_line: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(turn_line.len() + 160);
     out.extend_from_slice(b"{\"type\":\"turn\",\"epoch\":");
     out.extend_from_slice(epoch.get().to_string().as_bytes());
+    if let Some(trace) = trace {
+        // Serialised, not spliced: a tracestate is the producer's text.
+        let field = |out: &mut Vec<u8>, key: &str, value: &str| {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            out.extend_from_slice(serde_json::to_string(value).unwrap_or_default().as_bytes());
+        };
+        field(&mut out, "traceparent", &trace.traceparent);
+        if let Some(state) = &trace.tracestate {
+            field(&mut out, "tracestate", state);
+        }
+    }
     out.extend_from_slice(b",\"turn\":");
     out.extend_from_slice(turn_line.as_bytes());
     out.extend_from_slice(b"}\n");
@@ -284,7 +302,7 @@ mod tests {
 
     #[test]
     fn turn_line_splices() {
-        let line = turn_line(Epoch::new(7), r#"{"messageId":"m1","n":1.10}"#);
+        let line = turn_line(Epoch::new(7), None, r#"{"messageId":"m1","n":1.10}"#);
         assert_eq!(
             line,
             b"{\"type\":\"turn\",\"epoch\":7,\"turn\":{\"messageId\":\"m1\",\"n\":1.10}}\n"
@@ -293,7 +311,7 @@ mod tests {
         let v: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["epoch"], 7);
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
-        let line = turn_line(Epoch::new(i64::MAX), "{}");
+        let line = turn_line(Epoch::new(i64::MAX), None, "{}");
         assert_eq!(line, b"{\"type\":\"turn\",\"epoch\":9223372036854775807,\"turn\":{}}\n");
     }
 
@@ -301,6 +319,20 @@ mod tests {
     fn cancel_line_is_one_json_line() {
         let line = cancel_line(&crate::turn::MessageId::from_trusted("m\"1".into()));
         assert_eq!(line, b"{\"type\":\"cancel\",\"messageId\":\"m\\\"1\"}\n");
+    }
+
+    #[test]
+    fn turn_line_carries_the_trace_context() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cx = TraceContext { traceparent: tp.to_owned(), tracestate: Some("a=1,b=2".into()) };
+        let line = turn_line(Epoch::new(3), Some(&cx), r#"{"messageId":"m1"}"#);
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["traceparent"], tp);
+        assert_eq!(v["tracestate"], "a=1,b=2");
+        assert_eq!(v["turn"]["messageId"], "m1");
+        let cx = TraceContext { traceparent: tp.to_owned(), tracestate: None };
+        let v: Value = serde_json::from_slice(&turn_line(Epoch::new(3), Some(&cx), "{}")).unwrap();
+        assert!(v.get("tracestate").is_none());
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
     }
 

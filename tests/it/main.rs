@@ -18,6 +18,7 @@ mod lock_session;
 mod many_locks;
 mod operator;
 mod order;
+mod otel;
 mod outage;
 mod parked;
 mod past_one_machine;

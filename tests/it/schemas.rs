@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use turnd::event::{Outcome, TerminalEvent};
 use turnd::intake::{envelope_of, envelope_of_invalid};
+use turnd::otel::TraceContext;
 use turnd::turn::{self, Epoch, ErrorCode};
 use turnd::worker::protocol::{cancel_line, parse_line, turn_line};
 
@@ -85,9 +86,17 @@ proptest! {
         match turn::parse(text.as_bytes(), MAX) {
             Ok(turn) => {
                 prop_assert!(schema_errors.is_empty(), "turnd accepts {} but the schema says {:?}", text, schema_errors);
-                let line = turn_line(Epoch::new(7), &turn.line);
+                let line = turn_line(Epoch::new(7), None, &turn.line);
                 let line = json(std::str::from_utf8(&line).expect("UTF-8"));
                 prop_assert!(STDIN.is_valid(&line), "{:?}", errors(&STDIN, &line));
+                let cx = TraceContext::parse(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    Some("vendor=a,other=b"),
+                );
+                let traced = turn_line(Epoch::new(7), cx.as_ref(), &turn.line);
+                let traced = json(std::str::from_utf8(&traced).expect("UTF-8"));
+                prop_assert!(traced.get("traceparent").is_some(), "{}", traced);
+                prop_assert!(STDIN.is_valid(&traced), "{:?}", errors(&STDIN, &traced));
                 let cancel = cancel_line(&turn.message_id);
                 let cancel = json(std::str::from_utf8(&cancel).expect("UTF-8"));
                 prop_assert!(STDIN.is_valid(&cancel), "{:?}", errors(&STDIN, &cancel));

@@ -18,6 +18,8 @@ pub struct Event {
     pub body: Value,
     /// When it arrived.
     pub at: Instant,
+    /// The `traceparent` header (CONTRACT §6), when the receiver reads it.
+    pub traceparent: Option<String>,
 }
 
 impl Event {
@@ -88,6 +90,7 @@ impl Ledger {
             routing_key: routing_key.to_owned(),
             body,
             at: Instant::now(),
+            traceparent: None,
         };
         let events = self.by_message.entry(event.message_id().to_owned()).or_default();
         events.push(event);

@@ -607,7 +607,14 @@ impl Client {
                 self.events.iter().find(|e| e.event_id == id).cloned()
             })
             .unwrap_or_else(|| panic!("unusable terminal event: {:?}", self.ledger.malformed));
-        self.events.push(event);
+        let traceparent =
+            d.properties.headers().as_ref().and_then(|h| match h.inner().get("traceparent") {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            });
+        self.events.push(Event { traceparent, ..event });
     }
 
     /// Events per messageId, de-duplicated on the AMQP message_id.
@@ -1298,4 +1305,142 @@ pub async fn accept_inversions(
         }
     }
     (inversions, missing)
+}
+
+/// One span as an OTLP collector received it.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    /// Attributes as text (OTLP JSON carries integers as strings).
+    pub attributes: HashMap<String, String>,
+    /// `service.instance.id` of the resource: the daemon that exported it.
+    pub instance: String,
+    pub error: bool,
+}
+
+/// An in-test OTLP/HTTP collector taking JSON (`POST /v1/traces`), keeping every span.
+pub struct OtlpReceiver {
+    pub port: u16,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        OtlpReceiver::serve(Duration::ZERO).await
+    }
+
+    /// A collector that holds every request for `stall` before taking it.
+    pub async fn stalled(stall: Duration) -> OtlpReceiver {
+        OtlpReceiver::serve(stall).await
+    }
+
+    async fn serve(stall: Duration) -> OtlpReceiver {
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    tokio::time::sleep(stall).await;
+                    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+                        return (axum::http::StatusCode::BAD_REQUEST, "not JSON");
+                    };
+                    kept.lock().unwrap().extend(otlp_spans(&v));
+                    (axum::http::StatusCode::OK, "{}")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let port = listener.local_addr().expect("receiver address").port();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        OtlpReceiver { port, spans, server }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// The spans of one turn (attribute `message_id`).
+    pub fn of_turn(&self, message_id: &str) -> Vec<ReceivedSpan> {
+        let spans = self.spans();
+        spans
+            .into_iter()
+            .filter(|s| s.attributes.get("message_id").map(String::as_str) == Some(message_id))
+            .collect()
+    }
+
+    /// Waits until spans named `names` have arrived for the turn; returns them by name (the
+    /// first of each name).
+    pub async fn wait_turn(
+        &self,
+        message_id: &str,
+        names: &[&str],
+        within: Duration,
+    ) -> HashMap<String, ReceivedSpan> {
+        wait_for_value(within, &format!("spans {names:?} of {message_id}"), || async {
+            let spans = self.of_turn(message_id);
+            let mut by_name = HashMap::new();
+            for s in spans {
+                by_name.entry(s.name.clone()).or_insert(s);
+            }
+            names.iter().all(|n| by_name.contains_key(*n)).then_some(by_name)
+        })
+        .await
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn otlp_spans(v: &Value) -> Vec<ReceivedSpan> {
+    // {"stringValue":"x"} or {"intValue":"7"} (OTLP JSON), perhaps nested once more.
+    fn text(v: &Value) -> String {
+        match v {
+            Value::Object(o) => o.values().next().map(text).unwrap_or_default(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    let attributes = |a: &Value| -> HashMap<String, String> {
+        a.as_array()
+            .into_iter()
+            .flatten()
+            .map(|kv| (kv["key"].as_str().unwrap_or("").to_owned(), text(&kv["value"])))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+        let resource = attributes(&rs["resource"]["attributes"]);
+        let instance = resource.get("service.instance.id").cloned().unwrap_or_default();
+        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+            for s in ss["spans"].as_array().into_iter().flatten() {
+                out.push(ReceivedSpan {
+                    name: s["name"].as_str().unwrap_or("").to_owned(),
+                    trace_id: s["traceId"].as_str().unwrap_or("").to_lowercase(),
+                    span_id: s["spanId"].as_str().unwrap_or("").to_lowercase(),
+                    parent_span_id: s["parentSpanId"].as_str().unwrap_or("").to_lowercase(),
+                    attributes: attributes(&s["attributes"]),
+                    instance: instance.clone(),
+                    error: s["status"]["code"].as_i64() == Some(2)
+                        || s["status"]["code"].as_str() == Some("STATUS_CODE_ERROR"),
+                });
+            }
+        }
+    }
+    out
 }
