@@ -555,7 +555,7 @@ impl Broker {
     pub fn start(
         config: Arc<Config>,
         cancel: CancellationToken,
-    ) -> (Broker, impl Future<Output = ()>) {
+    ) -> (Broker, impl Future<Output = crate::supervise::ComponentResult>) {
         let (tx, rx) = watch::channel(None);
         (Broker { session: rx }, supervise(config, tx, cancel))
     }
@@ -591,7 +591,7 @@ async fn supervise(
     config: Arc<Config>,
     tx: watch::Sender<Option<Arc<Session>>>,
     cancel: CancellationToken,
-) {
+) -> crate::supervise::ComponentResult {
     let mut backoff = Duration::from_millis(100);
     let name = format!("turnd {}", config.daemon.id);
     loop {
@@ -623,7 +623,7 @@ async fn supervise(
                         _ = cancel.cancelled() => {
                             tx.send_replace(None);
                             let _ = session.connection.close(200, "turnd stopping".into()).await;
-                            return;
+                            return Ok(());
                         }
                         event = events.next() => match event {
                             Some(lapin::Event::Error(e)) => {
@@ -653,4 +653,5 @@ async fn supervise(
         backoff = (backoff * 2).min(RECONNECT_MAX);
     }
     tx.send_replace(None);
+    Ok(())
 }

@@ -10,8 +10,16 @@
 //!  ├─ sweep                    (deadlines, adoption, retention, daemon heartbeat)
 //!  ├─ relay                    (outbox → <prefix>.replies)
 //!  ├─ http                     (console listener; the ops listener when configured)
+//!  ├─ status/watchdog, SIGCHLD forwarder, SIGHUP reloader
 //!  └─ deployments ──(many)──► deployment task ──► worker process
 //! ```
+//!
+//! Every component but the deployments is supervised (`supervise`): it returns a `Result`,
+//! and `run` selects on the components' join handles beside the signals. One that ends before
+//! it was asked to (returns, fails or panics) is logged by name and stops the daemon in the
+//! same order as SIGTERM, which then exits 1 for systemd or Kubernetes to restart it. A
+//! deployment task is not such a component: it catches its own panic, fails its turns and
+//! releases its lock (`deployment::owner`), and the daemon serves on.
 //!
 //! SIGHUP re-reads the config (file and environment) and applies what can change live:
 //! `log.level` and the HTTP tokens. It logs what it applied and which changed keys wait for a
@@ -20,14 +28,13 @@
 //! Shutdown (SIGTERM/SIGINT): stop intake and adoption, let running turns finish for
 //! `shutdown.grace` (a second signal cuts it short), stop workers (cut-off turns get
 //! `WORKER_STOPPED`, queued ones stay for another daemon), release locks after workers exit,
-//! flush the relay, exit 0.
+//! flush the relay, exit 0 (1 when a component failed).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Names};
@@ -39,6 +46,7 @@ use crate::lock::LockSession;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayHandle};
 use crate::store::{self, Store};
+use crate::supervise::{ComponentError, ComponentResult, Components};
 use crate::sweep::Sweep;
 use crate::systemd::Notifier;
 use crate::worker::{self, Spawner, WorkerSpec};
@@ -55,6 +63,9 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    /// A component ended before it was asked to; the daemon stopped in order after it.
+    #[error("{component} {how}; the daemon stopped so that its supervisor restarts it")]
+    Component { component: &'static str, how: String },
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or `stop` is cancelled, for tests). `config_path`
@@ -95,26 +106,26 @@ pub async fn run(
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 
-    let mut tasks = JoinSet::new();
+    // Components in three groups, stopped in this order: `front` (what takes work in),
+    // `late` (relay and status, after the deployments), `back` (what everything else uses).
+    let (mut front, mut late, mut back) = (Components::new(), Components::new(), Components::new());
     let lock_options =
         store::connect_options(config.database.url.expose(), &format!("turnd-lock:{daemon_id}"))?;
     let (locks, lock_task) = LockSession::start(lock_options, background.clone());
-    tasks.spawn(lock_task);
+    back.spawn("lock session", lock_task);
     let (broker, broker_task) = Broker::start(config.clone(), background.clone());
-    tasks.spawn(broker_task);
+    back.spawn("broker supervisor", broker_task);
 
     let metrics = Arc::new(Metrics::new());
     let (relay, relay_rx) = RelayHandle::channel(metrics.clone());
-    let relay_cancel = CancellationToken::new();
-    let relay_task = {
-        let relay = Relay {
-            metrics: metrics.clone(),
-            store: store.clone(),
-            broker: broker.clone(),
-            exchange: Names::new(&config.amqp.prefix).replies(),
-        };
-        tokio::spawn(relay.run(relay_rx, relay_cancel.clone()))
+    let late_cancel = CancellationToken::new();
+    let relay_task = Relay {
+        metrics: metrics.clone(),
+        store: store.clone(),
+        broker: broker.clone(),
+        exchange: Names::new(&config.amqp.prefix).replies(),
     };
+    late.spawn("relay", relay_task.run(relay_rx, late_cancel.clone()));
 
     let spawner = Spawner::start().map_err(DaemonError::Spawner)?;
     let base_env = worker::base_env(std::env::vars(), &config.worker.env);
@@ -147,7 +158,7 @@ pub async fn run(
             tracing::warn!(error = %e, "cannot become a child subreaper: orphans of workers go to init")
         }
     }
-    tasks.spawn(forward_sigchld(chld, background.clone()));
+    back.spawn("SIGCHLD forwarder", forward_sigchld(chld, background.clone()));
     let drain = CancellationToken::new();
     let hard = CancellationToken::new();
     let deployments = Deployments::new(Ctx {
@@ -170,19 +181,16 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let tokens = http::Tokens::new(&config.http);
-    tasks.spawn(reload_on_hup(
-        hup,
-        config.clone(),
-        config_path,
-        tokens.clone(),
-        background.clone(),
-    ));
+    back.spawn(
+        "SIGHUP reloader",
+        reload_on_hup(hup, config.clone(), config_path, tokens.clone(), background.clone()),
+    );
     let state = http::AppState::new(health.clone(), config.clone(), tokens);
     if let Some(addr) = config.http.listen {
-        tasks.spawn(http::serve(addr, state.clone(), background.clone()).await?);
+        back.spawn("http", http::serve(addr, state.clone(), background.clone()).await?);
     }
     if let Some(addr) = config.http.ops_listen {
-        tasks.spawn(http::serve_ops(addr, state, background.clone()).await?);
+        back.spawn("ops http", http::serve_ops(addr, state, background.clone()).await?);
     }
     let notifier = Notifier::from_env();
     warn_lock_capacity(&store, &config).await;
@@ -191,15 +199,16 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
     // Ready once the lock session and the broker are up.
+    let mut fatal = None;
     tokio::select! {
         _ = async { locks.wait_healthy().await; broker.session().await; } => {}
         _ = stop.cancelled() => {}
         _ = term.recv() => stop.cancel(),
         _ = int.recv() => stop.cancel(),
+        ended = back.next() => fatal = Some(ended),
     }
 
     let intake_cancel = CancellationToken::new();
-    let mut front = JoinSet::new();
     let intake = Intake {
         config: config.clone(),
         store: store.clone(),
@@ -207,35 +216,44 @@ pub async fn run(
         deployments: deployments.clone(),
         requested: Default::default(),
     };
-    front.spawn(intake.clone().run_retry(intake_cancel.clone()));
-    front.spawn(intake.clone().run_owners(intake_cancel.clone()));
-    front.spawn(intake.run(intake_cancel.clone()));
+    front.spawn("retry mover", intake.clone().run_retry(intake_cancel.clone()));
+    front.spawn("owner requests", intake.clone().run_owners(intake_cancel.clone()));
+    front.spawn("intake", intake.run(intake_cancel.clone()));
     front.spawn(
+        "sweep",
         Sweep { config: config.clone(), store: store.clone(), deployments: deployments.clone() }
             .run(intake_cancel.clone()),
     );
-    if !stop.is_cancelled() {
+    if !stop.is_cancelled() && fatal.is_none() {
         tracing::info!(daemon = %daemon_id, prefix = %config.amqp.prefix, "turnd ready");
         notifier.notify("READY=1");
     }
-    let status_cancel = CancellationToken::new();
-    let status_task = tokio::spawn(report_status(
-        notifier.clone(),
-        health.clone(),
-        deployments.clone(),
-        status_cancel.clone(),
-    ));
+    late.spawn(
+        "status/watchdog",
+        report_status(notifier.clone(), health.clone(), deployments.clone(), late_cancel.clone()),
+    );
 
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    if fatal.is_none() {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            ended = front.next() => fatal = Some(ended),
+            ended = late.next() => fatal = Some(ended),
+            ended = back.next() => fatal = Some(ended),
+        }
+    }
+    if let Some((component, how)) = &fatal {
+        tracing::error!(
+            component,
+            "{component} {how}: stopping the daemon (exit 1) so that its supervisor restarts it"
+        );
     }
     tracing::info!(grace = ?config.shutdown.grace, "shutting down: intake stopped, running turns may finish");
     notifier.notify("STOPPING=1");
     intake_cancel.cancel();
     drain.cancel();
-    while front.join_next().await.is_some() {}
+    front.join_all().await;
     {
         let grace = tokio::time::sleep(config.shutdown.grace);
         tokio::pin!(grace);
@@ -252,28 +270,32 @@ pub async fn run(
             _ = int.recv() => { hard.cancel(); all_done.await; }
         }
     }
-    relay_cancel.cancel();
-    let _ = relay_task.await;
-    status_cancel.cancel();
-    let _ = status_task.await;
+    late_cancel.cancel();
+    late.join_all().await;
     if let Err(e) = store.daemon_stopped(&daemon_id).await {
         tracing::debug!(error = %e, "cannot record the daemon's stop");
     }
     background.cancel();
-    while tasks.join_next().await.is_some() {}
+    back.join_all().await;
     tracing::info!("turnd stopped");
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some((component, how)) => Err(DaemonError::Component { component, how: how.to_string() }),
+    }
 }
 
 /// Wakes the reaper on every SIGCHLD (see `worker::reaper`: it sleeps only while no worker
 /// is registered).
-async fn forward_sigchld(mut chld: tokio::signal::unix::Signal, cancel: CancellationToken) {
+async fn forward_sigchld(
+    mut chld: tokio::signal::unix::Signal,
+    cancel: CancellationToken,
+) -> ComponentResult {
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
             got = chld.recv() => match got {
                 Some(()) => worker::child_signal(),
-                None => return,
+                None => return Err(ComponentError::SignalsEnded("SIGCHLD")),
             },
         }
     }
@@ -290,12 +312,12 @@ async fn reload_on_hup(
     path: Option<PathBuf>,
     tokens: http::Tokens,
     cancel: CancellationToken,
-) {
+) -> ComponentResult {
     let mut level = running.log.level.clone();
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
-            got = hup.recv() => if got.is_none() { return },
+            _ = cancel.cancelled() => return Ok(()),
+            got = hup.recv() => if got.is_none() { return Err(ComponentError::SignalsEnded("SIGHUP")) },
         }
         let new = match Config::load(path.as_deref()) {
             Ok(c) => c,
@@ -363,13 +385,13 @@ async fn report_status(
     health: Health,
     deployments: Deployments,
     cancel: CancellationToken,
-) {
+) -> ComponentResult {
     let mut status = tokio::time::interval(Duration::from_secs(1));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
             _ = status.tick() => {
                 let m = &health.metrics;
                 let workers = deployments.live_workers();

@@ -28,6 +28,7 @@ use crate::config::{Config, SessionStore};
 use crate::deployment::Deployments;
 use crate::event::{Envelope, Outcome};
 use crate::store::{ParkedRecord, Store, StoreError};
+use crate::supervise::{ComponentError, ComponentResult};
 use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn};
 
 /// Intake's pause after a failed batch, doubling while batches keep failing at once. Short
@@ -126,19 +127,20 @@ impl OwnerRequests {
 }
 
 impl Intake {
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(self, cancel: CancellationToken) -> ComponentResult {
         let names = Names::new(&self.config.amqp.prefix);
         let tag = format!("turnd-intake-{}", self.config.daemon.id);
         let mut pause = PAUSE_MIN;
         loop {
             let session = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 s = self.broker.session() => s,
             };
-            let Some(session) = session else { return };
+            // None: the broker supervisor is gone, and with it every session.
+            let Some(session) = session else { return Err(ComponentError::BrokerGone) };
             // Consume only while the database can take what we accept.
             if !self.wait_for_database(&cancel).await {
-                return;
+                return Ok(());
             }
             let (channel, consumer) = match session
                 .consumer(&names.inbox(), self.config.amqp.prefetch, &tag)
@@ -167,7 +169,7 @@ impl Intake {
             // inversion of publish order once they are returned).
             let _ = channel.close(200, "intake paused".into()).await;
             match result {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     // Each pause returns the deliveries in flight, and every return counts
                     // towards the inbox's delivery limit: back off while batches keep failing
@@ -492,15 +494,16 @@ impl Intake {
     /// Moves turns the inbox dead-lettered into the delay queue for their attempt (refusals):
     /// confirm the publish, then ack. The delay queue's TTL sends them back to `<prefix>.turns`.
     /// A turn dead-lettered by the inbox's delivery limit is parked instead (`INVALID_TURN`).
-    pub async fn run_retry(self, cancel: CancellationToken) {
+    pub async fn run_retry(self, cancel: CancellationToken) -> ComponentResult {
         let names = Names::new(&self.config.amqp.prefix);
         let tag = format!("turnd-retry-{}", self.config.daemon.id);
         loop {
             let session = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 s = self.broker.session() => s,
             };
-            let Some(session) = session else { return };
+            // None: the broker supervisor is gone, and with it every session.
+            let Some(session) = session else { return Err(ComponentError::BrokerGone) };
             let (channel, mut consumer) = match session.consumer(&names.retry(), 16, &tag).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -526,7 +529,7 @@ impl Intake {
             }
             let _ = channel.close(200, "retry mover stopping".into()).await;
             if cancel.is_cancelled() {
-                return;
+                return Ok(());
             }
             sleep_or_cancel(Duration::from_millis(500), &cancel).await;
         }
@@ -538,7 +541,7 @@ impl Intake {
     /// tried, so a daemon that stops hands its requests back to the others. The broker
     /// spreads requests over the daemons, so new deployments, and their workers, are spread
     /// too while one daemon's intake is the active one.
-    pub async fn run_owners(self, cancel: CancellationToken) {
+    pub async fn run_owners(self, cancel: CancellationToken) -> ComponentResult {
         /// Requests in flight per daemon: enough to keep lock batches full, few enough that a
         /// slow daemon does not hold many of them.
         const PREFETCH: u16 = 32;
@@ -546,10 +549,11 @@ impl Intake {
         let tag = format!("turnd-owners-{}", self.config.daemon.id);
         loop {
             let session = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 s = self.broker.session() => s,
             };
-            let Some(session) = session else { return };
+            // None: the broker supervisor is gone, and with it every session.
+            let Some(session) = session else { return Err(ComponentError::BrokerGone) };
             let (channel, mut consumer) =
                 match session.consumer(&names.owners(), PREFETCH, &tag).await {
                     Ok(c) => c,
@@ -597,7 +601,7 @@ impl Intake {
             // Unacknowledged requests go back to the queue, for another daemon.
             let _ = channel.close(200, "owner requests stopped".into()).await;
             if cancel.is_cancelled() {
-                return;
+                return Ok(());
             }
             sleep_or_cancel(Duration::from_millis(500), &cancel).await;
         }

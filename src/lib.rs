@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod parked;
 pub mod relay;
 pub mod store;
+pub mod supervise;
 pub mod sweep;
 pub mod systemd;
 pub mod turn;

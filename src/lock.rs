@@ -30,6 +30,8 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::supervise::ComponentResult;
+
 use crate::turn::Epoch;
 
 /// How often the session proves it is alive; a lost session is noticed within
@@ -103,7 +105,7 @@ impl LockSession {
     pub fn start(
         options: PgConnectOptions,
         cancel: CancellationToken,
-    ) -> (LockSession, impl Future<Output = ()>) {
+    ) -> (LockSession, impl Future<Output = ComponentResult>) {
         let (requests, rx) = mpsc::unbounded_channel();
         let (generation_tx, generation) = watch::channel(0);
         let (healthy_tx, healthy) = watch::channel(false);
@@ -186,11 +188,11 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, cancel: CancellationToken) {
+    async fn run(mut self, cancel: CancellationToken) -> ComponentResult {
         let mut backoff = Duration::from_millis(100);
         loop {
             let conn = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 conn = self.connect() => conn,
             };
             match conn {
@@ -209,7 +211,7 @@ impl Task {
                     // Every lock of this generation is gone with the connection.
                     self.generation.send_modify(|g| *g += 1);
                     match reason {
-                        None => return,
+                        None => return Ok(()),
                         Some(e) => {
                             tracing::error!(error = %e, "lock session lost; its workers are stopped and it reconnects")
                         }
@@ -221,7 +223,7 @@ impl Task {
                 }
             }
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(RECONNECT_MAX);

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, Session, json_properties};
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
+use crate::supervise::ComponentResult;
 
 /// Events per publish batch: large enough to amortise confirms and the UPDATE, small enough
 /// to keep a batch's latency low.
@@ -95,7 +96,11 @@ impl Relay {
     /// after it, and tried again once a session is back (checked every `CATCH_UP_EVERY`);
     /// nothing newer goes out before it. Memory: while the broker is away no turn comes in
     /// (intake needs it), so what piles up here is bounded by the turns already accepted.
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Committed>, cancel: CancellationToken) {
+    pub async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<Committed>,
+        cancel: CancellationToken,
+    ) -> ComponentResult {
         let mut tick = tokio::time::interval(CATCH_UP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listener = self.listen().await;
@@ -171,6 +176,7 @@ impl Relay {
                 listener = self.listen().await;
             }
         }
+        Ok(())
     }
 
     async fn listen(&self) -> Option<PgListener> {

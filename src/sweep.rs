@@ -27,12 +27,12 @@ pub struct Sweep {
 }
 
 impl Sweep {
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(self, cancel: CancellationToken) -> crate::supervise::ComponentResult {
         let mut tick = tokio::time::interval(self.config.sweep.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
             self.once().await;

@@ -52,5 +52,6 @@ pub struct Ctx {
 
 mod owner;
 mod registry;
+mod serve;
 
 pub use registry::Deployments;

@@ -56,11 +56,11 @@ pub(super) fn stored_deadline(deadline: Duration) -> Duration {
 }
 
 impl Owner<'_> {
-    fn ctx(&self) -> &Ctx {
+    pub(super) fn ctx(&self) -> &Ctx {
         &self.d.inner.ctx
     }
 
-    fn epoch(&self) -> Epoch {
+    pub(super) fn epoch(&self) -> Epoch {
         self.held.epoch
     }
 
@@ -180,238 +180,14 @@ impl Owner<'_> {
         }
     }
 
-    fn set_busy(&self, busy: bool) {
+    pub(super) fn set_busy(&self, busy: bool) {
         self.busy.store(busy, Ordering::Relaxed);
         if !busy {
             self.last_active.store(self.d.now_ms(), Ordering::Relaxed);
         }
     }
 
-    async fn serve(&self, who: &Identity<'_>, first_turn_over: &Notify) -> End {
-        let ctx = self.ctx();
-        let config = &ctx.config;
-        let mut worker: Option<Worker> = None;
-        let mut running: Option<Running> = None;
-        let mut spawned: Option<u32> = None;
-        let mut want_claim = true;
-        let mut first_claim = true;
-        let mut idle_since = Instant::now();
-        let mut draining = false;
-        let lost = ctx.locks.lost(self.held.generation);
-        tokio::pin!(lost);
-        let mut bell_started = false;
-        loop {
-            if !bell_started && !first_claim && running.is_none() {
-                first_turn_over.notify_one();
-                bell_started = true;
-            }
-            // The token, not just `draining`: a reply handled in the same poll as SIGTERM (or an
-            // owner started during shutdown) must not claim one more turn.
-            let claim_more = !draining && !ctx.drain.is_cancelled();
-            if running.is_none()
-                && want_claim
-                && claim_more
-                && worker.as_ref().is_none_or(|w| !w.stop_requested())
-            {
-                let claim = ctx.store.claim_next(
-                    &self.name,
-                    self.epoch(),
-                    stored_deadline(config.turn.deadline),
-                );
-                // A new owner almost always has a turn waiting: its worker starts while the
-                // first claim runs, off the cold path. Only the first, or a worker stopped for
-                // idleness would be started again and again for nothing.
-                let (claim, started) = if first_claim && worker.is_none() {
-                    let (c, w) =
-                        Box::pin(async { tokio::join!(claim, self.start_worker(who)) }).await;
-                    (c, Some(w))
-                } else {
-                    (claim.await, None)
-                };
-                let speculative = std::mem::take(&mut first_claim) && started.is_some();
-                if let Some(started) = started {
-                    match started {
-                        Ok(w) => {
-                            spawned = Some(w.pid);
-                            worker = Some(w);
-                        }
-                        // The claim may have taken a turn: fail_all answers it with the rest.
-                        Err(message) => return self.start_failed(&message).await,
-                    }
-                }
-                match claim {
-                    Ok(Some(claimed)) => {
-                        self.set_busy(true);
-                        if worker.is_none() {
-                            match self.start_worker(who).await {
-                                Ok(w) => {
-                                    spawned = Some(w.pid);
-                                    worker = Some(w);
-                                }
-                                Err(message) => return self.start_failed(&message).await,
-                            }
-                        }
-                        let give = self.give(worker.as_mut(), claimed);
-                        running = Some(match spawned.take() {
-                            // While the turn is being written (off the cold path's critical
-                            // section): record the worker, and restart the stored deadline from
-                            // the spawn — a spawn that waited behind many others (thousands of
-                            // deployments starting at once) must not eat into it, or the sweep
-                            // fails a turn whose worker has only just started.
-                            Some(pid) => {
-                                // Boxed, as once per worker: the three futures side by side
-                                // would otherwise size the owner for its whole life.
-                                let (running, _, _) = Box::pin(async {
-                                    tokio::join!(
-                                        give,
-                                        ctx.store.set_worker(&self.name, self.epoch(), Some(pid)),
-                                        ctx.store.extend_deadlines(
-                                            &self.name,
-                                            self.epoch(),
-                                            stored_deadline(config.turn.deadline),
-                                            config.turn.queue_timeout
-                                        ),
-                                    )
-                                })
-                                .await;
-                                running
-                            }
-                            None => Box::pin(give).await,
-                        });
-                    }
-                    Ok(None) => {
-                        want_claim = false;
-                        self.set_busy(false);
-                        idle_since = Instant::now();
-                        match worker.as_mut() {
-                            None => return End::Done,
-                            // Started for a turn that was not there after all.
-                            Some(w) if speculative => w.stop(config.worker.stop_timeout),
-                            Some(_) => {}
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(deployment = %self.name, error = %e, "cannot claim the next turn; retrying");
-                        want_claim = false;
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => want_claim = true,
-                            // A fresh future, not the pinned `lost`: that one must complete in
-                            // the select below, which handles the loss (polled again after
-                            // completing here, it panicked and the deployment was stranded).
-                            _ = ctx.locks.lost(self.held.generation) => {}
-                        }
-                        continue;
-                    }
-                }
-            }
-            // Also while the provider failed: the deadline it already had still lapses (and the
-            // worker is stopped), or a heartbeating worker would hold the conversation forever.
-            let deadline = running.as_ref().map(|r| r.deadline + LOCAL_DEADLINE_SLACK);
-            let idle_at = (running.is_none()
-                && worker.as_ref().is_some_and(|w| !w.stop_requested()))
-            .then(|| idle_since + config.worker.idle_timeout);
-            tokio::select! {
-                _ = &mut lost => {
-                    tracing::error!(deployment = %self.name, "lock session lost: killing the worker now");
-                    if let Some(mut w) = worker.take() {
-                        w.kill();
-                        ctx.relay.metrics().worker_exit("lock_lost");
-                        w.wait().await;
-                        self.has_worker.store(false, Ordering::Relaxed);
-                    }
-                    if running.is_some() {
-                        self.fail_running("lock_lost", ErrorCode::WorkerStopped, "the daemon lost its cross-pod lock").await;
-                    }
-                    return End::LockLost;
-                }
-                _ = self.nudge.notified() => want_claim = true,
-                event = next_event(worker.as_mut()) => match event {
-                    // Boxed: the commit inside is the owner's largest future, and it is idle most of the time.
-                    Some(WorkerEvent::Line(line)) => Box::pin(self.on_line(line, &mut running, &mut want_claim, &mut idle_since)).await,
-                    Some(WorkerEvent::Invalid(msg)) => {
-                        tracing::warn!(deployment = %self.name, "worker wrote a line that is not protocol, ignored: {}", crate::untrusted::inert(&msg));
-                    }
-                    ev @ (Some(WorkerEvent::Exited(_)) | None) => {
-                        let status = match ev {
-                            Some(WorkerEvent::Exited(s)) => s.0,
-                            _ => "ended".to_owned(),
-                        };
-                        let deliberate = worker.as_ref().is_some_and(|w| w.stop_requested());
-                        ctx.relay.metrics().worker_exit(if deliberate { "requested" } else { "died" });
-                        if let Some(mut w) = worker.take() {
-                            w.wait().await;
-                        }
-                        self.has_worker.store(false, Ordering::Relaxed);
-                        let _ = ctx.store.set_worker(&self.name, self.epoch(), None).await;
-                        if !deliberate {
-                            tracing::warn!(deployment = %self.name, "worker {status} without being asked to; failing its turns");
-                            self.fail_all("fast", ErrorCode::WorkerDied, &format!("the worker {status}")).await;
-                            let _ = ctx.store.record_crash(&self.name).await;
-                            return End::Crashed;
-                        }
-                        if running.take().is_some() {
-                            self.fail_running("shutdown", ErrorCode::WorkerStopped, "the worker was stopped").await;
-                        }
-                        if draining || ctx.drain.is_cancelled() {
-                            return End::Shutdown;
-                        }
-                        if self.evict.is_cancelled() && !matches!(ctx.store.has_queued(&self.name).await, Ok(true)) {
-                            return End::Done;
-                        }
-                        // Stopped on purpose (idle, hung turn, eviction): a turn that arrived
-                        // meanwhile gets a fresh worker under the lock we kept (CONTRACT §10).
-                        want_claim = true;
-                    }
-                },
-                _ = sleep_until_opt(deadline) => {
-                    if let Some(r) = running.take() {
-                        tracing::warn!(deployment = %self.name, message_id = %r.envelope.message_id, "turn deadline lapsed; stopping the hung worker");
-                        self.fail_running("timeout", ErrorCode::TurnTimeout, "no heartbeat or reply within turn.deadline").await;
-                        if let Some(w) = worker.as_mut() {
-                            w.stop(config.worker.stop_timeout);
-                        }
-                        want_claim = true;
-                    }
-                }
-                _ = sleep_until_opt(idle_at) => {
-                    tracing::debug!(deployment = %self.name, "worker idle for worker.idle_timeout; stopping it");
-                    if let Some(w) = worker.as_mut() {
-                        w.stop(config.worker.stop_timeout);
-                    }
-                }
-                _ = self.evict.cancelled(), if running.is_none() && worker.as_ref().is_some_and(|w| !w.stop_requested()) => {
-                    if let Some(w) = worker.as_mut() {
-                        w.stop(config.worker.stop_timeout);
-                    }
-                }
-                _ = ctx.drain.cancelled(), if !draining => {
-                    draining = true;
-                    if running.is_none() {
-                        match worker.as_mut() {
-                            Some(w) => w.stop(config.worker.stop_timeout),
-                            None => return End::Shutdown,
-                        }
-                    }
-                }
-                _ = ctx.hard.cancelled(), if running.is_some() => {
-                    running = None;
-                    self.fail_running("shutdown", ErrorCode::WorkerStopped, "the daemon is shutting down").await;
-                    if let Some(w) = worker.as_mut() {
-                        w.stop(config.worker.stop_timeout);
-                    }
-                }
-            }
-            if draining && running.is_none() {
-                match worker.as_mut() {
-                    Some(w) if !w.stop_requested() => w.stop(config.worker.stop_timeout),
-                    Some(_) => {}
-                    None => return End::Shutdown,
-                }
-            }
-        }
-    }
-
-    async fn start_worker(&self, who: &Identity<'_>) -> Result<Worker, String> {
+    pub(super) async fn start_worker(&self, who: &Identity<'_>) -> Result<Worker, String> {
         let ctx = self.ctx();
         match Worker::spawn(&ctx.spawner, &ctx.spec, who).await {
             Ok(w) => {
@@ -429,7 +205,7 @@ impl Owner<'_> {
     }
 
     /// A worker that cannot start fails every pending turn and counts as a crash.
-    async fn start_failed(&self, message: &str) -> End {
+    pub(super) async fn start_failed(&self, message: &str) -> End {
         self.fail_all("fast", ErrorCode::WorkerStartFailed, message).await;
         let _ = self.ctx().store.record_crash(&self.name).await;
         End::Crashed
@@ -452,7 +228,7 @@ impl Owner<'_> {
     /// worker that does not read its stdin (a turn larger than the pipe) is as hung as one that
     /// does not answer, and the deadline branch then stops it. Shutdown's hard stop and the loss
     /// of the lock cut the write short too; the serve loop handles either next.
-    async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
+    pub(super) async fn give(&self, worker: Option<&mut Worker>, claimed: Claimed) -> Running {
         let ctx = self.ctx();
         let line = turn_line(self.epoch(), &claimed.line);
         tracing::trace!(deployment = %self.name, message_id = %claimed.envelope.message_id, "turn given to worker");
@@ -481,92 +257,35 @@ impl Owner<'_> {
         }
     }
 
-    async fn on_line(
-        &self,
-        line: WorkerLine,
-        running: &mut Option<Running>,
-        want_claim: &mut bool,
-        idle_since: &mut Instant,
-    ) {
+    pub(super) async fn extend_deadlines(&self) -> Result<(), crate::store::StoreError> {
         let ctx = self.ctx();
         let config = &ctx.config;
-        match line {
-            WorkerLine::Reply { message_id, .. } | WorkerLine::Error { message_id, .. }
-                if running
-                    .as_ref()
-                    .is_none_or(|r| r.envelope.message_id.as_str() != message_id) =>
-            {
-                tracing::info!(deployment = %self.name, message_id, "reply for a turn that is not pending here; dropped");
-            }
-            WorkerLine::Reply { payload, .. } => {
-                self.commit(running, Outcome::Reply(payload)).await;
-                *want_claim = true;
-                *idle_since = Instant::now();
-            }
-            WorkerLine::Error { error, code, .. } => {
-                let outcome = Outcome::error(ErrorCode::from_worker(code.as_deref()), error);
-                self.commit(running, outcome).await;
-                *want_claim = true;
-                *idle_since = Instant::now();
-            }
-            WorkerLine::Heartbeat => {
-                let Some(r) = running.as_mut() else { return };
-                if r.provider_failed {
-                    return;
-                }
-                let now = Instant::now();
-                r.deadline = now + config.turn.deadline;
-                // Debounced; the stored deadline carries the debounce as slack (stored_deadline).
-                if now.duration_since(r.last_extension) >= extension_interval(config.turn.deadline)
-                {
-                    r.last_extension = now;
-                    if let Err(e) = ctx
-                        .store
-                        .extend_deadlines(
-                            &self.name,
-                            self.epoch(),
-                            stored_deadline(config.turn.deadline),
-                            config.turn.queue_timeout,
-                        )
-                        .await
-                    {
-                        tracing::warn!(deployment = %self.name, error = %e, "cannot extend deadlines");
-                    }
-                }
-            }
-            WorkerLine::ProviderFailed { code, reason } => {
-                let Some(r) = running.as_mut() else { return };
-                tracing::info!(deployment = %self.name, code, reason = reason.as_deref().unwrap_or(""), "provider failed; deadline extensions withdrawn");
-                r.provider_failed = true;
-                if let Err(e) =
-                    ctx.store.set_provider_code(&self.name, self.epoch(), Some(&code)).await
-                {
-                    tracing::warn!(deployment = %self.name, error = %e, "cannot record provider failure");
-                }
-            }
-            WorkerLine::ProviderRecovered => {
-                let Some(r) = running.as_mut() else { return };
-                r.provider_failed = false;
-                r.deadline = Instant::now() + config.turn.deadline;
-                r.last_extension = Instant::now();
-                if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), None).await {
-                    tracing::warn!(deployment = %self.name, error = %e, "cannot record provider recovery");
-                }
-                let _ = ctx
-                    .store
-                    .extend_deadlines(
-                        &self.name,
-                        self.epoch(),
-                        stored_deadline(config.turn.deadline),
-                        config.turn.queue_timeout,
-                    )
-                    .await;
-            }
+        ctx.store
+            .extend_deadlines(
+                &self.name,
+                self.epoch(),
+                stored_deadline(config.turn.deadline),
+                config.turn.queue_timeout,
+            )
+            .await
+    }
+
+    pub(super) async fn provider_failed(&self, code: &str) {
+        let ctx = self.ctx();
+        if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), Some(code)).await {
+            tracing::warn!(deployment = %self.name, error = %e, "cannot record provider failure");
         }
     }
 
-    async fn commit(&self, running: &mut Option<Running>, outcome: Outcome) {
-        let Some(r) = running.take() else { return };
+    pub(super) async fn provider_recovered(&self) {
+        let ctx = self.ctx();
+        if let Err(e) = ctx.store.set_provider_code(&self.name, self.epoch(), None).await {
+            tracing::warn!(deployment = %self.name, error = %e, "cannot record provider recovery");
+        }
+        let _ = self.extend_deadlines().await;
+    }
+
+    pub(super) async fn commit(&self, r: Running, outcome: Outcome) {
         let ctx = self.ctx();
         // Retried while the database is away: the obligation is ours until it commits or
         // someone else (sweep, takeover) ends it.
@@ -601,11 +320,11 @@ impl Owner<'_> {
         }
     }
 
-    async fn fail_all(&self, path: &'static str, code: ErrorCode, message: &str) {
+    pub(super) async fn fail_all(&self, path: &'static str, code: ErrorCode, message: &str) {
         self.fail(path, false, code, message).await
     }
 
-    async fn fail_running(&self, path: &'static str, code: ErrorCode, message: &str) {
+    pub(super) async fn fail_running(&self, path: &'static str, code: ErrorCode, message: &str) {
         self.fail(path, true, code, message).await
     }
 
@@ -627,13 +346,10 @@ pub(super) const PANIC_KILL_GRACE: Duration = Duration::from_millis(500);
 /// Runs `fut`, turning a panic into its message.
 pub(super) async fn panic_message<T>(fut: impl Future<Output = T>) -> Result<T, String> {
     use futures_lite::FutureExt;
-    std::panic::AssertUnwindSafe(fut).catch_unwind().await.map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned())
-    })
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|payload| crate::supervise::panic_text(payload.as_ref()))
 }
 
 pub(super) async fn next_event(worker: Option<&mut Worker>) -> Option<WorkerEvent> {

@@ -43,6 +43,7 @@ use crate::config::{Config, HttpConfig, Secret};
 use crate::lock::LockSession;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::supervise::{ComponentError, ComponentResult};
 
 #[derive(Debug, Clone)]
 pub struct Health {
@@ -209,7 +210,7 @@ pub async fn serve(
     addr: SocketAddr,
     state: AppState,
     cancel: CancellationToken,
-) -> Result<impl Future<Output = ()>, HttpError> {
+) -> Result<impl Future<Output = ComponentResult>, HttpError> {
     let actions =
         if state.admin_token().is_some() { "enabled" } else { "disabled (no http.admin_token)" };
     let reads = if state.read_token().is_some() { "token required" } else { "open" };
@@ -231,7 +232,7 @@ pub async fn serve_ops(
     addr: SocketAddr,
     state: AppState,
     cancel: CancellationToken,
-) -> Result<impl Future<Output = ()>, HttpError> {
+) -> Result<impl Future<Output = ComponentResult>, HttpError> {
     let listener = bind("http.ops_listen", addr).await?;
     tracing::info!(%addr, "ops http listening (/metrics, /healthz, /readyz only)");
     Ok(run(listener, ops_router(state), cancel))
@@ -245,13 +246,15 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpList
     })
 }
 
-async fn run(listener: tokio::net::TcpListener, app: Router, cancel: CancellationToken) {
-    let addr = listener.local_addr().ok();
+async fn run(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    cancel: CancellationToken,
+) -> ComponentResult {
+    let addr = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
-    if let Err(e) = server.await {
-        tracing::error!(error = %e, ?addr, "http server failed");
-    }
+    server.await.map_err(|source| ComponentError::Http { addr, source })
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -112,5 +112,6 @@ async fn locks_in_the_block_are_seen_at_once_and_survive_a_failed_statement() {
     assert_eq!(locks.held_count(), 0);
 
     cancel.cancel();
-    task.await.expect("the lock session task ends");
+    let ended = task.await.expect("the lock session task ends");
+    assert!(ended.is_ok(), "asked to stop, the lock session ends Ok: {ended:?}");
 }

@@ -332,6 +332,11 @@ impl Daemon {
     /// SIGTERM and wait (bounded) for the exit status.
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         self.signal(libc::SIGTERM);
+        self.exit_within(within).await
+    }
+
+    /// Waits (bounded) for the daemon to exit by itself; SIGKILL when it does not (None).
+    pub async fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         let start = Instant::now();
         loop {
