@@ -22,5 +22,6 @@ mod parked;
 mod pid1;
 mod retry;
 mod schemas;
+mod supervision;
 mod support;
 mod turn_path;

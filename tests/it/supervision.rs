@@ -3,11 +3,10 @@
 //! it. The component is failed through the debug builds' hook (`TURND_DEBUG_FAIL_COMPONENT`,
 //! triggered by SIGUSR2; see `turnd::supervise`).
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use turnd_harness::*;
 
 /// Starts a daemon with the hook armed for `hook`, fires it, and returns the daemon's log once
 /// it has exited; asserts exit status 1 within a second of the trigger.
