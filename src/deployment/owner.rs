@@ -13,6 +13,9 @@ pub(super) enum End {
     /// The lock session was lost: the server freed the lock already.
     LockLost,
     Shutdown,
+    /// Its organization is at `worker.max_workers_per_org_cluster`: let go without a worker;
+    /// the deployment waits for a slot (its turns stay queued).
+    AtOrgCap,
 }
 
 /// The turn being answered.
@@ -36,6 +39,7 @@ pub(super) struct Owner<'a> {
     pub(super) busy: Arc<AtomicBool>,
     pub(super) last_active: Arc<AtomicU64>,
     pub(super) has_worker: Arc<AtomicBool>,
+    pub(super) org: Arc<std::sync::OnceLock<super::admission::Org>>,
 }
 
 /// Grace after the deadline before the owner itself fails a silent turn (the sweep would too).
@@ -96,6 +100,11 @@ impl Owner<'_> {
                 ctx.relay.failed("crash_loop", failed);
             }
             return End::Done;
+        }
+        let _ = self.org.set(meta.organization_id.clone());
+        if !self.d.cluster_slot(&self.name, self.epoch(), meta.organization_id.as_deref()).await {
+            tracing::debug!(deployment = %self.name, "organization at worker.max_workers_per_org_cluster; the deployment waits");
+            return End::AtOrgCap;
         }
         if unreleased {
             // Fenced already (the takeover moved the epoch); spawn once the old worker is gone.

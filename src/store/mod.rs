@@ -274,6 +274,7 @@ impl Store {
     }
 }
 
+mod fairness;
 mod lifecycle;
 mod parked;
 mod views;
