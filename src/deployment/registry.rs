@@ -189,10 +189,7 @@ impl Deployments {
             let mut entries = self.entries();
             let mut waiting = self.waiting();
             let mut wanted = Vec::new();
-            loop {
-                let Some((org, name)) = waiting.next(|o| !self.at_org_cap(&entries, o)) else {
-                    break;
-                };
+            while let Some((org, name)) = waiting.next(|o| !self.at_org_cap(&entries, o)) {
                 if entries.contains_key(&name) {
                     continue;
                 }
@@ -230,7 +227,8 @@ impl Deployments {
         let full = entries.values().filter(|e| !e.evict.is_cancelled()).count()
             >= self.inner.ctx.config.worker.max_workers;
         // Its own organization even when blocked: that block lifts when this worker stops.
-        org.is_some_and(|o| waiting.has(o)) || (full && waiting.any(|o| !self.at_org_cap(&entries, o)))
+        org.is_some_and(|o| waiting.has(o))
+            || (full && waiting.any(|o| !self.at_org_cap(&entries, o)))
     }
 
     /// Takes the cluster-wide slot of the owner's organization, when that cap is set.

@@ -566,10 +566,12 @@ impl Store {
         .await?;
         // A daemon that comes back under the same id owns nothing yet: what its previous life
         // held must not count against an organization's cluster-wide cap.
-        sqlx::query("UPDATE turnd_deployments SET worker_slot = false WHERE owner = $1 AND worker_slot")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE turnd_deployments SET worker_slot = false WHERE owner = $1 AND worker_slot",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -195,18 +195,8 @@ async fn an_organization_at_its_cluster_cap_waits_across_daemons() {
 
     let names = deployments(&turns);
     let most = cluster.max_live_workers(&names);
-    let owners: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT owner FROM turnd_deployments d JOIN turnd_turns t USING (deployment)
-         WHERE t.organization_id = 'capped' AND d.owner IS NOT NULL",
-    )
-    .fetch_all(&cluster.pool)
-    .await
-    .expect("owners");
     eprintln!("capped organization: at most {most} workers at once in the cluster (cap 3)");
     assert!(most <= 3, "{most} workers at once over the cluster-wide cap of 3");
     assert!(most >= 2, "the cap still lets workers run side by side ({most})");
-    let slots: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM turnd_deployments WHERE worker_slot").fetch_one(&cluster.pool).await.expect("slots");
-    assert!(slots <= 3, "{slots} slots held, {owners:?}");
     assert_eq!(cluster.pending().await, 0);
 }

@@ -3,7 +3,6 @@
 //! it. The component is failed through the debug builds' hook (`TURND_DEBUG_FAIL_COMPONENT`,
 //! triggered by SIGUSR2; see `turnd::supervise`).
 
-
 use std::time::{Duration, Instant};
 
 use turnd_harness::*;
