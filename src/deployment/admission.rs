@@ -90,6 +90,11 @@ impl Waiting {
         self.queues.contains_key(org)
     }
 
+    /// Every deployment waiting, in no particular order.
+    pub(super) fn into_names(self) -> Vec<DeploymentName> {
+        self.members.into_iter().collect()
+    }
+
     pub(super) fn orgs(&self) -> Vec<Org> {
         self.queues.keys().cloned().collect()
     }

@@ -377,22 +377,33 @@ pub(super) async fn sleep_until_opt(at: Option<Instant>) {
 
 /// Publishes an owner request for `name` (best effort, bounded: adoption covers a miss).
 pub(super) async fn request_owner_elsewhere(ctx: &Ctx, name: DeploymentName) {
+    request_owners_elsewhere(ctx, std::slice::from_ref(&name)).await
+}
+
+/// Publishes owner requests for `names` (best effort, bounded: adoption covers a miss).
+pub(super) async fn request_owners_elsewhere(ctx: &Ctx, names: &[DeploymentName]) {
     let Some(session) = ctx.broker.current() else { return };
     let request = async {
-        for c in session.request_owners(std::slice::from_ref(&name)).await? {
+        for c in session.request_owners(names).await? {
             crate::broker::Session::confirmed(c, "owner requests").await?;
         }
         Ok::<_, crate::broker::BrokerError>(())
     };
+    let first = names.first().map(DeploymentName::as_str).unwrap_or_default();
+    let count = names.len();
     match tokio::time::timeout(std::time::Duration::from_secs(2), request).await {
         Ok(Ok(())) => {
-            tracing::debug!(deployment = %name, "queued turns offered to the other daemons")
+            tracing::debug!(deployment = first, count, "queued turns offered to the other daemons")
         }
         Ok(Err(e)) => {
-            tracing::debug!(deployment = %name, error = %e, "cannot offer queued turns; adoption will")
+            tracing::debug!(deployment = first, count, error = %e, "cannot offer queued turns; adoption will")
         }
         Err(_) => {
-            tracing::debug!(deployment = %name, "offering queued turns timed out; adoption will")
+            tracing::debug!(
+                deployment = first,
+                count,
+                "offering queued turns timed out; adoption will"
+            )
         }
     }
 }

@@ -413,8 +413,14 @@ impl Deployments {
         }
     }
 
-    /// Waits for every deployment task to end (after `drain`/`hard`).
+    /// Waits for every deployment task to end (after `drain`/`hard`). Deployments still
+    /// waiting for a slot here are offered to the other daemons first (a rolling restart
+    /// does not leave them to adoption).
     pub async fn wait(&self) {
+        let waiting = std::mem::take(&mut *self.waiting()).into_names();
+        if !waiting.is_empty() {
+            request_owners_elsewhere(&self.inner.ctx, &waiting).await;
+        }
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }

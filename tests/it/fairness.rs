@@ -134,10 +134,12 @@ async fn a_flooding_organization_does_not_starve_a_small_one() {
         small_wait * 3.0 < flood_wait,
         "small waited {small_wait:.2} s, the flood's last turn {flood_wait:.2} s: not fair"
     );
-    assert!(
-        cluster.max_live_workers(&deployments(&flood)) <= M,
-        "more than max_workers alive at once"
-    );
+    // An idle worker asked to stop for a waiting deployment may still be exiting while its
+    // successor starts (`worker.max_workers` counts the slots given, not exits seen): at most
+    // one stopping worker per slot.
+    let most = cluster.max_live_workers(&deployments(&flood));
+    eprintln!("flooding organization: at most {most} worker processes at once (max_workers {M})");
+    assert!(most <= 2 * M, "{most} worker processes alive at once");
     assert_eq!(cluster.pending().await, 0);
 }
 
@@ -199,4 +201,40 @@ async fn an_organization_at_its_cluster_cap_waits_across_daemons() {
     assert!(most <= 3, "{most} workers at once over the cluster-wide cap of 3");
     assert!(most >= 2, "the cap still lets workers run side by side ({most})");
     assert_eq!(cluster.pending().await, 0);
+}
+
+/// A daemon that stops with deployments waiting for a slot offers them to the other daemons at
+/// once: with `sweep.adoption_delay` far away, the waiting turn is answered by the other
+/// daemon while the stopping one still finishes its running turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_hands_its_waiting_deployments_over() {
+    let mut cluster = Cluster::new().await;
+    cluster.set("TURND_SWEEP__ADOPTION_DELAY", "60s");
+    cluster.set("TURND_TURN__DEADLINE", "30s");
+    cluster
+        .start_daemon(&[("TURND_WORKER__MAX_WORKERS", "1"), ("TURND_SHUTDOWN__GRACE", "30s")])
+        .await;
+    let mut client = cluster.client().await;
+    // Ends at least 6 s after the stop began minus the little it ran before.
+    let running = org_turn("o1", "a1", "c1", json!({"action": "sleep", "ms": 7000}));
+    client.publish(&running).await;
+    let dep = deployment_of(&running);
+    wait_until(T, "the first turn runs", || cluster.worker_pid(&dep).is_some()).await;
+    let waiting = org_turn("o2", "a1", "c2", json!({}));
+    client.publish(&waiting).await;
+    cluster.start_daemon(&[]).await;
+
+    let stopping = std::time::Instant::now();
+    cluster.daemons[0].signal(libc::SIGTERM);
+    client.wait_for(&[mid(&waiting)], T).await;
+    let took = stopping.elapsed();
+    eprintln!("waiting turn answered {took:?} after its daemon was told to stop");
+    assert!(took < Duration::from_secs(5), "not left to adoption (60 s): {took:?}");
+    assert!(client.event(&mid(&running)).is_none(), "the running turn was still running");
+    client.wait_for(&[mid(&running)], T).await;
+    client.assert_exactly_once_and_nothing_else(&[mid(&running), mid(&waiting)]);
+    for t in [&running, &waiting] {
+        let e = client.event(&mid(t)).expect("event");
+        assert_eq!(e.kind(), "reply", "{e:?}");
+    }
 }
