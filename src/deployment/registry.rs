@@ -207,10 +207,10 @@ impl Deployments {
             }
             wanted
         };
-        let tried = wanted.len();
-        let started = self.lock_and_start(wanted).await;
-        // A lock held elsewhere gave its slot back: the next in line may have it.
-        if started < tried && !self.waiting().is_empty() {
+        // A lock held elsewhere gave its slot back: the next in line may have it. (Not after a
+        // failed try: the lock session is away, and the rest would only fail the same way.)
+        let held_elsewhere = self.lock_and_start(wanted).await;
+        if held_elsewhere > 0 && !self.waiting().is_empty() {
             Box::pin(self.admit()).await;
         }
     }
@@ -255,13 +255,13 @@ impl Deployments {
     }
 
     /// Tries the locks of the reserved deployments and starts a task for each lock won; the
-    /// others give their slot back. Returns how many started.
+    /// others give their slot back. Returns how many locks were held elsewhere.
     async fn lock_and_start(&self, wanted: Vec<DeploymentName>) -> usize {
         let ctx = &self.inner.ctx;
         if wanted.is_empty() {
             return 0;
         }
-        let mut started = 0;
+        let mut held_elsewhere = 0;
         let attempts: Vec<_> = wanted.iter().map(|n| ctx.locks.try_acquire(n.lock_key())).collect();
         let mut results = Vec::with_capacity(attempts.len());
         for a in attempts {
@@ -269,11 +269,9 @@ impl Deployments {
         }
         for (name, result) in wanted.into_iter().zip(results) {
             match result {
-                Ok(Some(held)) => {
-                    started += 1;
-                    self.start(name, held)
-                }
+                Ok(Some(held)) => self.start(name, held),
                 Ok(None) => {
+                    held_elsewhere += 1;
                     ctx.relay.metrics().lock_contention.inc();
                     self.entries().remove(&name);
                 }
@@ -283,7 +281,7 @@ impl Deployments {
                 }
             }
         }
-        started
+        held_elsewhere
     }
 
     /// At `worker.max_workers`, asks the least recently used idle deployment to stop.
