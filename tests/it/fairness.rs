@@ -238,3 +238,33 @@ async fn a_stopping_daemon_hands_its_waiting_deployments_over() {
         assert_eq!(e.kind(), "reply", "{e:?}");
     }
 }
+
+/// A killed daemon's cluster-wide slots count only while its heartbeat is fresh (three sweeps,
+/// at least 15 s: 15 s here): the organization's next turn waits that long, then runs on the
+/// surviving daemon, instead of waiting forever for a slot nobody frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemons_organization_slots_stop_counting_once_it_is_silent() {
+    let mut cluster = Cluster::new().await;
+    let cap = [("TURND_WORKER__MAX_WORKERS_PER_ORG_CLUSTER", "1")];
+    let d0 = cluster.start_daemon(&cap).await;
+    let mut client = cluster.client().await;
+    let hang = org_turn("o1", "a1", "c1", json!({"action": "hang"}));
+    client.publish(&hang).await;
+    let dep = deployment_of(&hang);
+    wait_until(T, "the first turn runs", || cluster.worker_pid(&dep).is_some()).await;
+    cluster.start_daemon(&cap).await;
+    cluster.daemons[d0].kill();
+    let killed = std::time::Instant::now();
+
+    let next = org_turn("o1", "a1", "c2", json!({}));
+    client.publish(&next).await;
+    client.wait_for(&[mid(&next)], Duration::from_secs(40)).await;
+    let took = killed.elapsed();
+    eprintln!("next turn of the organization answered {took:?} after its slot holder was killed");
+    assert_eq!(client.event(&mid(&next)).expect("event").kind(), "reply");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    // Until then the silent daemon may still be alive: its slot counted, the cap held.
+    assert!(took > Duration::from_secs(10), "the cap of 1 held for {took:?} only");
+    client.wait_for(&[mid(&hang)], T).await;
+    client.assert_exactly_once_and_nothing_else(&[mid(&hang), mid(&next)]);
+}
