@@ -85,6 +85,10 @@ impl Waiting {
         self.queues.keys().any(|o| !self.blocked.contains(o) && pred(o))
     }
 
+    pub(super) fn contains(&self, name: &DeploymentName) -> bool {
+        self.members.contains(name)
+    }
+
     /// Whether one of `org` waits, blocked or not.
     pub(super) fn has(&self, org: &Org) -> bool {
         self.queues.contains_key(org)

@@ -119,7 +119,7 @@ impl Deployments {
         if ctx.drain.is_cancelled() {
             return;
         }
-        let fresh: Vec<DeploymentName> = {
+        let mut fresh: Vec<DeploymentName> = {
             let entries = self.entries();
             names.into_iter().filter(|n| !entries.contains_key(n)).collect()
         };
@@ -127,6 +127,17 @@ impl Deployments {
             return;
         }
         if self.fairness_needed() {
+            // Already waiting: nothing to look up. Intake asks for an owner again with each
+            // batch holding a turn of a deployment owned nowhere, so a flood of turns is a
+            // flood of requests for the same names, and the other organizations' requests
+            // queue behind them in `<prefix>.owners`: these must cost next to nothing.
+            {
+                let waiting = self.waiting();
+                fresh.retain(|n| !waiting.contains(n));
+            }
+            if fresh.is_empty() {
+                return;
+            }
             let names: Vec<&str> = fresh.iter().map(DeploymentName::as_str).collect();
             match ctx.store.queued_orgs(&names).await {
                 Ok(orgs) => {
