@@ -623,8 +623,14 @@ pub struct WorkerConfig {
     /// Extra environment variables for every worker. Values are secrets (API keys end up
     /// here): `check-config` and `Debug` show `***`.
     pub env: BTreeMap<String, Secret>,
-    /// Live workers per daemon; past it the least recently used idle one is stopped.
+    /// Live workers per daemon; past it the least recently used idle one is stopped, and
+    /// waiting deployments are admitted round-robin across organizations.
     pub max_workers: usize,
+    /// Live workers of one organization on this daemon; 0 = no cap. A turn of an organization
+    /// at its cap stays queued until one of its workers stops (or `turn.queue_timeout`).
+    pub max_workers_per_org: usize,
+    /// Live workers of one organization in the whole cluster (counted in PostgreSQL); 0 = no cap.
+    pub max_workers_per_org_cluster: usize,
     /// An idle worker is stopped after this.
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
@@ -653,6 +659,8 @@ impl Default for WorkerConfig {
             command: vec![default_worker_command()],
             env: BTreeMap::new(),
             max_workers: 256,
+            max_workers_per_org: 0,
+            max_workers_per_org_cluster: 0,
             idle_timeout: Duration::from_secs(10 * 60),
             stop_timeout: Duration::from_secs(5),
             max_line_bytes: 1_048_576,
@@ -759,6 +767,14 @@ pub struct SweepConfig {
 impl Default for SweepConfig {
     fn default() -> Self {
         SweepConfig { interval: Duration::from_secs(5), adoption_delay: Duration::from_secs(10) }
+    }
+}
+
+impl SweepConfig {
+    /// A daemon whose heartbeat (written each sweep) is older than this is not live: three
+    /// missed sweeps, and never under 15 s, so a slow round is not taken for a death.
+    pub fn live_within(&self) -> Duration {
+        (self.interval * 3).max(Duration::from_secs(15))
     }
 }
 
@@ -966,6 +982,8 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
             ("command", Kind::Toml),
             ("env", Kind::Toml),
             ("max_workers", Kind::Toml),
+            ("max_workers_per_org", Kind::Toml),
+            ("max_workers_per_org_cluster", Kind::Toml),
             ("idle_timeout", Kind::Text),
             ("stop_timeout", Kind::Text),
             ("max_line_bytes", Kind::Toml),
@@ -1276,6 +1294,17 @@ impl Config {
         }
         if self.worker.max_workers < 1 {
             return invalid("worker.max_workers", "must be at least 1".into());
+        }
+        let (per_org, per_org_cluster) =
+            (self.worker.max_workers_per_org, self.worker.max_workers_per_org_cluster);
+        if per_org_cluster > 0 && per_org > per_org_cluster {
+            return invalid(
+                "worker.max_workers_per_org",
+                format!(
+                    "is {per_org}, above worker.max_workers_per_org_cluster ({per_org_cluster}): \
+                     the cluster-wide cap would never let it be reached"
+                ),
+            );
         }
         if self.worker.max_line_bytes < 1024 {
             return invalid(
@@ -2017,6 +2046,10 @@ mod tests {
             ("[intake]\nmax_turn_bytes = 100", "intake.max_turn_bytes"),
             ("[intake]\nretry_delay = \"2m\"\nretry_max_delay = \"1m\"", "intake.retry_delay"),
             ("[worker]\nmax_workers = 0", "worker.max_workers"),
+            (
+                "[worker]\nmax_workers_per_org = 5\nmax_workers_per_org_cluster = 3",
+                "worker.max_workers_per_org",
+            ),
             ("[worker]\nmax_line_bytes = 10", "worker.max_line_bytes"),
             ("[worker]\ncommand = []", "worker.command"),
             ("[worker]\ncommand = [\"\"]", "worker.command"),

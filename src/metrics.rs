@@ -37,6 +37,11 @@ pub struct ComponentLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrgLabel {
+    pub organization: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
     pub edition: &'static str,
@@ -80,6 +85,13 @@ pub struct Metrics {
     pub oldest_pending_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// 1 when the component is healthy: database, broker, lock_session.
     pub up: Family<ComponentLabel, Gauge>,
+    /// Queued turns per organization (cluster-wide, from the last sweep): the top
+    /// [`ORG_LABELS`] by count, the rest summed under [`OTHER_ORGS`].
+    pub org_backlog: Family<OrgLabel, Gauge>,
+    /// Live workers per organization on this daemon, bounded the same way.
+    pub org_live_workers: Family<OrgLabel, Gauge>,
+    /// The organization labels each of the two families exports now (to drop the stale ones).
+    org_labels: std::sync::Mutex<[Vec<String>; 2]>,
     /// The worker-chosen codes that have a `code` label of their own (see
     /// [`Metrics::terminal_event`]).
     worker_codes: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -94,6 +106,16 @@ pub const MAX_WORKER_CODE_LABELS: usize = 50;
 
 /// The `code` label of worker-chosen codes past [`MAX_WORKER_CODE_LABELS`].
 pub const FOLDED_WORKER_CODE: &str = "OTHER_WORKER_CODE";
+
+/// How many organizations get an `organization` label of their own in the per-organization
+/// gauges. Organizations are tenants and may number in the thousands: a series for each would
+/// grow every scrape without bound. The ten largest are the ones an operator acts on (who
+/// floods, who waits); the rest are summed under [`OTHER_ORGS`], so totals stay right.
+pub const ORG_LABELS: usize = 10;
+
+/// The label of the organizations past [`ORG_LABELS`] (not a valid organizationId, so it
+/// never names a real one); turns without an organization are `_`, as in routing keys.
+pub const OTHER_ORGS: &str = "(other)";
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -114,6 +136,9 @@ impl Metrics {
             events_published: Counter::default(),
             oldest_pending_seconds: Gauge::default(),
             up: Family::default(),
+            org_backlog: Family::default(),
+            org_live_workers: Family::default(),
+            org_labels: Default::default(),
             worker_codes: Default::default(),
             registry: Registry::default(),
         };
@@ -193,6 +218,16 @@ impl Metrics {
             "Spans in export requests that the collector did not take",
             otel.failed.clone(),
         );
+        registry.register(
+            "org_backlog",
+            "Queued turns per organization (cluster-wide; top 10, the rest as (other))",
+            m.org_backlog.clone(),
+        );
+        registry.register(
+            "org_live_workers",
+            "Worker processes alive on this daemon per organization (top 10, the rest as (other))",
+            m.org_live_workers.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -243,6 +278,30 @@ impl Metrics {
         self.terminal_events.get_or_create(&EventLabels { kind, code }).inc();
     }
 
+    /// Sets the queued turns per organization (`None`: no organization).
+    pub fn set_org_backlog(&self, counts: Vec<(Option<String>, i64)>) {
+        self.set_by_org(0, counts);
+    }
+
+    /// Sets this daemon's live workers per organization.
+    pub fn set_org_live_workers(&self, counts: Vec<(Option<String>, i64)>) {
+        self.set_by_org(1, counts);
+    }
+
+    fn set_by_org(&self, which: usize, counts: Vec<(Option<String>, i64)>) {
+        let family = if which == 0 { &self.org_backlog } else { &self.org_live_workers };
+        let shown = top_orgs(counts, ORG_LABELS);
+        let mut labels = self.org_labels.lock().unwrap_or_else(|p| p.into_inner());
+        for (organization, n) in &shown {
+            family.get_or_create(&OrgLabel { organization: organization.clone() }).set(*n);
+        }
+        // Organizations that left the top (or have nothing now) stop being exported.
+        for gone in labels[which].iter().filter(|l| !shown.iter().any(|(o, _)| o == *l)) {
+            family.remove(&OrgLabel { organization: gone.clone() });
+        }
+        labels[which] = shown.into_iter().map(|(o, _)| o).collect();
+    }
+
     pub fn received(&self, outcome: &'static str, n: u64) {
         if n > 0 {
             self.turns_received.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
@@ -275,6 +334,23 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// The `top` organizations by count (ties by name), the rest summed as [`OTHER_ORGS`] when
+/// there is any; `None` (no organization) is labelled `_`.
+pub fn top_orgs(counts: Vec<(Option<String>, i64)>, top: usize) -> Vec<(String, i64)> {
+    let mut counts: Vec<(String, i64)> = counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(o, n)| (o.unwrap_or_else(|| "_".to_owned()), n))
+        .collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let rest: i64 = counts.iter().skip(top).map(|(_, n)| n).sum();
+    counts.truncate(top);
+    if rest > 0 {
+        counts.push((OTHER_ORGS.to_owned(), rest));
+    }
+    counts
 }
 
 #[cfg(test)]
@@ -316,5 +392,22 @@ mod tests {
         )));
         assert!(text.contains("code=\"TENANT_CODE_3\"} 2"), "{text}");
         assert!(text.contains("code=\"WORKER_DIED\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn organizations_past_the_top_fold_into_other() {
+        let counts = (0..25).map(|i| (Some(format!("org{i:02}")), i64::from(i) + 1)).collect();
+        let shown = top_orgs(counts, ORG_LABELS);
+        assert_eq!(shown.len(), ORG_LABELS + 1);
+        assert_eq!(shown[0], ("org24".to_owned(), 25));
+        // org00..org14 hold 1..15: 120 in all.
+        assert_eq!(shown[ORG_LABELS], (OTHER_ORGS.to_owned(), 120));
+        assert_eq!(top_orgs(vec![(None, 3), (Some("a".into()), 0)], 10), vec![("_".into(), 3)]);
+        let m = Metrics::new();
+        m.set_org_backlog(vec![(Some("big".into()), 900), (None, 4)]);
+        m.set_org_backlog(vec![(Some("big".into()), 800)]);
+        let text = m.encode();
+        assert!(text.contains("turnd_org_backlog{organization=\"big\"} 800"), "{text}");
+        assert!(!text.contains("organization=\"_\""), "a stale label stays exported: {text}");
     }
 }

@@ -1,7 +1,8 @@
 //! The sweep, on every daemon every `sweep.interval`: fails lapsed turns (`TURN_TIMEOUT`, or
-//! the provider's code), adopts deployments whose queued turns have no owner, wakes local
-//! owners that missed a doorbell, deletes what outlived `reply.retention`, and records this
-//! daemon's heartbeat.
+//! the provider's code), adopts deployments whose queued turns have no owner (and lets
+//! organizations refused by their cluster-wide cap try again), wakes local owners that
+//! missed a doorbell, sets the per-organization gauges, deletes what outlived
+//! `reply.retention`, and records this daemon's heartbeat.
 //!
 //! It backs up every faster path: a dead daemon's turns, a lost doorbell, a worker that hangs
 //! while its daemon is gone. Exactly once across daemons because each lapsed row is taken with
@@ -60,6 +61,7 @@ impl Sweep {
                 }
             }
         }
+        self.deployments.retry_waiting().await;
         match self
             .store
             .adoption_candidates(self.config.sweep.adoption_delay, ADOPT_PER_ROUND)
@@ -115,6 +117,11 @@ impl Sweep {
             }
             Err(e) => tracing::debug!(error = %e, "cannot count the outbox backlog"),
         }
+        match self.store.org_backlog().await {
+            Ok(counts) => relay.metrics().set_org_backlog(counts),
+            Err(e) => tracing::debug!(error = %e, "cannot count the backlog per organization"),
+        }
+        relay.metrics().set_org_live_workers(self.deployments.live_workers_by_org());
         if let Ok(age) = self.store.oldest_pending_age().await {
             relay.metrics().oldest_pending_seconds.set(age);
         }

@@ -11,7 +11,8 @@
 //! **Architecture invariant**: a deployment task spawns a worker only while it holds the
 //! deployment's lock, and releases the lock only after the worker has exited (or never, when
 //! the lock session was lost — the server already freed it). Idle reaping, eviction at
-//! `worker.max_workers`, crash handling and graceful stop all live here.
+//! `worker.max_workers`, fair admission across organizations (`admission`), crash handling
+//! and graceful stop all live here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +51,7 @@ pub struct Ctx {
     pub hard: CancellationToken,
 }
 
+mod admission;
 mod owner;
 mod registry;
 mod serve;

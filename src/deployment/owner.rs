@@ -14,6 +14,9 @@ pub(super) enum End {
     /// The lock session was lost: the server freed the lock already.
     LockLost,
     Shutdown,
+    /// Its organization is at `worker.max_workers_per_org_cluster`: let go without a worker;
+    /// the deployment waits for a slot (its turns stay queued).
+    AtOrgCap,
 }
 
 /// The turn being answered.
@@ -44,6 +47,7 @@ pub(super) struct Owner<'a> {
     pub(super) busy: Arc<AtomicBool>,
     pub(super) last_active: Arc<AtomicU64>,
     pub(super) has_worker: Arc<AtomicBool>,
+    pub(super) org: Arc<std::sync::OnceLock<super::admission::Org>>,
 }
 
 /// Grace after the deadline before the owner itself fails a silent turn (the sweep would too).
@@ -104,6 +108,11 @@ impl Owner<'_> {
                 ctx.relay.failed("crash_loop", failed);
             }
             return End::Done;
+        }
+        let _ = self.org.set(meta.organization_id.clone());
+        if !self.d.cluster_slot(&self.name, self.epoch(), meta.organization_id.as_deref()).await {
+            tracing::debug!(deployment = %self.name, "organization at worker.max_workers_per_org_cluster; the deployment waits");
+            return End::AtOrgCap;
         }
         if unreleased {
             // Fenced already (the takeover moved the epoch); spawn once the old worker is gone.
@@ -413,22 +422,33 @@ pub(super) async fn sleep_until_opt(at: Option<Instant>) {
 
 /// Publishes an owner request for `name` (best effort, bounded: adoption covers a miss).
 pub(super) async fn request_owner_elsewhere(ctx: &Ctx, name: DeploymentName) {
+    request_owners_elsewhere(ctx, std::slice::from_ref(&name)).await
+}
+
+/// Publishes owner requests for `names` (best effort, bounded: adoption covers a miss).
+pub(super) async fn request_owners_elsewhere(ctx: &Ctx, names: &[DeploymentName]) {
     let Some(session) = ctx.broker.current() else { return };
     let request = async {
-        for c in session.request_owners(std::slice::from_ref(&name)).await? {
+        for c in session.request_owners(names).await? {
             crate::broker::Session::confirmed(c, "owner requests").await?;
         }
         Ok::<_, crate::broker::BrokerError>(())
     };
+    let first = names.first().map(DeploymentName::as_str).unwrap_or_default();
+    let count = names.len();
     match tokio::time::timeout(std::time::Duration::from_secs(2), request).await {
         Ok(Ok(())) => {
-            tracing::debug!("queued turns offered to the other daemons")
+            tracing::debug!(deployment = first, count, "queued turns offered to the other daemons")
         }
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "cannot offer queued turns; adoption will")
+            tracing::debug!(deployment = first, count, error = %e, "cannot offer queued turns; adoption will")
         }
         Err(_) => {
-            tracing::debug!("offering queued turns timed out; adoption will")
+            tracing::debug!(
+                deployment = first,
+                count,
+                "offering queued turns timed out; adoption will"
+            )
         }
     }
 }

@@ -227,6 +227,11 @@ impl Serving<'_> {
         self.want_claim = false;
         self.owner.set_busy(false);
         self.idle_since = Instant::now();
+        // A waiting deployment could use this slot (fair admission): give it up now rather
+        // than after worker.idle_timeout.
+        if self.worker.is_some() && self.owner.d.slot_wanted(self.owner.org.get()) {
+            self.owner.evict.cancel();
+        }
         match self.worker.as_mut() {
             None => Some(End::Done),
             // Started for a turn that was not there after all.

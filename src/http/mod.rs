@@ -178,7 +178,7 @@ impl AppState {
 
     /// A daemon whose heartbeat is older than this is not live (as `turnd status` judges).
     pub(crate) fn live_within(&self) -> Duration {
-        (self.config.sweep.interval * 3).max(Duration::from_secs(15))
+        self.config.sweep.live_within()
     }
 }
 

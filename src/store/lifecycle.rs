@@ -465,7 +465,7 @@ impl Store {
     pub async fn release_owner(&self, deployment: &DeploymentName, epoch: Epoch) -> Result<()> {
         sqlx::query(
             "UPDATE turnd_deployments SET owner = NULL, since = NULL, worker_pid = NULL,
-                    worker_started_at = NULL, released_at = now()
+                    worker_started_at = NULL, worker_slot = false, released_at = now()
              WHERE deployment = $1 AND epoch = $2",
         )
         .bind(deployment.as_str())
@@ -583,6 +583,14 @@ impl Store {
         .bind(hostname)
         .bind(pid as i32)
         .bind(env!("CARGO_PKG_VERSION"))
+        .execute(&self.pool)
+        .await?;
+        // A daemon that comes back under the same id owns nothing yet: what its previous life
+        // held must not count against an organization's cluster-wide cap.
+        sqlx::query(
+            "UPDATE turnd_deployments SET worker_slot = false WHERE owner = $1 AND worker_slot",
+        )
+        .bind(id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -809,7 +817,7 @@ async fn take_over_statement<'e>(
              ON CONFLICT (deployment) DO UPDATE
                 SET epoch = EXCLUDED.epoch,
                     owner = EXCLUDED.owner, since = now(), worker_pid = NULL,
-                    worker_started_at = NULL
+                    worker_started_at = NULL, worker_slot = false
                 -- A late takeover under an older epoch changes nothing: the fence never
                 -- moves back and the current owner's record stays.
                 WHERE turnd_deployments.epoch < EXCLUDED.epoch

@@ -303,6 +303,7 @@ impl Store {
 
 mod audit;
 mod cancel;
+mod fairness;
 mod lifecycle;
 mod parked;
 mod views;

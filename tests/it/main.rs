@@ -10,6 +10,7 @@ mod console;
 mod console_browser;
 mod containment;
 mod examples;
+mod fairness;
 mod fuzz;
 mod hostile_headers;
 mod kubernetes;

@@ -280,6 +280,42 @@ impl Cluster {
         text.lines().map(|l| l.split(' ').map(str::to_owned).collect()).collect()
     }
 
+    /// The most workers of `deployments` alive at one moment, from the test worker's log
+    /// (`start` to `exit`, per pid; a worker that logged no exit counts as alive to the end).
+    pub fn max_live_workers(&self, deployments: &[String]) -> usize {
+        let mut edges: Vec<(u128, i32)> = Vec::new();
+        for deployment in deployments {
+            let mut open: HashMap<String, u128> = HashMap::new();
+            for line in self.worker_log(deployment) {
+                let at = |i: usize| line.get(i).and_then(|n| n.parse::<u128>().ok());
+                match line.first().map(String::as_str) {
+                    Some("start") => {
+                        if let (Some(pid), Some(t)) = (line.get(1), at(3)) {
+                            open.insert(pid.clone(), t);
+                            edges.push((t, 1));
+                        }
+                    }
+                    Some("exit") => {
+                        if let (Some(pid), Some(t)) = (line.get(1), at(2))
+                            && open.remove(pid).is_some()
+                        {
+                            edges.push((t, -1));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // An exit and a start at the same instant do not overlap.
+        edges.sort();
+        let (mut live, mut most) = (0i32, 0i32);
+        for (_, d) in edges {
+            live += d;
+            most = most.max(live);
+        }
+        usize::try_from(most).unwrap_or(0)
+    }
+
     /// Every worker-side exclusivity violation recorded.
     pub fn violations(&self) -> String {
         std::fs::read_to_string(self.path("excl").join("violations.log")).unwrap_or_default()
@@ -662,10 +698,15 @@ pub fn config_for(prefix: &str) -> turnd::config::Config {
 
 /// A turn with a fresh messageId.
 pub fn turn(agent: &str, conversation: &str, payload: Value) -> Value {
+    org_turn("org1", agent, conversation, payload)
+}
+
+/// A turn of organization `org` with a fresh messageId.
+pub fn org_turn(org: &str, agent: &str, conversation: &str, payload: Value) -> Value {
     json!({
         "messageId": uuid::Uuid::new_v4().to_string(),
         "agentId": agent,
-        "organizationId": "org1",
+        "organizationId": org,
         "conversationId": conversation,
         "payload": payload,
     })
