@@ -196,13 +196,7 @@ impl Store {
                         kind: if kind == "reply" { "reply" } else { "error" },
                         code: row.try_get("code")?,
                         body: row.try_get::<Option<String>, _>("body")?.unwrap_or_default(),
-                        trace: match row.try_get::<Option<String>, _>("traceparent")? {
-                            Some(tp) => TraceContext::parse(
-                                &tp,
-                                row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
-                            ),
-                            None => None,
-                        },
+                        trace: trace_from_row(row)?,
                     },
                 })
             })
@@ -885,6 +879,12 @@ pub(super) fn pending_from_row(row: &PgRow) -> Result<Pending> {
     })
 }
 
+/// A row's stored trace context (`traceparent`, `tracestate` columns of a turn or outbox row).
+fn trace_from_row(row: &PgRow) -> Result<Option<TraceContext>> {
+    let Some(tp) = row.try_get::<Option<String>, _>("traceparent")? else { return Ok(None) };
+    Ok(TraceContext::parse(&tp, row.try_get::<Option<String>, _>("tracestate")?.as_deref()))
+}
+
 fn envelope_from_row(deployment: &DeploymentName, row: &PgRow) -> Result<Envelope> {
     Ok(Envelope {
         deployment: deployment.clone(),
@@ -893,12 +893,7 @@ fn envelope_from_row(deployment: &DeploymentName, row: &PgRow) -> Result<Envelop
         agent_id: row.try_get("agent_id")?,
         conversation_id: row.try_get("conversation_id")?,
         routing: row.try_get("routing")?,
-        trace: match row.try_get::<Option<String>, _>("traceparent")? {
-            Some(tp) => {
-                TraceContext::parse(&tp, row.try_get::<Option<String>, _>("tracestate")?.as_deref())
-            }
-            None => None,
-        },
+        trace: trace_from_row(row)?,
     })
 }
 
