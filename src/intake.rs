@@ -31,7 +31,7 @@ use crate::event::{Envelope, Outcome};
 use crate::otel::{self, TraceContext};
 use crate::store::{ParkedRecord, Store, StoreError};
 use crate::supervise::{ComponentError, ComponentResult};
-use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Turn};
+use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Seq, Turn};
 
 /// Intake's pause after a failed batch, doubling while batches keep failing at once. Short
 /// enough that intake resumes promptly after an outage; growing, so that a database that
@@ -286,15 +286,16 @@ impl Intake {
             self.store.arm(&turns, config.turn.queue_timeout).await?
         };
         for ((_, arm), armed) in spans.iter().zip(&armed) {
-            arm.record("armed", *armed);
+            arm.record("armed", armed.is_some());
         }
-        // What was armed, one entry per deployment. A deployment owned here is woken in memory
-        // at once (its turn is committed: the owner may claim it now, before the doorbell's
-        // round trip); one owned nowhere gets its owner sought while the doorbells go out.
-        let mut rung: Vec<DeploymentName> = Vec::new();
+        // What was armed, one entry per deployment, with its newest turn (the seq a bell names:
+        // an owner that already claimed it needs no look).
+        let mut rung: Vec<(DeploymentName, Seq)> = Vec::new();
         for (turn, armed) in turns.iter().zip(&armed) {
-            if *armed && !rung.contains(&turn.deployment) {
-                rung.push(turn.deployment.clone());
+            let Some(seq) = *armed else { continue };
+            match rung.iter_mut().find(|(name, _)| *name == turn.deployment) {
+                Some((_, newest)) => *newest = seq.max(*newest),
+                None => rung.push((turn.deployment.clone(), seq)),
             }
         }
         // Only now, after the commit, are owners sought: an owner on another daemon that is
@@ -302,9 +303,14 @@ impl Intake {
         // a lock refused before this commit could leave the turn to adoption. The seeking is
         // spread over the cluster: one daemon's intake receives every turn, so if it took each
         // lock itself, every worker would run here (see `run_owners`).
-        let remote: Vec<DeploymentName> =
-            rung.iter().filter(|name| !self.deployments.nudge(name)).cloned().collect();
+        //
+        // A deployment owned here is woken in memory at once (its turn is committed: the owner
+        // may claim it now) and gets no doorbell: its owner either claims after this commit or,
+        // letting go, looks for queued turns once its lock is free (`Deployments::finish`).
+        rung.retain(|(name, seq)| !self.deployments.nudge(name, Some(*seq)));
+        let remote: Vec<DeploymentName> = rung.iter().map(|(name, _)| name.clone()).collect();
         let remote = self.owner_requests_due(remote).await;
+        let armed: Vec<bool> = armed.iter().map(Option::is_some).collect();
         self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
     }
 
@@ -329,24 +335,25 @@ impl Intake {
         due
     }
 
-    /// The rest of a batch once its turns are armed: a doorbell per deployment (for an owner
-    /// on another daemon, or one still taking the lock), parking, then the acks.
+    /// The rest of a batch once its turns are armed: a doorbell per deployment not owned here
+    /// (for an owner on another daemon, or one still taking the lock), naming its newest
+    /// turn, then owner requests, parking, and the acks.
     async fn finish_batch(
         &self,
         session: &Session,
         batch: &mut Vec<Delivery>,
         verdicts: &[Verdict],
         armed: &[bool],
-        rung: &[DeploymentName],
+        rung: &[(DeploymentName, Seq)],
         remote: &[DeploymentName],
     ) -> Result<(), BatchError> {
         let mut confirms = Vec::with_capacity(rung.len() + remote.len());
-        for name in rung {
+        for (name, seq) in rung {
             let queue = session.names.thread(name);
             let properties = BasicProperties::default().with_delivery_mode(1);
             // Mandatory: a doorbell to a queue that is gone (no owner) comes back instead of
             // vanishing; the owner request below takes care of the ownerless.
-            confirms.push(session.publish("", &queue, true, b"", properties).await?);
+            confirms.push(session.publish("", &queue, true, &seq.doorbell(), properties).await?);
         }
         // Deployments not owned here: whichever daemon's `run_owners` gets the request tries
         // the lock (a no-op where another daemon holds it). A lost request is adoption's.

@@ -72,7 +72,7 @@ impl Sweep {
                     .into_iter()
                     .map(DeploymentName::from_trusted)
                     // Owned here but idle: it missed a doorbell; wake it.
-                    .filter(|n| !self.deployments.nudge(n))
+                    .filter(|n| !self.deployments.nudge(n, None))
                     .collect();
                 if !orphans.is_empty() {
                     tracing::debug!(

@@ -184,6 +184,30 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// A turn's place in the accept order (`turnd_turns.seq`, from one sequence): an owner claims
+/// its deployment's queued turns by it, and a doorbell names the newest turn it rings for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Seq(i64);
+
+impl Seq {
+    pub const fn new(value: i64) -> Self {
+        Self(value)
+    }
+
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+
+    /// A doorbell's body: the seq in decimal (empty or anything else: a bell without one).
+    pub fn from_doorbell(body: &[u8]) -> Option<Seq> {
+        std::str::from_utf8(body).ok()?.parse().ok().map(Seq)
+    }
+
+    pub fn doorbell(self) -> Vec<u8> {
+        self.0.to_string().into_bytes()
+    }
+}
+
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64

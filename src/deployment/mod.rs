@@ -30,7 +30,9 @@ use crate::event::{Envelope, Outcome};
 use crate::lock::{Held, LockSession};
 use crate::relay::RelayHandle;
 use crate::store::{Claimed, Store};
-use crate::turn::{DeploymentName, Epoch, ErrorCode};
+
+use bells::Bells;
+use crate::turn::{DeploymentName, Epoch, ErrorCode, Seq};
 use crate::worker::protocol::turn_line;
 use crate::worker::{Identity, Spawner, Worker, WorkerEvent, WorkerLine, WorkerSpec};
 
@@ -52,6 +54,7 @@ pub struct Ctx {
 }
 
 mod admission;
+mod bells;
 mod owner;
 mod registry;
 mod serve;

@@ -19,6 +19,15 @@ pub(super) enum End {
     AtOrgCap,
 }
 
+/// What a commit found next.
+pub(super) enum Next {
+    Claimed(Claimed),
+    /// It looked: nothing is queued.
+    Empty,
+    /// It did not look (not asked to, or the commit gave up).
+    NotLooked,
+}
+
 /// The turn being answered.
 pub(super) struct Running {
     pub(super) envelope: Envelope,
@@ -40,7 +49,8 @@ pub(super) struct Owner<'a> {
     pub(super) d: &'a Deployments,
     pub(super) name: DeploymentName,
     pub(super) held: Held,
-    pub(super) nudge: Arc<Notify>,
+    /// Wakes it to look for queued turns.
+    pub(super) bells: Arc<Bells>,
     /// An operator cancelled one of its turns (cancel doorbell, or the sweep's reminder).
     pub(super) cancel: Arc<Notify>,
     pub(super) evict: CancellationToken,
@@ -169,7 +179,7 @@ impl Owner<'_> {
             // Boxed: a one-off, and the biggest future the owner would otherwise carry while idle.
             match Box::pin(session.consume_thread(&self.name)).await {
                 Ok((channel, consumer)) => {
-                    let nudge = self.nudge.clone();
+                    let bells = self.bells.clone();
                     let cancel = self.cancel.clone();
                     let ended = Arc::new(Notify::new());
                     let ended2 = ended.clone();
@@ -183,13 +193,15 @@ impl Owner<'_> {
                             {
                                 cancel.notify_one()
                             }
-                            Ok(Some(_)) => nudge.notify_one(),
+                            // The bell names the newest turn it rings for (an older
+                            // daemon's empty bell names none).
+                            Ok(Some(d)) => bells.ring(Seq::from_doorbell(&d.data)),
                             _ => ended2.notify_one(),
                         }
                         async {}
                     });
                     // A fresh consumer may have missed doorbells: look once.
-                    self.nudge.notify_one();
+                    self.bells.ring(None);
                     tokio::select! {
                         _ = stop.cancelled() => {
                             let _ = channel.basic_cancel(tag, Default::default()).await;
@@ -322,7 +334,9 @@ impl Owner<'_> {
         let _ = self.extend_deadlines().await;
     }
 
-    pub(super) async fn commit(&self, mut r: Running, outcome: Outcome) {
+    /// Commits the running turn's outcome and, with `claim_next`, claims the deployment's next
+    /// turn in the same statement (one round trip where a commit and a claim took two).
+    pub(super) async fn commit(&self, mut r: Running, outcome: Outcome, claim_next: bool) -> Next {
         let ctx = self.ctx();
         let span = otel::commit_span(
             &r.span,
@@ -338,27 +352,39 @@ impl Owner<'_> {
         if let Some(cx) = otel::context_of(&span) {
             r.envelope.trace = Some(cx);
         }
+        let claim = claim_next.then(|| stored_deadline(ctx.config.turn.deadline));
         // Retried while the database is away: the obligation is ours until it commits or
-        // someone else (sweep, takeover) ends it.
+        // someone else (sweep, takeover) ends it. A retry after an answer that was lost may
+        // find its turn done (by that very attempt), and its claim claims again what that
+        // attempt claimed (see `Store::claim_next`).
         let mut backoff = Duration::from_millis(50);
         loop {
-            match ctx.store.commit(&r.envelope, self.epoch(), &outcome).await {
-                Ok(Some(committed)) => {
-                    span.record("committed", true);
-                    tracing::debug!(parent: &span, message_id = %r.envelope.message_id, kind = outcome.kind(), "turn committed");
-                    ctx.relay.metrics().turn_latency.observe(r.accepted.elapsed().as_secs_f64());
-                    ctx.relay.send(vec![committed]);
-                    return;
-                }
-                Ok(None) => {
-                    span.record("committed", false);
-                    tracing::info!(parent: &span, message_id = %r.envelope.message_id, "turn already ended elsewhere (deadline or newer owner); reply dropped");
-                    return;
+            let done = Some((&r.envelope, &outcome));
+            match ctx.store.commit_and_claim(&self.name, done, self.epoch(), claim).await {
+                Ok(result) => {
+                    match result.committed {
+                        Some(committed) => {
+                            span.record("committed", true);
+                            tracing::debug!(parent: &span, message_id = %r.envelope.message_id, kind = outcome.kind(), "turn committed");
+                            let latency = r.accepted.elapsed().as_secs_f64();
+                            ctx.relay.metrics().turn_latency.observe(latency);
+                            ctx.relay.send(vec![committed]);
+                        }
+                        None => {
+                            span.record("committed", false);
+                            tracing::info!(parent: &span, message_id = %r.envelope.message_id, "turn already ended elsewhere (deadline or newer owner); reply dropped");
+                        }
+                    }
+                    return match result.claimed {
+                        Some(claimed) => Next::Claimed(claimed),
+                        None if result.looked => Next::Empty,
+                        None => Next::NotLooked,
+                    };
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot commit the terminal event; retrying");
-                    if ctx.hard.is_cancelled() && backoff > Duration::from_secs(2) {
-                        return;
+                    if ctx.hard.is_cancelled() && backoff >= Duration::from_secs(2) {
+                        return Next::NotLooked;
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -366,7 +392,7 @@ impl Owner<'_> {
                         // serve loop kills the worker now, not once PostgreSQL is back and
                         // another daemon may already run one. The next owner's takeover (or
                         // the sweep) ends the turn, once.
-                        _ = ctx.locks.lost(self.held.generation) => return,
+                        _ = ctx.locks.lost(self.held.generation) => return Next::NotLooked,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }

@@ -12,7 +12,7 @@ use super::*;
 /// The registry's view of one deployment task.
 #[derive(Debug)]
 pub(super) struct Entry {
-    pub(super) nudge: Arc<Notify>,
+    pub(super) bells: Arc<Bells>,
     /// An operator cancelled a turn here: the owner looks whether its running turn is it.
     pub(super) cancel: Arc<Notify>,
     pub(super) evict: CancellationToken,
@@ -78,12 +78,12 @@ impl Deployments {
         self.entries().values().filter(|e| e.has_worker.load(Ordering::Relaxed)).count()
     }
 
-    /// Wakes a locally owned deployment (a doorbell that skips the broker). False when this
-    /// daemon does not own it.
-    pub fn nudge(&self, name: &DeploymentName) -> bool {
+    /// Wakes a locally owned deployment (a doorbell that skips the broker) for the turn `seq`
+    /// (None: whatever is queued). False when this daemon does not own it.
+    pub fn nudge(&self, name: &DeploymentName, seq: Option<Seq>) -> bool {
         match self.entries().get(name) {
             Some(e) => {
-                e.nudge.notify_one();
+                e.bells.ring(seq);
                 true
             }
             None => false,
@@ -342,11 +342,11 @@ impl Deployments {
     }
 
     fn start(&self, name: DeploymentName, held: Held) {
-        let (nudge, cancel, evict, busy, last_active, has_worker, org) = {
+        let (bells, cancel, evict, busy, last_active, has_worker, org) = {
             let entries = self.entries();
             let Some(e) = entries.get(&name) else { return };
             (
-                e.nudge.clone(),
+                e.bells.clone(),
                 e.cancel.clone(),
                 e.evict.clone(),
                 e.busy.clone(),
@@ -366,7 +366,7 @@ impl Deployments {
                 d: &this,
                 name: name.clone(),
                 held,
-                nudge,
+                bells,
                 cancel,
                 evict,
                 busy,
@@ -476,7 +476,7 @@ fn evict_idle_of(entries: &HashMap<DeploymentName, Entry>, org: &Org) {
 impl Entry {
     fn new(now_ms: u64, org: Option<Org>) -> Entry {
         Entry {
-            nudge: Arc::new(Notify::new()),
+            bells: Arc::default(),
             cancel: Arc::new(Notify::new()),
             evict: CancellationToken::new(),
             busy: Arc::new(AtomicBool::new(true)),

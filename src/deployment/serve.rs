@@ -40,8 +40,10 @@ pub(super) struct Serving<'s> {
     running: Option<Running>,
     /// A worker started and not yet recorded with the turn it was started for.
     spawned: Option<u32>,
-    /// Look for a queued turn once nothing runs (a nudge, a reply, a stop set it).
+    /// Look for a queued turn once nothing runs (a bell, a stop set it).
     want_claim: bool,
+    /// Turns claimed lately: a bell for one of them needs no look.
+    claimed: bells::Claimed,
     /// No claim yet: the first one starts the worker beside it.
     first_claim: bool,
     idle_since: Instant,
@@ -59,6 +61,7 @@ impl Owner<'_> {
             running: None,
             spawned: None,
             want_claim: true,
+            claimed: bells::Claimed::default(),
             first_claim: true,
             idle_since: Instant::now(),
             draining: false,
@@ -118,13 +121,15 @@ impl Serving<'_> {
     }
 
     fn may_claim(&self) -> bool {
+        self.running.is_none() && self.want_claim && self.may_take_more()
+    }
+
+    /// Whether another turn may start here: not draining, and no worker being stopped.
+    fn may_take_more(&self) -> bool {
         // The token, not just `draining`: a reply handled in the same poll as SIGTERM (or an
         // owner started during shutdown) must not claim one more turn.
         let claim_more = !self.draining && !self.ctx().drain.is_cancelled();
-        self.running.is_none()
-            && self.want_claim
-            && claim_more
-            && self.worker.as_ref().is_none_or(|w| !w.stop_requested())
+        claim_more && self.worker.as_ref().is_none_or(|w| !w.stop_requested())
     }
 
     /// Claims the oldest queued turn and gives it to the worker (started first if needed).
@@ -185,6 +190,7 @@ impl Serving<'_> {
     /// Gives a claimed turn to the worker, starting one if there is none.
     async fn run_claimed(&mut self, claimed: Claimed) -> Option<End> {
         let (owner, ctx) = (self.owner, self.owner.ctx());
+        self.claimed.push(claimed.seq);
         owner.set_busy(true);
         if self.worker.is_none() {
             match owner.start_worker(self.who).await {
@@ -255,7 +261,7 @@ impl Serving<'_> {
         let draining = self.draining;
         tokio::select! {
             _ = lost => Wake::LockLost,
-            _ = owner.nudge.notified() => Wake::Nudge,
+            _ = owner.bells.rang() => Wake::Nudge,
             // Left stored while no turn runs: the next one looks once (and finds nothing).
             _ = owner.cancel.notified(), if running => Wake::Cancel,
             event = next_event(self.worker.as_mut()) => Wake::Worker(event),
@@ -270,7 +276,13 @@ impl Serving<'_> {
     async fn handle(&mut self, wake: Wake) -> Option<End> {
         match wake {
             Wake::LockLost => return Some(self.lock_lost().await),
-            Wake::Nudge => self.want_claim = true,
+            Wake::Nudge => {
+                // A bell for a turn this owner already claimed (its commit took it in the
+                // same statement, before the bell arrived) needs no look.
+                if self.claimed.must_look(&self.owner.bells.take()) {
+                    self.want_claim = true;
+                }
+            }
             Wake::Cancel => Box::pin(self.cancel_asked()).await,
             Wake::Worker(event) => return self.worker_event(event).await,
             Wake::Deadline => self.deadline_lapsed().await,
@@ -336,7 +348,7 @@ impl Serving<'_> {
     async fn worker_event(&mut self, event: Option<WorkerEvent>) -> Option<End> {
         match event {
             // Boxed: the commit inside is the owner's largest future, and it is idle most of the time.
-            Some(WorkerEvent::Line(line)) => Box::pin(self.on_line(line)).await,
+            Some(WorkerEvent::Line(line)) => return Box::pin(self.on_line(line)).await,
             Some(WorkerEvent::Invalid(msg)) => {
                 tracing::warn!(
                     "worker wrote a line that is not protocol, ignored: {}",
@@ -413,7 +425,7 @@ impl Serving<'_> {
         self.want_claim = true;
     }
 
-    async fn on_line(&mut self, line: WorkerLine) {
+    async fn on_line(&mut self, line: WorkerLine) -> Option<End> {
         let owner = self.owner;
         match line {
             WorkerLine::Reply { message_id, .. } | WorkerLine::Error { message_id, .. }
@@ -424,14 +436,14 @@ impl Serving<'_> {
             {
                 tracing::info!(message_id, "reply for a turn that is not pending here; dropped");
             }
-            WorkerLine::Reply { payload, .. } => self.answered(Outcome::Reply(payload)).await,
+            WorkerLine::Reply { payload, .. } => return self.answered(Outcome::Reply(payload)).await,
             WorkerLine::Error { error, code, .. } => {
                 let outcome = Outcome::error(ErrorCode::from_worker(code.as_deref()), error);
-                self.answered(outcome).await;
+                return self.answered(outcome).await;
             }
             WorkerLine::Heartbeat => self.heartbeat().await,
             WorkerLine::ProviderFailed { code, reason } => {
-                let Some(r) = self.running.as_mut() else { return };
+                let Some(r) = self.running.as_mut() else { return None };
                 tracing::info!(
                     code,
                     reason = reason.as_deref().unwrap_or(""),
@@ -441,9 +453,9 @@ impl Serving<'_> {
                 owner.provider_failed(&code).await;
             }
             WorkerLine::ProviderRecovered => {
-                let Some(r) = self.running.as_mut() else { return };
+                let Some(r) = self.running.as_mut() else { return None };
                 if r.cancelled {
-                    return;
+                    return None;
                 }
                 r.provider_failed = false;
                 r.deadline = Instant::now() + owner.ctx().config.turn.deadline;
@@ -451,15 +463,30 @@ impl Serving<'_> {
                 owner.provider_recovered().await;
             }
         }
+        None
     }
 
-    /// The worker answered the running turn: commit it, then look for the next one.
-    async fn answered(&mut self, outcome: Outcome) {
-        if let Some(r) = self.running.take() {
-            self.owner.commit(r, outcome).await;
-        }
-        self.want_claim = true;
+    /// The worker answered the running turn: commit it and, in the same statement, claim the
+    /// next one, which goes to the worker at once.
+    async fn answered(&mut self, outcome: Outcome) -> Option<End> {
+        let r = self.running.take()?;
+        let next = self.owner.commit(r, outcome, self.may_take_more()).await;
         self.idle_since = Instant::now();
+        // The thread queue's consumer starts now, while the worker has the next turn.
+        if let Some(first_turn_over) = self.first_turn_over.take() {
+            first_turn_over.notify_one();
+        }
+        match next {
+            Next::Claimed(claimed) => {
+                self.want_claim = false;
+                self.run_claimed(claimed).await
+            }
+            Next::Empty => self.nothing_queued(false),
+            Next::NotLooked => {
+                self.want_claim = true;
+                None
+            }
+        }
     }
 
     async fn heartbeat(&mut self) {

@@ -7,10 +7,10 @@ use super::*;
 impl Store {
     // ---- intake ----------------------------------------------------------------------------
 
-    /// Arms turns in the order given (their accept order). Returns, per turn, whether it was
-    /// armed now; false means the (deployment, messageId) record already exists — pending or
-    /// answered — and the publish is a duplicate.
-    pub async fn arm(&self, turns: &[&Turn], queue_timeout: Duration) -> Result<Vec<bool>> {
+    /// Arms turns in the order given (their accept order). Returns, per turn, its seq when it
+    /// was armed now; None means the (deployment, messageId) record already exists — pending
+    /// or answered — and the publish is a duplicate.
+    pub async fn arm(&self, turns: &[&Turn], queue_timeout: Duration) -> Result<Vec<Option<Seq>>> {
         let mut deployments = Vec::with_capacity(turns.len());
         let mut message_ids = Vec::with_capacity(turns.len());
         let mut orgs = Vec::with_capacity(turns.len());
@@ -34,7 +34,7 @@ impl Store {
             routings.push(t.routing.as_str());
         }
         // ORDER BY ord makes nextval() follow the given order: the accept order.
-        let armed: Vec<(String, String)> = sqlx::query_as(
+        let armed: Vec<(String, String, i64)> = sqlx::query_as(
             "INSERT INTO turnd_turns (deployment, message_id, seq, state, organization_id,
                  agent_id, conversation_key, conversation_id, turn, routing, deadline,
                  traceparent, tracestate)
@@ -46,7 +46,7 @@ impl Store {
                           WITH ORDINALITY AS x(d, m, o, a, k, c, l, r, tp, ts, ord)
                    ORDER BY ord) x
              ON CONFLICT (deployment, message_id) DO NOTHING
-             RETURNING deployment, message_id",
+             RETURNING deployment, message_id, seq",
         )
         .bind(&deployments)
         .bind(&message_ids)
@@ -62,14 +62,18 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         if armed.len() == turns.len() {
-            return Ok(vec![true; turns.len()]);
+            // RETURNING follows the insert order, which ORDER BY ord made the given order.
+            return Ok(armed.into_iter().map(|(_, _, seq)| Some(Seq::new(seq))).collect());
         }
         // Some were duplicates (of an earlier publish, or of each other within the batch).
-        let mut armed: std::collections::HashSet<(String, String)> = armed.into_iter().collect();
+        let mut armed: HashMap<(String, String), i64> =
+            armed.into_iter().map(|(d, m, seq)| ((d, m), seq)).collect();
         Ok(turns
             .iter()
             .map(|t| {
-                armed.remove(&(t.deployment.as_str().to_owned(), t.message_id.as_str().to_owned()))
+                armed
+                    .remove(&(t.deployment.as_str().to_owned(), t.message_id.as_str().to_owned()))
+                    .map(Seq::new)
             })
             .collect())
     }
@@ -229,41 +233,16 @@ impl Store {
     }
 
     /// Claims the oldest queued turn of the deployment for `epoch`, unless a newer epoch owns
-    /// the deployment now (fencing).
+    /// the deployment now (fencing). A turn this epoch claimed and never got to its worker (the
+    /// claim's answer was lost with the connection) is claimed again first.
     pub async fn claim_next(
         &self,
         deployment: &DeploymentName,
         epoch: Epoch,
         deadline: Duration,
     ) -> Result<Option<Claimed>> {
-        let row: Option<PgRow> = sqlx::query(
-            // The CTE is evaluated once: as a join subquery it could be rescanned per row and,
-            // skipping rows this very statement already updated, claim several turns.
-            "WITH next AS MATERIALIZED (
-                 SELECT message_id FROM turnd_turns
-                 WHERE deployment = $1 AND state = 'queued'
-                 ORDER BY seq LIMIT 1 FOR UPDATE)
-             UPDATE turnd_turns t SET state = 'running', epoch = $2, started_at = now(),
-                    deadline = now() + $3::bigint * interval '1 millisecond'
-             FROM next
-             WHERE t.deployment = $1 AND t.message_id = next.message_id AND t.state = 'queued'
-               AND EXISTS (SELECT 1 FROM turnd_deployments d
-                           WHERE d.deployment = $1 AND d.epoch = $2)
-             RETURNING t.message_id, t.turn, t.organization_id, t.agent_id,
-                       t.conversation_id, t.routing, t.traceparent, t.tracestate,
-                       EXTRACT(EPOCH FROM now() - t.accepted_at)::float8 AS waited",
-        )
-        .bind(deployment.as_str())
-        .bind(epoch.get())
-        .bind(millis(deadline))
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        Ok(Some(Claimed {
-            line: row.try_get::<Option<String>, _>("turn")?.unwrap_or_default(),
-            envelope: envelope_from_row(deployment, &row)?,
-            waited: Duration::try_from_secs_f64(row.try_get("waited")?).unwrap_or_default(),
-        }))
+        let next = self.commit_and_claim(deployment, None, epoch, Some(deadline)).await?;
+        Ok(next.claimed)
     }
 
     /// Commits the running turn's outcome under `epoch`. None when it lost the election: the
@@ -274,35 +253,88 @@ impl Store {
         epoch: Epoch,
         outcome: &Outcome,
     ) -> Result<Option<Committed>> {
-        let event = TerminalEvent::new(envelope, outcome);
-        let id: Option<i64> = sqlx::query_scalar(
-            "WITH done AS (
+        let done = Some((envelope, outcome));
+        Ok(self.commit_and_claim(&envelope.deployment, done, epoch, None).await?.committed)
+    }
+
+    /// One statement, one round trip: commits the answered turn (`done`: the election and its
+    /// outbox row, under `epoch`) and, with `claim` (the claimed turn's deadline), claims the
+    /// deployment's next turn — the oldest queued one, or one this epoch claimed whose answer
+    /// was lost (see [`Store::claim_next`]). Either part may be absent. The claim is fenced like
+    /// the commit: nothing is claimed once a newer epoch owns the deployment, whatever became of
+    /// the commit (a turn the sweep ended is no reason not to take the next).
+    pub async fn commit_and_claim(
+        &self,
+        deployment: &DeploymentName,
+        done: Option<(&Envelope, &Outcome)>,
+        epoch: Epoch,
+        claim: Option<Duration>,
+    ) -> Result<CommitAndClaim> {
+        let event = done.map(|(envelope, outcome)| TerminalEvent::new(envelope, outcome));
+        let trace = event.as_ref().and_then(|e| e.trace.as_ref());
+        // Each CTE runs once on the statement's snapshot: the answered row is 'running', so
+        // `next` never sees it; MATERIALIZED keeps `next` from being rescanned per row (which,
+        // skipping rows this very statement updated, could claim several turns).
+        let row: PgRow = sqlx::query(
+            "WITH owner AS (
+                 SELECT 1 FROM turnd_deployments d WHERE d.deployment = $1 AND d.epoch = $3),
+             done AS (
                  UPDATE turnd_turns SET state = 'done', turn = NULL, routing = NULL,
                         done_at = now(), traceparent = NULL, tracestate = NULL
                  WHERE deployment = $1 AND message_id = $2 AND state = 'running'
-                   AND epoch = $3
-                   AND EXISTS (SELECT 1 FROM turnd_deployments d
-                               WHERE d.deployment = $1 AND d.epoch = $3)
-                 RETURNING 1)
-             INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind, code,
-                                       body, traceparent, tracestate)
-             SELECT $1, $2, $4, $5, $6, $7, $8, $9, $10 FROM done
-             ON CONFLICT (deployment, message_id) DO NOTHING
-             RETURNING id",
+                   AND epoch = $3 AND EXISTS (SELECT 1 FROM owner)
+                 RETURNING 1),
+             event AS (
+                 INSERT INTO turnd_outbox (deployment, message_id, event_id, routing_key, kind,
+                                           code, body, traceparent, tracestate)
+                 SELECT $1, $2, $4, $5, $6, $7, $8, $9, $10 FROM done
+                 ON CONFLICT (deployment, message_id) DO NOTHING
+                 RETURNING id),
+             next AS MATERIALIZED (
+                 SELECT message_id FROM turnd_turns
+                 WHERE deployment = $1 AND state <> 'done'
+                   AND (state = 'queued' OR (epoch = $3 AND message_id IS DISTINCT FROM $2))
+                 ORDER BY seq LIMIT $11 FOR UPDATE),
+             claimed AS (
+                 UPDATE turnd_turns t SET state = 'running', epoch = $3, started_at = now(),
+                        deadline = now() + $12::bigint * interval '1 millisecond'
+                 FROM next
+                 WHERE t.deployment = $1 AND t.message_id = next.message_id
+                   AND t.state <> 'done' AND EXISTS (SELECT 1 FROM owner)
+                 RETURNING t.message_id, t.seq, t.turn, t.organization_id, t.agent_id,
+                           t.conversation_id, t.routing, t.traceparent, t.tracestate,
+                           EXTRACT(EPOCH FROM now() - t.accepted_at)::float8 AS waited)
+             SELECT (SELECT id FROM event) AS event_id, c.*
+             FROM (SELECT 1) AS one LEFT JOIN claimed c ON true",
         )
-        .bind(envelope.deployment.as_str())
-        .bind(envelope.message_id.as_str())
+        .bind(deployment.as_str())
+        .bind(done.map(|(envelope, _)| envelope.message_id.as_str()))
         .bind(epoch.get())
-        .bind(&event.event_id)
-        .bind(&event.routing_key)
-        .bind(event.kind)
-        .bind(event.code.as_deref())
-        .bind(&event.body)
-        .bind(event.trace.as_ref().map(|c| c.traceparent.as_str()))
-        .bind(event.trace.as_ref().and_then(|c| c.tracestate.as_deref()))
-        .fetch_optional(&self.pool)
+        .bind(event.as_ref().map(|e| e.event_id.as_str()))
+        .bind(event.as_ref().map(|e| e.routing_key.as_str()))
+        .bind(event.as_ref().map(|e| e.kind))
+        .bind(event.as_ref().and_then(|e| e.code.as_deref()))
+        .bind(event.as_ref().map(|e| e.body.as_str()))
+        .bind(trace.map(|c| c.traceparent.as_str()))
+        .bind(trace.and_then(|c| c.tracestate.as_deref()))
+        .bind(i64::from(claim.is_some()))
+        .bind(claim.map_or(0, millis))
+        .fetch_one(&self.pool)
         .await?;
-        Ok(id.map(|id| Committed { id, event }))
+        let committed = match (row.try_get::<Option<i64>, _>("event_id")?, event) {
+            (Some(id), Some(event)) => Some(Committed { id, event }),
+            _ => None,
+        };
+        let claimed = match row.try_get::<Option<String>, _>("message_id")? {
+            None => None,
+            Some(_) => Some(Claimed {
+                seq: Seq::new(row.try_get("seq")?),
+                line: row.try_get::<Option<String>, _>("turn")?.unwrap_or_default(),
+                envelope: envelope_from_row(deployment, &row)?,
+                waited: Duration::try_from_secs_f64(row.try_get("waited")?).unwrap_or_default(),
+            }),
+        };
+        Ok(CommitAndClaim { committed, claimed, looked: claim.is_some() })
     }
 
     /// A heartbeat: the running turn's deadline moves to now + `deadline` (unless its provider

@@ -6,6 +6,7 @@
 //! election — `UPDATE … SET state = 'done' WHERE state <> 'done'` — and the outbox insert that
 //! follows from it always commit together, so a turn can end only once.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use crate::config::DatabaseConfig;
 use crate::event::{Envelope, Outcome, TerminalEvent};
 use crate::otel::TraceContext;
-use crate::turn::{DeploymentName, Epoch, ErrorCode, MessageId, Turn};
+use crate::turn::{DeploymentName, Epoch, ErrorCode, MessageId, Seq, Turn};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -131,10 +132,23 @@ pub struct Committed {
 /// The turn an owner claimed: the line for its worker and what its events carry.
 #[derive(Debug)]
 pub struct Claimed {
+    /// Its place in the accept order (doorbells name it).
+    pub seq: Seq,
     pub line: String,
     pub envelope: Envelope,
     /// How long the turn had been accepted when it was claimed (for the latency histogram).
     pub waited: Duration,
+}
+
+/// What [`Store::commit_and_claim`] did.
+#[derive(Debug)]
+pub struct CommitAndClaim {
+    /// The answered turn's event, when its commit won the election.
+    pub committed: Option<Committed>,
+    /// The next turn, when one was claimed.
+    pub claimed: Option<Claimed>,
+    /// Whether it looked for a next turn at all (`claimed` None then means none was queued).
+    pub looked: bool,
 }
 
 /// What a deployment's worker needs to know about it, read when a daemon takes it over.
