@@ -31,10 +31,10 @@ use crate::lock::{Held, LockSession};
 use crate::relay::RelayHandle;
 use crate::store::{Claimed, Store};
 
-use bells::Bells;
 use crate::turn::{DeploymentName, Epoch, ErrorCode, Seq};
 use crate::worker::protocol::turn_line;
 use crate::worker::{Identity, Spawner, Worker, WorkerEvent, WorkerLine, WorkerSpec};
+use bells::Bells;
 
 /// What every deployment task shares.
 #[derive(Debug)]

@@ -21,7 +21,8 @@ pub(super) enum End {
 
 /// What a commit found next.
 pub(super) enum Next {
-    Claimed(Claimed),
+    /// Boxed: the other variants are empty.
+    Claimed(Box<Claimed>),
     /// It looked: nothing is queued.
     Empty,
     /// It did not look (not asked to, or the commit gave up).
@@ -376,7 +377,7 @@ impl Owner<'_> {
                         }
                     }
                     return match result.claimed {
-                        Some(claimed) => Next::Claimed(claimed),
+                        Some(claimed) => Next::Claimed(Box::new(claimed)),
                         None if result.looked => Next::Empty,
                         None => Next::NotLooked,
                     };

@@ -436,14 +436,16 @@ impl Serving<'_> {
             {
                 tracing::info!(message_id, "reply for a turn that is not pending here; dropped");
             }
-            WorkerLine::Reply { payload, .. } => return self.answered(Outcome::Reply(payload)).await,
+            WorkerLine::Reply { payload, .. } => {
+                return self.answered(Outcome::Reply(payload)).await;
+            }
             WorkerLine::Error { error, code, .. } => {
                 let outcome = Outcome::error(ErrorCode::from_worker(code.as_deref()), error);
                 return self.answered(outcome).await;
             }
             WorkerLine::Heartbeat => self.heartbeat().await,
             WorkerLine::ProviderFailed { code, reason } => {
-                let Some(r) = self.running.as_mut() else { return None };
+                let r = self.running.as_mut()?;
                 tracing::info!(
                     code,
                     reason = reason.as_deref().unwrap_or(""),
@@ -453,7 +455,7 @@ impl Serving<'_> {
                 owner.provider_failed(&code).await;
             }
             WorkerLine::ProviderRecovered => {
-                let Some(r) = self.running.as_mut() else { return None };
+                let r = self.running.as_mut()?;
                 if r.cancelled {
                     return None;
                 }
@@ -479,7 +481,7 @@ impl Serving<'_> {
         match next {
             Next::Claimed(claimed) => {
                 self.want_claim = false;
-                self.run_claimed(claimed).await
+                self.run_claimed(*claimed).await
             }
             Next::Empty => self.nothing_queued(false),
             Next::NotLooked => {
