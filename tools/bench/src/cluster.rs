@@ -17,6 +17,8 @@ use tokio::process::{Child, Command};
 use turnd_harness::services::{self, redact};
 use turnd_harness::{NotReady, strip_ansi, wait_ready};
 
+use crate::statements::harness_sql;
+
 /// What every mode shares: where the services and binaries are, how long to wait.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -40,6 +42,9 @@ pub struct Settings {
     /// A built floor-bench (--floor): the scale mode measures its latency at each level too,
     /// to tell what the broker and database carrying N deployments cost everyone.
     pub floor: Option<PathBuf>,
+    /// Reset pg_stat_statements before each measured window and read the mode database's
+    /// statements after it (`--statements`).
+    pub statements: bool,
 }
 
 /// How the daemon ended.
@@ -221,9 +226,9 @@ impl Cluster {
 
     /// How many daemons (the first and its peers) own deployments now.
     pub async fn owners(&self) -> usize {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(DISTINCT owner) FROM turnd_deployments WHERE owner IS NOT NULL",
-        )
+        sqlx::query_scalar::<_, i64>(harness_sql!(
+            "SELECT count(DISTINCT owner) FROM turnd_deployments WHERE owner IS NOT NULL"
+        ))
         .fetch_one(&self.pool)
         .await
         .map_or(0, |n| n as usize)

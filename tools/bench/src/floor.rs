@@ -9,6 +9,10 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tokio::process::Command;
 
+/// floor-bench's database: [`run`] passes no --database-url, so it is floor-bench's default
+/// (on the server of turnd-bench's default --database-url).
+pub const DATABASE: &str = "floorbench";
+
 /// `floor-bench --json <args…>`; its human line (stderr) is echoed to our stderr.
 pub async fn run(floor: &Path, amqp_url: &str, args: &[String]) -> Result<Value> {
     let mut cmd = Command::new(floor);

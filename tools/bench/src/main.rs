@@ -28,6 +28,7 @@
 //! ./target/release/turnd-bench throughput --conversations 50 --turns 40
 //! ./target/release/turnd-bench pods --daemons 3 --floor /tmp/floor-bench/target/release/floor-bench
 //! ./target/release/turnd-bench --json latency
+//! ./target/release/turnd-bench --statements throughput --floor /tmp/floor-bench/target/release/floor-bench
 //! ./target/release/turnd-bench scale --deployments 50,5000
 //! ./target/release/turnd-bench cleanup      # after a run that was killed with SIGKILL
 //! ```
@@ -36,6 +37,10 @@
 //! (max_locks_per_transaction; `scale --alter-system` raises it, effective after a restart)
 //! and 3 file descriptors per worker in the daemon (RLIMIT_NOFILE, inherited from the
 //! harness); `scale` says so before it runs into either.
+//!
+//! `--statements` adds PostgreSQL's cost per turn by statement (calls, execution time and WAL
+//! per turn, from pg_stat_statements) for each mode but scale, turnd's and floor-bench's side
+//! by side; the extension must be loaded (`scripts/pg-statements.sh`).
 
 mod client;
 mod cluster;
@@ -43,6 +48,7 @@ mod cpu;
 mod floor;
 mod modes;
 mod report;
+mod statements;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -105,6 +111,12 @@ struct Cli {
     /// first run): steadier ratios on a shared machine.
     #[arg(long, global = true, default_value_t = 1)]
     repeat: usize,
+    /// PostgreSQL's cost per turn by statement, from pg_stat_statements: reset right before
+    /// each measured window (turnd's, after its warm-up; floor-bench's whole run), read after
+    /// it, one table per mode (with --repeat, of the first run). Needs the extension loaded:
+    /// scripts/pg-statements.sh.
+    #[arg(long, global = true)]
+    statements: bool,
     /// Exit 2 when a target FAILs (exactly-once violations and errors always exit 1).
     #[arg(long, global = true)]
     fail_on_target: bool,
@@ -331,11 +343,15 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         perf: cli.perf.clone(),
         daemon_env: cli.daemon_env.clone(),
         floor: cli.floor.clone(),
+        statements: cli.statements,
     };
     if let Mode::Cleanup = cli.mode {
         return cleanup(&s).await.map(|()| ExitCode::SUCCESS);
     }
     let machine = preflight(&s).await?;
+    if cli.statements {
+        statements::check(&s.admin_url).await?;
+    }
 
     let steps: Vec<Step> = match &cli.mode {
         Mode::Throughput(a) => match (a.conversations, a.turns) {
@@ -418,24 +434,33 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         let mut floor_main: Vec<Result<Value, String>> = Vec::new();
         let mut floor_spawn: Vec<Result<Value, String>> = Vec::new();
         let mut failure: Option<String> = None;
+        // floor-bench's statements (--statements), of its first run.
+        let mut floor_statements: Option<Result<statements::Table, String>> = None;
         for r in 0..repeat {
             let tag = if repeat > 1 { format!(" [run {}/{repeat}]", r + 1) } else { String::new() };
+            // --statements counts the first run of each mode only.
+            let counted = cli.statements && r == 0;
             match &step {
                 Step::Throughput(c, n) | Step::Pods(c, n, _) => {
                     let (c, n) = (c.to_string(), n.to_string());
                     let args = ["throughput", "--conversations", &c, "--turns", &n];
-                    floor_main.extend(floor_run(cli, &args).await);
+                    let (f, st) = floor_run_counted(cli, &s, &args, counted).await;
+                    floor_main.extend(f);
+                    floor_statements = floor_statements.or(st);
                 }
                 Step::Latency(a) => {
                     let (t, w) = (a.turns.to_string(), a.warmup.to_string());
-                    floor_main
-                        .extend(floor_run(cli, &["latency", "--turns", &t, "--warmup", &w]).await);
+                    let args = ["latency", "--turns", &t, "--warmup", &w];
+                    let (f, st) = floor_run_counted(cli, &s, &args, counted).await;
+                    floor_main.extend(f);
+                    floor_statements = floor_statements.or(st);
                 }
                 Step::Cold(_) => floor_spawn.extend(floor_run(cli, &["spawn"]).await),
                 Step::Crash(_) | Step::Scale(_) => {}
             }
             eprintln!("turnd-bench: running {label}{tag} …");
-            match run_step(&s, &step).await {
+            let settings = Settings { statements: counted, ..s.clone() };
+            match run_step(&settings, &step).await {
                 Ok(m) => {
                     say(&format!("{}{tag}: {}", m.label, m.line));
                     for n in &m.notes {
@@ -486,6 +511,20 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             _ => Floor { main: combine_floor(floor_main), spawn: None },
         };
         let m = combine(measured);
+        let statements_json = if cli.statements {
+            let which = if repeat > 1 { format!(", run 1 of {repeat}") } else { String::new() };
+            print_statements(&say, &format!("{label}{which}"), &m, &floor_statements);
+            Some(json!({
+                "run": if repeat > 1 { format!("the first of {repeat}") } else { "the only one".into() },
+                "turnd": m.statements.as_ref().map(statements::Table::json),
+                "floor": floor_statements.as_ref().map(|r| match r {
+                    Ok(t) => t.json(),
+                    Err(e) => json!({ "error": e }),
+                }),
+            }))
+        } else {
+            None
+        };
         if let Some(rate) = m.json.get("turns_per_s").and_then(Value::as_f64) {
             let daemons = m.json.get("daemons").and_then(Value::as_u64).unwrap_or(1);
             rates.push((daemons, rate));
@@ -501,6 +540,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             j["floor"] = json!({ "main": or_error(&floor.main), "spawn": or_error(&floor.spawn) });
             j["targets"] = Value::Array(targets);
             j["machine"] = machine.clone();
+            if let Some(st) = statements_json {
+                j["statements"] = st;
+            }
             println!("{j}");
         }
         rows.append(&mut mode_rows);
@@ -555,6 +597,61 @@ async fn floor_run(cli: &Cli, args: &[&str]) -> Option<Result<Value, String>> {
     eprintln!("turnd-bench: floor-bench {} …", args.join(" "));
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     Some(floor::run(floor, &cli.amqp_url, &args).await.map_err(|e| format!("{e:#}")))
+}
+
+/// [`floor_run`], and with `counted` (`--statements`) floor-bench's statements over its whole
+/// run (its table reset and check are recognised and left out).
+async fn floor_run_counted(
+    cli: &Cli,
+    s: &Settings,
+    args: &[&str],
+    counted: bool,
+) -> (Option<Result<Value, String>>, Option<Result<statements::Table, String>>) {
+    if !counted || cli.floor.is_none() {
+        return (floor_run(cli, args).await, None);
+    }
+    if let Err(e) = statements::reset(&s.admin_url).await {
+        return (floor_run(cli, args).await, Some(Err(format!("{e:#}"))));
+    }
+    let result = floor_run(cli, args).await;
+    let table = match &result {
+        Some(Ok(v)) => {
+            // Every turn of its run reached the database, the warm-up's too.
+            let turns = ["turns", "warmup"]
+                .iter()
+                .filter_map(|k| v.get(*k).and_then(Value::as_u64))
+                .sum::<u64>();
+            statements::read(&s.admin_url, floor::DATABASE, turns as usize, "floor-bench")
+                .await
+                .map_err(|e| format!("{e:#}"))
+        }
+        Some(Err(e)) => Err(format!("floor-bench failed: {e}")),
+        None => Err("floor-bench did not run".into()),
+    };
+    (result, Some(table))
+}
+
+/// The statement tables of one mode: turnd's, floor-bench's, and their totals compared.
+fn print_statements(
+    say: &impl Fn(&str),
+    label: &str,
+    m: &Measured,
+    floor: &Option<Result<statements::Table, String>>,
+) {
+    match &m.statements {
+        Some(t) => say(&t.human(label)),
+        None => say(&format!("PostgreSQL per turn, turnd — {label}: not measured in this mode")),
+    }
+    match floor {
+        Some(Ok(f)) => {
+            say(&f.human(label));
+            if let Some(t) = &m.statements {
+                say(&statements::compare(t, f));
+            }
+        }
+        Some(Err(e)) => say(&format!("PostgreSQL per turn, floor-bench — {label}: not read: {e}")),
+        None => {}
+    }
 }
 
 impl Step {

@@ -14,6 +14,7 @@ use crate::client::{Client, ExactlyOnce, Turn, Turns};
 use crate::cluster::{Cluster, Settings, admin_connection};
 use crate::cpu::{Meter, Usage};
 use crate::report::num;
+use crate::statements::{self, Table, harness_sql};
 use crate::stats::{Dist, ms, short, short_ms};
 
 /// What one mode produced.
@@ -28,6 +29,8 @@ pub struct Measured {
     /// Extra human lines: CPU, daemon log, shutdown.
     pub notes: Vec<String>,
     pub check: ExactlyOnce,
+    /// PostgreSQL's statements over the measured window (`--statements`).
+    pub statements: Option<Table>,
 }
 
 /// Turns the database still owes when the mode ends; both must be 0.
@@ -75,6 +78,7 @@ pub async fn throughput_on(
             }
         }
         cluster.deployments.extend(batch.iter().map(|t| t.deployment.clone()));
+        statements_reset(s).await?;
         let meter = Meter::start(Some(cluster.pid()));
         let perf = Perf::start(s, cluster.pid(), &label);
         let started = Instant::now();
@@ -84,6 +88,7 @@ pub async fn throughput_on(
         let cpu = meter.stop();
         let perf = Perf::stop(perf).await;
         let total = batch.len();
+        let statements = statements_read(s, cluster, total).await?;
         let lat = Dist::new(
             batch.iter().filter_map(|t| client.latency(&t.message_id)).map(nanos).collect(),
         );
@@ -118,6 +123,7 @@ pub async fn throughput_on(
                 "perf_data": perf,
             }),
             notes,
+            statements,
         })
     })
     .await
@@ -134,11 +140,13 @@ pub async fn latency(s: &Settings, turns: u32, warmup: u32) -> Result<Measured> 
     let (k, v) = wlog.env();
     run(s, "latency", label.clone(), &[(k, v)], async |cluster, client| {
         let mut maker = Turns::default();
+        statements_reset(s).await?;
         let meter = Meter::start(Some(cluster.pid()));
         let perf = Perf::start(s, cluster.pid(), &label);
         let seq = one_at_a_time(cluster, client, &mut maker, "lat0", "l", warmup, turns).await?;
         let cpu = meter.stop();
         let perf = Perf::stop(perf).await;
+        let statements = statements_read(s, cluster, (warmup + turns) as usize).await?;
         let (phases, phases_human) = wlog.phases(client, &seq.measured, false);
         let mut notes = vec![phases_human, cpu.human((warmup + turns) as usize)];
         notes.extend(perf.iter().map(|p| format!("perf profile: {}", p.display())));
@@ -160,6 +168,7 @@ pub async fn latency(s: &Settings, turns: u32, warmup: u32) -> Result<Measured> 
                 "perf_data": perf,
             }),
             notes,
+            statements,
         })
     })
     .await
@@ -339,6 +348,7 @@ pub async fn cold(s: &Settings, count: usize, warmup: usize, landlock: bool) -> 
     }
     run(s, "cold", label.clone(), &extra, async |cluster, client| {
         let mut maker = Turns::default();
+        statements_reset(s).await?;
         let meter = Meter::start(Some(cluster.pid()));
         let perf = Perf::start(s, cluster.pid(), &label);
         let mut samples = Vec::with_capacity(count);
@@ -356,6 +366,7 @@ pub async fn cold(s: &Settings, count: usize, warmup: usize, landlock: bool) -> 
         }
         let cpu = meter.stop();
         let perf = Perf::stop(perf).await;
+        let statements = statements_read(s, cluster, warmup + count).await?;
         let d = Dist::new(samples);
         let (phases, phases_human) = wlog.phases(client, &measured, true);
         let mut notes = vec![phases_human, cpu.human(warmup + count)];
@@ -375,6 +386,7 @@ pub async fn cold(s: &Settings, count: usize, warmup: usize, landlock: bool) -> 
                 "perf_data": perf,
             }),
             notes,
+            statements,
         })
     })
     .await
@@ -394,6 +406,7 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
     let extra = [("TURND_WORKER__MAX_WORKERS", max_workers), wlog.env()];
     run(s, "crash", label, &extra, async |cluster, client| {
         let mut maker = Turns::default();
+        statements_reset(s).await?;
         let meter = Meter::start(Some(cluster.pid()));
         let mut kill_to_event = Vec::with_capacity(trials);
         let mut publish_to_worker = Vec::with_capacity(trials);
@@ -417,6 +430,7 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
             cluster.running()?;
         }
         let cpu = meter.stop();
+        let statements = statements_read(s, cluster, warmup + trials).await?;
         let d = Dist::new(kill_to_event);
         let w = Dist::new(publish_to_worker);
         Ok(Partial {
@@ -434,6 +448,7 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
                 "cpu": cpu.json(warmup + trials),
             }),
             notes: vec![cpu.human(warmup + trials)],
+            statements,
         })
     })
     .await
@@ -715,6 +730,8 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
                 "pg_lock_table": capacity.json(),
             }),
             notes,
+            // Its windows interleave levels, bring-ups and floor-bench: not measured.
+            statements: None,
         })
     })
     .await
@@ -1073,6 +1090,8 @@ pub struct Partial {
     pub line: String,
     pub json: Value,
     pub notes: Vec<String>,
+    /// PostgreSQL's statements over the measured window (`--statements`).
+    pub statements: Option<Table>,
 }
 
 /// Starts a cluster and a client, runs `measure`, then checks exactly-once (after `settle`)
@@ -1157,7 +1176,15 @@ async fn run(
     json["exactly_once"] = check.json();
     json["mode"] = json!(mode);
     json["label"] = json!(label);
-    Ok(Measured { mode, label, json, line: partial.line, notes, check })
+    Ok(Measured {
+        mode,
+        label,
+        json,
+        line: partial.line,
+        notes,
+        check,
+        statements: partial.statements,
+    })
 }
 
 /// Waits (up to 10 s) until the database owes nothing: every turn done and every event
@@ -1165,11 +1192,11 @@ async fn run(
 async fn db_state(cluster: &Cluster) -> Result<DbState> {
     let started = Instant::now();
     loop {
-        let (pending, unpublished, outbox): (i64, i64, i64) = sqlx::query_as(
+        let (pending, unpublished, outbox): (i64, i64, i64) = sqlx::query_as(harness_sql!(
             "SELECT (SELECT count(*) FROM turnd_turns WHERE state <> 'done'),
                     (SELECT count(*) FROM turnd_outbox WHERE published_at IS NULL),
-                    (SELECT count(*) FROM turnd_outbox)",
-        )
+                    (SELECT count(*) FROM turnd_outbox)"
+        ))
         .fetch_one(&cluster.pool)
         .await
         .context("count pending turns and unpublished events")?;
@@ -1178,6 +1205,25 @@ async fn db_state(cluster: &Cluster) -> Result<DbState> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// With `--statements`: zeroes pg_stat_statements right before a measured window.
+async fn statements_reset(s: &Settings) -> Result<()> {
+    if s.statements {
+        statements::reset(&s.admin_url).await?;
+    }
+    Ok(())
+}
+
+/// With `--statements`: the mode database's statements since [`statements_reset`], over
+/// `turns`, read once the database owes nothing more for them (the relay marks events
+/// published a little after they arrived; those marks are part of a turn's cost).
+async fn statements_read(s: &Settings, cluster: &Cluster, turns: usize) -> Result<Option<Table>> {
+    if !s.statements {
+        return Ok(None);
+    }
+    db_state(cluster).await?;
+    statements::read(&s.admin_url, &cluster.db_name, turns, "turnd").await.map(Some)
 }
 
 /// A few turns on their own conversation: connections, channels and caches warm.
