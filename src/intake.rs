@@ -816,7 +816,7 @@ fn trace_turn(delivery: &Delivery, turn: &mut Turn) -> (tracing::Span, tracing::
     let (deployment, message_id) = (turn.deployment.as_str(), turn.message_id.as_str());
     let intake = otel::intake_span(producer.as_ref(), deployment, message_id);
     let arm = otel::arm_span(&intake, deployment, message_id);
-    turn.trace = otel::context_of(&intake);
+    turn.trace = otel::hand_on_root(&intake, producer.as_ref());
     (intake, arm)
 }
 

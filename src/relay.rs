@@ -230,7 +230,7 @@ impl Relay {
                 .with_correlation_id(ShortString::from(row.message_id))
                 .with_message_id(ShortString::from(row.event_id));
             // Consumers continue the turn's trace from the event (CONTRACT §6).
-            if let Some(cx) = otel::context_of(&span) {
+            if let Some(cx) = otel::hand_on(&span, row.trace) {
                 properties = properties.with_headers(trace_headers(&cx));
             }
             match session

@@ -278,7 +278,8 @@ impl Owner<'_> {
         );
         let span = otel::worker_span(&claim, self.name.as_str(), epoch, id);
         drop(claim);
-        let line = turn_line(self.epoch(), otel::context_of(&span).as_ref(), &claimed.line);
+        let cx = otel::hand_on(&span, claimed.envelope.trace.as_ref());
+        let line = turn_line(self.epoch(), cx.as_ref(), &claimed.line);
         tracing::trace!(message_id = %claimed.envelope.message_id, "turn given to worker");
         let now = Instant::now();
         let deadline = now + ctx.config.turn.deadline;
@@ -350,7 +351,7 @@ impl Owner<'_> {
             otel::set_error(&r.span);
         }
         // The event's relay span hangs off this commit, wherever it is published.
-        if let Some(cx) = otel::context_of(&span) {
+        if let Some(cx) = otel::hand_on(&span, r.envelope.trace.as_ref()) {
             r.envelope.trace = Some(cx);
         }
         let claim = claim_next.then(|| stored_deadline(ctx.config.turn.deadline));
