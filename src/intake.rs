@@ -39,6 +39,15 @@ use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Seq, 
 /// a second (each return counts towards `broker::INBOX_DELIVERY_LIMIT`).
 const PAUSE_MIN: Duration = Duration::from_millis(500);
 const PAUSE_MAX: Duration = Duration::from_secs(5);
+/// Deployments with a turn armed and no owner here.
+#[derive(Debug, Default)]
+struct OwnersWanted {
+    /// Owned by another daemon, its owner request due (it may have died, leaving its record).
+    elsewhere: Vec<DeploymentName>,
+    /// Owned by no daemon.
+    nowhere: Vec<DeploymentName>,
+}
+
 /// Longest a batch may take (arm, doorbells, confirms, acks) before intake gives its
 /// deliveries back and lets another daemon's intake become the active one. A batch takes
 /// milliseconds; this only fires when this daemon's database or broker link hangs without
@@ -310,6 +319,7 @@ impl Intake {
         rung.retain(|(name, seq)| !self.deployments.nudge(name, Some(*seq)));
         let remote: Vec<DeploymentName> = rung.iter().map(|(name, _)| name.clone()).collect();
         let remote = self.owner_requests_due(remote).await;
+        let remote = self.take_some_here(remote);
         let armed: Vec<bool> = armed.iter().map(Option::is_some).collect();
         self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
     }
@@ -318,21 +328,33 @@ impl Intake {
     /// other daemon owns, and one owned elsewhere at most once per `OWNER_REQUEST_EVERY` (its
     /// owner may have died, leaving its record; each request costs the other daemons a try
     /// of a lock that is held, so not on every turn).
-    async fn owner_requests_due(&self, remote: Vec<DeploymentName>) -> Vec<DeploymentName> {
+    async fn owner_requests_due(&self, remote: Vec<DeploymentName>) -> OwnersWanted {
         if remote.is_empty() {
-            return remote;
+            return OwnersWanted::default();
         }
         let names: Vec<&str> = remote.iter().map(DeploymentName::as_str).collect();
         let owned = match self.store.owned_elsewhere(&names, &self.config.daemon.id).await {
             Ok(owned) => owned,
             // Unknown: ask for all of them (a held lock only costs a try).
-            Err(_) => return remote,
+            Err(_) => return OwnersWanted { elsewhere: remote, nowhere: Vec::new() },
         };
         let (elsewhere, nowhere): (Vec<_>, Vec<_>) =
             remote.into_iter().partition(|n| owned.iter().any(|o| o == n.as_str()));
-        let mut due = self.requested.due(elsewhere);
-        due.extend(nowhere);
-        due
+        OwnersWanted { elsewhere: self.requested.due(elsewhere), nowhere }
+    }
+
+    /// Takes some of the deployments owned nowhere here (`Deployments::to_take_here`: all of
+    /// them on a daemon alone, a fair share with others) without the round trip through
+    /// `<prefix>.owners`; returns the deployments to ask the other daemons for.
+    fn take_some_here(&self, wanted: OwnersWanted) -> Vec<DeploymentName> {
+        let OwnersWanted { mut elsewhere, mut nowhere } = wanted;
+        let here: Vec<DeploymentName> =
+            nowhere.drain(..self.deployments.to_take_here(nowhere.len())).collect();
+        if !here.is_empty() {
+            self.deployments.ensure_owners_soon(here);
+        }
+        elsewhere.extend(nowhere);
+        elsewhere
     }
 
     /// The rest of a batch once its turns are armed: a doorbell per deployment not owned here

@@ -622,17 +622,45 @@ impl Store {
         Ok(())
     }
 
-    pub async fn daemon_heartbeat(&self, id: &str, ready: bool, live_workers: usize) -> Result<()> {
-        sqlx::query(
-            "UPDATE turnd_daemons SET heartbeat_at = now(), ready = $2, live_workers = $3
-             WHERE id = $1",
+    /// The other daemons alive (a heartbeat within `alive`, not stopped), with their live
+    /// workers.
+    pub async fn peers(&self, id: &str, alive: Duration) -> Result<Peers> {
+        let (daemons, workers): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(live_workers), 0)::bigint FROM turnd_daemons
+             WHERE id <> $1 AND stopped_at IS NULL
+               AND heartbeat_at > now() - $2::bigint * interval '1 millisecond'",
+        )
+        .bind(id)
+        .bind(millis(alive))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Peers::new(daemons, workers))
+    }
+
+    /// Records this daemon's heartbeat and returns the other daemons alive (a heartbeat
+    /// within `alive`, not stopped) with their live workers.
+    pub async fn daemon_heartbeat(
+        &self,
+        id: &str,
+        ready: bool,
+        live_workers: usize,
+        alive: Duration,
+    ) -> Result<Peers> {
+        let (daemons, workers): (i64, i64) = sqlx::query_as(
+            "WITH me AS (
+                 UPDATE turnd_daemons SET heartbeat_at = now(), ready = $2, live_workers = $3
+                 WHERE id = $1)
+             SELECT count(*), coalesce(sum(live_workers), 0)::bigint FROM turnd_daemons
+             WHERE id <> $1 AND stopped_at IS NULL
+               AND heartbeat_at > now() - $4::bigint * interval '1 millisecond'",
         )
         .bind(id)
         .bind(ready)
-        .bind(live_workers as i32)
-        .execute(&self.pool)
+        .bind(i32::try_from(live_workers).unwrap_or(i32::MAX))
+        .bind(millis(alive))
+        .fetch_one(&self.pool)
         .await?;
-        Ok(())
+        Ok(Peers::new(daemons, workers))
     }
 
     pub async fn daemon_stopped(&self, id: &str) -> Result<()> {

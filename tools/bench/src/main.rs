@@ -16,8 +16,8 @@
 //!   in rounds with floor-bench's latency between them (`--rounds`).
 //!
 //! With `--floor <floor-bench>` it runs floor-bench's matching mode right before each turnd
-//! mode and prints each ratio against the targets of issue 7; `--repeat K` alternates K pairs
-//! and reports medians (steadier on a shared machine). After every mode it checks that every
+//! mode and prints each ratio against the targets of issue 21 (past the floor; issue 7's were
+//! looser); `--repeat K` alternates K pairs and reports medians (steadier on a shared machine). After every mode it checks that every
 //! turn got exactly one terminal event (de-duplicated on the AMQP message_id) with the outcome
 //! asked for, and that the database owes nothing; a violation makes the exit code 1. Figures
 //! taken while other processes used more than 10% of the machine are flagged DISTURBED.
