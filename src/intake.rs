@@ -46,6 +46,8 @@ struct OwnersWanted {
     elsewhere: Vec<DeploymentName>,
     /// Owned by no daemon.
     nowhere: Vec<DeploymentName>,
+    /// No other daemon is alive.
+    alone: bool,
 }
 
 /// Longest a batch may take (arm, doorbells, confirms, acks) before intake gives its
@@ -333,27 +335,34 @@ impl Intake {
             return OwnersWanted::default();
         }
         let names: Vec<&str> = remote.iter().map(DeploymentName::as_str).collect();
-        let owned = match self.store.owned_elsewhere(&names, &self.config.daemon.id).await {
-            Ok(owned) => owned,
+        // A daemon is alive to the others for three heartbeats (the sweep's).
+        let alive = self.config.sweep.interval * 3;
+        let seen = match self.store.owned_elsewhere(&names, &self.config.daemon.id, alive).await {
+            Ok(seen) => seen,
             // Unknown: ask for all of them (a held lock only costs a try).
-            Err(_) => return OwnersWanted { elsewhere: remote, nowhere: Vec::new() },
+            Err(_) => return OwnersWanted { elsewhere: remote, ..OwnersWanted::default() },
         };
         let (elsewhere, nowhere): (Vec<_>, Vec<_>) =
-            remote.into_iter().partition(|n| owned.iter().any(|o| o == n.as_str()));
-        OwnersWanted { elsewhere: self.requested.due(elsewhere), nowhere }
+            remote.into_iter().partition(|n| seen.owned.iter().any(|o| o == n.as_str()));
+        let alone = seen.other_daemons == 0;
+        OwnersWanted { elsewhere: self.requested.due(elsewhere), nowhere, alone }
     }
 
-    /// Takes some of the deployments owned nowhere here (`Deployments::to_take_here`: all of
-    /// them on a daemon alone, a fair share with others) without the round trip through
-    /// `<prefix>.owners`; returns the deployments to ask the other daemons for.
+    /// Takes the deployments owned nowhere here when no other daemon is alive, without the
+    /// round trip through `<prefix>.owners` (on a new conversation's first turn); returns the
+    /// deployments to ask the other daemons for. With others alive every one is offered, so
+    /// the broker spreads workers. Decided on the same query's count, never a kept view: pods
+    /// of a rollout start together, and a view a few hundred milliseconds old put every new
+    /// deployment on the first one.
     fn take_some_here(&self, wanted: OwnersWanted) -> Vec<DeploymentName> {
-        let OwnersWanted { mut elsewhere, mut nowhere } = wanted;
-        let here: Vec<DeploymentName> =
-            nowhere.drain(..self.deployments.to_take_here(nowhere.len())).collect();
-        if !here.is_empty() {
-            self.deployments.ensure_owners_soon(here);
+        let OwnersWanted { mut elsewhere, nowhere, alone } = wanted;
+        if alone {
+            if !nowhere.is_empty() {
+                self.deployments.ensure_owners_soon(nowhere);
+            }
+        } else {
+            elsewhere.extend(nowhere);
         }
-        elsewhere.extend(nowhere);
         elsewhere
     }
 

@@ -125,12 +125,13 @@ impl Sweep {
         if let Ok(age) = self.store.oldest_pending_age().await {
             relay.metrics().oldest_pending_seconds.set(age);
         }
-        let (ready, workers) = (true, self.deployments.live_workers());
-        // A daemon is alive to the others for three heartbeats.
-        let alive = self.config.sweep.interval * 3;
-        match self.store.daemon_heartbeat(&self.config.daemon.id, ready, workers, alive).await {
-            Ok(peers) => self.deployments.set_peers(peers),
-            Err(e) => tracing::debug!(error = %e, "cannot record daemon heartbeat"),
+        let ready = true;
+        if let Err(e) = self
+            .store
+            .daemon_heartbeat(&self.config.daemon.id, ready, self.deployments.live_workers())
+            .await
+        {
+            tracing::debug!(error = %e, "cannot record daemon heartbeat");
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::event::{Envelope, Outcome};
 use crate::lock::{Held, LockSession};
 use crate::relay::RelayHandle;
-use crate::store::{Claimed, Peers, Store};
+use crate::store::{Claimed, Store};
 
 use crate::turn::{DeploymentName, Epoch, ErrorCode, Seq};
 use crate::worker::protocol::turn_line;

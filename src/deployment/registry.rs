@@ -38,20 +38,7 @@ pub(super) struct Inner {
     pub(super) waiting: Mutex<Waiting>,
     pub(super) tasks: TaskTracker,
     pub(super) started: Instant,
-    /// The other daemons as last seen (heartbeats), for where new deployments go.
-    pub(super) peers: Mutex<PeersView>,
 }
-
-/// The other daemons alive, when that was read, and whether a read is under way.
-#[derive(Debug)]
-pub(super) struct PeersView {
-    peers: Peers,
-    at: Option<Instant>,
-    reading: bool,
-}
-
-/// A view of the other daemons older than this is not used to place a deployment here.
-const PEERS_FRESH: Duration = Duration::from_secs(1);
 
 impl Deployments {
     pub fn new(ctx: Ctx) -> Deployments {
@@ -62,7 +49,6 @@ impl Deployments {
                 waiting: Mutex::new(Waiting::default()),
                 tasks: TaskTracker::new(),
                 started: Instant::now(),
-                peers: Mutex::new(PeersView { peers: Peers::default(), at: None, reading: false }),
             }),
         }
     }
@@ -136,53 +122,6 @@ impl Deployments {
         if waiting {
             self.admit().await;
         }
-    }
-
-    /// The other daemons alive, as a heartbeat (or a read for placement) just said.
-    pub fn set_peers(&self, peers: Peers) {
-        let mut view = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-        *view = PeersView { peers, at: Some(Instant::now()), reading: false };
-    }
-
-    /// How many of `n` deployments that no daemon owns this daemon takes itself (the first
-    /// ones), rather than offering them to every daemon through `<prefix>.owners` (a broker
-    /// round trip on a new conversation's first turn): all when no other daemon is alive, else
-    /// as long as it owns no more than the others' average, so workers still spread. Only on a
-    /// view of the others at most [`PEERS_FRESH`] old; otherwise none, and the view is read
-    /// again for the next time.
-    pub fn to_take_here(&self, n: usize) -> usize {
-        let peers = {
-            let mut view = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-            match view.at {
-                Some(at) if at.elapsed() <= PEERS_FRESH => view.peers,
-                _ => {
-                    if !std::mem::replace(&mut view.reading, true) {
-                        self.read_peers();
-                    }
-                    return 0;
-                }
-            }
-        };
-        if peers.daemons == 0 {
-            return n;
-        }
-        let average = peers.workers / peers.daemons;
-        (average + 1).saturating_sub(self.len()).min(n)
-    }
-
-    fn read_peers(&self) {
-        let this = self.clone();
-        self.inner.tasks.spawn(async move {
-            let ctx = this.ctx();
-            let alive = ctx.config.sweep.interval * 3;
-            match ctx.store.peers(&ctx.daemon_id, alive).await {
-                Ok(peers) => this.set_peers(peers),
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot read the other daemons");
-                    this.inner.peers.lock().unwrap_or_else(|e| e.into_inner()).reading = false;
-                }
-            }
-        });
     }
 
     /// [`Deployments::ensure_owners`] on a task of its own (intake does not wait for the locks).

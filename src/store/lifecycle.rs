@@ -79,16 +79,27 @@ impl Store {
     }
 
     /// Which of these deployments another daemon owns, as its owner record says (set when it
-    /// took the lock, cleared when it let go cleanly; left behind by a daemon that died).
-    pub async fn owned_elsewhere(&self, names: &[&str], me: &str) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT deployment FROM turnd_deployments
-             WHERE deployment = ANY($1) AND owner IS NOT NULL AND owner <> $2",
+    /// took the lock, cleared when it let go cleanly; left behind by a daemon that died), and
+    /// how many other daemons are alive (registered, not stopped, a heartbeat within `alive`).
+    pub async fn owned_elsewhere(
+        &self,
+        names: &[&str],
+        me: &str,
+        alive: Duration,
+    ) -> Result<OwnedElsewhere> {
+        let (owned, other_daemons): (Vec<String>, i64) = sqlx::query_as(
+            "SELECT ARRAY(SELECT deployment FROM turnd_deployments
+                          WHERE deployment = ANY($1) AND owner IS NOT NULL AND owner <> $2),
+                    (SELECT count(*) FROM turnd_daemons
+                     WHERE id <> $2 AND stopped_at IS NULL
+                       AND heartbeat_at > now() - $3::bigint * interval '1 millisecond')",
         )
         .bind(names)
         .bind(me)
-        .fetch_all(&self.pool)
-        .await?)
+        .bind(millis(alive))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(OwnedElsewhere { owned, other_daemons })
     }
 
     /// Ends a turn that never ran (invalid or out of attempts) with its error event, once:
@@ -622,45 +633,17 @@ impl Store {
         Ok(())
     }
 
-    /// The other daemons alive (a heartbeat within `alive`, not stopped), with their live
-    /// workers.
-    pub async fn peers(&self, id: &str, alive: Duration) -> Result<Peers> {
-        let (daemons, workers): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(live_workers), 0)::bigint FROM turnd_daemons
-             WHERE id <> $1 AND stopped_at IS NULL
-               AND heartbeat_at > now() - $2::bigint * interval '1 millisecond'",
-        )
-        .bind(id)
-        .bind(millis(alive))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Peers::new(daemons, workers))
-    }
-
-    /// Records this daemon's heartbeat and returns the other daemons alive (a heartbeat
-    /// within `alive`, not stopped) with their live workers.
-    pub async fn daemon_heartbeat(
-        &self,
-        id: &str,
-        ready: bool,
-        live_workers: usize,
-        alive: Duration,
-    ) -> Result<Peers> {
-        let (daemons, workers): (i64, i64) = sqlx::query_as(
-            "WITH me AS (
-                 UPDATE turnd_daemons SET heartbeat_at = now(), ready = $2, live_workers = $3
-                 WHERE id = $1)
-             SELECT count(*), coalesce(sum(live_workers), 0)::bigint FROM turnd_daemons
-             WHERE id <> $1 AND stopped_at IS NULL
-               AND heartbeat_at > now() - $4::bigint * interval '1 millisecond'",
+    pub async fn daemon_heartbeat(&self, id: &str, ready: bool, live_workers: usize) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_daemons SET heartbeat_at = now(), ready = $2, live_workers = $3
+             WHERE id = $1",
         )
         .bind(id)
         .bind(ready)
-        .bind(i32::try_from(live_workers).unwrap_or(i32::MAX))
-        .bind(millis(alive))
-        .fetch_one(&self.pool)
+        .bind(live_workers as i32)
+        .execute(&self.pool)
         .await?;
-        Ok(Peers::new(daemons, workers))
+        Ok(())
     }
 
     pub async fn daemon_stopped(&self, id: &str) -> Result<()> {

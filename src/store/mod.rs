@@ -140,19 +140,13 @@ pub struct Claimed {
     pub waited: Duration,
 }
 
-/// The other daemons alive, as their heartbeats say.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Peers {
-    pub daemons: usize,
-    /// Their live workers, all together.
-    pub workers: usize,
-}
-
-impl Peers {
-    fn new(daemons: i64, workers: i64) -> Peers {
-        let count = |n: i64| usize::try_from(n).unwrap_or(0);
-        Peers { daemons: count(daemons), workers: count(workers) }
-    }
+/// What [`Store::owned_elsewhere`] found.
+#[derive(Debug)]
+pub struct OwnedElsewhere {
+    /// The deployments another daemon owns.
+    pub owned: Vec<String>,
+    /// The other daemons alive.
+    pub other_daemons: i64,
 }
 
 /// What [`Store::commit_and_claim`] did.
