@@ -356,9 +356,10 @@ impl Owner<'_> {
         }
         let claim = claim_next.then(|| stored_deadline(ctx.config.turn.deadline));
         // Retried while the database is away: the obligation is ours until it commits or
-        // someone else (sweep, takeover) ends it. A retry after an answer that was lost may
-        // find its turn done (by that very attempt), and its claim claims again what that
-        // attempt claimed (see `Store::claim_next`).
+        // someone else (sweep, takeover) ends it. A retry after an answer that was lost finds
+        // its turn done (by that very attempt); a turn that attempt claimed stays running,
+        // never given to the worker, until the sweep ends it at its deadline (a turn is never
+        // given to a worker twice), as after a lost answer to a claim alone.
         let mut backoff = Duration::from_millis(50);
         loop {
             let done = Some((&r.envelope, &outcome));

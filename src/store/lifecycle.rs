@@ -244,8 +244,7 @@ impl Store {
     }
 
     /// Claims the oldest queued turn of the deployment for `epoch`, unless a newer epoch owns
-    /// the deployment now (fencing). A turn this epoch claimed and never got to its worker (the
-    /// claim's answer was lost with the connection) is claimed again first.
+    /// the deployment now (fencing).
     pub async fn claim_next(
         &self,
         deployment: &DeploymentName,
@@ -270,8 +269,7 @@ impl Store {
 
     /// One statement, one round trip: commits the answered turn (`done`: the election and its
     /// outbox row, under `epoch`) and, with `claim` (the claimed turn's deadline), claims the
-    /// deployment's next turn — the oldest queued one, or one this epoch claimed whose answer
-    /// was lost (see [`Store::claim_next`]). Either part may be absent. The claim is fenced like
+    /// deployment's next turn, the oldest queued one. Either part may be absent. The claim is fenced like
     /// the commit: nothing is claimed once a newer epoch owns the deployment, whatever became of
     /// the commit (a turn the sweep ended is no reason not to take the next).
     pub async fn commit_and_claim(
@@ -303,15 +301,14 @@ impl Store {
                  RETURNING id),
              next AS MATERIALIZED (
                  SELECT message_id FROM turnd_turns
-                 WHERE deployment = $1 AND state <> 'done'
-                   AND (state = 'queued' OR (epoch = $3 AND message_id IS DISTINCT FROM $2))
+                 WHERE deployment = $1 AND state = 'queued'
                  ORDER BY seq LIMIT $11 FOR UPDATE),
              claimed AS (
                  UPDATE turnd_turns t SET state = 'running', epoch = $3, started_at = now(),
                         deadline = now() + $12::bigint * interval '1 millisecond'
                  FROM next
                  WHERE t.deployment = $1 AND t.message_id = next.message_id
-                   AND t.state <> 'done' AND EXISTS (SELECT 1 FROM owner)
+                   AND t.state = 'queued' AND EXISTS (SELECT 1 FROM owner)
                  RETURNING t.message_id, t.seq, t.turn, t.organization_id, t.agent_id,
                            t.conversation_id, t.routing, t.traceparent, t.tracestate,
                            EXTRACT(EPOCH FROM now() - t.accepted_at)::float8 AS waited)

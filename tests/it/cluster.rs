@@ -259,8 +259,8 @@ async fn with_the_file_session_store_a_run_id_turn_without_context_runs() {
 }
 
 /// The owner's one statement per answered turn: the commit and the claim of the next turn, in
-/// accept order; a claim whose answer was lost is claimed again (its turn never reached the
-/// worker), never stranded until its deadline; a stale epoch claims nothing with its commit.
+/// accept order; a retried commit ends its turn once and claims no turn twice; a stale epoch
+/// claims nothing with its commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_claims_the_next_turn_in_the_same_statement() {
     use turnd::event::Outcome;
@@ -269,7 +269,7 @@ async fn a_commit_claims_the_next_turn_in_the_same_statement() {
 
     let cluster = Cluster::new().await;
     let store = Store::from_pool(cluster.pool.clone());
-    let turns: Vec<_> = (1..=4)
+    let turns: Vec<_> = (1..=5)
         .map(|i| {
             let body = json!({"messageId": format!("n-{i}"), "agentId": "a1",
                 "organizationId": "o1", "conversationId": "next"});
@@ -277,7 +277,7 @@ async fn a_commit_claims_the_next_turn_in_the_same_statement() {
         })
         .collect();
     let dep = turns[0].deployment.clone();
-    let refs: Vec<_> = turns.iter().collect();
+    let refs: Vec<_> = turns[..4].iter().collect();
     let seqs = store.arm(&refs, Duration::from_secs(60)).await.unwrap();
     let reply = |text: &str| {
         Outcome::Reply(serde_json::value::RawValue::from_string(json!(text).to_string()).unwrap())
@@ -285,10 +285,7 @@ async fn a_commit_claims_the_next_turn_in_the_same_statement() {
     let (epoch, deadline) = (Epoch::new(1), Duration::from_secs(60));
     store.take_over(&dep, epoch, "d").await.unwrap();
 
-    // A claim whose answer never arrived: n-1 is running under this epoch, unknown to it.
-    let lost = store.claim_next(&dep, epoch, deadline).await.unwrap().unwrap();
-    assert_eq!(lost.envelope.message_id.as_str(), "n-1");
-    let c1 = store.claim_next(&dep, epoch, deadline).await.unwrap().expect("n-1 again");
+    let c1 = store.claim_next(&dep, epoch, deadline).await.unwrap().expect("n-1");
     assert_eq!((c1.envelope.message_id.as_str(), Some(c1.seq)), ("n-1", seqs[0]));
 
     // Commit n-1 and claim n-2 at once; then n-3 with n-2's commit.
@@ -306,41 +303,45 @@ async fn a_commit_claims_the_next_turn_in_the_same_statement() {
     let c3 = r2.claimed.expect("n-3 claimed with n-2's commit");
     assert_eq!(c3.envelope.message_id.as_str(), "n-3");
 
-    // The same commit again (a retry after a lost answer): the turn ended once; the claim
-    // hands back n-3, which this epoch claimed and the retrying owner never saw.
+    // The same commit again (a retry after a lost answer): the turn ended once, and n-3 (now
+    // running) is not claimed again: a turn goes to a worker once.
     let retry = store
         .commit_and_claim(&dep, Some((&c2.envelope, &reply("two"))), epoch, Some(deadline))
         .await
         .unwrap();
     assert!(retry.committed.is_none(), "a turn ends once");
-    assert_eq!(retry.claimed.unwrap().envelope.message_id.as_str(), "n-3");
+    let c4 = retry.claimed.expect("the retry's claim takes the next queued turn");
+    assert_eq!(c4.envelope.message_id.as_str(), "n-4");
 
-    // A newer epoch takes over: n-3 fails; the old epoch's commit+claim takes nothing.
+    // A newer epoch takes over: n-3 and n-4 fail; the old epoch's commit+claim takes nothing.
     let newer = Epoch::new(2);
     let taken = store.take_over(&dep, newer, "other").await.unwrap();
-    assert_eq!(taken.failed.len(), 1);
+    assert_eq!(taken.failed.len(), 2);
     let stale = store
         .commit_and_claim(&dep, Some((&c3.envelope, &reply("zombie"))), epoch, Some(deadline))
         .await
         .unwrap();
     assert!(stale.committed.is_none() && stale.claimed.is_none(), "fenced: {stale:?}");
-    // Without a claim it only commits; the new owner's last claim finds nothing after n-4.
-    let c4 = store.claim_next(&dep, newer, deadline).await.unwrap().expect("n-4");
-    let last = store
-        .commit_and_claim(&dep, Some((&c4.envelope, &reply("four"))), newer, None)
+    // Without a claim it only commits.
+    let last = store.arm(&[&turns[4]], Duration::from_secs(60)).await.unwrap();
+    assert!(last[0].is_some());
+    let c5 = store.claim_next(&dep, newer, deadline).await.unwrap().expect("n-5");
+    let done = store
+        .commit_and_claim(&dep, Some((&c5.envelope, &reply("five"))), newer, None)
         .await
         .unwrap();
-    assert!(last.committed.is_some() && last.claimed.is_none() && !last.looked);
+    assert!(done.committed.is_some() && done.claimed.is_none() && !done.looked);
     assert!(store.claim_next(&dep, newer, deadline).await.unwrap().is_none());
     let outbox: Vec<(String, String)> =
-        sqlx::query_as("SELECT message_id, kind FROM turnd_outbox ORDER BY id")
+        sqlx::query_as("SELECT message_id, kind FROM turnd_outbox ORDER BY message_id")
             .fetch_all(&cluster.pool)
             .await
             .unwrap();
-    let expected = [("n-1", "reply"), ("n-2", "reply"), ("n-3", "error"), ("n-4", "reply")];
+    let expected =
+        [("n-1", "reply"), ("n-2", "reply"), ("n-3", "error"), ("n-4", "error"), ("n-5", "reply")];
     let expected: Vec<(String, String)> =
         expected.iter().map(|(m, k)| (m.to_string(), k.to_string())).collect();
-    assert_eq!(outbox, expected, "each turn once, in accept order");
+    assert_eq!(outbox, expected, "each turn once");
 }
 
 // ---- 4. fencing: a stale epoch's reply is refused -------------------------------------------
