@@ -188,6 +188,12 @@ struct Task {
     held: HashSet<i64>,
 }
 
+/// Why a session that did not answer within [`PROBE_TIMEOUT`] counts as lost.
+fn silent() -> sqlx::Error {
+    let message = format!("no answer within {} s", PROBE_TIMEOUT.as_secs());
+    sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, message))
+}
+
 impl Task {
     async fn run(mut self, cancel: CancellationToken) -> ComponentResult {
         let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
@@ -266,15 +272,24 @@ impl Task {
                     if n == 0 {
                         return None;
                     }
-                    if let Err(e) = self.handle(&mut conn, &mut batch).await {
-                        return Some(e);
+                    // Bounded like the probe: on a connection gone silent (a partition: no
+                    // answer, no error) a lock statement never returns, no probe runs while
+                    // it hangs, and the loss went unnoticed — the chaos partition fault saw a
+                    // daemon's workers live 25 s on, beside their successors.
+                    match tokio::time::timeout(PROBE_TIMEOUT, self.handle(&mut conn, &mut batch)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Some(e),
+                        Err(_) => {
+                            batch.clear();
+                            return Some(silent());
+                        }
                     }
                 }
                 _ = probe.tick() => {
                     match tokio::time::timeout(PROBE_TIMEOUT, sqlx::raw_sql(PROBE).execute(&mut conn)).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Some(e),
-                        Err(_) => return Some(sqlx::Error::PoolTimedOut),
+                        Err(_) => return Some(silent()),
                     }
                 }
             }

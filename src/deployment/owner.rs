@@ -150,12 +150,29 @@ impl Owner<'_> {
             epoch: self.epoch(),
         };
         let end = tokio::select! {
+            biased;
             end = self.serve(&who, &first_turn_over) => end,
             _ = &mut bell => End::Done,
+            // The serve loop handles the lock's loss whenever it waits, but a statement on a
+            // connection gone silent (a partition: no answer, no error) never returns, and the
+            // worker must not outlive the lock while it hangs (the chaos partition fault saw 7
+            // workers live 25 s on). Dropping the loop drops its worker, whose I/O task
+            // SIGKILLs the group at once; the next owner's take-over fails its turn.
+            _ = ctx.locks.lost(self.held.generation) => self.lost_while_busy(),
         };
         doorbells.cancel();
         bell.await;
         end
+    }
+
+    /// The lock was lost while the serve loop was inside an await (dropped now, with its
+    /// worker).
+    fn lost_while_busy(&self) -> End {
+        if self.has_worker.swap(false, Ordering::Relaxed) {
+            tracing::error!("lock session lost during a database call: killing the worker now");
+            self.ctx().relay.metrics().worker_exit("lock_lost");
+        }
+        End::LockLost
     }
 
     /// Consumes the thread queue for as long as the deployment is owned, across broker

@@ -329,9 +329,12 @@ impl Serving<'_> {
         tracing::error!("lock session lost: killing the worker now");
         if let Some(mut w) = self.worker.take() {
             w.kill();
-            ctx.relay.metrics().worker_exit("lock_lost");
+            // Before the wait: `Owner::run` drops this loop on the same loss when the wait
+            // (or the fail below, on a silent connection) does not end at once.
+            if owner.has_worker.swap(false, Ordering::Relaxed) {
+                ctx.relay.metrics().worker_exit("lock_lost");
+            }
             w.wait().await;
-            owner.has_worker.store(false, Ordering::Relaxed);
         }
         if self.running.is_some() {
             owner

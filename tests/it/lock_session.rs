@@ -115,3 +115,49 @@ async fn locks_in_the_block_are_seen_at_once_and_survive_a_failed_statement() {
     let ended = task.await.expect("the lock session task ends");
     assert!(ended.is_ok(), "asked to stop, the lock session ends Ok: {ended:?}");
 }
+
+/// A session gone silent (no answer, no error: a partition) is lost within the probe's bound
+/// even when a lock statement, not the probe, is the one left waiting: that statement had no
+/// bound, no probe ran behind it, and the daemon's workers outlived their lock (the chaos
+/// partition fault saw 25 s). The silence here: the session's backend is stopped (SIGSTOP),
+/// its connection open, and a lock is asked for at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_statement_on_a_silent_session_is_noticed_as_a_loss() {
+    const SILENT_APP: &str = "turnd-lock:silent-session-test";
+    let cluster = Cluster::new().await;
+    let options = turnd::store::connect_options(&cluster.db_url, SILENT_APP).expect("options");
+    let cancel = CancellationToken::new();
+    let (locks, task) = LockSession::start(options, cancel.clone());
+    let task = tokio::spawn(task);
+    tokio::time::timeout(Duration::from_secs(10), locks.wait_healthy())
+        .await
+        .expect("the lock session connects");
+    let held = locks.try_acquire(2001).await.expect("session up").expect("lock free");
+    let backend: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(SILENT_APP)
+    .fetch_one(&cluster.pool)
+    .await
+    .expect("the lock session's backend");
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &backend.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {backend} (the tests run as root)");
+    };
+    signal("-STOP");
+    let asked = std::time::Instant::now();
+    let second = locks.try_acquire(2002);
+    let lost = tokio::time::timeout(Duration::from_secs(8), locks.lost(held.generation)).await;
+    let noticed = asked.elapsed();
+    signal("-CONT");
+    let _ =
+        sqlx::query("SELECT pg_terminate_backend($1)").bind(backend).execute(&cluster.pool).await;
+    assert!(lost.is_ok(), "the silent session was not noticed as lost within 8 s");
+    assert!(noticed < Duration::from_secs(5), "noticed after {noticed:?}");
+    assert!(second.await.is_err(), "the unanswered request fails rather than hanging");
+    cancel.cancel();
+    let _ = task.await;
+}
