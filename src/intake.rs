@@ -39,17 +39,6 @@ use crate::turn::{self, DeploymentName, ErrorCode, InvalidTurn, MessageId, Seq, 
 /// a second (each return counts towards `broker::INBOX_DELIVERY_LIMIT`).
 const PAUSE_MIN: Duration = Duration::from_millis(500);
 const PAUSE_MAX: Duration = Duration::from_secs(5);
-/// Deployments with a turn armed and no owner here.
-#[derive(Debug, Default)]
-struct OwnersWanted {
-    /// Owned by another daemon, its owner request due (it may have died, leaving its record).
-    elsewhere: Vec<DeploymentName>,
-    /// Owned by no daemon.
-    nowhere: Vec<DeploymentName>,
-    /// No other daemon is alive.
-    alone: bool,
-}
-
 /// Longest a batch may take (arm, doorbells, confirms, acks) before intake gives its
 /// deliveries back and lets another daemon's intake become the active one. A batch takes
 /// milliseconds; this only fires when this daemon's database or broker link hangs without
@@ -321,8 +310,7 @@ impl Intake {
         rung.retain(|(name, seq)| !self.deployments.nudge(name, Some(*seq)));
         let remote: Vec<DeploymentName> = rung.iter().map(|(name, _)| name.clone()).collect();
         let remote = self.owner_requests_due(remote).await;
-        let remote = self.take_some_here(remote);
-        let armed: Vec<bool> = armed.iter().map(Option::is_some).collect();
+        let remote = self.take_here_when_alone(remote);
         self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
     }
 
@@ -354,7 +342,7 @@ impl Intake {
     /// the broker spreads workers. Decided on the same query's count, never a kept view: pods
     /// of a rollout start together, and a view a few hundred milliseconds old put every new
     /// deployment on the first one.
-    fn take_some_here(&self, wanted: OwnersWanted) -> Vec<DeploymentName> {
+    fn take_here_when_alone(&self, wanted: OwnersWanted) -> Vec<DeploymentName> {
         let OwnersWanted { mut elsewhere, nowhere, alone } = wanted;
         if alone {
             if !nowhere.is_empty() {
@@ -374,7 +362,7 @@ impl Intake {
         session: &Session,
         batch: &mut Vec<Delivery>,
         verdicts: &[Verdict],
-        armed: &[bool],
+        armed: &[Option<Seq>],
         rung: &[(DeploymentName, Seq)],
         remote: &[DeploymentName],
     ) -> Result<(), BatchError> {
@@ -399,7 +387,7 @@ impl Intake {
             Session::confirmed(c, "thread queue").await?;
         }
         let metrics = self.deployments.ctx().relay.metrics();
-        let fresh = armed.iter().filter(|a| **a).count() as u64;
+        let fresh = armed.iter().filter(|a| a.is_some()).count() as u64;
         metrics.received("armed", fresh);
         metrics.received("duplicate", armed.len() as u64 - fresh);
         metrics.received(
@@ -748,6 +736,17 @@ impl Intake {
 /// The header in which turnd counts a turn's refusals (CONTRACT §4): set by the retry mover on
 /// each move to a delay queue, and on a parked copy.
 pub const ATTEMPT_KEY: &str = "x-turnd-attempt";
+
+/// Deployments with a turn armed and no owner here.
+#[derive(Debug, Default)]
+struct OwnersWanted {
+    /// Owned by another daemon, its owner request due (it may have died, leaving its record).
+    elsewhere: Vec<DeploymentName>,
+    /// Owned by no daemon.
+    nowhere: Vec<DeploymentName>,
+    /// No other daemon is alive.
+    alone: bool,
+}
 
 /// Headers without the broker's dead-letter bookkeeping (`x-death`, `x-first-death-*`,
 /// `x-last-death-*`, `x-delivery-count`).

@@ -16,9 +16,10 @@
 //! Export is OTLP over HTTP with JSON bodies, batched on the SDK's own thread behind a bounded
 //! queue: a full queue drops spans (counted), never waits.
 //!
-//! Without export (`otel.endpoint` unset) no span is made: six spans a turn, recorded for
-//! nobody, cost the daemon ~0.1 ms of CPU per turn (a quarter of its share; measured with
-//! `turnd-bench throughput`). The contexts still travel, derived by hand ([`hand_on`]): each
+//! Without export (`otel.endpoint` unset) no span is made (the log filter turns the target
+//! off: each span macro is then a cached no): six spans a turn, recorded for nobody, cost the
+//! daemon ~0.1 ms of CPU per turn (a quarter of its share; measured with `turnd-bench
+//! throughput`). The contexts still travel, derived by hand ([`hand_on`]): each
 //! stage hands on a child of the context it got (same trace and flags, a span id of its own),
 //! so the worker and the reply get a trace context either way.
 
@@ -162,7 +163,8 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 /// `otel.sample_ratio`, for the traces started without spans.
 static ROOT_RATIO: OnceLock<f64> = OnceLock::new();
 
-fn exporting() -> bool {
+/// Whether export is on (then the log filter lets turn spans through: `crate::logging`).
+pub(crate) fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
@@ -197,9 +199,6 @@ fn attach(span: Span, parent: Option<&TraceContext>) -> Span {
 
 /// A turn taken from the inbox, parented on the producer's context.
 pub fn intake_span(parent: Option<&TraceContext>, deployment: &str, message_id: &str) -> Span {
-    if !exporting() {
-        return Span::none();
-    }
     let span = tracing::info_span!(target: TARGET, parent: None, "turnd.intake", otel.kind = "consumer",
         deployment, message_id, trace_id = tracing::field::Empty);
     attach(span, parent)
@@ -207,9 +206,6 @@ pub fn intake_span(parent: Option<&TraceContext>, deployment: &str, message_id: 
 
 /// The turn's row written (a child of its intake span).
 pub fn arm_span(intake: &Span, deployment: &str, message_id: &str) -> Span {
-    if !exporting() {
-        return Span::none();
-    }
     let span = tracing::info_span!(target: TARGET, parent: intake, "turnd.arm",
         deployment, message_id, armed = tracing::field::Empty, trace_id = tracing::field::Empty);
     attach(span, None)
@@ -223,9 +219,6 @@ pub fn claim_span(
     message_id: &str,
     waited: Duration,
 ) -> Span {
-    if !exporting() {
-        return Span::none();
-    }
     let span = tracing::info_span!(target: TARGET, parent: None, "turnd.claim", deployment, epoch, message_id,
         waited_ms = waited.as_millis() as u64, trace_id = tracing::field::Empty);
     attach(span, stored)
@@ -235,9 +228,6 @@ pub fn claim_span(
 /// parent is the claim's context, not the `tracing` span: that would keep the claim span open
 /// (and unexported) for as long as the worker works.
 pub fn worker_span(claim: &Span, deployment: &str, epoch: i64, message_id: &str) -> Span {
-    if !exporting() {
-        return Span::none();
-    }
     let span = tracing::info_span!(target: TARGET, parent: None, "turnd.worker", deployment,
         epoch, message_id, otel.status_code = tracing::field::Empty, trace_id = tracing::field::Empty);
     attach(span, context_of(claim).as_ref())
@@ -251,9 +241,6 @@ pub fn commit_span(
     message_id: &str,
     kind: &str,
 ) -> Span {
-    if !exporting() {
-        return Span::none();
-    }
     let span = tracing::info_span!(target: TARGET, parent: worker, "turnd.commit", deployment,
         epoch, message_id, kind, committed = tracing::field::Empty, trace_id = tracing::field::Empty);
     attach(span, None)
@@ -261,9 +248,6 @@ pub fn commit_span(
 
 /// The terminal event published, parented on the context stored with it.
 pub fn relay_span(stored: Option<&TraceContext>, deployment: &str, message_id: &str) -> Span {
-    if !exporting() {
-        return Span::none();
-    }
     let span = tracing::info_span!(target: TARGET, parent: None, "turnd.relay", otel.kind = "producer",
         deployment, message_id, trace_id = tracing::field::Empty);
     attach(span, stored)

@@ -168,11 +168,20 @@ impl Owner<'_> {
     /// The lock was lost while the serve loop was inside an await (dropped now, with its
     /// worker).
     fn lost_while_busy(&self) -> End {
-        if self.has_worker.swap(false, Ordering::Relaxed) {
+        if self.worker_gone_with_the_lock() {
             tracing::error!("lock session lost during a database call: killing the worker now");
-            self.ctx().relay.metrics().worker_exit("lock_lost");
         }
         End::LockLost
+    }
+
+    /// Counts the worker's exit for the lock's loss, once (the serve loop and `run` may both
+    /// see it). True when there was a worker to count.
+    pub(super) fn worker_gone_with_the_lock(&self) -> bool {
+        let had = self.has_worker.swap(false, Ordering::Relaxed);
+        if had {
+            self.ctx().relay.metrics().worker_exit("lock_lost");
+        }
+        had
     }
 
     /// Consumes the thread queue for as long as the deployment is owned, across broker

@@ -325,15 +325,13 @@ impl Serving<'_> {
     }
 
     async fn lock_lost(&mut self) -> End {
-        let (owner, ctx) = (self.owner, self.owner.ctx());
+        let owner = self.owner;
         tracing::error!("lock session lost: killing the worker now");
         if let Some(mut w) = self.worker.take() {
             w.kill();
             // Before the wait: `Owner::run` drops this loop on the same loss when the wait
             // (or the fail below, on a silent connection) does not end at once.
-            if owner.has_worker.swap(false, Ordering::Relaxed) {
-                ctx.relay.metrics().worker_exit("lock_lost");
-            }
+            owner.worker_gone_with_the_lock();
             w.wait().await;
         }
         if self.running.is_some() {
@@ -478,9 +476,7 @@ impl Serving<'_> {
         let next = self.owner.commit(r, outcome, self.may_take_more()).await;
         self.idle_since = Instant::now();
         // The thread queue's consumer starts now, while the worker has the next turn.
-        if let Some(first_turn_over) = self.first_turn_over.take() {
-            first_turn_over.notify_one();
-        }
+        self.tell_first_turn_over();
         match next {
             Next::Claimed(claimed) => {
                 self.want_claim = false;

@@ -43,16 +43,25 @@ async fn block_age(pool: &PgPool) -> Option<f64> {
     .flatten()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn locks_in_the_block_are_seen_at_once_and_survive_a_failed_statement() {
-    let cluster = Cluster::new().await;
-    let options = turnd::store::connect_options(&cluster.db_url, APP).expect("options");
+/// A lock session on the cluster's database as `app`, connected; its task and cancel token.
+async fn connected(
+    cluster: &Cluster,
+    app: &str,
+) -> (LockSession, CancellationToken, tokio::task::JoinHandle<turnd::supervise::ComponentResult>) {
+    let options = turnd::store::connect_options(&cluster.db_url, app).expect("options");
     let cancel = CancellationToken::new();
     let (locks, task) = LockSession::start(options, cancel.clone());
     let task = tokio::spawn(task);
     tokio::time::timeout(Duration::from_secs(10), locks.wait_healthy())
         .await
         .expect("the lock session connects");
+    (locks, cancel, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_in_the_block_are_seen_at_once_and_survive_a_failed_statement() {
+    let cluster = Cluster::new().await;
+    let (locks, cancel, task) = connected(&cluster, APP).await;
     let pool = &cluster.pool;
 
     // Taken inside the block, held for everyone at once; the same key again is refused here.
@@ -125,13 +134,7 @@ async fn locks_in_the_block_are_seen_at_once_and_survive_a_failed_statement() {
 async fn a_lock_statement_on_a_silent_session_is_noticed_as_a_loss() {
     const SILENT_APP: &str = "turnd-lock:silent-session-test";
     let cluster = Cluster::new().await;
-    let options = turnd::store::connect_options(&cluster.db_url, SILENT_APP).expect("options");
-    let cancel = CancellationToken::new();
-    let (locks, task) = LockSession::start(options, cancel.clone());
-    let task = tokio::spawn(task);
-    tokio::time::timeout(Duration::from_secs(10), locks.wait_healthy())
-        .await
-        .expect("the lock session connects");
+    let (locks, cancel, task) = connected(&cluster, SILENT_APP).await;
     let held = locks.try_acquire(2001).await.expect("session up").expect("lock free");
     let backend: i32 = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
