@@ -308,30 +308,37 @@ impl Intake {
         // may claim it now) and gets no doorbell: its owner either claims after this commit or,
         // letting go, looks for queued turns once its lock is free (`Deployments::finish`).
         rung.retain(|(name, seq)| !self.deployments.nudge(name, Some(*seq)));
-        let remote: Vec<DeploymentName> = rung.iter().map(|(name, _)| name.clone()).collect();
-        let remote = self.owner_requests_due(remote).await;
+        let remote = self.owner_requests_due(&mut rung).await;
         let remote = self.take_here_when_alone(remote);
         self.finish_batch(session, batch, &verdicts, &armed, &rung, &remote).await
     }
 
-    /// Of the deployments not owned here, those to ask an owner for now: every one that no
-    /// other daemon owns, and one owned elsewhere at most once per `OWNER_REQUEST_EVERY` (its
-    /// owner may have died, leaving its record; each request costs the other daemons a try
-    /// of a lock that is held, so not on every turn).
-    async fn owner_requests_due(&self, remote: Vec<DeploymentName>) -> OwnersWanted {
-        if remote.is_empty() {
+    /// Of the deployments not owned here (`rung`), those to ask an owner for now: every one
+    /// that no other daemon owns, and one owned elsewhere at most once per
+    /// `OWNER_REQUEST_EVERY` (its owner may have died, leaving its record; each request costs
+    /// the other daemons a try of a lock that is held, so not on every turn).
+    ///
+    /// Leaves in `rung` only the deployments to ring, those owned by another daemon. One owned
+    /// nowhere needs no doorbell (its queue has no consumer, or none for long): whoever holds
+    /// its lock without an owner record is taking it over, and claims after its take-over
+    /// commits, or letting it go, and looks for queued turns once the lock is free — both
+    /// after this read, so after this turn's commit.
+    async fn owner_requests_due(&self, rung: &mut Vec<(DeploymentName, Seq)>) -> OwnersWanted {
+        if rung.is_empty() {
             return OwnersWanted::default();
         }
+        let remote: Vec<DeploymentName> = rung.iter().map(|(name, _)| name.clone()).collect();
         let names: Vec<&str> = remote.iter().map(DeploymentName::as_str).collect();
         // A daemon is alive to the others for three heartbeats (the sweep's).
         let alive = self.config.sweep.interval * 3;
         let seen = match self.store.owned_elsewhere(&names, &self.config.daemon.id, alive).await {
             Ok(seen) => seen,
-            // Unknown: ask for all of them (a held lock only costs a try).
+            // Unknown: ring and ask for all of them (a held lock only costs a try).
             Err(_) => return OwnersWanted { elsewhere: remote, ..OwnersWanted::default() },
         };
-        let (elsewhere, nowhere): (Vec<_>, Vec<_>) =
-            remote.into_iter().partition(|n| seen.owned.iter().any(|o| o == n.as_str()));
+        let owned = |n: &DeploymentName| seen.owned.iter().any(|o| o == n.as_str());
+        rung.retain(|(name, _)| owned(name));
+        let (elsewhere, nowhere): (Vec<_>, Vec<_>) = remote.into_iter().partition(owned);
         let alone = seen.other_daemons == 0;
         OwnersWanted { elsewhere: self.requested.due(elsewhere), nowhere, alone }
     }

@@ -198,29 +198,24 @@ impl Serving<'_> {
                 Err(message) => return Some(owner.start_failed(&message).await),
             }
         }
+        let claim_sent = claimed.sent;
         let give = owner.give(self.worker.as_mut(), claimed);
         self.running = Some(match self.spawned.take() {
             // While the turn is being written (off the cold path's critical section): record
-            // the worker, and restart the stored deadline from the spawn — a spawn that waited
-            // behind many others (thousands of deployments starting at once) must not eat into
-            // it, or the sweep fails a turn whose worker has only just started.
+            // the worker and, when the spawn was slow, restart the stored deadline from it — a
+            // spawn that waited behind many others (thousands of deployments starting at once)
+            // must not eat into it, or the sweep fails a turn whose worker has only just
+            // started. The stored deadline has the extension interval to spare (see
+            // `stored_deadline`): a spawn within half of it needs no second write.
             Some(pid) => {
-                let deadline = stored_deadline(ctx.config.turn.deadline);
-                // Boxed, as once per worker: the three futures side by side would otherwise
+                let deadline = ctx.config.turn.deadline;
+                let slow = claim_sent.elapsed() > extension_interval(deadline) / 2;
+                let restart =
+                    slow.then(|| (stored_deadline(deadline), ctx.config.turn.queue_timeout));
+                let started = ctx.store.worker_started(&owner.name, owner.epoch(), pid, restart);
+                // Boxed, as once per worker: the two futures side by side would otherwise
                 // size the owner for its whole life.
-                let (running, _, _) = Box::pin(async {
-                    tokio::join!(
-                        give,
-                        ctx.store.set_worker(&owner.name, owner.epoch(), Some(pid)),
-                        ctx.store.extend_deadlines(
-                            &owner.name,
-                            owner.epoch(),
-                            deadline,
-                            ctx.config.turn.queue_timeout
-                        ),
-                    )
-                })
-                .await;
+                let (running, _) = Box::pin(async { tokio::join!(give, started) }).await;
                 running
             }
             None => Box::pin(give).await,
@@ -370,7 +365,7 @@ impl Serving<'_> {
             w.wait().await;
         }
         owner.has_worker.store(false, Ordering::Relaxed);
-        let _ = ctx.store.set_worker(&owner.name, owner.epoch(), None).await;
+        let _ = ctx.store.worker_stopped(&owner.name, owner.epoch()).await;
         if !deliberate {
             if let Some(r) = &self.running {
                 crate::otel::set_error(&r.span);

@@ -281,6 +281,7 @@ impl Store {
     ) -> Result<CommitAndClaim> {
         let event = done.map(|(envelope, outcome)| TerminalEvent::new(envelope, outcome));
         let trace = event.as_ref().and_then(|e| e.trace.as_ref());
+        let sent = std::time::Instant::now();
         // Each CTE runs once on the statement's snapshot: the answered row is 'running', so
         // `next` never sees it; MATERIALIZED keeps `next` from being rescanned per row (which,
         // skipping rows this very statement updated, could claim several turns).
@@ -340,6 +341,7 @@ impl Store {
                 line: row.try_get::<Option<String>, _>("turn")?.unwrap_or_default(),
                 envelope: envelope_from_row(deployment, &row)?,
                 waited: Duration::try_from_secs_f64(row.try_get("waited")?).unwrap_or_default(),
+                sent,
             }),
         };
         Ok(CommitAndClaim { committed, claimed, looked: claim.is_some() })
@@ -440,20 +442,45 @@ impl Store {
         .await?)
     }
 
-    pub async fn set_worker(
+    /// Records a worker started for the turn claimed under `epoch` and, with `deadline`
+    /// (the running turn's, and `queue_timeout` for the queued), restarts the deadlines from
+    /// now as a heartbeat does (for a spawn slow enough to eat into them): one statement.
+    pub async fn worker_started(
         &self,
         deployment: &DeploymentName,
         epoch: Epoch,
-        pid: Option<u32>,
+        pid: u32,
+        deadline: Option<(Duration, Duration)>,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE turnd_deployments SET worker_pid = $3,
-                    worker_started_at = CASE WHEN $3 IS NULL THEN NULL ELSE now() END
+            "WITH worker AS (
+                 UPDATE turnd_deployments SET worker_pid = $3, worker_started_at = now()
+                 WHERE deployment = $1 AND epoch = $2)
+             UPDATE turnd_turns SET deadline = CASE
+                 WHEN state = 'running' THEN now() + $4::bigint * interval '1 millisecond'
+                 ELSE GREATEST(deadline, now() + $5::bigint * interval '1 millisecond') END
+             WHERE $4::bigint IS NOT NULL AND deployment = $1 AND state <> 'done'
+               AND (state = 'queued'
+                    OR (epoch = $2 AND provider_code IS NULL AND cancel_requested_at IS NULL))",
+        )
+        .bind(deployment.as_str())
+        .bind(epoch.get())
+        .bind(pid as i32)
+        .bind(deadline.map(|(d, _)| millis(d)))
+        .bind(deadline.map(|(_, q)| millis(q)))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The worker of the deployment owned under `epoch` is gone.
+    pub async fn worker_stopped(&self, deployment: &DeploymentName, epoch: Epoch) -> Result<()> {
+        sqlx::query(
+            "UPDATE turnd_deployments SET worker_pid = NULL, worker_started_at = NULL
              WHERE deployment = $1 AND epoch = $2",
         )
         .bind(deployment.as_str())
         .bind(epoch.get())
-        .bind(pid.map(|p| p as i32))
         .execute(&self.pool)
         .await?;
         Ok(())

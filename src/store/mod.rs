@@ -138,6 +138,8 @@ pub struct Claimed {
     pub envelope: Envelope,
     /// How long the turn had been accepted when it was claimed (for the latency histogram).
     pub waited: Duration,
+    /// When the claiming statement was sent: its stored deadline counts from no earlier.
+    pub sent: std::time::Instant,
 }
 
 /// What [`Store::owned_elsewhere`] found.
