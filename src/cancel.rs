@@ -6,10 +6,11 @@
 //! learns of it, so its worker gets `{"type":"cancel","messageId":…}`:
 //!
 //! 1. at once, a cancel doorbell on the deployment's thread queue (AMQP `type` = `cancel`),
-//!    which only the lock holder consumes;
-//! 2. as a backstop (a lost doorbell, a thread-queue consumer not started yet during an
-//!    owner's first turn, a broker away), every daemon's sweep asks the database for cancels
-//!    its owners have not delivered (`store::undelivered_cancels`) and wakes them in memory.
+//!    which only the lock holder consumes — on the active intake's daemon from a turn's first
+//!    second on (`deployment::owner`), when the fresh consumer also looks for a cancel;
+//! 2. as a backstop (a lost doorbell, a thread-queue consumer not started yet, a broker away),
+//!    every daemon's sweep asks the database for cancels its owners have not delivered
+//!    (`store::undelivered_cancels`) and wakes them in memory.
 //!
 //! Neither is needed for the end: the sweep of any daemon fails the turn `TURN_CANCELLED` once
 //! the request is older than its `turn.cancel_grace`, so a cancelled running turn ends within

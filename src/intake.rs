@@ -163,6 +163,9 @@ impl Intake {
             tracing::info!(queue = %names.inbox(), "intake subscribed (the broker feeds one daemon's intake at a time)");
             let mut progressed = false;
             let result = self.consume(&session, consumer, &cancel, &mut progressed).await;
+            // Before the close: once it is done another daemon's intake may arm this daemon's
+            // deployments' turns, and their owners must be listening on their thread queues.
+            self.deployments.intake_here(false);
             // Closing the channel hands every unacknowledged delivery back to the broker and
             // removes the subscription in one step; only then does the broker make another
             // daemon's intake the active one, which receives the returned deliveries first.
@@ -222,6 +225,7 @@ impl Intake {
             };
             if !active {
                 active = true;
+                self.deployments.intake_here(true);
                 tracing::info!("intake active: this daemon receives the inbox");
             }
             batch.push(first?);
@@ -292,7 +296,13 @@ impl Intake {
         // an owner that already claimed it needs no look).
         let mut rung: Vec<(DeploymentName, Seq)> = Vec::new();
         for (turn, armed) in turns.iter().zip(&armed) {
-            let Some(seq) = *armed else { continue };
+            let Some(seq) = *armed else {
+                // A duplicate: another intake may have armed it and lost its doorbell with its
+                // channel (an owner here listens on no thread queue while this intake is
+                // active). A local owner looks again; one elsewhere has its queue.
+                self.deployments.nudge(&turn.deployment, None);
+                continue;
+            };
             match rung.iter_mut().find(|(name, _)| *name == turn.deployment) {
                 Some((_, newest)) => *newest = seq.max(*newest),
                 None => rung.push((turn.deployment.clone(), seq)),

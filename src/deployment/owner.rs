@@ -59,7 +59,16 @@ pub(super) struct Owner<'a> {
     pub(super) last_active: Arc<AtomicU64>,
     pub(super) has_worker: Arc<AtomicBool>,
     pub(super) org: Arc<std::sync::OnceLock<super::admission::Org>>,
+    /// Turns given to the worker so far, and told of each (`doorbell` watches for a long one).
+    pub(super) gives: AtomicU64,
+    pub(super) given: Notify,
 }
+
+/// A turn running this long makes its owner listen on its thread queue even while intake is
+/// here: a cancel doorbell from another process (`turnd cancel`, another daemon's API) then
+/// reaches it at once. One shorter would most likely be over before a cancel could matter; the
+/// sweep delivers the cancel in any case (`cancel`).
+const LONG_TURN: Duration = Duration::from_secs(1);
 
 /// Grace after the deadline before the owner itself fails a silent turn (the sweep would too).
 pub(super) const LOCAL_DEADLINE_SLACK: Duration = Duration::from_millis(100);
@@ -134,11 +143,7 @@ impl Owner<'_> {
             }
         }
         let doorbells = CancellationToken::new();
-        // The thread queue is declared and consumed once the first turn is over (or there was
-        // none): declaring it beside a new conversation's spawn and first turn made the
-        // broker's work for it part of the first reply's wait. Nothing is missed meanwhile: the
-        // owner claims again after each turn, local turns wake it in memory, and a fresh
-        // consumer looks once.
+        // The thread queue is declared and consumed once it may be needed (`doorbell`).
         let first_turn_over = Notify::new();
         let bell = self.doorbell(doorbells.clone(), &first_turn_over);
         tokio::pin!(bell);
@@ -185,11 +190,32 @@ impl Owner<'_> {
     }
 
     /// Consumes the thread queue for as long as the deployment is owned, across broker
-    /// reconnects, from when `first_turn_over` is told; each doorbell wakes the owner.
+    /// reconnects, once it may be needed; each doorbell wakes the owner.
+    ///
+    /// Only another daemon's intake rings it (this daemon's wakes owners in memory), and
+    /// cancel doorbells. So it is declared once the first turn is over (declaring it beside a
+    /// new conversation's spawn made the broker's work part of the first reply's wait) and
+    /// this daemon's intake is not the active one, or once a turn runs for `LONG_TURN`. A
+    /// queue costs the broker more than all of a short turn's messages: a daemon alone, or
+    /// the active intake's, mostly needs none. Nothing is missed meanwhile: the owner claims
+    /// again after each turn, local turns and duplicates wake it in memory, the intake tells
+    /// the moment it stops (before another daemon's can start), and a fresh consumer looks
+    /// once for queued turns and for a cancel.
     async fn doorbell(&self, stop: CancellationToken, first_turn_over: &Notify) {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = first_turn_over.notified() => {}
+        let mut here = self.d.inner.intake_here.subscribe();
+        let long = self.a_turn_runs_long();
+        tokio::pin!(long);
+        let mut first_over = false;
+        loop {
+            if first_over && !*here.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = first_turn_over.notified(), if !first_over => first_over = true,
+                changed = here.changed(), if first_over => if changed.is_err() { break },
+                _ = &mut long => break,
+            }
         }
         let broker = &self.ctx().broker;
         let mut last: Option<Arc<crate::broker::Session>> = None;
@@ -227,8 +253,12 @@ impl Owner<'_> {
                         }
                         async {}
                     });
-                    // A fresh consumer may have missed doorbells: look once.
+                    // A fresh consumer may have missed doorbells: look once, and at the
+                    // running turn's record for a cancel.
                     self.bells.ring(None);
+                    if self.busy.load(Ordering::Relaxed) {
+                        self.cancel.notify_one();
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => {
                             let _ = channel.basic_cancel(tag, Default::default()).await;
@@ -240,6 +270,18 @@ impl Owner<'_> {
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot consume thread queue; waiting for the next broker session");
                 }
+            }
+        }
+    }
+
+    /// Resolves once a turn was with the worker for `LONG_TURN`.
+    async fn a_turn_runs_long(&self) {
+        loop {
+            self.given.notified().await;
+            let turn = self.gives.load(Ordering::Relaxed);
+            tokio::time::sleep(LONG_TURN).await;
+            if self.busy.load(Ordering::Relaxed) && self.gives.load(Ordering::Relaxed) == turn {
+                return;
             }
         }
     }
@@ -323,6 +365,8 @@ impl Owner<'_> {
             }
         }
         let accepted = now.checked_sub(claimed.waited).unwrap_or(now);
+        self.gives.fetch_add(1, Ordering::Relaxed);
+        self.given.notify_one();
         Running {
             envelope: claimed.envelope,
             accepted,

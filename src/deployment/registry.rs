@@ -38,6 +38,8 @@ pub(super) struct Inner {
     pub(super) waiting: Mutex<Waiting>,
     pub(super) tasks: TaskTracker,
     pub(super) started: Instant,
+    /// This daemon's intake is the inbox's active consumer (see [`Deployments::intake_here`]).
+    pub(super) intake_here: tokio::sync::watch::Sender<bool>,
 }
 
 impl Deployments {
@@ -49,6 +51,7 @@ impl Deployments {
                 waiting: Mutex::new(Waiting::default()),
                 tasks: TaskTracker::new(),
                 started: Instant::now(),
+                intake_here: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -76,6 +79,15 @@ impl Deployments {
 
     pub fn live_workers(&self) -> usize {
         self.entries().values().filter(|e| e.has_worker.load(Ordering::Relaxed)).count()
+    }
+
+    /// Intake tells whether it is the inbox's active consumer: true once its subscription
+    /// received a delivery, false as soon as that subscription ends (before its channel
+    /// closes, so before the broker can feed another daemon's intake). While it is true, every
+    /// turn of a deployment owned here comes in through this intake, which wakes its owner in
+    /// memory: owners need no thread queue (`Owner::doorbell`).
+    pub fn intake_here(&self, here: bool) {
+        self.inner.intake_here.send_if_modified(|was| std::mem::replace(was, here) != here);
     }
 
     /// Wakes a locally owned deployment (a doorbell that skips the broker) for the turn `seq`
@@ -379,6 +391,8 @@ impl Deployments {
                 last_active,
                 has_worker,
                 org,
+                gives: AtomicU64::new(0),
+                given: Notify::new(),
             };
             let end = match panic_message(owner.run()).await {
                 Ok(end) => end,

@@ -459,3 +459,31 @@ async fn bulk_purge_by_filter_acts_only_on_the_confirmed_set_and_audits_each() {
         assert!(page.contains(needle), "{needle} missing from the console");
     }
 }
+
+/// A daemon alone is the active intake: its owners listen on no thread queue (every turn comes
+/// through that intake, in memory), so a cancel doorbell from another process finds none. A
+/// turn running for a second makes its owner listen, and look once for a cancel: a cancel sent
+/// at once reaches the worker about a second in — neither at the sweep (30 s here) nor at the
+/// grace (20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_from_the_cli_reaches_a_turn_on_the_active_intakes_daemon_without_the_sweep() {
+    let mut cluster = Cluster::new().await;
+    cluster.set("TURND_SWEEP__INTERVAL", "30s");
+    cluster.set("TURND_TURN__CANCEL_GRACE", "20s");
+    cluster.set("TURND_TURN__DEADLINE", "20s");
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let t = turn("cl", "c1", json!({"action": "wait_cancel", "code": "STOPPED_BY_USER"}));
+    let queue = format!("{}.thread.{}", cluster.prefix, deployment_of(&t));
+    client.publish(&t).await;
+    wait_running(&cluster, &t).await;
+    let asked = Instant::now();
+    let out = cluster.cli(&["cancel", &mid(&t)]).await;
+    assert!(stdout(&out).contains("cancelling"), "{}", stdout(&out));
+    client.wait_for(&[mid(&t)], T).await;
+    let took = asked.elapsed();
+    let e = client.event(&mid(&t)).unwrap();
+    assert_eq!(e.code(), "STOPPED_BY_USER", "the worker answered the cancel: {:?}", e.body);
+    assert!(took < Duration::from_secs(4), "{took:?}\n{}", cluster.daemon_log(0));
+    assert!(queue_exists(&client.conn, &queue).await, "a turn that ran a second listens");
+}

@@ -842,3 +842,40 @@ async fn a_turn_arriving_while_its_owner_stops_is_served_without_waiting_for_ado
     assert_eq!(ids.len(), ROUNDS);
     client.assert_exactly_once(&ids);
 }
+
+/// An owner on the daemon whose intake is the active one listens on no thread queue: every
+/// turn of its deployment comes in through that intake, which wakes it in memory. Once that
+/// intake is no longer the active one, the owner declares its queue, and a turn armed by the
+/// other daemon's intake reaches it there at once — not at the sweep (30 s here) or adoption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_listens_on_its_thread_queue_once_its_daemons_intake_is_not_the_active_one() {
+    let mut cluster = Cluster::new().await;
+    cluster.set("TURND_SWEEP__INTERVAL", "30s");
+    let a = format!("{}-a", cluster.prefix);
+    cluster.start_daemon(&[("TURND_DAEMON__ID", &a)]).await;
+    let mut client = cluster.client().await;
+    let first = turn("tq", "c1", json!({}));
+    let dep = deployment_of(&first);
+    let queue = format!("{}.thread.{dep}", cluster.prefix);
+    client.ask(&first, T).await;
+    // A second turn: the first is long over, and the owner had every chance to declare it.
+    client.ask(&turn("tq", "c1", json!({})), T).await;
+    assert!(!queue_exists(&client.conn, &queue).await, "no thread queue while intake is here");
+    let pid = cluster.worker_pid(&dep);
+
+    // A second daemon subscribes behind A's intake; cutting A's broker connection makes it
+    // the active one (A subscribes again behind it).
+    cluster.start_daemon(&[]).await;
+    assert!(close_broker_connections(&format!("turnd {a}")) >= 1);
+    wait_for_async(T, "the owner's thread queue", || queue_exists(&client.conn, &queue)).await;
+    let asked = Instant::now();
+    let e = client.ask(&turn("tq", "c1", json!({})), T).await;
+    assert_eq!(e.kind(), "reply", "{:?}", e.body);
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    assert!(
+        cluster.daemon_log(1).contains("intake active"),
+        "the other daemon's intake took it in:\n{}",
+        cluster.daemon_log(1)
+    );
+    assert_eq!(cluster.worker_pid(&dep), pid, "the same worker answered");
+}

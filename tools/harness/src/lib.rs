@@ -1220,6 +1220,43 @@ pub async fn queue_len(ch: &Channel, queue: &str) -> u32 {
         .message_count()
 }
 
+/// Whether `queue` exists (a passive declare on a channel of its own: a missing queue closes it).
+pub async fn queue_exists(conn: &Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let found = ch.queue_declare(queue.into(), passive, FieldTable::default()).await.is_ok();
+    if found {
+        let _ = ch.close(200, "looked".into()).await;
+    }
+    found
+}
+
+/// Closes, from the broker's side (`rabbitmqctl close_connection`), every AMQP connection
+/// whose client-provided name is `name`; returns how many it closed.
+pub fn close_broker_connections(name: &str) -> usize {
+    let rabbitmqctl = |args: &[&str]| {
+        let out = Command::new("rabbitmqctl").args(args).output().expect("run rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed =
+        rabbitmqctl(&["-q", "list_connections", "--no-table-headers", "pid", "client_properties"]);
+    let tag = format!("{{\"connection_name\",\"{name}\"}}");
+    let pids: Vec<&str> = listed
+        .lines()
+        .filter(|line| line.contains(&tag))
+        .filter_map(|line| line.split('\t').next())
+        .collect();
+    for pid in &pids {
+        rabbitmqctl(&["close_connection", pid, "closed by a test"]);
+    }
+    pids.len()
+}
+
 /// A parked record: (code, reason, message_id, deployment, attempts).
 pub type ParkedRow = (String, String, Option<String>, Option<String>, i32);
 
