@@ -25,6 +25,18 @@ async fn wait_running(cluster: &Cluster, turn: &Value) {
     .await;
 }
 
+/// Publishes `turn`, cancels it with the CLI once it runs, and waits for its event; returns
+/// the time from the cancel to the event.
+async fn cancel_once_running(cluster: &Cluster, client: &mut Client, turn: &Value) -> Duration {
+    client.publish(turn).await;
+    wait_running(cluster, turn).await;
+    let asked = Instant::now();
+    let out = cluster.cli(&["cancel", &mid(turn)]).await;
+    assert!(stdout(&out).contains("cancelling"), "{}", stdout(&out));
+    client.wait_for(&[mid(turn)], T).await;
+    asked.elapsed()
+}
+
 /// (who, via, action, target, result), oldest first.
 async fn audit(cluster: &Cluster) -> Vec<(String, String, String, String, String)> {
     sqlx::query_as("SELECT who, via, action, target, result FROM turnd_audit ORDER BY id")
@@ -108,14 +120,8 @@ async fn a_worker_that_ignores_the_cancel_is_stopped_at_the_grace_and_the_turn_e
     // The CLI runs with another grace: the daemons' applies.
     cluster.set("TURND_TURN__CANCEL_GRACE", "60s");
     let t = turn("ci", "c1", json!({"action": "wait_cancel", "on_cancel": "ignore"}));
-    client.publish(&t).await;
-    wait_running(&cluster, &t).await;
     // Heartbeat-free but well within turn.deadline (5 s): only the cancel can end it this soon.
-    let asked = Instant::now();
-    let out = cluster.cli(&["cancel", &mid(&t)]).await;
-    assert!(stdout(&out).contains("cancelling"), "{}", stdout(&out));
-    client.wait_for(&[mid(&t)], T).await;
-    let took = asked.elapsed();
+    let took = cancel_once_running(&cluster, &mut client, &t).await;
     let e = client.event(&mid(&t)).unwrap().clone();
     assert_eq!(e.code(), "TURN_CANCELLED", "{:?}", e.body);
     assert!(
@@ -475,13 +481,7 @@ async fn a_cancel_from_the_cli_reaches_a_turn_on_the_active_intakes_daemon_witho
     let mut client = cluster.client().await;
     let t = turn("cl", "c1", json!({"action": "wait_cancel", "code": "STOPPED_BY_USER"}));
     let queue = format!("{}.thread.{}", cluster.prefix, deployment_of(&t));
-    client.publish(&t).await;
-    wait_running(&cluster, &t).await;
-    let asked = Instant::now();
-    let out = cluster.cli(&["cancel", &mid(&t)]).await;
-    assert!(stdout(&out).contains("cancelling"), "{}", stdout(&out));
-    client.wait_for(&[mid(&t)], T).await;
-    let took = asked.elapsed();
+    let took = cancel_once_running(&cluster, &mut client, &t).await;
     let e = client.event(&mid(&t)).unwrap();
     assert_eq!(e.code(), "STOPPED_BY_USER", "the worker answered the cancel: {:?}", e.body);
     assert!(took < Duration::from_secs(4), "{took:?}\n{}", cluster.daemon_log(0));
