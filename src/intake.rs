@@ -84,6 +84,60 @@ struct Ident {
     conversation_key: String,
 }
 
+/// The hand-off slots of idle local owners reserved for one batch, at most one per deployment
+/// (the first of its turns in the batch: the arm statement's checks cannot see the others).
+/// Each is resolved after the arm statement; one left (the statement failed, or the batch was
+/// abandoned at `BATCH_TIMEOUT`) goes back to open with a bell, so its owner looks for itself.
+struct Reservations<'a> {
+    deployments: &'a Deployments,
+    /// Per turn: the epoch to claim it under.
+    epochs: Vec<Option<turn::Epoch>>,
+    /// The reserved deployments and their turn's position.
+    reserved: Vec<(usize, DeploymentName)>,
+}
+
+impl<'a> Reservations<'a> {
+    fn of(deployments: &'a Deployments, turns: &[&Turn]) -> Reservations<'a> {
+        let mut r =
+            Reservations { deployments, epochs: vec![None; turns.len()], reserved: Vec::new() };
+        for (i, turn) in turns.iter().enumerate() {
+            if r.reserved.iter().any(|(_, name)| *name == turn.deployment) {
+                continue;
+            }
+            if let Some(epoch) = deployments.reserve(&turn.deployment) {
+                r.epochs[i] = Some(epoch);
+                r.reserved.push((i, turn.deployment.clone()));
+            }
+        }
+        r
+    }
+
+    /// Hands each reserved owner the turn the statement claimed for it, if it did.
+    fn resolve(mut self, turns: &[&Turn], armed: &[Option<crate::store::Armed>], sent: Instant) {
+        for (i, name) in std::mem::take(&mut self.reserved) {
+            let claimed = armed.get(i).copied().flatten().filter(|a| a.running).map(|a| {
+                crate::store::Claimed {
+                    seq: a.seq,
+                    line: turns[i].line.clone(),
+                    envelope: envelope_of(turns[i]),
+                    waited: Duration::ZERO,
+                    sent,
+                }
+            });
+            self.deployments.hand_over(&name, claimed);
+        }
+    }
+}
+
+impl Drop for Reservations<'_> {
+    fn drop(&mut self) {
+        for (_, name) in self.reserved.drain(..) {
+            self.deployments.hand_over(&name, None);
+            self.deployments.nudge(&name, None);
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Intake {
     pub config: Arc<Config>,
@@ -287,7 +341,17 @@ impl Intake {
             }
             Vec::new()
         } else {
-            self.store.arm(&turns, config.turn.queue_timeout).await?
+            // An idle owner here gets its next turn claimed in the arm statement and handed
+            // over in memory: no claim of its own after the bell.
+            let hand = Reservations::of(&self.deployments, &turns);
+            let sent = Instant::now();
+            let claim = crate::deployment::stored_deadline(config.turn.deadline);
+            let armed = self
+                .store
+                .arm_and_hand(&turns, config.turn.queue_timeout, &hand.epochs, claim)
+                .await?;
+            hand.resolve(&turns, &armed, sent);
+            armed.into_iter().map(|a| a.map(|a| a.seq)).collect()
         };
         for ((_, arm), armed) in spans.iter().zip(&armed) {
             arm.record("armed", armed.is_some());

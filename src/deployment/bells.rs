@@ -9,7 +9,8 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::turn::Seq;
+use crate::store;
+use crate::turn::{Epoch, Seq};
 
 /// Bells rung since the owner last looked, and the wake-up.
 #[derive(Debug, Default)]
@@ -118,5 +119,91 @@ mod tests {
         assert!(claimed.must_look(&oldest), "forgotten: look rather than miss it");
         let newest = Rung { plain: false, seqs: vec![Seq::new(REMEMBERED as i64)] };
         assert!(!claimed.must_look(&newest));
+    }
+}
+
+/// An idle owner's hand-off slot: intake claims the owner's next turn in the very statement
+/// that arms it (`Store::arm_and_hand`) and hands it over here, where the owner would have
+/// needed a claim of its own after the bell.
+///
+/// The owner opens it while idle with a live worker; intake reserves an open slot before its
+/// arm statement and resolves the reservation after it (the claimed turn, or back to open);
+/// the owner closes it on any wake. While intake holds it the owner neither claims nor stops
+/// its worker: a turn claimed for it may be on its way.
+#[derive(Debug, Default)]
+pub(super) struct Slot(Mutex<SlotState>);
+
+#[derive(Debug, Default)]
+enum SlotState {
+    #[default]
+    Closed,
+    /// Idle under this epoch: a turn may be claimed for it.
+    Open(Epoch),
+    /// Intake's arm statement may be claiming a turn for it.
+    Reserved(Epoch),
+    /// A turn claimed for it, running under its epoch.
+    Given(Box<store::Claimed>),
+}
+
+/// What the owner found when it closed its slot.
+#[derive(Debug)]
+pub(super) enum Closing {
+    Nothing,
+    /// Intake holds a reservation: wait for its bell before claiming or stopping.
+    Pending,
+    Given(Box<store::Claimed>),
+}
+
+impl Slot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Owner: idle, a turn may be claimed for it (a slot not closed stays as it is).
+    pub(super) fn open(&self, epoch: Epoch) {
+        let mut state = self.state();
+        if matches!(*state, SlotState::Closed) {
+            *state = SlotState::Open(epoch);
+        }
+    }
+
+    /// Owner: takes no more hand-offs until opened again.
+    pub(super) fn close(&self) -> Closing {
+        let mut state = self.state();
+        match std::mem::take(&mut *state) {
+            SlotState::Closed | SlotState::Open(_) => Closing::Nothing,
+            SlotState::Reserved(epoch) => {
+                *state = SlotState::Reserved(epoch);
+                Closing::Pending
+            }
+            SlotState::Given(claimed) => Closing::Given(claimed),
+        }
+    }
+
+    pub(super) fn reserved(&self) -> bool {
+        matches!(*self.state(), SlotState::Reserved(_))
+    }
+
+    /// Intake: reserves an open slot; the epoch to claim under.
+    pub(super) fn reserve(&self) -> Option<Epoch> {
+        let mut state = self.state();
+        match *state {
+            SlotState::Open(epoch) => {
+                *state = SlotState::Reserved(epoch);
+                Some(epoch)
+            }
+            _ => None,
+        }
+    }
+
+    /// Intake: what its arm statement did for a reservation. The caller rings the owner.
+    pub(super) fn resolve(&self, claimed: Option<store::Claimed>) {
+        let mut state = self.state();
+        if let SlotState::Reserved(epoch) = *state {
+            *state = match claimed {
+                Some(claimed) => SlotState::Given(Box::new(claimed)),
+                None => SlotState::Open(epoch),
+            };
+        }
     }
 }

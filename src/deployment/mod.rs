@@ -34,7 +34,7 @@ use crate::store::{Claimed, Store};
 use crate::turn::{DeploymentName, Epoch, ErrorCode, Seq};
 use crate::worker::protocol::turn_line;
 use crate::worker::{Identity, Spawner, Worker, WorkerEvent, WorkerLine, WorkerSpec};
-use bells::Bells;
+use bells::{Bells, Closing, Slot};
 
 /// What every deployment task shares.
 #[derive(Debug)]
@@ -59,4 +59,5 @@ mod owner;
 mod registry;
 mod serve;
 
+pub use owner::stored_deadline;
 pub use registry::Deployments;

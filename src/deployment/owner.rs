@@ -52,6 +52,8 @@ pub(super) struct Owner<'a> {
     pub(super) held: Held,
     /// Wakes it to look for queued turns.
     pub(super) bells: Arc<Bells>,
+    /// Where intake hands it a turn claimed for it while idle.
+    pub(super) slot: Arc<Slot>,
     /// An operator cancelled one of its turns (cancel doorbell, or the sweep's reminder).
     pub(super) cancel: Arc<Notify>,
     pub(super) evict: CancellationToken,
@@ -83,7 +85,7 @@ pub(super) fn extension_interval(deadline: Duration) -> Duration {
 /// extension interval, since the last heartbeat may not have been written. The sweep (the
 /// backup for an owner that died) may so fail a turn that much late, but never before its
 /// worker was silent for a whole `turn.deadline`; the live owner's own deadline is exact.
-pub(super) fn stored_deadline(deadline: Duration) -> Duration {
+pub fn stored_deadline(deadline: Duration) -> Duration {
     deadline + extension_interval(deadline)
 }
 

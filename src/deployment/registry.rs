@@ -13,6 +13,8 @@ use super::*;
 #[derive(Debug)]
 pub(super) struct Entry {
     pub(super) bells: Arc<Bells>,
+    /// Where intake hands the idle owner a turn it claimed for it.
+    pub(super) slot: Arc<Slot>,
     /// An operator cancelled a turn here: the owner looks whether its running turn is it.
     pub(super) cancel: Arc<Notify>,
     pub(super) evict: CancellationToken,
@@ -88,6 +90,21 @@ impl Deployments {
     /// memory: owners need no thread queue (`Owner::doorbell`).
     pub fn intake_here(&self, here: bool) {
         self.inner.intake_here.send_if_modified(|was| std::mem::replace(was, here) != here);
+    }
+
+    /// Reserves the hand-off slot of a locally owned deployment whose owner is idle: the epoch
+    /// to claim its next turn under in the arm statement ([`Deployments::hand_over`] ends the
+    /// reservation, whatever the statement did).
+    pub fn reserve(&self, name: &DeploymentName) -> Option<Epoch> {
+        self.entries().get(name).and_then(|e| e.slot.reserve())
+    }
+
+    /// Ends a reservation: hands over the turn claimed for the owner, or leaves its slot open
+    /// (the turn, armed queued, gets the usual bell).
+    pub fn hand_over(&self, name: &DeploymentName, claimed: Option<Claimed>) {
+        if let Some(e) = self.entries().get(name) {
+            e.slot.resolve(claimed);
+        }
     }
 
     /// Wakes a locally owned deployment (a doorbell that skips the broker) for the turn `seq`
@@ -360,11 +377,12 @@ impl Deployments {
     }
 
     fn start(&self, name: DeploymentName, held: Held) {
-        let (bells, cancel, evict, busy, last_active, has_worker, org) = {
+        let (bells, slot, cancel, evict, busy, last_active, has_worker, org) = {
             let entries = self.entries();
             let Some(e) = entries.get(&name) else { return };
             (
                 e.bells.clone(),
+                e.slot.clone(),
                 e.cancel.clone(),
                 e.evict.clone(),
                 e.busy.clone(),
@@ -385,6 +403,7 @@ impl Deployments {
                 name: name.clone(),
                 held,
                 bells,
+                slot,
                 cancel,
                 evict,
                 busy,
@@ -497,6 +516,7 @@ impl Entry {
     fn new(now_ms: u64, org: Option<Org>) -> Entry {
         Entry {
             bells: Arc::default(),
+            slot: Arc::default(),
             cancel: Arc::new(Notify::new()),
             evict: CancellationToken::new(),
             busy: Arc::new(AtomicBool::new(true)),

@@ -8,8 +8,13 @@ use std::pin::Pin;
 use super::owner::*;
 use super::*;
 
+/// Longest an owner holds a worker's exit while intake may be claiming a turn for it.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(10);
+
 /// What woke the serve loop.
 enum Wake {
+    /// The loop ended while running a turn handed over (`Serving::close_slot`).
+    Ended(End),
     LockLost,
     Nudge,
     Cancel,
@@ -79,7 +84,9 @@ impl Owner<'_> {
                     Then::End(end) => return end,
                 }
             }
+            s.open_slot();
             let wake = s.wait(lost.as_mut()).await;
+            let Some(wake) = s.close_slot(wake).await else { continue };
             if let Some(end) = s.handle(wake).await {
                 return end;
             }
@@ -122,6 +129,51 @@ impl Serving<'_> {
 
     fn may_claim(&self) -> bool {
         self.running.is_none() && self.want_claim && self.may_take_more()
+    }
+
+    /// Closes the hand-off slot after a wake; the wake to handle, if any.
+    async fn close_slot(&mut self, wake: Wake) -> Option<Wake> {
+        loop {
+            match self.owner.slot.close() {
+                Closing::Nothing => return Some(wake),
+                // A turn intake claimed for this owner: it runs now. An idle or eviction wake
+                // was decided before it came; any other is handled as with a running turn (a
+                // worker that exited meanwhile fails it with the rest).
+                Closing::Given(claimed) => {
+                    if let Some(end) = self.run_claimed(*claimed).await {
+                        return Some(Wake::Ended(end));
+                    }
+                    return match wake {
+                        Wake::Idle | Wake::Evict => None,
+                        wake => Some(wake),
+                    };
+                }
+                // Intake may be claiming a turn for it: neither claim nor stop before its bell
+                // (`wait` leaves idleness, eviction and drain out meanwhile). A worker's exit
+                // waits for it too, so that failing the pending turns includes that one.
+                Closing::Pending => match wake {
+                    Wake::LockLost | Wake::Hard => return Some(wake),
+                    Wake::Worker(_) => {
+                        // Bounded: intake resolves within its batch, or its guard on drop.
+                        let _ = tokio::time::timeout(HAND_OVER_WAIT, self.owner.bells.rang()).await;
+                    }
+                    _ => return None,
+                },
+            }
+        }
+    }
+
+    /// An owner idle with a live worker, that would claim on its next bell, lets intake claim
+    /// for it instead (`bells::Slot`).
+    fn open_slot(&self) {
+        if self.running.is_none()
+            && !self.want_claim
+            && !self.first_claim
+            && self.worker_live()
+            && self.may_take_more()
+        {
+            self.owner.slot.open(self.owner.epoch());
+        }
     }
 
     /// Whether another turn may start here: not draining, and no worker being stopped.
@@ -250,10 +302,12 @@ impl Serving<'_> {
         // Also while the provider failed: the deadline it already had still lapses (and the
         // worker is stopped), or a heartbeating worker would hold the conversation forever.
         let deadline = self.running.as_ref().map(|r| r.deadline + LOCAL_DEADLINE_SLACK);
-        let idle = self.running.is_none() && self.worker_live();
+        // A turn may be on its way to it (`Closing::Pending`): no stop until intake's bell.
+        let reserved = owner.slot.reserved();
+        let idle = self.running.is_none() && self.worker_live() && !reserved;
         let idle_at = idle.then(|| self.idle_since + ctx.config.worker.idle_timeout);
         let running = self.running.is_some();
-        let draining = self.draining;
+        let draining = self.draining || reserved;
         tokio::select! {
             _ = lost => Wake::LockLost,
             _ = owner.bells.rang() => Wake::Nudge,
@@ -270,6 +324,7 @@ impl Serving<'_> {
 
     async fn handle(&mut self, wake: Wake) -> Option<End> {
         match wake {
+            Wake::Ended(end) => return Some(end),
             Wake::LockLost => return Some(self.lock_lost().await),
             Wake::Nudge => {
                 // A bell for a turn this owner already claimed (its commit took it in the

@@ -11,6 +11,25 @@ impl Store {
     /// was armed now; None means the (deployment, messageId) record already exists — pending
     /// or answered — and the publish is a duplicate.
     pub async fn arm(&self, turns: &[&Turn], queue_timeout: Duration) -> Result<Vec<Option<Seq>>> {
+        let armed = self.arm_and_hand(turns, queue_timeout, &[], Duration::ZERO).await?;
+        Ok(armed.into_iter().map(|a| a.map(|a| a.seq)).collect())
+    }
+
+    /// [`Store::arm`], and in the same statement claims a turn for an idle owner: a turn with
+    /// an epoch in `hand` (by position; missing means none) is armed `running` under that
+    /// epoch, as a claim would take it (deadline `claim_deadline`), when that epoch still
+    /// owns its deployment and no other turn of it is pending — so the accept order holds and
+    /// one turn runs at a time — and `queued` otherwise. A turn is never claimed twice: a
+    /// claim takes only `queued` rows.
+    pub async fn arm_and_hand(
+        &self,
+        turns: &[&Turn],
+        queue_timeout: Duration,
+        hand: &[Option<Epoch>],
+        claim_deadline: Duration,
+    ) -> Result<Vec<Option<Armed>>> {
+        let epochs: Vec<Option<i64>> =
+            (0..turns.len()).map(|i| hand.get(i).copied().flatten().map(Epoch::get)).collect();
         let mut deployments = Vec::with_capacity(turns.len());
         let mut message_ids = Vec::with_capacity(turns.len());
         let mut orgs = Vec::with_capacity(turns.len());
@@ -33,20 +52,31 @@ impl Store {
             lines.push(t.line.as_str());
             routings.push(t.routing.as_str());
         }
-        // ORDER BY ord makes nextval() follow the given order: the accept order.
-        let armed: Vec<(String, String, i64)> = sqlx::query_as(
+        // ORDER BY ord makes nextval() follow the given order: the accept order. The checks
+        // for a hand-off read the statement's snapshot: rows this statement inserts are not
+        // in it, so only the first turn of a deployment in a batch may carry an epoch.
+        let armed: Vec<(String, String, i64, bool)> = sqlx::query_as(
             "INSERT INTO turnd_turns (deployment, message_id, seq, state, organization_id,
                  agent_id, conversation_key, conversation_id, turn, routing, deadline,
-                 traceparent, tracestate)
-             SELECT d, m, nextval('turnd_accept_seq'), 'queued', o, a, k, c, l, r,
-                    now() + $9::bigint * interval '1 millisecond', tp, ts
-             FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                 traceparent, tracestate, epoch, started_at)
+             SELECT d, m, nextval('turnd_accept_seq'),
+                    CASE WHEN run THEN 'running' ELSE 'queued' END, o, a, k, c, l, r,
+                    now() + CASE WHEN run THEN $13 ELSE $9 END::bigint * interval '1 millisecond',
+                    tp, ts, CASE WHEN run THEN e END, CASE WHEN run THEN now() END
+             FROM (SELECT x.*,
+                          (x.e IS NOT NULL
+                           AND EXISTS (SELECT 1 FROM turnd_deployments w
+                                       WHERE w.deployment = x.d AND w.epoch = x.e)
+                           AND NOT EXISTS (SELECT 1 FROM turnd_turns q
+                                           WHERE q.deployment = x.d AND q.state <> 'done'))
+                          AS run
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
                           $5::text[], $6::text[], $7::text[], $8::text[], $10::text[],
-                          $11::text[])
-                          WITH ORDINALITY AS x(d, m, o, a, k, c, l, r, tp, ts, ord)
+                          $11::text[], $12::bigint[])
+                          WITH ORDINALITY AS x(d, m, o, a, k, c, l, r, tp, ts, e, ord)
                    ORDER BY ord) x
              ON CONFLICT (deployment, message_id) DO NOTHING
-             RETURNING deployment, message_id, seq",
+             RETURNING deployment, message_id, seq, state = 'running'",
         )
         .bind(&deployments)
         .bind(&message_ids)
@@ -59,21 +89,27 @@ impl Store {
         .bind(millis(queue_timeout))
         .bind(&parents)
         .bind(&states)
+        .bind(&epochs)
+        .bind(millis(claim_deadline))
         .fetch_all(&self.pool)
         .await?;
+        let armed_of = |seq: i64, running: bool| Armed { seq: Seq::new(seq), running };
         if armed.len() == turns.len() {
             // RETURNING follows the insert order, which ORDER BY ord made the given order.
-            return Ok(armed.into_iter().map(|(_, _, seq)| Some(Seq::new(seq))).collect());
+            return Ok(armed
+                .into_iter()
+                .map(|(_, _, seq, run)| Some(armed_of(seq, run)))
+                .collect());
         }
         // Some were duplicates (of an earlier publish, or of each other within the batch).
-        let mut armed: HashMap<(String, String), i64> =
-            armed.into_iter().map(|(d, m, seq)| ((d, m), seq)).collect();
+        let mut armed: HashMap<(String, String), (i64, bool)> =
+            armed.into_iter().map(|(d, m, seq, run)| ((d, m), (seq, run))).collect();
         Ok(turns
             .iter()
             .map(|t| {
                 armed
                     .remove(&(t.deployment.as_str().to_owned(), t.message_id.as_str().to_owned()))
-                    .map(Seq::new)
+                    .map(|(seq, run)| armed_of(seq, run))
             })
             .collect())
     }

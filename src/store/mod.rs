@@ -151,6 +151,14 @@ pub struct OwnedElsewhere {
     pub other_daemons: i64,
 }
 
+/// A turn [`Store::arm_and_hand`] armed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Armed {
+    pub seq: Seq,
+    /// Armed `running`: claimed for the idle owner it was handed to.
+    pub running: bool,
+}
+
 /// What [`Store::commit_and_claim`] did.
 #[derive(Debug)]
 pub struct CommitAndClaim {

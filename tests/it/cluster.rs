@@ -879,3 +879,125 @@ async fn an_owner_listens_on_its_thread_queue_once_its_daemons_intake_is_not_the
     );
     assert_eq!(cluster.worker_pid(&dep), pid, "the same worker answered");
 }
+
+/// The arm statement claims a turn for an idle owner only under the epoch that owns the
+/// deployment and only when nothing else of it is pending (order; one turn at a time), and
+/// only the turn it was asked for; a duplicate is never claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arm_hands_a_turn_to_an_idle_owner_only_in_order_and_under_its_epoch() {
+    use turnd::store::{Armed, Store};
+    use turnd::turn::{Epoch, parse};
+
+    let cluster = Cluster::new().await;
+    let store = Store::from_pool(cluster.pool.clone());
+    let t = |i: usize| {
+        let body = json!({"messageId": format!("h-{i}"), "agentId": "a1",
+            "organizationId": "o1", "conversationId": "hand"});
+        parse(body.to_string().as_bytes(), 1 << 20).unwrap()
+    };
+    let turns: Vec<_> = (0..6).map(t).collect();
+    let dep = turns[0].deployment.clone();
+    let (e1, e2, wait) = (Epoch::new(1), Epoch::new(2), Duration::from_secs(60));
+    // A take-over records a deployment that has a turn: one, answered at once.
+    store.arm(&[&turns[5]], wait).await.unwrap();
+    store.take_over(&dep, e1, "d").await.unwrap();
+    let done = |m: &'static str| {
+        let pool = cluster.pool.clone();
+        async move {
+            sqlx::query("UPDATE turnd_turns SET state = 'done' WHERE message_id = $1")
+                .bind(m)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    done("h-5").await;
+    let state = |m: &'static str| {
+        let pool = cluster.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<i64>)>(
+                "SELECT state, epoch FROM turnd_turns WHERE message_id = $1",
+            )
+            .bind(m)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let running = |a: &Option<Armed>| a.expect("armed").running;
+
+    // Nothing pending: the first turn of the batch is claimed, the second stays queued.
+    let armed = store.arm_and_hand(&[&turns[0], &turns[1]], wait, &[Some(e1)], wait).await.unwrap();
+    assert!(running(&armed[0]) && !running(&armed[1]), "{armed:?}");
+    assert_eq!(state("h-0").await, ("running".into(), Some(1)));
+    assert_eq!(state("h-1").await.0, "queued");
+    // Something pending: queued, whatever the epoch says.
+    let armed = store.arm_and_hand(&[&turns[2]], wait, &[Some(e1)], wait).await.unwrap();
+    assert!(!running(&armed[0]));
+    // A duplicate is never armed again, let alone claimed.
+    let again = store.arm_and_hand(&[&turns[0]], wait, &[Some(e1)], wait).await.unwrap();
+    assert_eq!(again, vec![None]);
+    // A newer epoch owns the deployment now (its take-over ends what ran under the old one):
+    // a stale one claims nothing.
+    done("h-0").await;
+    store.take_over(&dep, e2, "d").await.unwrap();
+    for m in ["h-1", "h-2"] {
+        done(m).await;
+    }
+    let armed = store.arm_and_hand(&[&turns[3]], wait, &[Some(e1)], wait).await.unwrap();
+    assert!(!running(&armed[0]), "a stale epoch claims nothing");
+    assert_eq!(state("h-3").await, ("queued".into(), None));
+    done("h-3").await;
+    let armed = store.arm_and_hand(&[&turns[4]], wait, &[Some(e2)], wait).await.unwrap();
+    assert!(running(&armed[0]));
+    assert_eq!(state("h-4").await, ("running".into(), Some(2)));
+}
+
+/// An idle owner's next turn is claimed in the statement that arms it and handed over in
+/// memory (its row's start is its accept: one transaction); a turn behind a running one is
+/// claimed by that one's commit; order and one event per turn hold throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_owners_next_turn_is_claimed_as_it_is_armed() {
+    let mut cluster = Cluster::new().await;
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let first = turn("ho", "c1", json!({}));
+    let dep = deployment_of(&first);
+    client.ask(&first, T).await;
+    let mut ids = vec![mid(&first)];
+    for _ in 0..4 {
+        let t = turn("ho", "c1", json!({}));
+        ids.push(mid(&t));
+        let e = client.ask(&t, T).await;
+        assert_eq!(e.kind(), "reply");
+    }
+    // Two at once: the first handed over, the second claimed with the first's commit.
+    let (a, b) =
+        (turn("ho", "c1", json!({"action": "sleep", "ms": 200})), turn("ho", "c1", json!({})));
+    client.publish(&a).await;
+    client.publish(&b).await;
+    ids.extend([mid(&a), mid(&b)]);
+    client.wait_for(&ids, T).await;
+    client.assert_exactly_once(&ids);
+    let handed: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT message_id, started_at = accepted_at FROM turnd_turns
+         WHERE deployment = $1 ORDER BY seq",
+    )
+    .bind(&dep)
+    .fetch_all(&cluster.pool)
+    .await
+    .unwrap();
+    let handed: Vec<bool> = handed.into_iter().map(|(_, h)| h).collect();
+    assert_eq!(
+        handed,
+        vec![false, true, true, true, true, true, false],
+        "the first waited for its owner"
+    );
+    let given: Vec<String> = cluster
+        .worker_log(&dep)
+        .into_iter()
+        .filter(|l| l[0] == "turn")
+        .map(|l| l[3].clone())
+        .collect();
+    assert_eq!(given, ids, "given in accept order, each once");
+}
