@@ -4,6 +4,20 @@
 
 use super::*;
 
+/// Which turns a heartbeat extends and how ([`Store::extend_deadlines`], also run when a
+/// slow spawn restarts them): $1 deployment, $2 epoch, $3 the running turn's deadline and $4
+/// the queued turns' wait, in milliseconds. A macro, so that `concat!` can extend it.
+macro_rules! extend_deadlines_sql {
+    () => {
+        "UPDATE turnd_turns SET deadline = CASE
+             WHEN state = 'running' THEN now() + $3::bigint * interval '1 millisecond'
+             ELSE GREATEST(deadline, now() + $4::bigint * interval '1 millisecond') END
+         WHERE deployment = $1 AND state <> 'done'
+           AND (state = 'queued'
+                OR (epoch = $2 AND provider_code IS NULL AND cancel_requested_at IS NULL))"
+    };
+}
+
 impl Store {
     // ---- intake ----------------------------------------------------------------------------
 
@@ -392,20 +406,13 @@ impl Store {
         deadline: Duration,
         queue_timeout: Duration,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE turnd_turns SET deadline = CASE
-                 WHEN state = 'running' THEN now() + $3::bigint * interval '1 millisecond'
-                 ELSE GREATEST(deadline, now() + $4::bigint * interval '1 millisecond') END
-             WHERE deployment = $1 AND state <> 'done'
-               AND (state = 'queued'
-                    OR (epoch = $2 AND provider_code IS NULL AND cancel_requested_at IS NULL))",
-        )
-        .bind(deployment.as_str())
-        .bind(epoch.get())
-        .bind(millis(deadline))
-        .bind(millis(queue_timeout))
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(extend_deadlines_sql!())
+            .bind(deployment.as_str())
+            .bind(epoch.get())
+            .bind(millis(deadline))
+            .bind(millis(queue_timeout))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -488,22 +495,19 @@ impl Store {
         pid: u32,
         deadline: Option<(Duration, Duration)>,
     ) -> Result<()> {
-        sqlx::query(
+        // The heartbeat's statement, guarded by its deadline being given ($3).
+        sqlx::query(concat!(
             "WITH worker AS (
-                 UPDATE turnd_deployments SET worker_pid = $3, worker_started_at = now()
-                 WHERE deployment = $1 AND epoch = $2)
-             UPDATE turnd_turns SET deadline = CASE
-                 WHEN state = 'running' THEN now() + $4::bigint * interval '1 millisecond'
-                 ELSE GREATEST(deadline, now() + $5::bigint * interval '1 millisecond') END
-             WHERE $4::bigint IS NOT NULL AND deployment = $1 AND state <> 'done'
-               AND (state = 'queued'
-                    OR (epoch = $2 AND provider_code IS NULL AND cancel_requested_at IS NULL))",
-        )
+                 UPDATE turnd_deployments SET worker_pid = $5, worker_started_at = now()
+                 WHERE deployment = $1 AND epoch = $2) ",
+            extend_deadlines_sql!(),
+            " AND $3::bigint IS NOT NULL"
+        ))
         .bind(deployment.as_str())
         .bind(epoch.get())
-        .bind(pid as i32)
         .bind(deadline.map(|(d, _)| millis(d)))
         .bind(deadline.map(|(_, q)| millis(q)))
+        .bind(pid as i32)
         .execute(&self.pool)
         .await?;
         Ok(())
