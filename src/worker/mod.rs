@@ -698,10 +698,21 @@ mod tests {
         // Spawn returns after the child's execve (CLONE_VFORK): this is sleep's own state.
         let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.pid)).unwrap();
-        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        // Read once sleep's own start-up is over: the loader and setlocale open and close
+        // files of their own (libc, locale data) as fd 3 right after the execve. A descriptor
+        // the worker inherited would stay, so the wait ends at the bound and the test fails.
+        let fds_of = || -> Vec<String> {
+            std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let settled = std::time::Instant::now() + Duration::from_secs(2);
+        let mut fds = fds_of();
+        while fds.len() != 3 && std::time::Instant::now() < settled {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            fds = fds_of();
+        }
         w.kill();
         let field = |name: &str| {
             status
