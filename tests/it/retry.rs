@@ -196,3 +196,52 @@ async fn forged_x_death_headers_do_not_change_the_count_of_attempts() {
         );
     }
 }
+
+/// Intake settles a batch with one multiple ack of its last accepted delivery, after nacking
+/// its refusals one by one. A refusal between (and after) accepted turns of one batch must
+/// still be refused — dead-lettered, retried, parked — and never swept up by that ack; every
+/// accepted turn is answered once, and nothing stays unacknowledged in the inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_inside_one_batch_are_refused_and_the_turns_around_them_answered_once() {
+    let mut cluster = Cluster::new().await;
+    cluster.set("TURND_INTAKE__MAX_ATTEMPTS", "2");
+    cluster.set("TURND_INTAKE__RETRY_DELAY", "100ms");
+    cluster.set("TURND_INTAKE__RETRY_MAX_DELAY", "150ms");
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    // Published while no daemon runs, so that intake's first batch holds them all, interleaved.
+    assert!(cluster.daemons[0].terminate(T).await.is_some_and(|s| s.success()));
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    for i in 0..12 {
+        let t = turn("a1", &format!("c{}", i % 3), json!({"text": i}));
+        accepted.push(mid(&t));
+        client.publish(&t).await;
+        if i % 4 == 1 || i == 11 {
+            let id = format!("r{i}-in-a-batch");
+            client.publish(&refused_turn(&id)).await;
+            refused.push(id);
+        }
+    }
+    let probe = client.conn.create_channel().await.expect("channel");
+    let inbox = format!("{}.inbox", cluster.prefix);
+    assert_eq!(queue_len(&probe, &inbox).await, 16, "all waiting for one batch");
+    cluster.start_daemon(&[]).await;
+
+    let all: Vec<String> = accepted.iter().chain(&refused).cloned().collect();
+    client.wait_for(&all, T).await;
+    for id in &accepted {
+        assert_eq!(client.event(id).unwrap().kind(), "reply", "{id}");
+    }
+    for id in &refused {
+        assert_eq!(client.event(id).unwrap().code(), "MISSING_CONTEXT", "{id}");
+        assert_eq!(parked_attempts(&cluster, id).await, ("MISSING_CONTEXT".into(), 2), "{id}");
+        assert_eq!(refusals_logged(&cluster, id), 1, "{id}: refused once, parked on the 2nd");
+    }
+    client.drain_for(Duration::from_millis(500)).await;
+    for (id, events) in client.by_message() {
+        assert_eq!(events.len(), 1, "{id}: one terminal event");
+    }
+    // A delivery never settled goes back to the inbox when its channel closes.
+    assert!(cluster.daemons[1].terminate(T).await.is_some_and(|s| s.success()));
+    assert_eq!(queue_len(&probe, &inbox).await, 0, "every delivery settled");
+}
