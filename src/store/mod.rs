@@ -18,7 +18,15 @@ use crate::event::{Envelope, Outcome, TerminalEvent};
 use crate::otel::TraceContext;
 use crate::turn::{DeploymentName, Epoch, ErrorCode, MessageId, Seq, Turn};
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// turnd's migrations. Migrations newer than this binary, applied by a newer turnd, are
+/// tolerated: an older binary must keep running on them — a rollback, or a pod of the old
+/// release restarting in the middle of a rollout — so every migration keeps the release
+/// before it working (README "Upgrading"). sqlx's default refuses to start instead.
+pub fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -324,7 +332,7 @@ impl Store {
     }
 
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        migrator().run(&self.pool).await?;
         Ok(())
     }
 

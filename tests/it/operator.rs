@@ -384,3 +384,28 @@ async fn records_of_deployments_and_daemons_gone_past_retention_are_purged() {
             .unwrap();
     assert!(again > epoch, "epoch {again} after {epoch}");
 }
+
+/// A rollback, or a pod of the old release restarting in the middle of a rollout, runs a
+/// turnd older than its database's schema: it must start and serve on it, not refuse because
+/// a newer turnd applied a migration it does not know (sqlx's default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turnd_older_than_its_schema_starts_and_serves() {
+    let mut cluster = Cluster::new().await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99999999, 'from a newer turnd', true, '\\x00', 1)",
+    )
+    .execute(&cluster.pool)
+    .await
+    .expect("a newer migration");
+    let migrate = cluster.cli(&["migrate"]).await;
+    assert!(
+        migrate.status.success(),
+        "turnd migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    cluster.start_daemon(&[]).await;
+    let mut client = cluster.client().await;
+    let e = client.ask(&turn("older", "c1", json!({})), T).await;
+    assert_eq!(e.kind(), "reply", "{:?}", e.body);
+}

@@ -171,7 +171,7 @@ impl Cluster {
     }
 
     async fn boot(&mut self, s: &Settings, env: Vec<(String, String)>) -> Result<()> {
-        turnd::store::MIGRATOR
+        turnd::store::migrator()
             .run(&self.pool)
             .await
             .with_context(|| format!("apply turnd's migrations to {}", self.db_name))?;

@@ -116,7 +116,7 @@ impl Cluster {
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        turnd::store::MIGRATOR.run(&pool).await.context("apply turnd's migrations")?;
+        turnd::store::migrator().run(&pool).await.context("apply turnd's migrations")?;
 
         let mut daemons = Vec::new();
         let target = url::Url::parse(&db_url)?;

@@ -146,7 +146,7 @@ impl Cluster {
         services::create_database(pg_admin, &db_name).await.expect("create test database");
         let db_url = services::database_url(pg_admin, &db_name).expect("pg_admin is a URL");
         let pool = PgPool::connect(&db_url).await.expect("connect to test database");
-        turnd::store::MIGRATOR.run(&pool).await.expect("migrate test database");
+        turnd::store::migrator().run(&pool).await.expect("migrate test database");
         let dir = tempfile::tempdir().expect("tempdir");
         for sub in ["log", "excl", "pid", "state"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
