@@ -579,13 +579,15 @@ impl Store {
     // ---- sweep -----------------------------------------------------------------------------
 
     /// Fails one bounded batch of lapsed turns, exactly once across daemons (SKIP LOCKED).
+    /// `done_at IS NULL` (pending) rather than `state <> 'done'`: the deadline index's own
+    /// predicate, which no turn-path statement implies (migration 0006).
     pub async fn sweep_lapsed(&self) -> Result<Vec<Committed>> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT deployment, message_id, organization_id, agent_id, conversation_id, routing,
                     state, provider_code, cancel_requested_at IS NOT NULL AS cancelled,
                     traceparent, tracestate
-             FROM turnd_turns WHERE state <> 'done' AND deadline < now()
+             FROM turnd_turns WHERE done_at IS NULL AND deadline < now()
              ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(FAIL_BATCH)

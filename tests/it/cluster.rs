@@ -904,11 +904,13 @@ async fn an_arm_hands_a_turn_to_an_idle_owner_only_in_order_and_under_its_epoch(
     let done = |m: &'static str| {
         let pool = cluster.pool.clone();
         async move {
-            sqlx::query("UPDATE turnd_turns SET state = 'done' WHERE message_id = $1")
-                .bind(m)
-                .execute(&pool)
-                .await
-                .unwrap();
+            sqlx::query(
+                "UPDATE turnd_turns SET state = 'done', done_at = now() WHERE message_id = $1",
+            )
+            .bind(m)
+            .execute(&pool)
+            .await
+            .unwrap();
         }
     };
     done("h-5").await;

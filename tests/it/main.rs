@@ -3,6 +3,7 @@
 //! Each test gets its own database and `amqp.prefix` (ARCHITECTURE "Testing").
 
 mod as_printed;
+mod backlog;
 mod bad_input;
 mod cancel;
 mod cluster;
