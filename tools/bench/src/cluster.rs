@@ -45,6 +45,8 @@ pub struct Settings {
     /// Reset pg_stat_statements before each measured window and read the mode database's
     /// statements after it (`--statements`).
     pub statements: bool,
+    /// Tombstones to fill in and ANALYZE before a throughput window (`--tombstones`).
+    pub tombstones: u64,
 }
 
 /// How the daemon ended.
@@ -221,6 +223,26 @@ impl Cluster {
             }
             self.peers.push((child, log));
         }
+        Ok(())
+    }
+
+    /// Fills in `n` tombstones of answered turns (1,000 conversations' worth) and ANALYZEs
+    /// turnd_turns, as a database in service looks to the planner (`--tombstones`).
+    pub async fn tombstones(&self, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO turnd_turns (deployment, message_id, state, agent_id, conversation_key,
+                                      deadline, done_at)
+             SELECT 'bench-tomb-' || (i % 1000), 'tomb-' || i, 'done', 'a', 'k', now(), now()
+             FROM generate_series(1, $1) i",
+        )
+        .bind(i64::try_from(n).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .context("fill in tombstones")?;
+        sqlx::query("ANALYZE turnd_turns").execute(&self.pool).await.context("ANALYZE")?;
         Ok(())
     }
 

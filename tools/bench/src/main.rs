@@ -117,6 +117,11 @@ struct Cli {
     /// scripts/pg-statements.sh.
     #[arg(long, global = true)]
     statements: bool,
+    /// Throughput and pods: before the measured window, give the database N answered turns'
+    /// tombstones and ANALYZE it — a database in service, whose statistics say next to
+    /// nothing is pending when the burst arrives (a fresh one has no statistics at all).
+    #[arg(long, global = true, default_value_t = 0, value_name = "N")]
+    tombstones: u64,
     /// Exit 2 when a target FAILs (exactly-once violations and errors always exit 1).
     #[arg(long, global = true)]
     fail_on_target: bool,
@@ -344,6 +349,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         daemon_env: cli.daemon_env.clone(),
         floor: cli.floor.clone(),
         statements: cli.statements,
+        tombstones: cli.tombstones,
     };
     if let Mode::Cleanup = cli.mode {
         return cleanup(&s).await.map(|()| ExitCode::SUCCESS);

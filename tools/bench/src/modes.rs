@@ -78,6 +78,7 @@ pub async fn throughput_on(
             }
         }
         cluster.deployments.extend(batch.iter().map(|t| t.deployment.clone()));
+        cluster.tombstones(s.tombstones).await?;
         statements_reset(s).await?;
         let meter = Meter::start(Some(cluster.pid()));
         let perf = Perf::start(s, cluster.pid(), &label);
