@@ -334,7 +334,10 @@ impl Store {
         let sent = std::time::Instant::now();
         // Each CTE runs once on the statement's snapshot: the answered row is 'running', so
         // `next` never sees it; MATERIALIZED keeps `next` from being rescanned per row (which,
-        // skipping rows this very statement updated, could claim several turns).
+        // skipping rows this very statement updated, could claim several turns). `claimed`
+        // finds the row `next` locked by its ctid (stable while locked, within the statement):
+        // by (deployment, message_id) the planner may range-scan the deployment's queued turns
+        // instead, believing them few (tests/it/backlog.rs).
         let row: PgRow = sqlx::query(
             "WITH owner AS (
                  SELECT 1 FROM turnd_deployments d WHERE d.deployment = $1 AND d.epoch = $3),
@@ -351,14 +354,14 @@ impl Store {
                  ON CONFLICT (deployment, message_id) DO NOTHING
                  RETURNING id),
              next AS MATERIALIZED (
-                 SELECT message_id FROM turnd_turns
+                 SELECT ctid FROM turnd_turns
                  WHERE deployment = $1 AND state = 'queued'
                  ORDER BY seq LIMIT $11 FOR UPDATE),
              claimed AS (
                  UPDATE turnd_turns t SET state = 'running', epoch = $3, started_at = now(),
                         deadline = now() + $12::bigint * interval '1 millisecond'
                  FROM next
-                 WHERE t.deployment = $1 AND t.message_id = next.message_id
+                 WHERE t.ctid = next.ctid
                    AND t.state = 'queued' AND EXISTS (SELECT 1 FROM owner)
                  RETURNING t.message_id, t.seq, t.turn, t.organization_id, t.agent_id,
                            t.conversation_id, t.routing, t.traceparent, t.tracestate,
@@ -894,7 +897,7 @@ impl TakeoverRow {
 }
 
 /// Records `epoch` and `owner` for the deployment (never moving the epoch back) and reads what
-/// the owner needs: the conversation's identity from its newest turn, the owner recorded
+/// the owner needs: the conversation's identity from one of its turns, the owner recorded
 /// before (the statement's snapshot predates its own write), the crash-loop back-off left.
 /// Unless `force`, writes nothing when a turn still runs under an older epoch.
 async fn take_over_statement<'e>(
@@ -906,9 +909,16 @@ async fn take_over_statement<'e>(
 ) -> Result<TakeoverRow> {
     type Row = (Option<String>, String, String, Option<String>, bool, Option<i64>, bool);
     let row: Option<Row> = sqlx::query_as(
+        // Every turn of a deployment carries its identity (the name derives from it): a
+        // pending one if any, else any tombstone. One index entry either way — not a read of
+        // the conversation's whole history (reply.retention of tombstones) at each take-over.
         "WITH meta AS (
-             SELECT organization_id, agent_id, conversation_key FROM turnd_turns
-             WHERE deployment = $1 ORDER BY state = 'done', seq DESC LIMIT 1),
+             (SELECT organization_id, agent_id, conversation_key FROM turnd_turns
+              WHERE deployment = $1 AND state <> 'done' LIMIT 1)
+             UNION ALL
+             (SELECT organization_id, agent_id, conversation_key FROM turnd_turns
+              WHERE deployment = $1 LIMIT 1)
+             LIMIT 1),
          stale AS (
              SELECT EXISTS (SELECT 1 FROM turnd_turns
                             WHERE deployment = $1 AND state = 'running' AND epoch < $2) AS any),
