@@ -138,8 +138,7 @@ pub async fn latency(s: &Settings, turns: u32, warmup: u32) -> Result<Measured> 
     ensure!(turns > 0, "latency needs turns > 0");
     let label = "latency".to_owned();
     let wlog = WorkerLog::new()?;
-    let (k, v) = wlog.env();
-    run(s, "latency", label.clone(), &[(k, v)], async |cluster, client| {
+    run(s, "latency", label.clone(), &wlog.env(), async |cluster, client| {
         let mut maker = Turns::default();
         statements_reset(s).await?;
         let meter = Meter::start(Some(cluster.pid()));
@@ -230,8 +229,15 @@ impl WorkerLog {
         Ok(WorkerLog { dir })
     }
 
-    fn env(&self) -> (&'static str, String) {
-        ("TURND_WORKER_ENV_TEST_WORKER_LOG", self.dir.display().to_string())
+    /// Where the worker logs, and leave to write there: the folder lies outside its
+    /// workspace, and with `--daemon-env TURND_WORKER__SANDBOX=landlock` a worker could not
+    /// log otherwise (the crash mode waits for its turn line).
+    fn env(&self) -> [(&'static str, String); 2] {
+        let dir = self.dir.display().to_string();
+        [
+            ("TURND_WORKER__SANDBOX_WRITE", format!("[{dir:?}]")),
+            ("TURND_WORKER_ENV_TEST_WORKER_LOG", dir),
+        ]
     }
 
     fn lines(&self, deployment: &str) -> Vec<Vec<String>> {
@@ -338,14 +344,10 @@ pub async fn cold(s: &Settings, count: usize, warmup: usize, landlock: bool) -> 
     let wlog = WorkerLog::new()?;
     // Room for every conversation: an eviction would add a stop to the figure.
     let max_workers = (count + warmup + 16).max(256).to_string();
-    let mut extra = vec![("TURND_WORKER__MAX_WORKERS", max_workers), wlog.env()];
+    let mut extra = vec![("TURND_WORKER__MAX_WORKERS", max_workers)];
+    extra.extend(wlog.env());
     if landlock {
-        // The worker's phase log lies outside its workspace.
         extra.push(("TURND_WORKER__SANDBOX", "landlock".to_owned()));
-        extra.push((
-            "TURND_WORKER__SANDBOX_WRITE",
-            format!("[{:?}]", wlog.dir.display().to_string()),
-        ));
     }
     run(s, "cold", label.clone(), &extra, async |cluster, client| {
         let mut maker = Turns::default();
@@ -404,7 +406,8 @@ pub async fn crash(s: &Settings, trials: usize, warmup: usize) -> Result<Measure
     // The worker logs "turn <pid> <epoch> <messageId> <ns>" when it has read a turn: the
     // moment the kill is sure to hit a worker that holds it.
     let wlog = WorkerLog::new()?;
-    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers), wlog.env()];
+    let [write, log] = wlog.env();
+    let extra = [("TURND_WORKER__MAX_WORKERS", max_workers), write, log];
     run(s, "crash", label, &extra, async |cluster, client| {
         let mut maker = Turns::default();
         statements_reset(s).await?;
@@ -513,8 +516,8 @@ pub async fn scale(s: &Settings, a: &ScaleArgs) -> Result<Measured> {
         // (and scan the registry for it), which is not what this mode measures.
         ("TURND_WORKER__MAX_WORKERS", (max + COLD_PROBE_WARMUP + a.cold_probes + 64).to_string()),
         ("TURND_WORKER__IDLE_TIMEOUT", "1h".to_owned()),
-        wlog.env(),
     ];
+    let extra: Vec<_> = extra.into_iter().chain(wlog.env()).collect();
     let (lt, lw, window, probes, rounds) =
         (a.latency_turns, a.latency_warmup, a.bring_up_window, a.cold_probes, a.rounds.max(1));
     run(s, "scale", label, &extra, async |cluster, client| {
