@@ -21,7 +21,8 @@ use crate::turn::{DeploymentName, Epoch, ErrorCode, MessageId, Seq, Turn};
 /// turnd's migrations. Migrations newer than this binary, applied by a newer turnd, are
 /// tolerated: an older binary must keep running on them — a rollback, or a pod of the old
 /// release restarting in the middle of a rollout — so every migration keeps the release
-/// before it working (README "Upgrading"). sqlx's default refuses to start instead.
+/// before it working (README "Upgrading and rolling back turnd"). sqlx's default refuses
+/// to start instead.
 pub fn migrator() -> sqlx::migrate::Migrator {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.set_ignore_missing(true);
